@@ -1,0 +1,5 @@
+"""The project's one error type: a message that names the problem on one line."""
+
+
+class OpdError(ValueError):
+    """Bad input or an impossible request. `str(err)` is a single line fit for a user."""

@@ -1,0 +1,162 @@
+"""The decoder-only transformer (Llama 3 / Qwen2 / Qwen3) in Flax NNX.
+
+All layers' weights are stacked on a leading `layers` axis and run with one `jax.lax.scan`, so the
+compiled program holds a single layer body whatever the depth. Every parameter carries its
+logical axis names in the `logical_axes` metadata; `opd_jax.sharding` maps them to a mesh.
+
+    h_0 = E[x];  for each layer l:  a = h + Attn(RMSNorm(h)),  h = a + SwiGLU(RMSNorm(a))
+    logits = RMSNorm(h_L) @ W_out          (W_out = E^T when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.models.config import ModelConfig
+from opd_jax.models import layers as L
+
+# name -> (shape builder, logical axes, init kind); shapes include the leading layers axis.
+def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
+    n, d, h, k, dh, f = c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    specs = {
+        "attn_norm": ((n, d), ("layers", "norm"), "ones"),
+        "wq": ((n, d, h, dh), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "wk": ((n, d, k, dh), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wv": ((n, d, k, dh), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "wo": ((n, h, dh, d), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "mlp_norm": ((n, d), ("layers", "norm"), "ones"),
+        "w_gate": ((n, d, f), ("layers", "embed", "mlp"), "normal"),
+        "w_up": ((n, d, f), ("layers", "embed", "mlp"), "normal"),
+        "w_down": ((n, f, d), ("layers", "mlp", "embed"), "normal"),
+    }
+    if c.qkv_bias:
+        specs["bq"] = ((n, h, dh), ("layers", "heads", "head_dim"), "zeros")
+        specs["bk"] = ((n, k, dh), ("layers", "kv_heads", "head_dim"), "zeros")
+        specs["bv"] = ((n, k, dh), ("layers", "kv_heads", "head_dim"), "zeros")
+    if c.qk_norm:
+        specs["q_norm"] = ((n, dh), ("layers", "head_dim"), "ones")
+        specs["k_norm"] = ((n, dh), ("layers", "head_dim"), "ones")
+    return specs
+
+
+def _param(shape, axes, kind, dtype, rngs: nnx.Rngs, std=0.02):
+    if kind == "ones":
+        value = jnp.ones(shape, dtype)
+    elif kind == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class Layers(nnx.Module):
+    """The stacked weights of all decoder layers (leading axis = layer index)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        for name, (shape, axes, kind) in layer_param_specs(cfg).items():
+            setattr(self, name, _param(shape, axes, kind, jnp.dtype(cfg.param_dtype), rngs))
+
+
+class Transformer(nnx.Module):
+    """`model(input_ids [B, T], attention_mask=[B, T]) -> logits [B, T, V]` (float32).
+
+    Positions come from the mask (`cumsum(mask) - 1`), so a left-padded row gives the same
+    logits at its real tokens as the same row unpadded.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pd = jnp.dtype(cfg.param_dtype)
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), "normal", pd, rngs)
+        self.layers = Layers(cfg, rngs)
+        self.final_norm = _param((cfg.hidden_size,), ("norm",), "ones", pd, rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), "normal", pd, rngs)
+
+    # ----------------------------------------------------------------------------- public API
+    def __call__(self, input_ids, attention_mask=None):
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        """Final (normed) hidden states [B, T, D] in the compute dtype."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        mask = attention_mask.astype(jnp.int32)
+        positions = positions_from_mask(mask)
+        h, _ = self.run(input_ids, positions, jnp.arange(input_ids.shape[1]), mask.astype(bool))
+        return h
+
+    def output_matrix(self):
+        """W_out [D, V] in the compute dtype, so logits = hidden_states @ W_out."""
+        w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.cfg.dtype)
+
+    def logits(self, h):
+        """h [B, T, D] -> float32 logits [B, T, V]."""
+        return jnp.einsum("btd,dv->btv", h, self.output_matrix(), preferred_element_type=jnp.float32)
+
+    # ----------------------------------------------------------------------------- core
+    def run(self, input_ids, positions, q_slots, key_valid, cache=None, write_index=0):
+        """One pass over all layers.
+
+        input_ids [B, T], positions [B, T] (RoPE positions), q_slots [T] (cache slot of each
+        query), key_valid [B, S] (which slots hold real tokens). With `cache=(k, v)` each of shape
+        [L, B, S, K, Dh], the new keys/values are written at slots write_index..write_index+T-1
+        and attention runs over all S slots; without a cache S = T.
+        Returns (final normed hidden [B, T, D], new cache or None).
+        """
+        cfg = self.cfg
+        dt = jnp.dtype(cfg.dtype)
+        inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+        stacked = {name: getattr(self.layers, name)[...].astype(dt) for name in layer_param_specs(cfg)}
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
+
+        def body(h, xs):
+            p, ck, cv = xs
+            x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
+            q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
+            k = jnp.einsum("btd,dhe->bthe", x, p["wk"])
+            v = jnp.einsum("btd,dhe->bthe", x, p["wv"])
+            if cfg.qkv_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            if cfg.qk_norm:
+                q = L.rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+                k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+            q = L.apply_rope(q, positions, inv_freq)
+            k = L.apply_rope(k, positions, inv_freq)
+            if ck is not None:
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_index, 0, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_index, 0, 0))
+                k, v = ck.astype(dt), cv.astype(dt)
+            o = L.attention(q, k, v, q_slots, key_valid)
+            h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
+            x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
+            h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
+            return h, (ck, cv)
+
+        ck, cv = cache if cache is not None else (None, None)
+        h, new_cache = jax.lax.scan(body, h, (stacked, ck, cv))
+        h = L.rms_norm(h, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
+        return h, (new_cache if cache is not None else None)
+
+
+def positions_from_mask(mask):
+    """RoPE positions [B, T]: index among the row's real tokens (0 on left padding)."""
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
+    """Zeroed KV cache (k, v), each [L, B, S, K, Dh]; logical axes in `CACHE_AXES`."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+
+
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (normal(0, 0.02) matrices, unit norms, zero biases)."""
+    return Transformer(cfg, rngs=nnx.Rngs(params=seed))

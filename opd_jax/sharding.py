@@ -1,0 +1,97 @@
+"""Sharding as data: logical axis names on parameters, a rules table to mesh axes.
+
+A mesh has axes ("data", "fsdp", "tensor"). A rules table maps each logical axis name
+(`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `layers`, `batch`, ...) to a mesh axis, a tuple
+of mesh axes, or None (replicated). A dimension whose size the mesh axes do not divide is
+replicated instead of failing, so tiny test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. FSDP shards the model width, tensor parallelism the heads / MLP / vocab.
+DEFAULT_RULES: dict[str, object] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "head_dim": None,
+    "norm": None,
+    "cache_seq": None,
+}
+
+# Pure FSDP (for example for a frozen teacher): only the width is split.
+FSDP_RULES: dict[str, object] = {**{k: None for k in DEFAULT_RULES}, "batch": ("data", "fsdp"),
+                                 "embed": ("fsdp", "tensor")}
+
+
+def make_mesh(shape: Mapping[str, int] | tuple = (1, -1, 1), devices=None) -> Mesh:
+    """Mesh over `devices` (default all) with axes data/fsdp/tensor; one size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
+    """PartitionSpec for an array of `shape` whose dims are named `axes`.
+
+    Each mesh axis is used at most once; a dim not divisible by its mesh axes is replicated.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    out = []
+    for name, size in zip(axes, shape):
+        target = rules.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if n not in used and mesh.shape.get(n, 1) > 1)
+        if names and size % math.prod(mesh.shape[n] for n in names) == 0:
+            used.update(names)
+            out.append(names[0] if len(names) == 1 else names)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
+
+
+def param_axes(state: nnx.State):
+    """Pytree (same structure as `state`) of each parameter's logical axes tuple."""
+    return jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+    """NamedSharding for every parameter in an (abstract or concrete) NNX state."""
+    def one(v):
+        return named_sharding(v.get_metadata()["logical_axes"], v.shape, mesh, rules)
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
+    """Place every parameter of `model` on `mesh` by its logical axes (in place); returns model."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh, rules)
+    state = jax.device_put(state, shardings)
+    nnx.update(model, state)
+    return model
