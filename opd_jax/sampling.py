@@ -30,11 +30,13 @@ class Rollout(NamedTuple):
     """tokens [B, P+N] (prompt then completion, `pad_id` after a row's EOS);
     logprobs [B, N] float32, log-probability of each sampled token under the sampling distribution
     (after temperature / top-k / top-p; for greedy decoding, under the temperature-1 model), 0 where
-    masked; mask [B, N] int32, 1 up to and including the first EOS."""
+    masked; mask [B, N] int32, 1 up to and including the first EOS; steps: decode steps run
+    (< N when every row finished early)."""
 
     tokens: jax.Array
     logprobs: jax.Array
     mask: jax.Array
+    steps: jax.Array
 
 
 def filter_logits(logits, temperature: float, top_k: int, top_p: float):
@@ -137,4 +139,4 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
                     logits=model.logits(h)[:, 0], key=key)
 
     out = jax.lax.while_loop(cond, body, carry)
-    return Rollout(out["tokens"], out["logprobs"], out["mask"])
+    return Rollout(out["tokens"], out["logprobs"], out["mask"], out["i"])

@@ -46,11 +46,11 @@ _TRANSPOSED = {"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"}
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 
-def hf_to_ours(name: str, x: np.ndarray, shape: tuple) -> np.ndarray:
+def hf_to_ours(name: str, x: np.ndarray, shape: tuple, hf_name: str = "") -> np.ndarray:
     """One HF tensor (one layer's) -> our layout of per-layer `shape`."""
     expected = hf_shape(name, shape)
     if tuple(x.shape) != expected:
-        raise OpdError(f"tensor {name!r} has shape {tuple(x.shape)} but config.json implies {expected}")
+        raise OpdError(f"tensor {hf_name or name!r} has shape {tuple(x.shape)} but config.json implies {expected}")
     return (x.T if name in _TRANSPOSED else x).reshape(shape)
 
 
@@ -76,6 +76,15 @@ def ours_to_hf(name: str, x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T) if name in _TRANSPOSED else x
 
 
+def _open_safetensors(path: Path):
+    if not path.exists():
+        raise OpdError(f"checkpoint file missing: {path}")
+    try:
+        return safe_open(path, "np")
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise OpdError(f"cannot read {path}: corrupt or not safetensors ({e})") from None
+
+
 class _TensorIndex:
     """name -> file for a folder with model.safetensors or model.safetensors.index.json."""
 
@@ -86,9 +95,7 @@ class _TensorIndex:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {k: folder / v for k, v in weight_map.items()}
         elif single.exists():
-            self.files = {}
-            with safe_open(single, "np") as f:
-                self.files = {k: single for k in f.keys()}
+            self.files = {k: single for k in _open_safetensors(single).keys()}
         else:
             pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
             if pickles:
@@ -104,10 +111,7 @@ class _TensorIndex:
             raise OpdError(f"tensor {name!r} missing from the checkpoint")
         path = self.files[name]
         if path not in self._open:
-            try:
-                self._open[path] = safe_open(path, "np")
-            except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
-                raise OpdError(f"cannot read {path}: corrupt or not safetensors ({e})") from None
+            self._open[path] = _open_safetensors(path)
         return self._open[path].get_tensor(name)
 
 
@@ -142,10 +146,9 @@ def load_model(path, dtype: str = "float32", mesh=None, *, compute_dtype: str | 
 
     def full_tensor(key: str, shape: tuple) -> np.ndarray:
         if key in _TOP:
-            return hf_to_ours(key, tensors.get(_TOP[key]), shape)
-        per_layer = shape[1:]
-        return np.stack([hf_to_ours(key, tensors.get(f"model.layers.{i}.{_HF_LAYER[key]}"), per_layer)
-                         for i in range(cfg.num_layers)])
+            return hf_to_ours(key, tensors.get(_TOP[key]), shape, _TOP[key])
+        names = [f"model.layers.{i}.{_HF_LAYER[key]}" for i in range(cfg.num_layers)]
+        return np.stack([hf_to_ours(key, tensors.get(n), shape[1:], n) for n in names])
 
     def load_one(path_key, var):
         key = path_key[-1].key if hasattr(path_key[-1], "key") else str(path_key[-1])
