@@ -113,8 +113,9 @@ class Transformer(nnx.Module):
         stacked = {name: getattr(self.layers, name)[...].astype(dt) for name in layer_param_specs(cfg)}
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
 
-        def body(h, xs):
-            p, ck, cv = xs
+        def body(i, carry):
+            h, cache = carry
+            p = {name: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for name, w in stacked.items()}
             x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
             q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
             k = jnp.einsum("btd,dhe->bthe", x, p["wk"])
@@ -126,20 +127,24 @@ class Transformer(nnx.Module):
                 k = L.rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
             q = L.apply_rope(q, positions, inv_freq)
             k = L.apply_rope(k, positions, inv_freq)
-            if ck is not None:
-                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, write_index, 0, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, write_index, 0, 0))
-                k, v = ck.astype(dt), cv.astype(dt)
+            if cache is not None:  # write this layer's new keys/values in place, attend over all slots
+                ck, cv = cache
+                at = (i, 0, write_index, 0, 0)
+                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                cache = (ck, cv)
+                k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
+                v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
             o = L.attention(q, k, v, q_slots, key_valid)
             h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
-            return h, (ck, cv)
+            return h, cache
 
-        ck, cv = cache if cache is not None else (None, None)
-        h, new_cache = jax.lax.scan(body, h, (stacked, ck, cv))
+        # a loop with a static trip count: lowered to one scan (one layer body, differentiable)
+        h, cache = jax.lax.fori_loop(0, cfg.num_layers, body, (h, cache))
         h = L.rms_norm(h, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
-        return h, (new_cache if cache is not None else None)
+        return h, cache
 
 
 def positions_from_mask(mask):
