@@ -1,0 +1,131 @@
+"""Full-vocabulary divergence from hidden states, in chunks, so [B, T, V] logits never exist.
+
+    D_t = sum_y pi_t(y) f(q_t(y) / pi_t(y)),   pi_t = softmax(h_t W / T),   q_t = softmax(h'_t W' / T)
+
+The sequence is cut into chunks of `seq_chunk` positions and processed by a `lax.scan` whose body
+is wrapped in `jax.checkpoint`: the backward pass recomputes each chunk's logits instead of keeping
+them, so peak temporary memory is O(B * seq_chunk * V) rather than O(B * T * V). With
+`vocab_chunk`, each chunk's vocabulary is also cut: a first scan accumulates log-sum-exp (and the
+argmax for the agreement metric) over vocabulary slices, a second sums pi f(q/pi) slice by slice,
+both checkpointed, so the peak is O(B * seq_chunk * vocab_chunk).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.losses.fdiv import get_fdiv
+from opd_jax.losses.masking import masked_mean
+
+_PAD = -1e30  # logit of a padded vocabulary column: probability exactly 0, differences stay finite
+
+
+def _pad_axis(x, axis, multiple, value=0.0):
+    n = x.shape[axis]
+    extra = (-n) % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _chunks(x, axis, size):
+    """Split `axis` into [n, ..., size, ...] with n leading (x already padded)."""
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape((x.shape[0] // size, size) + x.shape[1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+
+def _logits_fn(hidden, w, temperature):
+    return jnp.einsum("bcd,dv->bcv", hidden, w, preferred_element_type=jnp.float32) / temperature
+
+
+def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", *, teacher_hidden=None,
+                            teacher_w=None, teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0,
+                            normalize="token", seq_chunk=128, vocab_chunk=None):
+    """Masked mean of the exact per-position divergence, computed chunk by chunk -> (loss, metrics).
+
+    student_hidden [B, T, D], student_w [D, V]; the teacher as teacher_hidden [B, T, D'] with
+    teacher_w [D', V], or as teacher_logits [B, T, V] (any dtype; sliced chunk by chunk). mask [B, T].
+    Equal in value and gradient to `full_vocab_loss(h @ W, h' @ W', ...)`. Metrics: divergence,
+    top1_agreement, tokens.
+    """
+    fd = get_fdiv(kind, beta=beta, alpha=alpha)
+    b, t, _ = student_hidden.shape
+    v = student_w.shape[1]
+    if teacher_logits is None and (teacher_hidden is None or teacher_w is None):
+        raise ValueError("give the teacher as teacher_logits or as teacher_hidden + teacher_w")
+    c = min(seq_chunk, t)
+    sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)  # [n, B, C, D]
+    if teacher_logits is not None:
+        teacher = (_chunks(_pad_axis(jax.lax.stop_gradient(teacher_logits), 1, c), 1, c),)
+    else:
+        teacher = (_chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c),)
+        teacher_w = jax.lax.stop_gradient(teacher_w)
+
+    if vocab_chunk is None or vocab_chunk >= v:
+        def chunk(_, xs):
+            s_log = _logits_fn(xs[0], student_w, temperature)
+            t_log = (xs[1].astype(jnp.float32) / temperature if teacher_logits is not None
+                     else _logits_fn(xs[1], teacher_w, temperature))
+            lp, lq = jax.nn.log_softmax(s_log, -1), jax.nn.log_softmax(t_log, -1)
+            d = jnp.sum(fd.perspective(lp, lq), -1)
+            agree = (jnp.argmax(s_log, -1) == jnp.argmax(t_log, -1)).astype(jnp.float32)
+            return None, (d, agree)
+    else:
+        chunk = _vocab_chunked_body(fd, student_w, teacher_w, teacher_logits is not None, v, vocab_chunk,
+                                    temperature)
+
+    _, (d, agree) = jax.lax.scan(jax.checkpoint(chunk), None, (sh,) + teacher)
+    d = jnp.moveaxis(d, 0, 1).reshape(b, -1)[:, :t]
+    agree = jnp.moveaxis(agree, 0, 1).reshape(b, -1)[:, :t]
+    loss = masked_mean(d, mask, normalize)
+    return loss, {"divergence": jax.lax.stop_gradient(loss),
+                  "top1_agreement": jax.lax.stop_gradient(masked_mean(agree, mask)),
+                  "tokens": jnp.sum(mask.astype(jnp.float32))}
+
+
+def _vocab_chunked_body(fd, student_w, teacher_w, teacher_is_logits, v, vc, temperature):
+    """Scan body over one sequence chunk that also walks the vocabulary in slices of `vc`."""
+    n_v = -(-v // vc)
+    pad_bias = _chunks(_pad_axis(jnp.zeros((v,), jnp.float32), 0, vc, _PAD), 0, vc)  # [n_v, vc]
+    ws = _chunks(_pad_axis(student_w, 1, vc), 1, vc)  # [n_v, D, vc]
+    wt = None if teacher_is_logits else _chunks(_pad_axis(teacher_w, 1, vc), 1, vc)
+
+    def slice_logits(sh, th, j):
+        s = _logits_fn(sh, ws[j], temperature) + pad_bias[j]
+        if teacher_is_logits:
+            tl = jax.lax.dynamic_slice_in_dim(_pad_axis(th, 2, vc, _PAD), j * vc, vc, axis=2)
+            tt = tl.astype(jnp.float32) / temperature
+        else:
+            tt = _logits_fn(th, wt[j], temperature) + pad_bias[j]
+        return s, tt
+
+    def body(_, xs):
+        sh, th = xs
+        bc = sh.shape[:2]
+
+        def stats(carry, j):  # running log-sum-exp and argmax of both models over vocab slices
+            s, tt = slice_logits(sh, th, j)
+            s_lse, t_lse, s_max, s_arg, t_max, t_arg = carry
+            s_new, t_new = jnp.max(s, -1), jnp.max(tt, -1)
+            s_arg = jnp.where(s_new > s_max, jnp.argmax(s, -1) + j * vc, s_arg)
+            t_arg = jnp.where(t_new > t_max, jnp.argmax(tt, -1) + j * vc, t_arg)
+            return (jnp.logaddexp(s_lse, jax.nn.logsumexp(s, -1)), jnp.logaddexp(t_lse, jax.nn.logsumexp(tt, -1)),
+                    jnp.maximum(s_max, s_new), s_arg, jnp.maximum(t_max, t_new), t_arg), None
+
+        neg = jnp.full(bc, -jnp.inf, jnp.float32)
+        zero = jnp.zeros(bc, jnp.int32)
+        (s_lse, t_lse, _, s_arg, _, t_arg), _ = jax.lax.scan(
+            jax.checkpoint(stats), (neg, neg, neg, zero, neg, zero), jnp.arange(n_v))
+
+        def accumulate(total, j):
+            s, tt = slice_logits(sh, th, j)
+            return total + jnp.sum(fd.perspective(s - s_lse[..., None], tt - t_lse[..., None]), -1), None
+
+        d, _ = jax.lax.scan(jax.checkpoint(accumulate), jnp.zeros(bc, jnp.float32), jnp.arange(n_v))
+        return None, (d, (s_arg == t_arg).astype(jnp.float32))
+
+    return body

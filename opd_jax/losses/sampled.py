@@ -1,0 +1,90 @@
+"""Sampled-token OPD: only log pi(y) and log q(y) of the tokens the student sampled are needed.
+
+With r_t = q(y_t | c_t) / pi(y_t | c_t) at each generated token, the surrogate is
+
+    L = mean_t  sg(w_t) * log pi_theta(y_t | c_t)        (masked mean, see `masking`)
+
+whose gradient is the estimator. The weight w_t:
+
+* token level ("discount 0", the usual OPD), target grad of sum_t D_f(q(.|c_t) || pi(.|c_t)) with
+  the contexts c_t held fixed:
+    estimator="stop_grad": w_t = f(r_t)           (-f(r) treated as a fixed reward; biased unless
+                                                   f(r) - (f(r) - r f'(r)) has zero mean, which
+                                                   holds for reverse KL only)
+    estimator="opd_plus" : w_t = g(r_t) = f(r_t) - r_t f'(r_t)   (unbiased for every f)
+* sequence level, target grad of E_y[ sum_t f(r_t) ] including how theta moves the contexts
+  (for reverse KL this is exactly KL(pi(y) || q(y)) over whole sequences):
+    stop_grad: w_t = sum_{s>=t} f(r_s)            opd_plus: w_t = g(r_t) + sum_{s>t} f(r_s)
+
+Stale rollouts: with `sampler_logprobs` (log-probs of the policy that sampled y), the term becomes
+the PPO-clipped  max(w_t rho_t, w_t clip(rho_t, 1-eps, 1+eps)),  rho_t = pi_theta(y_t)/pi_old(y_t),
+whose gradient at rho = 1 equals the plain surrogate's.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from opd_jax.errors import OpdError
+from opd_jax.losses.fdiv import get_fdiv
+from opd_jax.losses.masking import clean, masked_mean
+
+ESTIMATORS = ("stop_grad", "opd_plus")
+LEVELS = ("token", "sequence")
+
+
+def reward_to_go(x, mask, *, include_current=True):
+    """sum_{s >= t} m_s x_s (or s > t) along the last axis; [B, T] -> [B, T]."""
+    x = clean(x, mask)
+    suffix = jnp.flip(jnp.cumsum(jnp.flip(x, -1), -1), -1)
+    return suffix if include_current else suffix - x
+
+
+def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="opd_plus", level="token",
+                beta=0.5, alpha=0.5):
+    """Per-token weights w_t [B, T] (no gradient) and the per-token divergence samples f(r_t)."""
+    if estimator not in ESTIMATORS:
+        raise OpdError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if level not in LEVELS:
+        raise OpdError(f"level must be one of {LEVELS}, got {level!r}")
+    fd = get_fdiv(kind, beta=beta, alpha=alpha)
+    lr = jax.lax.stop_gradient(clean(teacher_logprobs, mask) - clean(student_logprobs, mask))
+    f_r = clean(fd.f(lr), mask)
+    own = f_r if estimator == "stop_grad" else clean(fd.g(lr), mask)
+    if level == "sequence":
+        own = own + reward_to_go(f_r, mask, include_current=False)
+    return jax.lax.stop_gradient(own), f_r
+
+
+def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl", *, estimator="opd_plus",
+                      level="token", beta=0.5, alpha=0.5, sampler_logprobs=None, clip_eps=0.2,
+                      normalize="token"):
+    """The sampled-token OPD surrogate -> (loss, metrics).
+
+    student_logprobs [B, T]: log pi_theta(y_t | c_t) of the sampled tokens, differentiable (the
+    trainer recomputes them). teacher_logprobs [B, T]: log q(y_t | c_t) (no gradient).
+    mask [B, T]: 1 on generated tokens incl. EOS. sampler_logprobs [B, T] (optional): the sampler's
+    log-probs, for the PPO-clipped ratio and the sampler/trainer mismatch metric.
+    Metrics: divergence (mean f(r), a sample estimate of D_f per token), mean_weight, tokens, and
+    with sampler log-probs: logprob_mismatch (mean |log pi_theta - log pi_sampler|),
+    sampler_kl (mean of log pi_sampler - log pi_theta, an estimate of KL(sampler || trainer)),
+    clip_fraction.
+    """
+    w, f_r = opd_weights(student_logprobs, teacher_logprobs, mask, kind, estimator=estimator, level=level,
+                         beta=beta, alpha=alpha)
+    slp = clean(student_logprobs, mask)
+    metrics = {"divergence": masked_mean(f_r, mask), "mean_weight": masked_mean(w, mask),
+               "tokens": jnp.sum(mask.astype(jnp.float32))}
+    if sampler_logprobs is None:
+        per_token = w * slp
+    else:
+        old = jax.lax.stop_gradient(clean(sampler_logprobs, mask))
+        rho = jnp.exp(slp - old)
+        clipped = jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps)
+        per_token = jnp.maximum(w * rho, w * clipped)
+        diff = jax.lax.stop_gradient(slp - old)
+        metrics.update(logprob_mismatch=masked_mean(jnp.abs(diff), mask),
+                       sampler_kl=masked_mean(-diff, mask),
+                       clip_fraction=masked_mean((jnp.abs(rho - 1.0) > clip_eps).astype(jnp.float32), mask))
+    return masked_mean(per_token, mask, normalize), metrics
