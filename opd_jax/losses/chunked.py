@@ -83,6 +83,7 @@ def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", 
     agree = jnp.moveaxis(agree, 0, 1).reshape(b, -1)[:, :t]
     loss = masked_mean(d, mask, normalize)
     return loss, {"divergence": jax.lax.stop_gradient(loss),
+                  "per_token_divergence": jax.lax.stop_gradient(d),
                   "top1_agreement": jax.lax.stop_gradient(masked_mean(agree, mask)),
                   "tokens": jnp.sum(mask.astype(jnp.float32))}
 
@@ -129,3 +130,22 @@ def _vocab_chunked_body(fd, student_w, teacher_w, teacher_is_logits, v, vc, temp
         return None, (d, (s_arg == t_arg).astype(jnp.float32))
 
     return body
+
+
+def chunked_token_logprobs(hidden, w, ids, *, temperature=1.0, seq_chunk=128):
+    """log softmax(h_t W / T)[ids_t] for every position, chunk by chunk (differentiable).
+
+    hidden [B, T, D], w [D, V], ids [B, T] -> [B, T] float32, without a [B, T, V] array.
+    """
+    b, t, _ = hidden.shape
+    c = min(seq_chunk, t)
+    hs = _chunks(_pad_axis(hidden, 1, c), 1, c)
+    idc = _chunks(_pad_axis(ids, 1, c), 1, c)
+
+    def body(_, xs):
+        logits = _logits_fn(xs[0], w, temperature)
+        picked = jnp.take_along_axis(logits, xs[1][..., None], -1)[..., 0]
+        return None, picked - jax.nn.logsumexp(logits, -1)
+
+    _, lp = jax.lax.scan(jax.checkpoint(body), None, (hs, idc))
+    return jnp.moveaxis(lp, 0, 1).reshape(b, -1)[:, :t]

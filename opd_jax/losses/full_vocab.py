@@ -48,7 +48,8 @@ def full_vocab_loss(student_logits, teacher_logits, mask, kind="reverse_kl", *, 
     d = divergence(student_logits, teacher_logits, kind, beta=beta, alpha=alpha, temperature=temperature)
     loss = masked_mean(d, mask, normalize)
     agree = (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
-    metrics = {"divergence": jax.lax.stop_gradient(loss), "top1_agreement": masked_mean(agree, mask),
+    metrics = {"divergence": jax.lax.stop_gradient(loss), "per_token_divergence": jax.lax.stop_gradient(d),
+               "top1_agreement": masked_mean(agree, mask),
                "tokens": jnp.sum(mask.astype(jnp.float32))}
     return loss, metrics
 
@@ -88,7 +89,7 @@ def topk_distill_loss(student_logits, teacher_topk_logprobs, teacher_topk_ids, m
     loss = masked_mean(d, mask, normalize)
     best = jnp.take_along_axis(teacher_topk_ids, jnp.argmax(t_lp, -1)[..., None], -1)[..., 0]
     agree = (jnp.argmax(student_logits, -1) == best).astype(jnp.float32)
-    metrics = {"divergence": jax.lax.stop_gradient(loss),
+    metrics = {"divergence": jax.lax.stop_gradient(loss), "per_token_divergence": jax.lax.stop_gradient(d),
                "tail_mass": masked_mean(jnp.exp(t_b[..., -1]), mask),
                "student_tail_mass": jax.lax.stop_gradient(masked_mean(jnp.exp(s_b[..., -1]), mask)),
                "top1_agreement": masked_mean(agree, mask)}

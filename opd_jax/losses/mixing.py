@@ -81,6 +81,7 @@ def rl_opd_surrogate(student_logprobs, teacher_logprobs, rewards, mask, *, group
     rho = jnp.exp(slp - old)
     per_token = -jnp.minimum(adv * rho, adv * jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps))
     metrics = {"reward": jnp.mean(rewards.astype(jnp.float32)), "divergence": masked_mean(f_r, mask),
+               "per_token_divergence": f_r,
                "advantage": masked_mean(adv, mask),
                "clip_fraction": masked_mean((jnp.abs(rho - 1.0) > clip_eps).astype(jnp.float32), mask)}
     if sampler_logprobs is not None:

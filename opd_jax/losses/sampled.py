@@ -74,7 +74,7 @@ def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl
     w, f_r = opd_weights(student_logprobs, teacher_logprobs, mask, kind, estimator=estimator, level=level,
                          beta=beta, alpha=alpha)
     slp = clean(student_logprobs, mask)
-    metrics = {"divergence": masked_mean(f_r, mask), "mean_weight": masked_mean(w, mask),
+    metrics = {"divergence": masked_mean(f_r, mask), "per_token_divergence": f_r, "mean_weight": masked_mean(w, mask),
                "tokens": jnp.sum(mask.astype(jnp.float32))}
     if sampler_logprobs is None:
         per_token = w * slp

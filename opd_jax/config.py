@@ -1,0 +1,194 @@
+"""One typed, frozen config tree; YAML files plus dotted `key.sub=value` overrides.
+
+Unknown keys are errors that suggest the nearest valid key; values are converted to the field's
+type (so `optim.lr=3e-4` on the command line is a float).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from opd_jax.errors import OpdError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model: a Hugging Face folder (`path`) or a fresh tiny one (`init`, ModelConfig fields)."""
+
+    path: str | None = None
+    init: dict = field(default_factory=dict)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str = "teacher"
+    path: str | None = None  # an HF folder, or "self" for the frozen snapshot of the student at step 0
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    domains: tuple = ("addition", "reverse", "sort")
+    jsonl: str | None = None
+    tokenizer: str | None = None  # folder with tokenizer.json; None: the built-in character tokenizer
+    per_domain: int = 8  # prompts per domain per step
+    group_size: int = 4  # completions sampled per prompt
+    max_prompt_len: int = 16
+    max_new_tokens: int = 8
+    temperature: float = 1.0  # one temperature everywhere: sampler, teacher scores and loss
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    estimator_type: str = "full"  # full (chunked exact divergence) | sampled | topk
+    kind: str = "reverse_kl"
+    estimator: str = "opd_plus"  # for sampled: opd_plus | stop_grad
+    level: str = "token"
+    beta: float = 0.5
+    alpha_div: float = 0.5
+    topk: int = 8
+    normalize: str = "token"
+    seq_chunk: int = 128
+    lam: float = 1.0  # GKD: fraction of on-policy data (1 = pure OPD, 0 = supervised KD on answers)
+    rl_alpha: float = 1.0  # weight of OPD vs GRPO reward (1 = pure OPD); used when < 1 or rl_mode=replace
+    rl_mode: str = "mix"
+    clip_eps: float = 0.2
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.99
+    momentum: float = 0.9
+    clip_norm: float = 1.0
+    accumulate: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/opd"
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 50
+    eval_per_domain: int = 64
+    log_every: int = 1
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    student: ModelSpec = field(default_factory=ModelSpec)
+    teachers: tuple = ()  # of TeacherSpec
+    routing: dict = field(default_factory=dict)  # domain -> teacher name
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTIONS = {"student": ModelSpec, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
+             "train": TrainConfig}
+
+
+def _suggest(key: str, valid: list[str], where: str) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    prefix = f"{where}." if where else ""
+    return f"; did you mean {prefix + near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value, typ, where: str):
+    """Convert a YAML / command-line value to the field's scalar type (bool, int, float, str)."""
+    if value is None:
+        return None
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # X | None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typ is bool:
+        if isinstance(value, bool) or str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
+    elif typ in (int, float, str):
+        try:
+            out = typ(value)
+            if typ is int and float(value) != out:
+                raise ValueError
+            return out
+        except (TypeError, ValueError):
+            pass
+    else:
+        return value
+    raise OpdError(f"config {where}: expected {typ.__name__}, got {value!r}")
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise OpdError(f"config {where or 'root'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise OpdError(f"unknown config key {path!r}" + _suggest(key, list(fields), where))
+        if cls is Config and key in _SECTIONS:
+            kw[key] = _build(_SECTIONS[key], value or {}, path)
+        elif cls is Config and key == "teachers":
+            kw[key] = tuple(_build(TeacherSpec, t, f"{path}[{i}]") for i, t in enumerate(value or []))
+        elif cls is Config and key == "routing":
+            if not isinstance(value, dict):
+                raise OpdError("config routing: expected a mapping domain -> teacher name")
+            kw[key] = {str(k): str(v) for k, v in value.items()}
+        elif key == "domains":
+            kw[key] = tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
+        else:
+            kw[key] = _coerce(value, hints[key], path)
+    return cls(**kw)
+
+
+def _set_dotted(tree: dict, dotted: str, value):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise OpdError(f"override {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults) and apply `key.sub=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise OpdError(f"config file does not exist: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise OpdError(f"{p} is not valid YAML: {e}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise OpdError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return _build(Config, tree, "")
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain data (for YAML / JSON, and for hashing into cache keys)."""
+    return dataclasses.asdict(cfg)

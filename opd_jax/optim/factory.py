@@ -1,0 +1,40 @@
+"""The optimizer from config: clip -> AdamW or SGD with a schedule, optional accumulation."""
+
+from __future__ import annotations
+
+import optax
+
+from opd_jax.errors import OpdError
+
+
+def make_schedule(cfg, total_steps: int):
+    """constant | cosine | linear decay to 0, each after `warmup_steps` of linear warm-up."""
+    decay_steps = max(total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, decay_steps)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
+    else:
+        raise OpdError(f"optim.schedule must be constant, cosine or linear, got {cfg.schedule!r}")
+    if cfg.warmup_steps <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm(clip_norm) then AdamW(b1, b2, weight_decay) or SGD(momentum), with the
+    schedule; `accumulate` > 1 wraps it in optax.MultiSteps (one update per `accumulate` calls)."""
+    sched = make_schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    elif cfg.name == "sgd":
+        opt = optax.sgd(sched, momentum=cfg.momentum or None)
+    else:
+        raise OpdError(f"optim.name must be adamw or sgd, got {cfg.name!r}")
+    if cfg.clip_norm and cfg.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    if cfg.accumulate > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=cfg.accumulate)
+    return opt

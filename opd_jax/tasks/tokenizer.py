@@ -1,0 +1,47 @@
+"""A character-level tokenizer for the synthetic tasks, built with `tokenizers` and used through
+`transformers.PreTrainedTokenizerFast` like any checkpoint's own tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz+-*=:,. "
+
+
+def build_char_tokenizer(path: str | Path, chars: str = CHARS):
+    """Write tokenizer.json (ids: <pad>=0, <bos>=1, <eos>=2, then one per character) to `path`
+    (a folder) and return it loaded as a `PreTrainedTokenizerFast`."""
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {PAD: 0, BOS: 1, EOS: 2}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token=PAD, bos_token=BOS,
+                                   eos_token=EOS, padding_side="left")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer folder (tokenizer.json + config) saved by `build_char_tokenizer` or any
+    Hugging Face checkpoint, with left padding."""
+    from transformers import AutoTokenizer
+
+    from opd_jax.errors import OpdError
+
+    folder = Path(path)
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
+        raise OpdError(f"no tokenizer.json in {folder}")
+    tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left", trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

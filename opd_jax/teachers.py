@@ -1,0 +1,98 @@
+"""Frozen teachers, routed by prompt domain, scoring the student's rollouts.
+
+A teacher is a `Transformer` whose parameters never receive a gradient or optimizer state: the
+trainer holds only its (graphdef, state) and calls a jitted forward. `self` is the frozen snapshot
+of the student's parameters at the start of training. Batches are grouped by domain (fixed rows per
+domain), so each teacher scores only its own contiguous, fixed-size slice.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax.errors import OpdError
+from opd_jax.models import load_model
+
+
+@dataclass
+class Teacher:
+    name: str
+    graphdef: object
+    state: object  # nnx.State, frozen
+    vocab_size: int
+
+
+def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None) -> dict[str, Teacher]:
+    """Load every teacher named in `specs`; check routing and vocabularies before any compute.
+
+    specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
+    missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
+    clear error. Returns name -> Teacher for the teachers that some domain uses.
+    """
+    names = {t.name: t for t in specs}
+    for d in domains:
+        if d not in routing:
+            raise OpdError(f"domain {d!r} has no teacher in routing (routing covers: {', '.join(routing) or 'none'})")
+        if routing[d] not in names:
+            raise OpdError(f"routing sends domain {d!r} to teacher {routing[d]!r}, which is not in teachers "
+                           f"({', '.join(names) or 'none'})")
+    out = {}
+    for name in sorted({routing[d] for d in domains}):
+        spec = names[name]
+        if spec.path == "self":
+            graphdef, state = nnx.split(student)
+            state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
+            vocab = student.cfg.vocab_size
+        else:
+            if not spec.path:
+                raise OpdError(f"teacher {name!r} needs a path (a Hugging Face folder) or path: self")
+            model = load_model(spec.path, dtype=spec.dtype, mesh=mesh)
+            graphdef, state = nnx.split(model)
+            vocab = model.cfg.vocab_size
+        if vocab != student.cfg.vocab_size:
+            raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
+                           "they must share a tokenizer")
+        out[name] = Teacher(name, graphdef, state, vocab)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))
+def teacher_scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
+    """Teacher outputs at the completion positions (no gradient).
+
+    tokens, full_mask [B, P+N]. what="logits": [B, N, V] float32 raw logits (the loss applies the
+    temperature to both models); "logprobs": [B, N] log q_T(y_t) of the sampled tokens at the
+    temperature; "topk": (log-probs [B, N, k], ids [B, N, k]) at the temperature.
+    """
+    model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+    h = model.hidden_states(tokens, full_mask)[:, prompt_len - 1:-1]
+    logits = model.logits(h)
+    if what == "logits":
+        return logits
+    lp = jax.nn.log_softmax(logits / temperature, -1)
+    if what == "logprobs":
+        return jnp.take_along_axis(lp, tokens[:, prompt_len:, None], -1)[..., 0]
+    return jax.lax.top_k(lp, topk)
+
+
+def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str], per_domain_rows: int, tokens,
+                full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
+    """Score a domain-grouped batch: rows [i*R, (i+1)*R) belong to domains[i] and go to its teacher.
+
+    Returns the concatenated scores (same layout as `teacher_scores`) and name -> row slices.
+    """
+    parts, rows = [], {}
+    for i, d in enumerate(domains):
+        sl = slice(i * per_domain_rows, (i + 1) * per_domain_rows)
+        t = teachers[routing[d]]
+        parts.append(teacher_scores(t.graphdef, t.state, tokens[sl], full_mask[sl], prompt_len=prompt_len,
+                                    temperature=temperature, what=what, topk=topk))
+        rows.setdefault(t.name, []).append(sl)
+    if what == "topk":
+        return (jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])), rows
+    return jnp.concatenate(parts), rows

@@ -1,0 +1,239 @@
+"""The OPD loop: sample -> teacher scores -> loss / gradient -> update -> log / checkpoint.
+
+Every step's prompts and sampling key are pure functions of (seed, step), and the checkpoint holds
+params, optimizer state, RNG and data position, so a run resumed from step k continues exactly as
+the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from flax import nnx
+
+from opd_jax import checkpoint as ckpt
+from opd_jax.config import Config, to_dict
+from opd_jax.errors import OpdError
+from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
+from opd_jax.metrics import MetricsWriter, plot_metrics
+from opd_jax.models import ModelConfig, init_model, load_model
+from opd_jax.optim import make_optimizer
+from opd_jax.sampling import generate
+from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_answers, encode_prompts, load_tokenizer
+from opd_jax.teachers import build_teachers, score_batch
+from opd_jax.train_step import check_loss_config, teacher_output_kind, train_step, uses_rl
+
+
+def build_student(spec, seed: int):
+    if spec.path:
+        return load_model(spec.path, dtype=spec.dtype)
+    try:
+        cfg = ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **spec.init})
+    except TypeError as e:
+        raise OpdError(f"student.init: {e}") from None
+    return init_model(cfg, seed)
+
+
+def get_tokenizer(cfg: Config, out: Path):
+    return load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else build_char_tokenizer(out / "tokenizer")
+
+
+class Trainer:
+    """Holds what a run needs; `run()` trains from scratch or from the last checkpoint."""
+
+    def __init__(self, cfg: Config, *, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.train.out_dir)
+        self.resume = resume
+        check_loss_config(cfg.loss)
+        self.tokenizer = get_tokenizer(cfg, self.out)
+        self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
+        self.student = build_student(cfg.student, cfg.train.seed)
+        if self.student.cfg.vocab_size < len(self.tokenizer):
+            raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
+                           f"{len(self.tokenizer)}")
+        lc = cfg.loss  # pure reward RL (GRPO, alpha = 0) on on-policy data is the one mode without teachers
+        need_teachers = not (lc.lam == 1 and lc.rl_mode == "mix" and lc.rl_alpha == 0)
+        self.teachers = build_teachers(cfg.teachers, cfg.routing, self.source.domains, self.student) if need_teachers else {}
+        self.graphdef, state = nnx.split(self.student)
+        self.params = nnx.to_pure_dict(state)
+        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        self.opt_state = self.optimizer.init(self.params)
+        self.base_key = jax.random.key(cfg.train.seed)
+        self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
+        self.prompt_len = cfg.data.max_prompt_len
+
+    # ------------------------------------------------------------------ state
+    def train_state(self, step: int) -> dict:
+        return {"params": self.params, "opt_state": self.opt_state, "step": jnp.int32(step),
+                "data_position": jnp.int32(step), "rng": jax.random.key_data(self.base_key)}
+
+    def model(self):
+        return nnx.merge(self.graphdef, self.params)
+
+    # ------------------------------------------------------------------ batches
+    def _scores(self, tokens, full_mask, rows_per_domain):
+        lc, dc = self.cfg.loss, self.cfg.data
+        return score_batch(self.teachers, self.cfg.routing, self.source.domains, rows_per_domain, tokens, full_mask,
+                           prompt_len=self.prompt_len, temperature=dc.temperature, what=teacher_output_kind(lc),
+                           topk=lc.topk)
+
+    def on_policy_batch(self, step: int, examples):
+        dc = self.cfg.data
+        g = dc.group_size
+        rep = [ex for ex in examples for _ in range(g)]  # each prompt's G samples contiguous (GRPO groups)
+        ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in rep], self.prompt_len)
+        roll = generate(self.model(), jnp.asarray(ids), jnp.asarray(pmask), key=jax.random.fold_in(self.base_key, step),
+                        max_new_tokens=dc.max_new_tokens, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
+                        eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
+        texts = decode_completions(self.tokenizer, np.asarray(roll.tokens)[:, self.prompt_len:], roll.mask)
+        rewards = rewards_for(rep, texts)
+        batch = {"tokens": roll.tokens, "prompt_mask": jnp.asarray(pmask), "mask": roll.mask,
+                 "sampler_logprobs": roll.logprobs, "rewards": jnp.asarray(rewards)}
+        if self.teachers:
+            full_mask = jnp.concatenate([batch["prompt_mask"], roll.mask], 1)
+            batch["teacher"], rows = self._scores(roll.tokens, full_mask, self.cfg.data.per_domain * g)
+        else:
+            batch["teacher"], rows = jnp.zeros(roll.mask.shape, jnp.float32), {}
+        return batch, rows, rewards
+
+    def off_policy_batch(self, examples):
+        if any(e.answer is None for e in examples):
+            raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
+        dc = self.cfg.data
+        ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.prompt_len)
+        ans, amask = encode_answers(self.tokenizer, [e.answer for e in examples], dc.max_new_tokens,
+                                    self.tokenizer.eos_token_id)
+        tokens = jnp.asarray(np.concatenate([ids, ans], 1))
+        full_mask = jnp.asarray(np.concatenate([pmask, amask], 1))
+        teacher, _ = self._scores(tokens, full_mask, self.cfg.data.per_domain)
+        return {"tokens": tokens, "prompt_mask": jnp.asarray(pmask), "mask": jnp.asarray(amask), "teacher": teacher}
+
+    # ------------------------------------------------------------------ loop
+    def evaluate(self) -> dict:
+        dc = self.cfg.data
+        acc = greedy_accuracy(self.model(), self.tokenizer, self.eval_examples, max_prompt_len=self.prompt_len,
+                              max_new_tokens=dc.max_new_tokens)
+        return {f"eval/{d}/accuracy": v for d, v in acc.items()}
+
+    def run(self, *, stop_after: int | None = None) -> dict:
+        cfg, tc = self.cfg, self.cfg.train
+        mgr = ckpt.manager(self.out / "checkpoints", tc.keep_checkpoints)
+        start = 0
+        if self.resume:
+            restored = ckpt.restore_latest(mgr, self.train_state(0))
+            if restored is None:
+                raise OpdError(f"--resume given but {self.out / 'checkpoints'} holds no checkpoint")
+            start, st = restored
+            self.params, self.opt_state = st["params"], st["opt_state"]
+        elif mgr.latest_step() is not None:
+            raise OpdError(f"{self.out} already holds checkpoints (step {mgr.latest_step()}); pass --resume to continue "
+                           "or set train.out_dir to a new folder")
+        if jax.process_index() == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        writer = MetricsWriter(self.out, resume_step=start if self.resume else None)
+        bar = None
+        if tc.progress and jax.process_index() == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=tc.steps, initial=start, desc="opd", dynamic_ncols=True)
+        last = {}
+        end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+        try:
+            for step in range(start, end):
+                last = self._one_step(step, writer, bar)
+                done = step + 1
+                if done % tc.checkpoint_every == 0 or done == tc.steps:
+                    ckpt.save(mgr, done, self.train_state(done))
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+        if end == tc.steps and jax.process_index() == 0:
+            plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
+        return last
+
+    def _one_step(self, step: int, writer: MetricsWriter, bar) -> dict:
+        cfg, lc, tc = self.cfg, self.cfg.loss, self.cfg.train
+        t0 = time.perf_counter()
+        examples = self.source.batch(step, cfg.data.per_domain)
+        batch, rows, rewards = {}, {}, np.zeros(0)
+        if lc.lam > 0:
+            batch["on"], rows, rewards = self.on_policy_batch(step, examples)
+        if lc.lam < 1:
+            batch["off"] = self.off_policy_batch(examples)
+        self.params, self.opt_state, loss, metrics = train_step(
+            self.graphdef, self.params, self.opt_state, batch, optimizer=self.optimizer, lc=lc,
+            prompt_len=self.prompt_len, group_size=cfg.data.group_size, temperature=cfg.data.temperature)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise OpdError(f"loss is {loss} at step {step + 1}; stopped before saving it (the last checkpoint is "
+                           "intact): lower optim.lr or check the teachers' outputs")
+        dt = time.perf_counter() - t0
+        record = {"loss": loss}
+        for k, v in metrics.items():
+            v = np.asarray(v)
+            if k.endswith("row_divergence"):
+                for name, sls in rows.items():
+                    record[f"teacher/{name}/divergence"] = float(np.mean(np.concatenate([v[s] for s in sls])))
+            elif v.ndim == 0:
+                record[k] = float(v)
+        gen_tokens = float(np.asarray(batch["on"]["mask"]).sum()) if "on" in batch else 0.0
+        record.update({"reward": float(rewards.mean()) if rewards.size else 0.0, "tokens_per_s": gen_tokens / dt,
+                       "step_time_s": dt})
+        done = step + 1
+        if done % tc.eval_every == 0 or done == tc.steps:
+            record.update(self.evaluate())
+        if done % tc.log_every == 0 or "eval/mean/accuracy" in record:
+            writer.write(done, record)
+        if bar is not None:
+            div = next((v for k, v in record.items() if k.endswith("policy/divergence")), float("nan"))
+            post = {"loss": f"{loss:.4f}", "div": f"{div:.4f}", "reward": f"{record['reward']:.2f}",
+                    "tok/s": f"{record['tokens_per_s']:.0f}"}
+            if "eval/mean/accuracy" in record:
+                post["acc"] = f"{record['eval/mean/accuracy']:.2f}"
+            bar.set_postfix(post)
+            bar.update(1)
+        return record
+
+
+def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Run (or resume) training from a config; returns the last step's metrics."""
+    return Trainer(cfg, resume=resume).run(stop_after=stop_after)
+
+
+def export_student(run_dir: str | Path, out: str | Path, cfg: Config | None = None) -> Path:
+    """Write the newest checkpoint's student as a Hugging Face folder (with the run's tokenizer)."""
+    from opd_jax.config import load_config
+    from opd_jax.models import save_model
+
+    run_dir = Path(run_dir)
+    if cfg is None:
+        if not (run_dir / "config.yaml").exists():
+            raise OpdError(f"{run_dir} is not a run folder (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(run_dir)))
+    student = build_student(cfg.student, cfg.train.seed)
+    graphdef, state = nnx.split(student)
+    params = nnx.to_pure_dict(state)
+    mgr = ckpt.manager(run_dir / "checkpoints")
+    opt = make_optimizer(cfg.optim, cfg.train.steps)
+    like = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0), "data_position": jnp.int32(0),
+            "rng": jax.random.key_data(jax.random.key(0))}
+    restored = ckpt.restore_latest(mgr, like)
+    if restored is None:
+        raise OpdError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    path = save_model(nnx.merge(graphdef, restored[1]["params"]), out)
+    tok_dir = run_dir / "tokenizer"
+    if tok_dir.exists():
+        load_tokenizer(tok_dir).save_pretrained(path)
+    (Path(path) / "opd_jax_step.json").write_text(json.dumps({"step": int(restored[0])}))
+    return Path(path)
