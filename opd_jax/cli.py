@@ -1,28 +1,50 @@
-"""The `opd-jax` command line."""
+"""The `opd-jax` command line: demo, train, eval, export."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from opd_jax.errors import OpdError
 
-DEMO_PLAN = """\
-opd-jax demo: multi-teacher on-policy distillation on synthetic verifiable tasks, on this CPU.
-
-What it will do (the trainer that runs it is not in this release yet):
-  1. build three synthetic tasks (addition, string reversal, sorting) and a tokenizer for them;
-  2. train one small teacher per task (cached, so a second run skips this);
-  3. make a smaller, weaker student and sample its own answers;
-  4. score every token with the teacher of each prompt's domain and move the student toward it;
-  5. write summary.json (per-domain accuracy before/after and of each teacher), metrics.jsonl and plots.
-
-Available now: the model, Hugging Face load/save and the sampler (see README.md, "Library").
-"""
-
 
 def _demo(args) -> int:
-    print(DEMO_PLAN)
+    from opd_jax.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
+def _train(args) -> int:
+    from opd_jax.config import load_config
+    from opd_jax.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    last = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in last.items() if k.startswith("eval/") or k in ("loss", "reward")}, indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from opd_jax.evaluate import greedy_accuracy
+    from opd_jax.models import load_model
+    from opd_jax.tasks import PromptSource, load_tokenizer
+
+    model = load_model(args.model)
+    tok = load_tokenizer(args.tokenizer or args.model)
+    src = PromptSource(args.domains.split(",") if args.domains else [], jsonl=args.jsonl, seed=args.seed)
+    acc = greedy_accuracy(model, tok, src.batch(0, args.per_domain, stream=1), max_prompt_len=args.max_prompt_len,
+                          max_new_tokens=args.max_new_tokens)
+    print(json.dumps(acc, indent=2))
+    return 0
+
+
+def _export(args) -> int:
+    from opd_jax.train import export_student
+
+    path = export_student(args.run, args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -30,10 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-jax", description="On-policy distillation in JAX.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
+
     demo = sub.add_parser("demo", help="multi-teacher OPD on synthetic tasks, on CPU, no downloads")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    demo.add_argument("--steps", type=int, default=None, help="shorten the run to N OPD steps")
+    demo.add_argument("--steps", type=int, default=None, help="number of OPD steps (default 800)")
     demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser("train", help="train from a YAML config, with key.sub=value overrides")
+    tr.add_argument("--config", default=None, help="YAML file (configs/*.yaml); defaults apply without one")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=3e-4 train.steps=100")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="greedy exact-match accuracy of a Hugging Face folder per domain")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    ev.add_argument("--domains", default="addition,reverse,sort")
+    ev.add_argument("--jsonl", default=None, help="prompts with answers, one JSON object per line")
+    ev.add_argument("--per-domain", type=int, default=128)
+    ev.add_argument("--max-prompt-len", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_eval)
+
+    ex = sub.add_parser("export", help="write a run's newest student checkpoint as a Hugging Face folder")
+    ex.add_argument("--run", required=True, help="the run folder (train.out_dir)")
+    ex.add_argument("--out", required=True)
+    ex.set_defaults(func=_export)
     return parser
 
 
@@ -52,6 +97,9 @@ def main(argv=None) -> int:
     except OpdError as e:
         print(f"opd-jax: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("opd-jax: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
