@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -74,7 +75,12 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
     tokenizer = build_char_tokenizer(out / "tokenizer")
     log(f"[1/5] tasks {', '.join(DOMAINS)}; character tokenizer ({len(tokenizer)} tokens) -> {out / 'tokenizer'}")
     log("[2/5] teachers (one per domain)")
-    teachers = {d: get_teacher(d, tokenizer, log) for d in DOMAINS}
+    teachers = {}
+    for d in DOMAINS:  # a copy beside the run, so configs/demo.yaml can name it
+        teachers[d] = out / "teachers" / d
+        if teachers[d].exists():
+            shutil.rmtree(teachers[d])
+        shutil.copytree(get_teacher(d, tokenizer, log), teachers[d])
 
     log(f"[3/5] student ({STUDENT['hidden_size']} wide vs teachers' {TEACHER['hidden_size']}), "
         f"{STUDENT_SFT_STEPS} SFT steps so it starts weak")
@@ -106,7 +112,6 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
                           eval_every=max(n // 5, 1), eval_per_domain=64),
     )
     if (out / "opd" / "checkpoints").exists():
-        import shutil
         shutil.rmtree(out / "opd")  # the demo always starts its OPD run afresh
     trainer = Trainer(cfg)
     trainer.run()

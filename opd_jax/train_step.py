@@ -92,6 +92,6 @@ def train_step(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len,
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["loss"] = loss
     return params, opt_state, loss, metrics

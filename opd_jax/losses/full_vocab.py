@@ -92,7 +92,7 @@ def topk_distill_loss(student_logits, teacher_topk_logprobs, teacher_topk_ids, m
     metrics = {"divergence": jax.lax.stop_gradient(loss), "per_token_divergence": jax.lax.stop_gradient(d),
                "tail_mass": masked_mean(jnp.exp(t_b[..., -1]), mask),
                "student_tail_mass": jax.lax.stop_gradient(masked_mean(jnp.exp(s_b[..., -1]), mask)),
-               "top1_agreement": masked_mean(agree, mask)}
+               "top1_agreement": masked_mean(agree, mask), "tokens": jnp.sum(mask.astype(jnp.float32))}
     return loss, metrics
 
 

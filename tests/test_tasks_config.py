@@ -1,0 +1,87 @@
+"""Tasks, prompt files, tokenizer and the config tree."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import transformers
+
+from opd_jax import OpdError
+from opd_jax.config import load_config
+from opd_jax.tasks import (DOMAINS, PromptSource, build_char_tokenizer, encode_prompts, load_jsonl, load_tokenizer,
+                           reward)
+
+
+def _solve(prompt: str) -> str:
+    """An independent solver for the built-in prompts."""
+    kind, body = prompt[:-1].split(":", 1)
+    if kind == "add":
+        a, b = body.split("+")
+        return str(int(a) + int(b))
+    if kind == "rev":
+        return "".join(reversed(body))
+    if kind == "sort":
+        return "".join(sorted(body))
+    raise ValueError(prompt)
+
+
+def test_domain_answers_are_correct_and_batches_balanced_and_reproducible():
+    src = PromptSource(list(DOMAINS), seed=3)
+    batch = src.batch(5, 10)
+    assert [e.domain for e in batch] == [d for d in sorted(DOMAINS) for _ in range(10)]
+    for ex in batch:
+        assert ex.answer == _solve(ex.prompt)
+        assert reward(ex.answer, ex.answer) == 1.0 and reward(ex.answer + "1", ex.answer) == 0.0
+    again = PromptSource(list(DOMAINS), seed=3).batch(5, 10)
+    assert [e.prompt for e in again] == [e.prompt for e in batch]
+    assert [e.prompt for e in src.batch(6, 10)] != [e.prompt for e in batch]
+
+
+def test_jsonl_prompts_and_malformed_line_errors(tmp_path):
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "add:1+2=", "domain": "math", "answer": "3"}\n\n{"prompt": "hi", "domain": "chat"}\n')
+    exs = load_jsonl(good)
+    assert [(e.prompt, e.domain, e.answer) for e in exs] == [("add:1+2=", "math", "3"), ("hi", "chat", None)]
+    assert PromptSource([], jsonl=str(good)).domains == ["chat", "math"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "domain": "x"}\n{"prompt": "b"\n')
+    with pytest.raises(OpdError, match=re.escape(f"{bad}:2")):
+        load_jsonl(bad)
+    bad.write_text('{"prompt": 3, "domain": "x"}\n')
+    with pytest.raises(OpdError, match=":1: each line needs"):
+        load_jsonl(bad)
+    with pytest.raises(OpdError, match="does not exist"):
+        load_jsonl(tmp_path / "none.jsonl")
+
+
+def test_tokenizer_round_trips_through_transformers(tmp_path):
+    build_char_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    assert isinstance(tok, transformers.PreTrainedTokenizerFast)
+    ids = tok.encode("sort:3142=", add_special_tokens=False)
+    assert len(ids) == 10 and tok.decode(ids) == "sort:3142="
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    out, mask = encode_prompts(tok, ["add:1+2=", "rev:abcde="], 12)
+    assert out.shape == (2, 12) and mask[0].tolist() == [0] * 3 + [1] * 9 and out[0, 3] == 1
+    with pytest.raises(OpdError, match="exceeds data.max_prompt_len=5"):
+        encode_prompts(tok, ["add:1+2="], 5)
+
+
+def test_config_yaml_overrides_and_errors(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 0.01\n  name: sgd\ndata:\n  domains: [addition, sort]\nrouting: {addition: t}\n"
+                 "teachers:\n  - {name: t, path: self}\n")
+    cfg = load_config(y, ["optim.lr=3e-4", "train.steps=7", "train.progress=false"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.name == "sgd" and cfg.train.steps == 7 and cfg.train.progress is False
+    assert cfg.data.domains == ("addition", "sort") and cfg.teachers[0].path == "self"
+    with pytest.raises(OpdError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?"):
+        load_config(y, ["optim.lrr=1"])
+    with pytest.raises(OpdError, match="did you mean 'train'"):
+        load_config(None, ["trian.steps=1"])
+    with pytest.raises(OpdError, match="train.steps: expected int"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(OpdError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(OpdError, match=r"teachers\[0\].pth"):
+        load_config(None, ["teachers=[{name: a, pth: b}]"])

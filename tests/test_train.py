@@ -1,0 +1,159 @@
+"""The trainer end to end on a tiny config: every loss mode, routing, errors, checkpoints, export, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+import opd_jax
+from opd_jax import OpdError
+from opd_jax.config import load_config
+from opd_jax.models import ModelConfig, init_model, save_model
+from opd_jax.train import Trainer, export_student, train
+
+TINY = "{vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 1, head_dim: 16, max_position_embeddings: 64}"
+
+
+def tiny_overrides(out, **extra):
+    base = {"train.out_dir": str(out), "train.steps": 3, "train.eval_every": 3, "train.eval_per_domain": 4,
+            "train.checkpoint_every": 3, "train.progress": "false", "student.init": TINY,
+            "teachers": "[{name: snap, path: self}]", "routing": "{addition: snap, reverse: snap, sort: snap}",
+            "data.per_domain": 2, "data.group_size": 2, "data.max_new_tokens": 6}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.mark.parametrize("mode", [
+    {"loss.estimator_type": "full", "loss.kind": "reverse_kl"},
+    {"loss.estimator_type": "sampled", "loss.kind": "forward_kl", "loss.estimator": "opd_plus"},
+    {"loss.estimator_type": "topk", "loss.topk": 4, "loss.kind": "jsd"},
+])
+def test_self_teacher_scores_zero_divergence_at_the_first_step(tmp_path, mode):
+    """At step 1 the student equals its frozen snapshot, so every estimator must see divergence 0:
+    a check that teacher scores line up with the student's positions and tokens."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.steps": 1, **mode}))
+    last = train(cfg)
+    assert abs(last["on_policy/divergence"]) < 1e-5
+    assert last["on_policy/logprob_mismatch"] < 1e-4  # sampler and trainer agree on log-probs
+    assert last["on_policy/tokens"] > 0
+
+
+def test_run_writes_metrics_checkpoints_plots_tensorboard_and_exports(tmp_path):
+    out = tmp_path / "run"
+    last = train(load_config(None, tiny_overrides(out, **{"train.steps": 4, "train.checkpoint_every": 2,
+                                                             "train.eval_every": 2})))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert "eval/addition/accuracy" in recs[1] and "teacher/snap/divergence" in recs[-1]
+    assert recs[-1]["on_policy/divergence"] > 0  # the student moved away from its snapshot
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert {"loss.png", "divergence.png", "accuracy.png"} <= {p.name for p in (out / "plots").iterdir()}
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert 0.0 <= last["eval/mean/accuracy"] <= 1.0
+    hf = export_student(out, tmp_path / "hf")
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(hf).eval()
+    ours = opd_jax.load_model(hf)
+    ids = np.array([[1, 20, 21, 22, 5]])
+    with torch.no_grad():
+        np.testing.assert_allclose(np.asarray(ours(ids)), torch_model(torch.tensor(ids)).logits.numpy(), atol=1e-4)
+    assert (hf / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("extra", [{"loss.lam": 0.5}, {"loss.lam": 0.0},
+                                   {"loss.estimator_type": "sampled", "loss.rl_alpha": 0.5},
+                                   {"loss.estimator_type": "sampled", "loss.rl_mode": "replace"},
+                                   {"loss.estimator_type": "sampled", "loss.level": "sequence", "optim.name": "sgd",
+                                    "optim.accumulate": 2}])
+def test_gkd_rl_and_optimizer_modes_run(tmp_path, extra):
+    last = train(load_config(None, tiny_overrides(tmp_path / "r", **{"train.steps": 2, "train.eval_every": 2,
+                                                                       **extra})))
+    assert np.isfinite(last["loss"])
+    if extra.get("loss.lam") == 0.5:
+        assert "on_policy/divergence" in last and "off_policy/divergence" in last
+
+
+def test_routing_and_vocabulary_errors_come_before_compute(tmp_path):
+    with pytest.raises(OpdError, match="domain 'sort' has no teacher"):
+        Trainer(load_config(None, tiny_overrides(tmp_path / "a", routing="{addition: snap, reverse: snap}")))
+    with pytest.raises(OpdError, match="teacher 'other', which is not in teachers"):
+        Trainer(load_config(None, tiny_overrides(tmp_path / "b", routing="{addition: other, reverse: snap, sort: snap}")))
+    small = init_model(ModelConfig.for_family("qwen3", vocab_size=80, hidden_size=32, intermediate_size=64,
+                                              num_heads=2, num_kv_heads=1, head_dim=16))
+    save_model(small, tmp_path / "t80")
+    with pytest.raises(OpdError, match="vocabulary 80 but the student has 64"):
+        Trainer(load_config(None, tiny_overrides(tmp_path / "c", teachers=f"[{{name: t, path: {tmp_path / 't80'}}}]",
+                                                 routing="{addition: t, reverse: t, sort: t}")))
+    with pytest.raises(OpdError, match="RL \\+ OPD .* needs loss.estimator_type=sampled"):
+        Trainer(load_config(None, tiny_overrides(tmp_path / "d", **{"loss.rl_alpha": 0.5})))
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    bad = init_model(ModelConfig.for_family("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_heads=2, num_kv_heads=1, head_dim=16))
+    bad.final_norm[...] = bad.final_norm[...] * np.nan
+    save_model(bad, tmp_path / "nan_teacher")
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", teachers=f"[{{name: t, path: {tmp_path / 'nan_teacher'}}}]",
+                                           routing="{addition: t, reverse: t, sort: t}"))
+    with pytest.raises(OpdError, match="loss is nan at step 1"):
+        train(cfg)
+    assert not any(p.name.isdigit() for p in (tmp_path / "r" / "checkpoints").iterdir())
+
+
+def test_existing_run_needs_resume(tmp_path):
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.steps": 1, "train.checkpoint_every": 1}))
+    train(cfg)
+    with pytest.raises(OpdError, match="already holds checkpoints.*--resume"):
+        train(cfg)
+    with pytest.raises(OpdError, match="holds no checkpoint"):
+        train(load_config(None, tiny_overrides(tmp_path / "empty")), resume=True)
+
+
+def _final_params(out):
+    like = Trainer(load_config(out / "config.yaml"), resume=True)
+    like.run(stop_after=0)  # restores the newest checkpoint, runs nothing
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(like.params)}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    steps = 6
+    common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": 1,
+                                               "train.eval_every": 100})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    cli = [sys.executable, "-m", "opd_jax.cli", "train"]
+
+    def args(out):
+        return [a if not a.startswith("train.out_dir=") else f"train.out_dir={out}" for a in common]
+
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run(cli + args(full), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cli + args(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "checkpoints" / "3").exists():
+            assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert done and done[-1] < steps
+    subprocess.run(cli + args(killed) + ["--resume"], env=env, check=True, capture_output=True)
+    a, b = _final_params(full), _final_params(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    steps_logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(1, steps + 1))
