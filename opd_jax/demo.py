@@ -68,10 +68,11 @@ def get_teacher(domain: str, tokenizer, log) -> Path:
     return folder
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print) -> dict:
+def prepare(out: str | Path, log=print) -> dict:
+    """Tokenizer, one teacher per domain (cached, copied to out/teachers) and the weak student
+    (out/student_init). Returns the paths, the evaluation function and the accuracies."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     tokenizer = build_char_tokenizer(out / "tokenizer")
     log(f"[1/5] tasks {', '.join(DOMAINS)}; character tokenizer ({len(tokenizer)} tokens) -> {out / 'tokenizer'}")
     log("[2/5] teachers (one per domain)")
@@ -97,20 +98,33 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
     before = acc(student)
     log(f"      teachers: {_fmt(teacher_acc)}")
     log(f"      student before OPD: {_fmt(before)}")
+    return {"out": out, "tokenizer": tokenizer, "teachers": teachers, "student": out / "student_init",
+            "accuracy": acc, "teacher_acc": teacher_acc, "before": before}
 
-    n = OPD_STEPS if steps is None else steps
-    log(f"[4/5] multi-teacher OPD, {n} steps (forward KL over the full vocabulary on the student's samples, each prompt -> its domain's teacher)")
-    cfg = Config(
-        student=ModelSpec(path=str(out / "student_init")),
-        teachers=tuple(TeacherSpec(name=d, path=str(p)) for d, p in teachers.items()),
+
+def opd_config(prep: dict, out_dir: str | Path, steps: int = OPD_STEPS, seed: int = 0) -> Config:
+    """The demo's OPD stage as a config (experiments vary its loss / data fields)."""
+    return Config(
+        student=ModelSpec(path=str(prep["student"])),
+        teachers=tuple(TeacherSpec(name=d, path=str(p)) for d, p in prep["teachers"].items()),
         routing={d: d for d in DOMAINS},
-        data=DataConfig(domains=DOMAINS, tokenizer=str(out / "tokenizer"), per_domain=16, group_size=1,
+        data=DataConfig(domains=DOMAINS, tokenizer=str(prep["out"] / "tokenizer"), per_domain=16, group_size=1,
                         max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, temperature=1.0),
         loss=LossConfig(estimator_type="full", kind="forward_kl"),
         optim=OptimConfig(name="adamw", lr=3e-3, schedule="cosine", warmup_steps=0, clip_norm=1.0),
-        train=TrainConfig(steps=n, seed=0, out_dir=str(out / "opd"), checkpoint_every=max(n // 2, 1),
-                          eval_every=max(n // 5, 1), eval_per_domain=64),
+        train=TrainConfig(steps=steps, seed=seed, out_dir=str(out_dir), checkpoint_every=max(steps // 2, 1),
+                          eval_every=max(steps // 5, 1), eval_per_domain=64),
     )
+
+
+def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print) -> dict:
+    t0 = time.time()
+    prep = prepare(out, log)
+    out, teacher_acc, before, acc = prep["out"], prep["teacher_acc"], prep["before"], prep["accuracy"]
+    n = OPD_STEPS if steps is None else steps
+    log(f"[4/5] multi-teacher OPD, {n} steps: exact forward KL over the vocabulary on the student's own samples, "
+        "each prompt scored by its domain's teacher")
+    cfg = opd_config(prep, out / "opd", steps=n)
     if (out / "opd" / "checkpoints").exists():
         shutil.rmtree(out / "opd")  # the demo always starts its OPD run afresh
     trainer = Trainer(cfg)
