@@ -25,11 +25,15 @@ def save(mgr: ocp.CheckpointManager, step: int, state: dict):
     mgr.wait_until_finished()
 
 
-def restore_latest(mgr: ocp.CheckpointManager, like: dict):
-    """(step, state) of the newest complete checkpoint, shaped and sharded like `like`; None if none."""
-    step = mgr.latest_step()
+def restore_latest(mgr: ocp.CheckpointManager, like: dict, step: int | None = None):
+    """(step, state) of the newest complete checkpoint (or of `step`), shaped and sharded like `like`;
+    None if there is none."""
     if step is None:
-        return None
+        step = mgr.latest_step()
+        if step is None:
+            return None
+    elif step not in mgr.all_steps():
+        raise OpdError(f"no checkpoint for step {step} in {mgr.directory} (have {sorted(mgr.all_steps())})")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
         state = mgr.restore(step, args=ocp.args.StandardRestore(abstract))

@@ -1,4 +1,4 @@
-"""The `opd-jax` command line: demo, train, eval, export."""
+"""The `opd-jax` command line: demo, train, eval, export, analyze."""
 
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ def _export(args) -> int:
     return 0
 
 
+def _analyze(args) -> int:
+    from opd_jax.analysis.report import analyze
+
+    rep = analyze(args.before, args.after, args.out, series=args.series, k=args.k)
+    print(json.dumps({"sparsity": rep["sparsity"], "relative_movement_by_module": rep["relative_movement_by_module"],
+                      "near_zero_preference_mean": rep["near_zero_preference_mean"]}, indent=2))
+    print(f"wrote {args.out}/analysis.json and plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-jax", description="On-policy distillation in JAX.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -79,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--run", required=True, help="the run folder (train.out_dir)")
     ex.add_argument("--out", required=True)
     ex.set_defaults(func=_export)
+
+    an = sub.add_parser("analyze", help="where an update moved the weights: sparsity, modules, spectra, subspaces")
+    an.add_argument("--before", required=True, help="HF folder, run folder or run/checkpoints/<step>")
+    an.add_argument("--after", required=True, help="HF folder, run folder or run/checkpoints/<step>")
+    an.add_argument("--series", default=None, help="a run folder: alignment of every checkpoint with the final update")
+    an.add_argument("--out", default="analysis", help="output folder (analysis.json, PNG plots)")
+    an.add_argument("--k", type=int, default=8, help="top-k for energy and subspace overlap")
+    an.set_defaults(func=_analyze)
     return parser
 
 

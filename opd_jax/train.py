@@ -7,7 +7,6 @@ the uninterrupted run would have.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -210,17 +209,14 @@ def train(cfg: Config, *, resume: bool = False, stop_after: int | None = None) -
     return Trainer(cfg, resume=resume).run(stop_after=stop_after)
 
 
-def export_student(run_dir: str | Path, out: str | Path, cfg: Config | None = None) -> Path:
-    """Write the newest checkpoint's student as a Hugging Face folder (with the run's tokenizer)."""
+def restore_run_params(run_dir: str | Path, step: int | None = None):
+    """(model graphdef, pure-dict params, step) of a run's checkpoint (the newest when step is None)."""
     from opd_jax.config import load_config
-    from opd_jax.models import save_model
 
     run_dir = Path(run_dir)
-    if cfg is None:
-        if not (run_dir / "config.yaml").exists():
-            raise OpdError(f"{run_dir} is not a run folder (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(run_dir)))
+    if not (run_dir / "config.yaml").exists():
+        raise OpdError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
     student = build_student(cfg.student, cfg.train.seed)
     graphdef, state = nnx.split(student)
     params = nnx.to_pure_dict(state)
@@ -228,12 +224,21 @@ def export_student(run_dir: str | Path, out: str | Path, cfg: Config | None = No
     opt = make_optimizer(cfg.optim, cfg.train.steps)
     like = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0), "data_position": jnp.int32(0),
             "rng": jax.random.key_data(jax.random.key(0))}
-    restored = ckpt.restore_latest(mgr, like)
+    restored = ckpt.restore_latest(mgr, like, step=step)
     if restored is None:
         raise OpdError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    path = save_model(nnx.merge(graphdef, restored[1]["params"]), out)
+    return graphdef, restored[1]["params"], int(restored[0])
+
+
+def export_student(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the newest checkpoint's student as a Hugging Face folder (with the run's tokenizer)."""
+    from opd_jax.models import save_model
+
+    run_dir = Path(run_dir)
+    graphdef, params, step = restore_run_params(run_dir)
+    path = save_model(nnx.merge(graphdef, params), out)
     tok_dir = run_dir / "tokenizer"
     if tok_dir.exists():
         load_tokenizer(tok_dir).save_pretrained(path)
-    (Path(path) / "opd_jax_step.json").write_text(json.dumps({"step": int(restored[0])}))
+    (Path(path) / "opd_jax_step.json").write_text(json.dumps({"step": step}))
     return Path(path)

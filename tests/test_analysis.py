@@ -78,3 +78,23 @@ def test_analyze_update_groups_by_module_and_layer():
     assert up1["overlap_with_w0"] == pytest.approx(1.0, abs=1e-4)  # dW = 0.5 W0 lies in W0's subspace
     series = A.alignment_series([p0, p1, p1])
     assert series[-1]["alignment"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_analyze_cli_on_real_checkpoints(tmp_path):
+    from opd_jax.cli import main
+    from opd_jax.config import load_config
+    from opd_jax.train import train
+    from test_train import tiny_overrides
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_overrides(run, **{"train.steps": 4, "train.checkpoint_every": 1,
+                                                    "train.keep_checkpoints": 10, "optim.lr": 0.01})))
+    out = tmp_path / "an"
+    assert main(["analyze", "--before", str(run / "checkpoints" / "1"), "--after", str(run), "--series", str(run),
+                 "--out", str(out), "--k", "2"]) == 0
+    import json
+    rep = json.loads((out / "analysis.json").read_text())
+    assert 0.0 <= rep["sparsity"] < 1.0 and rep["relative_movement_by_module"]["mlp_up"] > 0
+    assert [a["step"] for a in rep["alignment"]] == [1, 2, 3, 4]
+    assert rep["alignment"][-1]["alignment"] == pytest.approx(1.0, abs=1e-4)
+    assert {"movement_heatmap.png", "spectra.png", "alignment.png"} <= {p.name for p in out.iterdir()}
