@@ -54,6 +54,7 @@ class LossConfig:
     kind: str = "reverse_kl"
     estimator: str = "opd_plus"  # for sampled: opd_plus | stop_grad
     level: str = "token"
+    baseline: str = "none"  # for sampled: none | loo (leave-one-out batch-mean baseline, variance reduction)
     beta: float = 0.5
     alpha_div: float = 0.5
     topk: int = 8

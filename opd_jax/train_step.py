@@ -65,6 +65,7 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
                                      clip_eps=lc.clip_eps, normalize=lc.normalize)
     else:
         loss, m = L.sampled_surrogate(slp, b["teacher"], mask, estimator=lc.estimator, level=lc.level,
+                                      baseline=lc.baseline,
                                       sampler_logprobs=b.get("sampler_logprobs"), clip_eps=lc.clip_eps,
                                       normalize=lc.normalize, **div)
     if "sampler_logprobs" in b:

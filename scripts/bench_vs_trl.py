@@ -1,0 +1,114 @@
+"""On-policy distillation throughput: opd_jax's trainer vs TRL's DistillationTrainer (torch, CPU), one run.
+
+Same tiny Qwen3 student and teacher (random weights, built by transformers, saved as safetensors and
+loaded by both), same character tokenizer, same prompts (the demo's three domains), same batch,
+generation length, temperature and loss (forward KL over the full vocabulary on the student's own
+samples: opd_jax loss.kind=forward_kl, TRL beta=0). Each side runs `--warmup` steps (compilation,
+caches) and then `--steps` timed steps; throughput = batch x max_new_tokens (the completion token
+slots each step trains on) x steps / seconds.
+
+    pip install -e '.[bench]'   # trl
+    python scripts/bench_vs_trl.py [--batch 48 --new 8 --steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=48, help="prompts per step (16 per domain)")
+    ap.add_argument("--new", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    import opd_jax
+    from opd_jax.config import load_config
+    from opd_jax.demo import DOMAINS, STUDENT, TEACHER
+    from opd_jax.tasks import PromptSource, build_char_tokenizer
+    from opd_jax.train import Trainer
+
+    work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
+    tok = build_char_tokenizer(work / "tok")
+    torch.manual_seed(0)
+    paths = {}
+    for name, shape in (("student", STUDENT), ("teacher", TEACHER)):
+        cfg = transformers.Qwen3Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                                       intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                                       num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                                       head_dim=shape["head_dim"], max_position_embeddings=64, bos_token_id=1,
+                                       eos_token_id=2, pad_token_id=0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        paths[name] = work / name
+        model.save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    per_domain = args.batch // len(DOMAINS)
+    total = args.warmup + args.steps
+
+    # ---- opd_jax
+    ov = [f"student.path={paths['student']}", f"data.tokenizer={work / 'tok'}",
+          f"teachers=[{{name: t, path: {paths['teacher']}}}]", "routing={addition: t, reverse: t, sort: t}",
+          f"data.per_domain={per_domain}", "data.group_size=1", f"data.max_new_tokens={args.new}",
+          "loss.estimator_type=full", "loss.kind=forward_kl", f"train.steps={total}", "train.progress=false",
+          "train.eval_every=100000", "train.checkpoint_every=100000", f"train.out_dir={work / 'opd_run'}",
+          "optim.lr=1e-4", "optim.clip_norm=1.0"]
+    trainer = Trainer(load_config(None, ov))
+    trainer.run(stop_after=args.warmup)
+    trainer.resume = False
+    t0 = time.perf_counter()
+    for step in range(args.warmup, total):
+        trainer._one_step(step, _NullWriter(), None)
+    ours = time.perf_counter() - t0
+
+    # ---- TRL
+    src = PromptSource(list(DOMAINS), seed=0)
+    prompts = [tok.bos_token + e.prompt for s in range(total) for e in src.batch(s, per_domain)]
+    ds = Dataset.from_dict({"prompt": prompts})
+    cfg = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=len(DOMAINS) * per_domain,
+                             max_steps=total, learning_rate=1e-4, max_grad_norm=1.0, beta=0.0, temperature=1.0,
+                             max_completion_length=args.new, logging_steps=1000, save_strategy="no",
+                             report_to="none", use_cpu=True, shuffle_dataset=False, dataloader_num_workers=0,
+                             bf16=False, disable_dropout=True)
+    student = transformers.AutoModelForCausalLM.from_pretrained(paths["student"], dtype=torch.float32)
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32)
+    times = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    trl = DistillationTrainer(model=student, teacher_model=teacher, args=cfg, train_dataset=ds, processing_class=tok,
+                              callbacks=[Timer()])
+    trl.train()
+    theirs = sum(times[args.warmup:])
+
+    tokens = args.batch * args.new * args.steps
+    print(f"torch threads {torch.get_num_threads()}, host cores {os.cpu_count()}; student {STUDENT['hidden_size']} wide, "
+          f"teacher {TEACHER['hidden_size']} wide, vocab {STUDENT['vocab_size']}, batch {args.batch}, new {args.new}, "
+          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(f"opd_jax: {tokens / ours:9.1f} tokens/s ({ours / args.steps * 1e3:.1f} ms/step)")
+    print(f"TRL:     {tokens / theirs:9.1f} tokens/s ({theirs / args.steps * 1e3:.1f} ms/step)")
+    print(f"ratio opd_jax / TRL: {theirs / ours:.2f}x")
+
+
+class _NullWriter:
+    def write(self, step, record):
+        pass
+
+
+if __name__ == "__main__":
+    main()
