@@ -63,9 +63,11 @@ class Trainer:
         need_teachers = not (lc.lam == 1 and lc.rl_mode == "mix" and lc.rl_alpha == 0)
         self.teachers = build_teachers(cfg.teachers, cfg.routing, self.source.domains, self.student) if need_teachers else {}
         self.graphdef, state = nnx.split(self.student)
-        self.params = nnx.to_pure_dict(state)
+        # committed to a device like the train step's outputs, so step 2 reuses step 1's executable
+        dev = jax.devices()[0]
+        self.params = jax.device_put(nnx.to_pure_dict(state), dev)
         self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = jax.device_put(self.optimizer.init(self.params), dev)
         self.base_key = jax.random.key(cfg.train.seed)
         self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
         self.prompt_len = cfg.data.max_prompt_len
