@@ -78,6 +78,10 @@ class OptimConfig:
     momentum: float = 0.9
     clip_norm: float = 1.0
     accumulate: int = 1
+    effopd_window: int = 0  # > 0: EffOPD extrapolation every this many steps (opd_jax.optim.effopd)
+    effopd_alpha_max: float = 2.0
+    effopd_min_cos: float = 0.0
+    mask: str | None = None  # safetensors mask file: train only its coordinates (opd_jax.optim.masks)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class Trainer:
         # committed to a device like the train step's outputs, so step 2 reuses step 1's executable
         dev = jax.devices()[0]
         self.params = jax.device_put(nnx.to_pure_dict(state), dev)
-        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps, self.params)
         self.opt_state = jax.device_put(self.optimizer.init(self.params), dev)
         self.base_key = jax.random.key(cfg.train.seed)
         self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
@@ -223,7 +223,7 @@ def restore_run_params(run_dir: str | Path, step: int | None = None):
     graphdef, state = nnx.split(student)
     params = nnx.to_pure_dict(state)
     mgr = ckpt.manager(run_dir / "checkpoints")
-    opt = make_optimizer(cfg.optim, cfg.train.steps)
+    opt = make_optimizer(cfg.optim, cfg.train.steps, params)
     like = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0), "data_position": jnp.int32(0),
             "rng": jax.random.key_data(jax.random.key(0))}
     restored = ckpt.restore_latest(mgr, like, step=step)

@@ -157,3 +157,27 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     steps_logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(1, steps + 1))
+
+
+def test_effopd_and_a_sparse_mask_from_the_config(tmp_path):
+    from opd_jax.optim import mask_from_patterns, save_mask
+    from opd_jax.train import restore_run_params
+
+    out = tmp_path / "e"
+    last = train(load_config(None, tiny_overrides(out, **{"train.steps": 4, "optim.effopd_window": 2,
+                                                           "train.checkpoint_every": 4})))
+    assert np.isfinite(last["loss"])
+    # a mask that frees only the MLP up-projections: nothing else may move
+    tr = Trainer(load_config(None, tiny_overrides(tmp_path / "m0")))
+    p0 = jax.tree.map(np.asarray, tr.params)
+    save_mask(mask_from_patterns(tr.params, ["w_up"]), tmp_path / "mask.safetensors")
+    run = tmp_path / "m"
+    train(load_config(None, tiny_overrides(run, **{"train.steps": 3, "optim.mask": str(tmp_path / "mask.safetensors"),
+                                                    "optim.lr": 0.01})))
+    p1 = restore_run_params(run)[1]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p0), jax.tree.leaves(p1)):
+        name = jax.tree_util.keystr(path)
+        if "w_up" in name:
+            assert not np.array_equal(a, np.asarray(b)), name
+        else:
+            np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)

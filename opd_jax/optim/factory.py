@@ -23,9 +23,11 @@ def make_schedule(cfg, total_steps: int):
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, total_steps: int, params=None) -> optax.GradientTransformation:
     """clip_by_global_norm(clip_norm) then AdamW(b1, b2, weight_decay) or SGD(momentum), with the
-    schedule; `accumulate` > 1 wraps it in optax.MultiSteps (one update per `accumulate` calls)."""
+    schedule; `effopd_window` > 0 wraps it in `effopd` (window, effopd_alpha_max, effopd_min_cos);
+    `mask` (a safetensors mask file, needs `params` for its structure) trains only the masked-in
+    coordinates; `accumulate` > 1 wraps it all in optax.MultiSteps (one update per `accumulate` calls)."""
     sched = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
@@ -35,6 +37,14 @@ def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
         raise OpdError(f"optim.name must be adamw or sgd, got {cfg.name!r}")
     if cfg.clip_norm and cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+    if cfg.effopd_window > 0:
+        from opd_jax.optim.effopd import effopd
+        opt = effopd(opt, window=cfg.effopd_window, alpha_max=cfg.effopd_alpha_max, min_cos=cfg.effopd_min_cos)
+    if cfg.mask:
+        from opd_jax.optim.masks import load_mask, masked_optimizer
+        if params is None:
+            raise OpdError("optim.mask needs the parameters to match the mask against")
+        opt = masked_optimizer(opt, load_mask(cfg.mask, params))
     if cfg.accumulate > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=cfg.accumulate)
     return opt
