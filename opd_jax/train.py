@@ -31,6 +31,12 @@ from opd_jax.teachers import build_teachers, score_batch
 from opd_jax.train_step import check_loss_config, teacher_output_kind, train_step, uses_rl
 
 
+def train_state(params, opt_state, step: int, key) -> dict:
+    """What a checkpoint holds: params, optimizer state, step, data position (= step) and the RNG key."""
+    return {"params": params, "opt_state": opt_state, "step": jnp.int32(step), "data_position": jnp.int32(step),
+            "rng": jax.random.key_data(key)}
+
+
 def build_student(spec, seed: int):
     if spec.path:
         return load_model(spec.path, dtype=spec.dtype)
@@ -74,8 +80,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def train_state(self, step: int) -> dict:
-        return {"params": self.params, "opt_state": self.opt_state, "step": jnp.int32(step),
-                "data_position": jnp.int32(step), "rng": jax.random.key_data(self.base_key)}
+        return train_state(self.params, self.opt_state, step, self.base_key)
 
     def model(self):
         return nnx.merge(self.graphdef, self.params)
@@ -224,8 +229,7 @@ def restore_run_params(run_dir: str | Path, step: int | None = None):
     params = nnx.to_pure_dict(state)
     mgr = ckpt.manager(run_dir / "checkpoints")
     opt = make_optimizer(cfg.optim, cfg.train.steps, params)
-    like = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0), "data_position": jnp.int32(0),
-            "rng": jax.random.key_data(jax.random.key(0))}
+    like = train_state(params, opt.init(params), 0, jax.random.key(cfg.train.seed))
     restored = ckpt.restore_latest(mgr, like, step=step)
     if restored is None:
         raise OpdError(f"no checkpoint in {run_dir / 'checkpoints'}")

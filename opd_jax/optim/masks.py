@@ -30,22 +30,25 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def _abs_flat(*xs) -> np.ndarray:
+    return np.concatenate([np.abs(np.asarray(x, np.float32)).ravel() for x in xs])
+
+
+def _kth(a: np.ndarray, fraction: float, largest: bool):
+    """The value with round(fraction * size) entries of `a` at or beyond it (from the top or bottom)."""
+    k = max(int(round(fraction * a.size)), 1)
+    return np.partition(a, a.size - k)[a.size - k] if largest else np.partition(a, k - 1)[k - 1]
+
+
 def mask_from_update(delta, fraction: float, scope: str = "global"):
     """Top-`fraction` coordinates of |delta| (ties at the threshold kept)."""
     if not 0.0 < fraction <= 1.0:
         raise OpdError(f"mask fraction must be in (0, 1], got {fraction}")
-    leaves = jax.tree.leaves(delta)
     if scope == "global":
-        flat = np.concatenate([np.abs(np.asarray(x, np.float32)).ravel() for x in leaves])
-        k = max(int(round(fraction * flat.size)), 1)
-        thresh = np.partition(flat, flat.size - k)[flat.size - k]
+        thresh = _kth(_abs_flat(*jax.tree.leaves(delta)), fraction, largest=True)
         return jax.tree.map(lambda x: jnp.abs(x.astype(jnp.float32)) >= thresh, delta)
     if scope == "per_matrix":
-        def one(x):
-            a = np.abs(np.asarray(x, np.float32)).ravel()
-            k = max(int(round(fraction * a.size)), 1)
-            return jnp.abs(x.astype(jnp.float32)) >= np.partition(a, a.size - k)[a.size - k]
-        return jax.tree.map(one, delta)
+        return jax.tree.map(lambda x: jnp.abs(x.astype(jnp.float32)) >= _kth(_abs_flat(x), fraction, True), delta)
     raise OpdError(f"mask scope must be 'global' or 'per_matrix', got {scope!r}")
 
 
@@ -58,11 +61,7 @@ def mask_from_patterns(params, include: list[str]):
 
 def mask_from_small_weights(params, fraction: float):
     """True on the `fraction` of coordinates with the smallest |W| in each leaf."""
-    def one(x):
-        a = np.abs(np.asarray(x, np.float32)).ravel()
-        k = max(int(round(fraction * a.size)), 1)
-        return jnp.abs(x.astype(jnp.float32)) <= np.partition(a, k - 1)[k - 1]
-    return jax.tree.map(one, params)
+    return jax.tree.map(lambda x: jnp.abs(x.astype(jnp.float32)) <= _kth(_abs_flat(x), fraction, False), params)
 
 
 def random_mask(params, fraction: float, seed: int = 0):
