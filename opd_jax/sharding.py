@@ -95,3 +95,18 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=None) -> nnx.Module:
     state = jax.device_put(state, shardings)
     nnx.update(model, state)
     return model
+
+
+def param_shardings(model: nnx.Module, mesh: Mesh, rules=None):
+    """Pure-dict tree (like `nnx.to_pure_dict(nnx.state(model))`) of each parameter's NamedSharding."""
+    state = nnx.state(model)
+    by_path = {tuple(path): named_sharding(v.get_metadata()["logical_axes"], v.shape, mesh, rules)
+               for path, v in nnx.to_flat_state(state)}
+    pure = nnx.to_pure_dict(state)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: by_path[tuple(getattr(k, "key", getattr(k, "idx", k)) for k in p)], pure)
+
+
+def batch_sharding(x, mesh: Mesh, rules=None) -> NamedSharding:
+    """Rows over the batch mesh axes, every other dimension replicated."""
+    return named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)

@@ -1,0 +1,66 @@
+"""The train step on a device mesh equals the single-device step (float32, 1e-5)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from opd_jax.config import LossConfig
+from opd_jax.models import ModelConfig, init_model
+from opd_jax.sharding import batch_sharding, make_mesh, param_shardings
+from opd_jax.train_step import train_step
+
+CFG = ModelConfig.for_family("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
+                             num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+B, P, N = 8, 6, 5
+
+
+def _batches():
+    rng = np.random.RandomState(0)
+    out = []
+    for _ in range(3):
+        mask = (rng.uniform(size=(B, N)) > 0.2).astype(np.int32)
+        mask[:, 0] = 1
+        out.append({"on": {"tokens": jnp.asarray(rng.randint(3, 64, (B, P + N)), jnp.int32),
+                           "prompt_mask": jnp.ones((B, P), jnp.int32), "mask": jnp.asarray(mask),
+                           "sampler_logprobs": jnp.asarray(-rng.uniform(0, 3, (B, N)), jnp.float32),
+                           "rewards": jnp.zeros((B,), jnp.float32),
+                           "teacher": jnp.asarray(rng.normal(size=(B, N, 64)), jnp.float32)}})
+    return out
+
+
+def _run(mesh):
+    model = init_model(CFG, seed=3)
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    # SGD: parameters move by lr * gradient, so equal gradients (to float32 reduction order) give
+    # equal parameters; Adam would divide tiny gradient differences by tiny second moments
+    opt = optax.sgd(0.5, momentum=0.9)
+    if mesh is not None:
+        params = jax.device_put(params, param_shardings(model, mesh))
+    opt_state = jax.jit(opt.init)(params)
+    initial = jax.tree.map(np.asarray, params)
+    losses = []
+    for batch in _batches():
+        if mesh is not None:
+            batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(x, mesh)), batch)
+        params, opt_state, loss, _ = train_step(graphdef, params, opt_state, batch, optimizer=opt,
+                                                lc=LossConfig(estimator_type="full", kind="jsd"), prompt_len=P,
+                                                group_size=1, temperature=1.0)
+        losses.append(float(loss))
+    return losses, jax.tree.map(np.asarray, params), params, initial
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_three_steps_on_a_mesh_equal_one_device(shape):
+    ref_losses, ref_params, _, initial = _run(None)
+    mesh = make_mesh(shape)
+    losses, params, live, _ = _run(mesh)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial)))
+    assert moved > 1e-3  # the steps really changed the parameters
+    assert len(jax.tree.leaves(live)[0].sharding.device_set) == 8  # the parameters really were on the mesh
