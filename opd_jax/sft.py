@@ -10,18 +10,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
 from opd_jax import losses as L
-from opd_jax.tasks import encode_answers, encode_prompts
+from opd_jax.tasks import encode_pairs
 
 
 def sft_loss(model, tokens, prompt_mask, mask):
     """Mean negative log-likelihood of the completion tokens. tokens [B, P+N], masks [B, P], [B, N]."""
     p = prompt_mask.shape[1]
-    h = model.hidden_states(tokens, jnp.concatenate([prompt_mask, mask], 1))[:, p - 1:-1]
+    h = model.completion_hidden(tokens, jnp.concatenate([prompt_mask, mask], 1), p)
     lp = L.chunked_token_logprobs(h, model.output_matrix(), tokens[:, p:])
     return -L.masked_mean(lp, mask)
 
@@ -31,12 +30,6 @@ def _sft_step(graphdef, params, opt_state, tokens, prompt_mask, mask, *, optimiz
     loss, grads = jax.value_and_grad(lambda p: sft_loss(nnx.merge(graphdef, p), tokens, prompt_mask, mask))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
-
-
-def encode_pairs(tokenizer, prompts, completions, max_prompt_len, max_new_tokens):
-    ids, pmask = encode_prompts(tokenizer, prompts, max_prompt_len)
-    ans, amask = encode_answers(tokenizer, completions, max_new_tokens, tokenizer.eos_token_id)
-    return jnp.asarray(np.concatenate([ids, ans], 1)), jnp.asarray(pmask), jnp.asarray(amask)
 
 
 def sft_train(model, tokenizer, batches, *, steps: int, lr: float = 3e-3, max_prompt_len: int = 16,

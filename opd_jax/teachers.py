@@ -70,7 +70,7 @@ def teacher_scores(graphdef, state, tokens, full_mask, *, prompt_len, temperatur
     temperature; "topk": (log-probs [B, N, k], ids [B, N, k]) at the temperature.
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-    h = model.hidden_states(tokens, full_mask)[:, prompt_len - 1:-1]
+    h = model.completion_hidden(tokens, full_mask, prompt_len)
     logits = model.logits(h)
     if what == "logits":
         return logits

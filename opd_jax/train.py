@@ -26,9 +26,9 @@ from opd_jax.metrics import MetricsWriter, plot_metrics
 from opd_jax.models import ModelConfig, init_model, load_model
 from opd_jax.optim import make_optimizer
 from opd_jax.sampling import generate
-from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_answers, encode_prompts, load_tokenizer
+from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
 from opd_jax.teachers import build_teachers, score_batch
-from opd_jax.train_step import check_loss_config, teacher_output_kind, train_step, uses_rl
+from opd_jax.train_step import check_loss_config, teacher_output_kind, train_step
 
 
 def train_state(params, opt_state, step: int, key) -> dict:
@@ -114,14 +114,10 @@ class Trainer:
     def off_policy_batch(self, examples):
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
-        dc = self.cfg.data
-        ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.prompt_len)
-        ans, amask = encode_answers(self.tokenizer, [e.answer for e in examples], dc.max_new_tokens,
-                                    self.tokenizer.eos_token_id)
-        tokens = jnp.asarray(np.concatenate([ids, ans], 1))
-        full_mask = jnp.asarray(np.concatenate([pmask, amask], 1))
-        teacher, _ = self._scores(tokens, full_mask, self.cfg.data.per_domain)
-        return {"tokens": tokens, "prompt_mask": jnp.asarray(pmask), "mask": jnp.asarray(amask), "teacher": teacher}
+        tokens, pmask, amask = encode_pairs(self.tokenizer, [e.prompt for e in examples],
+                                            [e.answer for e in examples], self.prompt_len, self.cfg.data.max_new_tokens)
+        teacher, _ = self._scores(tokens, jnp.concatenate([pmask, amask], 1), self.cfg.data.per_domain)
+        return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict:

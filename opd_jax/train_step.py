@@ -46,7 +46,7 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     """(loss, metrics) of one batch under the loss config `lc`."""
     tokens, mask = b["tokens"], b["mask"]
     full_mask = jnp.concatenate([b["prompt_mask"], mask], axis=1)
-    h = model.hidden_states(tokens, full_mask)[:, prompt_len - 1:-1]
+    h = model.completion_hidden(tokens, full_mask, prompt_len)
     w = model.output_matrix()
     comp = tokens[:, prompt_len:]
     slp = L.chunked_token_logprobs(h, w, comp, temperature=temperature, seq_chunk=lc.seq_chunk)

@@ -33,7 +33,6 @@ def main():
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
 
-    import opd_jax
     from opd_jax.config import load_config
     from opd_jax.demo import DOMAINS, STUDENT, TEACHER
     from opd_jax.tasks import PromptSource, build_char_tokenizer

@@ -1,9 +1,7 @@
 """Tasks, prompt files, tokenizer and the config tree."""
 
-import json
 import re
 
-import numpy as np
 import pytest
 import transformers
 

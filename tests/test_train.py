@@ -6,14 +6,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from flax import nnx
 
 import opd_jax
 from opd_jax import OpdError

@@ -88,6 +88,11 @@ class Transformer(nnx.Module):
         h, _ = self.run(input_ids, positions, jnp.arange(input_ids.shape[1]), mask.astype(bool))
         return h
 
+    def completion_hidden(self, tokens, full_mask, prompt_len: int):
+        """Hidden states [B, N, D] at the positions that predict the completion tokens[:, P:]
+        (positions P-1 .. P+N-2): the one alignment every loss and teacher score uses."""
+        return self.hidden_states(tokens, full_mask)[:, prompt_len - 1:-1]
+
     def output_matrix(self):
         """W_out [D, V] in the compute dtype, so logits = hidden_states @ W_out."""
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]

@@ -84,6 +84,15 @@ def encode_prompts(tokenizer, prompts: list[str], max_len: int, add_bos: bool = 
     return out, mask
 
 
+def encode_pairs(tokenizer, prompts: list[str], completions: list[str], max_prompt_len: int, max_new: int):
+    """Prompt + completion token rows [B, P+N] (jax), the prompt mask [B, P] and completion mask [B, N]."""
+    import jax.numpy as jnp
+
+    ids, pmask = encode_prompts(tokenizer, prompts, max_prompt_len)
+    ans, amask = encode_answers(tokenizer, completions, max_new, tokenizer.eos_token_id)
+    return jnp.asarray(np.concatenate([ids, ans], 1)), jnp.asarray(pmask), jnp.asarray(amask)
+
+
 def encode_answers(tokenizer, answers: list[str], max_new: int, eos_id: int):
     """Right-aligned completions (answer then EOS, padded after) [B, max_new] and their mask."""
     out = np.zeros((len(answers), max_new), np.int32)

@@ -110,7 +110,7 @@ def main():
 
 
 def table(results):
-    print(f"\n| arm | mean acc (± std over seeds) | " + " | ".join(DOMAINS) + " |")
+    print("\n| arm | mean acc (± std over seeds) | " + " | ".join(DOMAINS) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in DOMAINS) + " |")
     for arm, runs in results["arms"].items():
         m = np.array([r["accuracy"]["mean"] for r in runs])
