@@ -81,6 +81,8 @@ class OptimConfig:
     effopd_window: int = 0  # > 0: EffOPD extrapolation every this many steps (opd_jax.optim.effopd)
     effopd_alpha_max: float = 2.0
     effopd_min_cos: float = 0.0
+    effopd_guard: bool = False  # roll a jump back when it raises the teacher divergence on a held-out probe batch
+    effopd_probe_per_domain: int = 8  # probe prompts per domain for the guard
     mask: str | None = None  # safetensors mask file: train only its coordinates (opd_jax.optim.masks)
 
 

@@ -24,11 +24,11 @@ from opd_jax.errors import OpdError
 from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
 from opd_jax.metrics import MetricsWriter, plot_metrics
 from opd_jax.models import ModelConfig, init_model, load_model
-from opd_jax.optim import make_optimizer
+from opd_jax.optim import find_state, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
 from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
 from opd_jax.teachers import build_teachers, score_batch
-from opd_jax.train_step import check_loss_config, teacher_output_kind, train_step
+from opd_jax.train_step import check_loss_config, probe_divergence, teacher_output_kind, train_step
 
 
 def train_state(params, opt_state, step: int, key) -> dict:
@@ -77,6 +77,7 @@ class Trainer:
         self.base_key = jax.random.key(cfg.train.seed)
         self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
         self.prompt_len = cfg.data.max_prompt_len
+        self._setup_guard()
 
     # ------------------------------------------------------------------ state
     def train_state(self, step: int) -> dict:
@@ -118,6 +119,54 @@ class Trainer:
                                             [e.answer for e in examples], self.prompt_len, self.cfg.data.max_new_tokens)
         teacher, _ = self._scores(tokens, jnp.concatenate([pmask, amask], 1), self.cfg.data.per_domain)
         return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
+
+    # ------------------------------------------------------------------ EffOPD guard
+    def _setup_guard(self):
+        oc = self.cfg.optim
+        self.guard = bool(oc.effopd_guard)
+        if not self.guard:
+            return
+        if oc.effopd_window <= 0:
+            raise OpdError("optim.effopd_guard needs EffOPD on (optim.effopd_window > 0)")
+        if oc.accumulate > 1:
+            raise OpdError("optim.effopd_guard does not support optim.accumulate > 1; set one of them off")
+        if not self.teachers:
+            raise OpdError("optim.effopd_guard measures the teacher divergence, so it needs teachers")
+        self.probe_examples = self.source.batch(0, oc.effopd_probe_per_domain, stream=2)  # held out from training
+        self.guard_mask = load_mask(oc.mask, self.params) if oc.mask else None
+
+    def probe(self, params, tokens_from=None):
+        """Exact teacher divergence of `params` on the probe prompts. The probe completions are sampled
+        (fixed key) from `tokens_from` (default `params`) so two parameter sets can be compared on the same tokens."""
+        dc, per = self.cfg.data, self.cfg.optim.effopd_probe_per_domain
+        if tokens_from is None:
+            ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in self.probe_examples], self.prompt_len)
+            roll = generate(nnx.merge(self.graphdef, params), jnp.asarray(ids), jnp.asarray(pmask),
+                            key=jax.random.fold_in(self.base_key, 2**31 - 1), max_new_tokens=dc.max_new_tokens,
+                            temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
+                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
+            full_mask = jnp.concatenate([jnp.asarray(pmask), roll.mask], 1)
+            teacher, _ = score_batch(self.teachers, self.cfg.routing, self.source.domains, per, roll.tokens, full_mask,
+                                     prompt_len=self.prompt_len, temperature=dc.temperature, what="logits")
+            tokens_from = {"tokens": roll.tokens, "prompt_mask": jnp.asarray(pmask), "mask": roll.mask,
+                           "teacher": teacher}
+        div = probe_divergence(self.graphdef, params, tokens_from, lc=self.cfg.loss, prompt_len=self.prompt_len,
+                               temperature=dc.temperature)
+        return float(div), tokens_from
+
+    def _guard_jump(self) -> dict:
+        """After an update that extrapolated: keep the jump only if it does not raise the probe divergence."""
+        st = find_state(self.opt_state)
+        if st is None or not (int(st.count) == 0 and float(st.alpha) > 0):
+            return {}
+        without = undo_jump(self.params, st, self.guard_mask)
+        before, probe_batch = self.probe(without)
+        after, _ = self.probe(self.params, probe_batch)
+        rolled = after > before
+        if rolled:
+            self.params = jax.device_put(without, jax.devices()[0])
+        return {"effopd/alpha": float(st.alpha), "effopd/cosine": float(st.cosine), "effopd/probe_before": before,
+                "effopd/probe_after": after, "effopd/rolled_back": float(rolled)}
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> dict:
@@ -179,8 +228,10 @@ class Trainer:
         if not math.isfinite(loss):
             raise OpdError(f"loss is {loss} at step {step + 1}; stopped before saving it (the last checkpoint is "
                            "intact): lower optim.lr or check the teachers' outputs")
-        dt = time.perf_counter() - t0
         record = {"loss": loss}
+        if self.guard:
+            record.update(self._guard_jump())
+        dt = time.perf_counter() - t0
         for k, v in metrics.items():
             v = np.asarray(v)
             if k.endswith("row_divergence"):

@@ -96,3 +96,16 @@ def train_step(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len,
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["loss"] = loss
     return params, opt_state, loss, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "lc", "prompt_len", "temperature"))
+def probe_divergence(graphdef, params, batch, *, lc, prompt_len, temperature):
+    """Exact token-mean divergence D_f(teacher || student) (full vocabulary, kind from `lc`) on a
+    fixed batch: tokens [B, P+N], prompt_mask [B, P], mask [B, N], teacher logits [B, N, V]. -> scalar."""
+    model = nnx.merge(graphdef, params)
+    tokens, mask = batch["tokens"], batch["mask"]
+    h = model.completion_hidden(tokens, jnp.concatenate([batch["prompt_mask"], mask], 1), prompt_len)
+    loss, _ = L.chunked_divergence_loss(h, model.output_matrix(), mask, teacher_logits=batch["teacher"],
+                                        temperature=temperature, kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div,
+                                        normalize="token", seq_chunk=lc.seq_chunk)
+    return loss

@@ -124,3 +124,29 @@ def test_mask_builders_have_known_counts(tmp_path):
     back = load_mask(tmp_path / "m.safetensors", delta)
     for k in g:
         np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(g[k]))
+
+
+def test_undo_jump_recovers_the_plain_masked_trajectory():
+    """effopd(sgd) under a partial mask, with every jump undone, must follow plain masked SGD."""
+    from opd_jax.optim import find_state, undo_jump
+
+    mask = {"a": jnp.asarray([True, False, True]), "b": jnp.asarray([[False, False]])}
+    plain = masked_optimizer(optax.sgd(0.05), mask)
+    jumpy = masked_optimizer(effopd(optax.sgd(0.05), window=2, alpha_max=3.0, min_cos=-1.0), mask)
+    p_ref = p = jax.tree.map(jnp.zeros_like, TARGET)
+    s_ref, s = plain.init(p_ref), jumpy.init(p)
+    undone = 0
+    for _ in range(12):
+        u, s_ref = plain.update(quad_grad(p_ref), s_ref, p_ref)
+        p_ref = optax.apply_updates(p_ref, u)
+        u, s = jumpy.update(quad_grad(p), s, p)
+        p = optax.apply_updates(p, u)
+        st = find_state(s)
+        if jumped(st):
+            assert not np.allclose(p["a"], p_ref["a"], atol=1e-3)  # the jump did move the parameters
+            p = undo_jump(p, st, mask)
+            undone += 1
+        for k in p:
+            np.testing.assert_allclose(p[k], p_ref[k], atol=1e-6)
+    assert undone == 5  # windows end at steps 2, 4, ..., 12; the first has no previous direction
+    assert find_state(plain.init(p_ref)) is None

@@ -179,3 +179,29 @@ def test_effopd_and_a_sparse_mask_from_the_config(tmp_path):
             assert not np.array_equal(a, np.asarray(b)), name
         else:
             np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
+
+
+def test_effopd_guard_rolls_back_jumps_that_raise_the_probe_divergence(tmp_path):
+    """Absurd jumps (alpha up to 200 windows) must all be rolled back, leaving the plain run. (SGD: Adam
+    would magnify the float rounding of p + a*d - a*d through its tiny second moments.)"""
+    from opd_jax.train import restore_run_params
+
+    import yaml
+
+    teacher = save_model(init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11), tmp_path / "teacher")
+    common = {"train.steps": 4, "train.checkpoint_every": 4, "optim.name": "sgd", "optim.lr": 0.5,
+              "train.eval_every": 100, "teachers": f"[{{name: t, path: {teacher}}}]",
+              "routing": "{addition: t, reverse: t, sort: t}"}
+    train(load_config(None, tiny_overrides(tmp_path / "plain", **common)))
+    guarded = {**common, "optim.effopd_window": 1, "optim.effopd_alpha_max": 200.0, "optim.effopd_min_cos": -1.0,
+               "optim.effopd_guard": "true", "optim.effopd_probe_per_domain": 2}
+    train(load_config(None, tiny_overrides(tmp_path / "guard", **guarded)))
+    recs = [json.loads(x) for x in (tmp_path / "guard" / "metrics.jsonl").read_text().splitlines()]
+    jumps = [r for r in recs if "effopd/rolled_back" in r]
+    assert [r["step"] for r in jumps] == [2, 3, 4]
+    assert all(r["effopd/rolled_back"] == 1.0 and r["effopd/probe_after"] > r["effopd/probe_before"] for r in jumps)
+    a, b = restore_run_params(tmp_path / "plain")[1], restore_run_params(tmp_path / "guard")[1]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
+    with pytest.raises(OpdError, match="effopd_window"):
+        Trainer(load_config(None, tiny_overrides(tmp_path / "bad", **{"optim.effopd_guard": "true"})))

@@ -77,3 +77,22 @@ def effopd(inner: optax.GradientTransformation, *, window: int = 8, alpha_max: f
 def jumped(state: EffOPDState) -> jax.Array:
     """True right after an update that included an extrapolation (alpha > 0)."""
     return (state.count == 0) & (state.alpha > 0)
+
+
+def find_state(opt_state) -> EffOPDState | None:
+    """The EffOPDState inside a (possibly chained / masked / multi-step) optimizer state, or None."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EffOPDState))
+             if isinstance(s, EffOPDState)]
+    return found[0] if found else None
+
+
+def undo_jump(params, state: EffOPDState, mask=None):
+    """params - alpha * d_k (times `mask` where the optimizer was masked): the parameters the last
+    update would have produced without its extrapolation. Leaves the optimizer has no state for
+    (frozen by a mask) are returned unchanged."""
+    masked_node = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    delta = jax.tree.map(lambda d, p: jnp.zeros_like(p) if masked_node(d) else state.alpha * d.astype(jnp.float32),
+                         state.prev_dir, params, is_leaf=masked_node)
+    if mask is not None:
+        delta = jax.tree.map(lambda d, m: d * m.astype(d.dtype), delta, mask)
+    return jax.tree.map(lambda p, d: (p.astype(jnp.float32) - d).astype(p.dtype), params, delta)
