@@ -100,6 +100,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1  # mesh axis sizes; one of them may be -1 (all remaining devices)
+    fsdp: int = -1
+    tensor: int = 1
+    rules: str = "default"  # student parameter rules: default (fsdp + tensor) | fsdp
+    teacher_rules: str = "fsdp"  # teachers keep no optimizer state: pure FSDP by default
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str | None = None  # host:port of process 0; unset on TPU VMs (auto-detected)
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     student: ModelSpec = field(default_factory=ModelSpec)
     teachers: tuple = ()  # of TeacherSpec
@@ -108,10 +124,12 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 _SECTIONS = {"student": ModelSpec, "data": DataConfig, "loss": LossConfig, "optim": OptimConfig,
-             "train": TrainConfig}
+             "train": TrainConfig, "mesh": MeshConfig, "distributed": DistributedConfig}
 
 
 def _suggest(key: str, valid: list[str], where: str) -> str:

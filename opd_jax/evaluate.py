@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from opd_jax.distributed import to_host
 from opd_jax.sampling import generate
 from opd_jax.tasks import encode_prompts, reward
 
@@ -38,7 +39,7 @@ def greedy_accuracy(model, tokenizer, examples, *, max_prompt_len: int, max_new_
         roll = generate(model, jnp.asarray(ids), jnp.asarray(pmask), key=jax.random.key(0),
                         max_new_tokens=max_new_tokens, temperature=0.0, eos_id=tokenizer.eos_token_id,
                         pad_id=tokenizer.pad_token_id or 0, mesh=mesh)
-        texts = decode_completions(tokenizer, np.asarray(roll.tokens)[:n, ids.shape[1]:], np.asarray(roll.mask)[:n])
+        texts = decode_completions(tokenizer, to_host(roll.tokens)[:n, ids.shape[1]:], to_host(roll.mask)[:n])
         for ex, r in zip(chunk, rewards_for(chunk, texts)):
             hits.setdefault(ex.domain, []).append(float(r))
     acc = {d: float(np.mean(v)) for d, v in sorted(hits.items())}

@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from opd_jax.errors import OpdError
@@ -90,8 +91,17 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temper
         raise OpdError(f"prompt length {prompt_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
                        f"exceeds the model context {cfg.max_position_embeddings}")
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-                     key, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+    ids, pmask = prompt_ids, prompt_mask
+    if mesh is None:
+        ids, pmask = jnp.asarray(ids, jnp.int32), jnp.asarray(pmask, jnp.int32)
+    else:  # host prompts: each process places only its own rows (multi-host safe)
+        from opd_jax.distributed import to_global
+        sh = shd.rows_sharding(ids.shape[0], 2, mesh, rules)
+        ids, pmask = (x if isinstance(x, jax.Array) and x.sharding == sh else to_global(np.asarray(x, np.int32), sh)
+                      for x in (ids, pmask))
+        key = to_global(np.asarray(jax.random.key_data(key)), shd.replicated(mesh))
+        key = jax.random.wrap_key_data(key)
+    return _generate(graphdef, state, ids, pmask, key, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                      top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, mesh=mesh,
                      rules=None if rules is None else tuple(sorted(rules.items())))
 

@@ -110,3 +110,55 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None):
 def batch_sharding(x, mesh: Mesh, rules=None) -> NamedSharding:
     """Rows over the batch mesh axes, every other dimension replicated."""
     return named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+
+
+RULE_SETS = {"default": DEFAULT_RULES, "fsdp": FSDP_RULES}
+
+
+def rules_named(name: str) -> dict:
+    if name not in RULE_SETS:
+        from opd_jax.errors import OpdError
+        raise OpdError(f"mesh rules must be one of {', '.join(RULE_SETS)}, got {name!r}")
+    return RULE_SETS[name]
+
+
+def mesh_from_config(mc) -> Mesh:
+    """The mesh of a MeshConfig (data, fsdp, tensor sizes) over all devices of all processes."""
+    from opd_jax.errors import OpdError
+    try:
+        return make_mesh((mc.data, mc.fsdp, mc.tensor))
+    except ValueError as e:
+        raise OpdError(f"mesh: {e}") from None
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def rows_sharding(n_rows: int, ndim: int, mesh: Mesh, rules=None) -> NamedSharding:
+    """Rows of an [n_rows, ...] array over the batch mesh axes (replicated if they do not divide)."""
+    return named_sharding(("batch",) + (None,) * (ndim - 1), (n_rows,) + (1,) * (ndim - 1), mesh, rules)
+
+
+def opt_state_shardings(optimizer, params, param_sh, mesh: Mesh):
+    """Shardings for `optimizer.init(params)`: a state leaf whose key path ends with a parameter's path
+    and has its shape (Adam's moments, EffOPD's directions, also under masks and chains) is sharded
+    like that parameter; every other leaf (counts, scalars) is replicated. Works on abstract
+    `params`, so nothing is allocated."""
+    def keys(path):
+        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+    by_path = {keys(p): (tuple(x.shape), s) for (p, x), s in
+               zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh))}
+    depth = max((len(k) for k in by_path), default=0)
+    repl = replicated(mesh)
+
+    def one(path, leaf):
+        ks = keys(path)
+        for n in range(min(depth, len(ks)), 0, -1):
+            hit = by_path.get(ks[-n:])
+            if hit is not None and hit[0] == tuple(leaf.shape):
+                return hit[1]
+        return repl
+
+    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))

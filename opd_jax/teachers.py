@@ -9,7 +9,7 @@ domain), so each teacher scores only its own contiguous, fixed-size slice.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,11 @@ class Teacher:
     graphdef: object
     state: object  # nnx.State, frozen
     vocab_size: int
+    mesh: object = None  # with a mesh, the forward is jitted with explicit shardings (see `teacher_forward`)
+    compiled: dict = field(default_factory=dict)
 
 
-def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None) -> dict[str, Teacher]:
+def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
     """Load every teacher named in `specs`; check routing and vocabularies before any compute.
 
     specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
@@ -47,22 +49,24 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None)
         if spec.path == "self":
             graphdef, state = nnx.split(student)
             state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
+            if mesh is not None:
+                from opd_jax.sharding import state_shardings
+                state = jax.device_put(state, state_shardings(state, mesh, rules))
             vocab = student.cfg.vocab_size
         else:
             if not spec.path:
                 raise OpdError(f"teacher {name!r} needs a path (a Hugging Face folder) or path: self")
-            model = load_model(spec.path, dtype=spec.dtype, mesh=mesh)
+            model = load_model(spec.path, dtype=spec.dtype, mesh=mesh, rules=rules)
             graphdef, state = nnx.split(model)
             vocab = model.cfg.vocab_size
         if vocab != student.cfg.vocab_size:
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer")
-        out[name] = Teacher(name, graphdef, state, vocab)
+        out[name] = Teacher(name, graphdef, state, vocab, mesh)
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))
-def teacher_scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
+def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
     """Teacher outputs at the completion positions (no gradient).
 
     tokens, full_mask [B, P+N]. what="logits": [B, N, V] float32 raw logits (the loss applies the
@@ -77,7 +81,34 @@ def teacher_scores(graphdef, state, tokens, full_mask, *, prompt_len, temperatur
     lp = jax.nn.log_softmax(logits / temperature, -1)
     if what == "logprobs":
         return jnp.take_along_axis(lp, tokens[:, prompt_len:, None], -1)[..., 0]
-    return jax.lax.top_k(lp, topk)
+    return tuple(jax.lax.top_k(lp, topk))
+
+
+teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))
+
+
+def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
+    """`teacher_scores` for one teacher; on a mesh, jitted with explicit shardings: the teacher's
+    parameters as placed, tokens / mask / outputs with rows over the batch mesh axes."""
+    if t.mesh is None:
+        return teacher_scores(t.graphdef, t.state, tokens, full_mask, prompt_len=prompt_len, temperature=temperature,
+                              what=what, topk=topk)
+    from opd_jax.sharding import rows_sharding
+
+    key = (tokens.shape, prompt_len, temperature, what, topk)
+    if key not in t.compiled:
+        rows = tokens.shape[0]
+        in_sh = rows_sharding(rows, 2, t.mesh)
+        out_sh = rows_sharding(rows, 3 if what == "logits" else 2, t.mesh)
+        if what == "topk":
+            out_sh = (rows_sharding(rows, 3, t.mesh),) * 2
+        state_sh = jax.tree.map(lambda x: x.sharding, t.state)
+        t.compiled[key] = (jax.jit(functools.partial(_scores, t.graphdef, prompt_len=prompt_len, temperature=temperature,
+                                                     what=what, topk=topk),
+                                   in_shardings=(state_sh, in_sh, in_sh), out_shardings=out_sh), in_sh)
+    fn, in_sh = t.compiled[key]
+    put = lambda x: x if getattr(x, "sharding", None) == in_sh else jax.device_put(x, in_sh)  # noqa: E731
+    return fn(t.state, put(tokens), put(full_mask))
 
 
 def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str], per_domain_rows: int, tokens,
@@ -90,8 +121,8 @@ def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str],
     for i, d in enumerate(domains):
         sl = slice(i * per_domain_rows, (i + 1) * per_domain_rows)
         t = teachers[routing[d]]
-        parts.append(teacher_scores(t.graphdef, t.state, tokens[sl], full_mask[sl], prompt_len=prompt_len,
-                                    temperature=temperature, what=what, topk=topk))
+        parts.append(teacher_forward(t, tokens[sl], full_mask[sl], prompt_len=prompt_len, temperature=temperature,
+                                     what=what, topk=topk))
         rows.setdefault(t.name, []).append(sl)
     if what == "topk":
         return (jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])), rows

@@ -19,6 +19,8 @@ import yaml
 from flax import nnx
 
 from opd_jax import checkpoint as ckpt
+from opd_jax import distributed as dist
+from opd_jax import sharding as shd
 from opd_jax.config import Config, to_dict
 from opd_jax.errors import OpdError
 from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
@@ -28,13 +30,14 @@ from opd_jax.optim import find_state, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
 from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
 from opd_jax.teachers import build_teachers, score_batch
-from opd_jax.train_step import check_loss_config, probe_divergence, teacher_output_kind, train_step
+from opd_jax.train_step import check_loss_config, probe_divergence, sharded_train_step, teacher_output_kind
 
 
 def train_state(params, opt_state, step: int, key) -> dict:
     """What a checkpoint holds: params, optimizer state, step, data position (= step) and the RNG key."""
-    return {"params": params, "opt_state": opt_state, "step": jnp.int32(step), "data_position": jnp.int32(step),
-            "rng": jax.random.key_data(key)}
+    # host scalars (numpy): the same on every process, written once by Orbax in a multi-host run
+    return {"params": params, "opt_state": opt_state, "step": np.asarray(step, np.int32), "data_position": np.asarray(step, np.int32),
+            "rng": np.asarray(jax.random.key_data(key))}
 
 
 def build_student(spec, seed: int):
@@ -59,6 +62,9 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.resume = resume
         check_loss_config(cfg.loss)
+        dist.initialize(cfg.distributed)
+        self.mesh = shd.mesh_from_config(cfg.mesh)
+        self.rules = shd.rules_named(cfg.mesh.rules)
         self.tokenizer = get_tokenizer(cfg, self.out)
         self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
         self.student = build_student(cfg.student, cfg.train.seed)
@@ -67,13 +73,20 @@ class Trainer:
                            f"{len(self.tokenizer)}")
         lc = cfg.loss  # pure reward RL (GRPO, alpha = 0) on on-policy data is the one mode without teachers
         need_teachers = not (lc.lam == 1 and lc.rl_mode == "mix" and lc.rl_alpha == 0)
-        self.teachers = build_teachers(cfg.teachers, cfg.routing, self.source.domains, self.student) if need_teachers else {}
+        self.teachers = (build_teachers(cfg.teachers, cfg.routing, self.source.domains, self.student, mesh=self.mesh,
+                                        rules=shd.rules_named(cfg.mesh.teacher_rules)) if need_teachers else {})
         self.graphdef, state = nnx.split(self.student)
-        # committed to a device like the train step's outputs, so step 2 reuses step 1's executable
-        dev = jax.devices()[0]
-        self.params = jax.device_put(nnx.to_pure_dict(state), dev)
+        # explicit shardings at the step boundary: params / optimizer state in and out alike, so every
+        # step reuses one executable and nothing is resharded between steps
+        self.param_sh = shd.param_shardings(self.student, self.mesh, self.rules)
+        self.params = jax.device_put(jax.tree.map(np.asarray, nnx.to_pure_dict(state)), self.param_sh)
         self.optimizer = make_optimizer(cfg.optim, cfg.train.steps, self.params)
-        self.opt_state = jax.device_put(self.optimizer.init(self.params), dev)
+        self.opt_sh = shd.opt_state_shardings(self.optimizer, self.params, self.param_sh, self.mesh)
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)(self.params)
+        self.step_fn = sharded_train_step(self.graphdef, optimizer=self.optimizer, lc=cfg.loss,
+                                          prompt_len=cfg.data.max_prompt_len, group_size=cfg.data.group_size,
+                                          temperature=cfg.data.temperature, mesh=self.mesh, param_sh=self.param_sh,
+                                          opt_sh=self.opt_sh, rules=self.rules)
         self.base_key = jax.random.key(cfg.train.seed)
         self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
         self.prompt_len = cfg.data.max_prompt_len
@@ -98,25 +111,32 @@ class Trainer:
         g = dc.group_size
         rep = [ex for ex in examples for _ in range(g)]  # each prompt's G samples contiguous (GRPO groups)
         ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in rep], self.prompt_len)
-        roll = generate(self.model(), jnp.asarray(ids), jnp.asarray(pmask), key=jax.random.fold_in(self.base_key, step),
+        roll = generate(self.model(), ids, pmask, key=jax.random.fold_in(self.base_key, step),
                         max_new_tokens=dc.max_new_tokens, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
-                        eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
-        texts = decode_completions(self.tokenizer, np.asarray(roll.tokens)[:, self.prompt_len:], roll.mask)
+                        eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0, mesh=self.mesh,
+                        rules=self.rules)
+        texts = decode_completions(self.tokenizer, dist.to_host(roll.tokens)[:, self.prompt_len:], dist.to_host(roll.mask))
         rewards = rewards_for(rep, texts)
-        batch = {"tokens": roll.tokens, "prompt_mask": jnp.asarray(pmask), "mask": roll.mask,
-                 "sampler_logprobs": roll.logprobs, "rewards": jnp.asarray(rewards)}
+        batch = {"tokens": roll.tokens, "prompt_mask": self._rows(pmask), "mask": roll.mask,
+                 "sampler_logprobs": roll.logprobs, "rewards": self._rows(rewards)}
         if self.teachers:
             full_mask = jnp.concatenate([batch["prompt_mask"], roll.mask], 1)
             batch["teacher"], rows = self._scores(roll.tokens, full_mask, self.cfg.data.per_domain * g)
         else:
-            batch["teacher"], rows = jnp.zeros(roll.mask.shape, jnp.float32), {}
+            batch["teacher"], rows = self._rows(np.zeros(roll.mask.shape, np.float32)), {}
         return batch, rows, rewards
+
+    def _rows(self, x):
+        """Host data (every process knows all of it) -> a global array with rows over the batch axes."""
+        x = np.asarray(x)
+        return dist.to_global(x, shd.rows_sharding(x.shape[0], x.ndim, self.mesh, self.rules))
 
     def off_policy_batch(self, examples):
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
-        tokens, pmask, amask = encode_pairs(self.tokenizer, [e.prompt for e in examples],
-                                            [e.answer for e in examples], self.prompt_len, self.cfg.data.max_new_tokens)
+        tokens, pmask, amask = (self._rows(x) for x in encode_pairs(
+            self.tokenizer, [e.prompt for e in examples], [e.answer for e in examples], self.prompt_len,
+            self.cfg.data.max_new_tokens))
         teacher, _ = self._scores(tokens, jnp.concatenate([pmask, amask], 1), self.cfg.data.per_domain)
         return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
 
@@ -141,14 +161,15 @@ class Trainer:
         dc, per = self.cfg.data, self.cfg.optim.effopd_probe_per_domain
         if tokens_from is None:
             ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in self.probe_examples], self.prompt_len)
-            roll = generate(nnx.merge(self.graphdef, params), jnp.asarray(ids), jnp.asarray(pmask),
+            roll = generate(nnx.merge(self.graphdef, params), ids, pmask, mesh=self.mesh, rules=self.rules,
                             key=jax.random.fold_in(self.base_key, 2**31 - 1), max_new_tokens=dc.max_new_tokens,
                             temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
                             eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
-            full_mask = jnp.concatenate([jnp.asarray(pmask), roll.mask], 1)
+            pmask = self._rows(pmask)
+            full_mask = jnp.concatenate([pmask, roll.mask], 1)
             teacher, _ = score_batch(self.teachers, self.cfg.routing, self.source.domains, per, roll.tokens, full_mask,
                                      prompt_len=self.prompt_len, temperature=dc.temperature, what="logits")
-            tokens_from = {"tokens": roll.tokens, "prompt_mask": jnp.asarray(pmask), "mask": roll.mask,
+            tokens_from = {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask,
                            "teacher": teacher}
         div = probe_divergence(self.graphdef, params, tokens_from, lc=self.cfg.loss, prompt_len=self.prompt_len,
                                temperature=dc.temperature)
@@ -164,7 +185,7 @@ class Trainer:
         after, _ = self.probe(self.params, probe_batch)
         rolled = after > before
         if rolled:
-            self.params = jax.device_put(without, jax.devices()[0])
+            self.params = jax.device_put(without, self.param_sh)
         return {"effopd/alpha": float(st.alpha), "effopd/cosine": float(st.cosine), "effopd/probe_before": before,
                 "effopd/probe_after": after, "effopd/rolled_back": float(rolled)}
 
@@ -172,7 +193,7 @@ class Trainer:
     def evaluate(self) -> dict:
         dc = self.cfg.data
         acc = greedy_accuracy(self.model(), self.tokenizer, self.eval_examples, max_prompt_len=self.prompt_len,
-                              max_new_tokens=dc.max_new_tokens)
+                              max_new_tokens=dc.max_new_tokens, mesh=self.mesh)
         return {f"eval/{d}/accuracy": v for d, v in acc.items()}
 
     def run(self, *, stop_after: int | None = None) -> dict:
@@ -188,12 +209,12 @@ class Trainer:
         elif mgr.latest_step() is not None:
             raise OpdError(f"{self.out} already holds checkpoints (step {mgr.latest_step()}); pass --resume to continue "
                            "or set train.out_dir to a new folder")
-        if jax.process_index() == 0:
+        if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         writer = MetricsWriter(self.out, resume_step=start if self.resume else None)
         bar = None
-        if tc.progress and jax.process_index() == 0:
+        if tc.progress and dist.is_main():
             from tqdm.auto import tqdm
             bar = tqdm(total=tc.steps, initial=start, desc="opd", dynamic_ncols=True)
         last = {}
@@ -208,7 +229,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
             writer.close()
-        if end == tc.steps and jax.process_index() == 0:
+        if end == tc.steps and dist.is_main():
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
         return last
 
@@ -221,9 +242,7 @@ class Trainer:
             batch["on"], rows, rewards = self.on_policy_batch(step, examples)
         if lc.lam < 1:
             batch["off"] = self.off_policy_batch(examples)
-        self.params, self.opt_state, loss, metrics = train_step(
-            self.graphdef, self.params, self.opt_state, batch, optimizer=self.optimizer, lc=lc,
-            prompt_len=self.prompt_len, group_size=cfg.data.group_size, temperature=cfg.data.temperature)
+        self.params, self.opt_state, loss, metrics = self.step_fn(self.params, self.opt_state, batch)
         loss = float(loss)
         if not math.isfinite(loss):
             raise OpdError(f"loss is {loss} at step {step + 1}; stopped before saving it (the last checkpoint is "
@@ -239,7 +258,7 @@ class Trainer:
                     record[f"teacher/{name}/divergence"] = float(np.mean(np.concatenate([v[s] for s in sls])))
             elif v.ndim == 0:
                 record[k] = float(v)
-        gen_tokens = float(np.asarray(batch["on"]["mask"]).sum()) if "on" in batch else 0.0
+        gen_tokens = float(dist.to_host(batch["on"]["mask"]).sum()) if "on" in batch else 0.0
         record.update({"reward": float(rewards.mean()) if rewards.size else 0.0, "tokens_per_s": gen_tokens / dt,
                        "step_time_s": dt})
         done = step + 1

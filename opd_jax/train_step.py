@@ -77,9 +77,7 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     return loss, m
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature"),
-                   donate_argnums=(1, 2))
-def train_step(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature):
+def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature):
     """One optax update. params: pure dict of the student's parameters. -> (params, opt_state, loss, metrics)."""
 
     def loss_fn(p):
@@ -96,6 +94,39 @@ def train_step(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len,
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["loss"] = loss
     return params, opt_state, loss, metrics
+
+
+# Shardings follow the (committed) inputs; the trainer uses `sharded_train_step` instead.
+train_step = jax.jit(_update, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature"),
+                     donate_argnums=(1, 2))
+
+
+def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: int, temperature: float, mesh,
+                       param_sh, opt_sh, rules=None):
+    """`_update` under `jax.jit` with explicit shardings at the boundary: params and optimizer state
+    in and out as `param_sh` / `opt_sh` (donated), every batch array's rows over the batch mesh axes,
+    loss and metrics replicated. One executable per batch layout (the trainer has one).
+    Returns step(params, opt_state, batch) -> (params, opt_state, loss, metrics)."""
+    from opd_jax.sharding import replicated, rows_sharding
+
+    repl = replicated(mesh)
+    compiled = {}
+
+    def step(params, opt_state, batch):
+        key = (jax.tree.structure(batch), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
+        if key not in compiled:
+            bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], x.ndim, mesh, rules), batch)
+            fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
+                                           group_size=group_size, temperature=temperature),
+                         in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
+                         donate_argnums=(0, 1))
+            compiled[key] = (fn, bsh)
+        fn, bsh = compiled[key]
+        batch = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s else jax.device_put(x, s), batch, bsh)
+        return fn(params, opt_state, batch)
+
+    step.compiled = compiled
+    return step
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "lc", "prompt_len", "temperature"))

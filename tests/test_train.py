@@ -31,6 +31,15 @@ def tiny_overrides(out, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def random_teacher(folder) -> dict:
+    """Overrides routing every domain to a tiny random teacher saved under `folder` (unlike `self`,
+    it disagrees with the student, so the loss and its gradient are far from 0)."""
+    import yaml
+
+    teacher = save_model(init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11), folder / "teacher")
+    return {"teachers": f"[{{name: t, path: {teacher}}}]", "routing": "{addition: t, reverse: t, sort: t}"}
+
+
 @pytest.mark.parametrize("mode", [
     {"loss.estimator_type": "full", "loss.kind": "reverse_kl"},
     {"loss.estimator_type": "sampled", "loss.kind": "forward_kl", "loss.estimator": "opd_plus"},
@@ -186,12 +195,8 @@ def test_effopd_guard_rolls_back_jumps_that_raise_the_probe_divergence(tmp_path)
     would magnify the float rounding of p + a*d - a*d through its tiny second moments.)"""
     from opd_jax.train import restore_run_params
 
-    import yaml
-
-    teacher = save_model(init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11), tmp_path / "teacher")
     common = {"train.steps": 4, "train.checkpoint_every": 4, "optim.name": "sgd", "optim.lr": 0.5,
-              "train.eval_every": 100, "teachers": f"[{{name: t, path: {teacher}}}]",
-              "routing": "{addition: t, reverse: t, sort: t}"}
+              "train.eval_every": 100, **random_teacher(tmp_path)}
     train(load_config(None, tiny_overrides(tmp_path / "plain", **common)))
     guarded = {**common, "optim.effopd_window": 1, "optim.effopd_alpha_max": 200.0, "optim.effopd_min_cos": -1.0,
                "optim.effopd_guard": "true", "optim.effopd_probe_per_domain": 2}

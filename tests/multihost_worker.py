@@ -1,0 +1,32 @@
+"""One of two processes in test_multihost: 4 fake CPU devices, gloo collectives, the tiny config.
+
+    python tests/multihost_worker.py PROCESS_ID PORT OUT_DIR OVERRIDES_JSON
+Trains 2 steps, then resumes from the Orbax checkpoint written by both processes for the third.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+from opd_jax.config import load_config  # noqa: E402
+from opd_jax.train import Trainer  # noqa: E402
+
+
+def main():
+    pid, port, out, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    overrides += [f"distributed.coordinator=127.0.0.1:{port}", "distributed.num_processes=2",
+                  f"distributed.process_id={pid}", f"train.out_dir={out}"]
+    cfg = load_config(None, overrides)
+    Trainer(cfg).run(stop_after=2)
+    assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+    last = Trainer(cfg, resume=True).run()
+    print(json.dumps({"process": pid, "loss": last["loss"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
