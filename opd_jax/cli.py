@@ -1,4 +1,4 @@
-"""The `opd-jax` command line: demo, train, eval, export, analyze."""
+"""The `opd-jax` command line: demo, train, eval, export, analyze, plan."""
 
 from __future__ import annotations
 
@@ -58,6 +58,29 @@ def _analyze(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import os
+
+    if args.devices and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+        # fake CPU devices for the target mesh; read when the backend starts (no device was touched yet)
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from opd_jax.config import load_config
+    from opd_jax.plan import GiB, device_memory_bytes, format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, n_devices=args.devices, compile=args.compile)
+    print(format_plan(p))
+    limit = device_memory_bytes(cfg)
+    if limit is not None:
+        verdict = "fits" if p["total_bytes_per_device"] <= limit else "does NOT fit"
+        print(f"  device memory        {limit / GiB:9.3f} GiB -> {verdict}")
+    if args.json:
+        print(json.dumps(p, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-jax", description="On-policy distillation in JAX.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -97,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--out", default="analysis", help="output folder (analysis.json, PNG plots)")
     an.add_argument("--k", type=int, default=8, help="top-k for energy and subspace overlap")
     an.set_defaults(func=_analyze)
+    pl = sub.add_parser("plan", help="per-device memory and FLOPs of a config on its mesh, from shapes only")
+    pl.add_argument("--config", default=None, help="YAML file")
+    pl.add_argument("--devices", type=int, default=None, help="plan for this many devices (faked on CPU)")
+    pl.add_argument("--compile", action="store_true", help="also compile the train step: activations and FLOPs")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON too")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=8 student.dtype=bfloat16")
+    pl.set_defaults(func=_plan)
+
     return parser
 
 

@@ -106,6 +106,7 @@ class MeshConfig:
     tensor: int = 1
     rules: str = "default"  # student parameter rules: default (fsdp + tensor) | fsdp
     teacher_rules: str = "fsdp"  # teachers keep no optimizer state: pure FSDP by default
+    device_memory_gb: float | None = None  # per-device memory for the fit check (default: what the device reports)
 
 
 @dataclass(frozen=True)

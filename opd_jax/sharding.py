@@ -140,25 +140,35 @@ def rows_sharding(n_rows: int, ndim: int, mesh: Mesh, rules=None) -> NamedShardi
     return named_sharding(("batch",) + (None,) * (ndim - 1), (n_rows,) + (1,) * (ndim - 1), mesh, rules)
 
 
-def opt_state_shardings(optimizer, params, param_sh, mesh: Mesh):
-    """Shardings for `optimizer.init(params)`: a state leaf whose key path ends with a parameter's path
-    and has its shape (Adam's moments, EffOPD's directions, also under masks and chains) is sharded
-    like that parameter; every other leaf (counts, scalars) is replicated. Works on abstract
-    `params`, so nothing is allocated."""
-    def keys(path):
-        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+def _key_names(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
-    by_path = {keys(p): (tuple(x.shape), s) for (p, x), s in
-               zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sh))}
+
+def match_state_to_params(params, state, values):
+    """Map every leaf of an optimizer `state` to the `values` leaf (a tree like `params`) of the
+    parameter it mirrors, or None. A state leaf mirrors a parameter when its key path ends with the
+    parameter's path and the shapes agree (Adam's moments, EffOPD's directions, also under masks,
+    chains and MultiSteps); counts and scalars mirror nothing."""
+    flat_values = jax.tree.structure(params).flatten_up_to(values)  # values' leaves may be tuples
+    by_path = {_key_names(p): (tuple(x.shape), v) for (p, x), v in
+               zip(jax.tree_util.tree_leaves_with_path(params), flat_values)}
     depth = max((len(k) for k in by_path), default=0)
-    repl = replicated(mesh)
 
     def one(path, leaf):
-        ks = keys(path)
+        ks = _key_names(path)
         for n in range(min(depth, len(ks)), 0, -1):
             hit = by_path.get(ks[-n:])
             if hit is not None and hit[0] == tuple(leaf.shape):
                 return hit[1]
-        return repl
+        return None
 
-    return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def opt_state_shardings(optimizer, params, param_sh, mesh: Mesh):
+    """Shardings for `optimizer.init(params)`: parameter-shaped state like its parameter (see
+    `match_state_to_params`), everything else replicated. Works on abstract `params`."""
+    abstract = jax.eval_shape(optimizer.init, params)
+    repl = replicated(mesh)
+    matched = match_state_to_params(params, abstract, param_sh)
+    return jax.tree.map(lambda m: repl if m is None else m, matched, is_leaf=lambda x: x is None)

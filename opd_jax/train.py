@@ -26,6 +26,7 @@ from opd_jax.errors import OpdError
 from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
 from opd_jax.metrics import MetricsWriter, plot_metrics
 from opd_jax.models import ModelConfig, init_model, load_model
+from opd_jax.plan import check_fits
 from opd_jax.optim import find_state, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
 from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
@@ -65,6 +66,7 @@ class Trainer:
         dist.initialize(cfg.distributed)
         self.mesh = shd.mesh_from_config(cfg.mesh)
         self.rules = shd.rules_named(cfg.mesh.rules)
+        check_fits(cfg)  # from shapes only, before any weights are read
         self.tokenizer = get_tokenizer(cfg, self.out)
         self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
         self.student = build_student(cfg.student, cfg.train.seed)

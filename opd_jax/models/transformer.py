@@ -10,6 +10,9 @@ logical axis names in the `logical_axes` metadata; `opd_jax.sharding` maps them 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -146,10 +149,25 @@ class Transformer(nnx.Module):
             h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
             return h, cache
 
-        # a loop with a static trip count: lowered to one scan (one layer body, differentiable)
-        h, cache = jax.lax.fori_loop(0, cfg.num_layers, body, (h, cache))
+        # a loop with a static trip count: lowered to one scan (one layer body, differentiable);
+        # unrolled only under `unrolled_layers()` (the planner: XLA's cost analysis counts a loop body once)
+        h, cache = jax.lax.fori_loop(0, cfg.num_layers, body, (h, cache),
+                                     unroll=cfg.num_layers if _UNROLL.get() else 1)
         h = L.rms_norm(h, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
         return h, cache
+
+
+_UNROLL = contextvars.ContextVar("opd_jax_unroll_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+    """Trace the layer loop fully unrolled (for FLOP counting; same numbers, bigger program)."""
+    token = _UNROLL.set(True)
+    try:
+        yield
+    finally:
+        _UNROLL.reset(token)
 
 
 def positions_from_mask(mask):

@@ -1,0 +1,243 @@
+"""`opd-jax plan`: per-device memory and per-step FLOPs of a config on its target mesh, from shapes only.
+
+Nothing is allocated. Parameter shapes come from `nnx.eval_shape` of the model (config.json only,
+no weights are read), optimizer state from `jax.eval_shape(optimizer.init, ...)`, and each array's
+per-device share from its logical axes and the rules table on the target mesh:
+
+    bytes_per_device(x) = size(x) * itemsize(x) / prod(mesh sizes of the axes that shard x)
+
+Rows per step B = len(domains) * per_domain * group_size, sequence S = max_prompt_len + max_new_tokens:
+    KV cache (sampling)  = 2 * L * B * S * kv_heads * head_dim * itemsize, sharded by CACHE_AXES
+    teacher outputs      = B * N * V * 4 (full-vocabulary logits), B * N * 4 (sampled), B * N * k * 8 (top-k)
+With `compile=True` the train step is also lowered and compiled for the mesh (on fake CPU devices
+when planning a TPU run on a laptop): `memory_analysis()` gives the temporary (activation) bytes and
+`cost_analysis()` the FLOPs of one step.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opd_jax import sharding as shd
+from opd_jax.errors import OpdError
+from opd_jax.models import ModelConfig
+from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
+
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class MeshShape:
+    """Only the axis sizes of a mesh: enough for `logical_to_spec` and byte counts, no devices."""
+    shape: dict
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape.values())
+
+
+def mesh_shape(mc, n_devices: int) -> MeshShape:
+    sizes = [mc.data, mc.fsdp, mc.tensor]
+    if sizes.count(-1) > 1:
+        raise OpdError(f"mesh: at most one axis may be -1, got {sizes}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = max(n_devices // known, 1)
+    if math.prod(sizes) != n_devices:
+        raise OpdError(f"mesh {dict(zip(shd.MESH_AXES, sizes))} needs {math.prod(sizes)} devices, planning for "
+                       f"{n_devices}")
+    return MeshShape(dict(zip(shd.MESH_AXES, sizes)))
+
+
+def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig of a student/teacher spec from its config.json (weights are not read)."""
+    if getattr(spec, "path", None) == "self":
+        return student_cfg
+    if spec.path:
+        cfg_file = Path(spec.path) / "config.json"
+        if not cfg_file.exists():
+            raise OpdError(f"no config.json in {spec.path}")
+        return ModelConfig.from_hf(json.loads(cfg_file.read_text()), param_dtype=spec.dtype)
+    init = dict(getattr(spec, "init", None) or {})
+    return ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **init})
+
+
+def abstract_params(mcfg: ModelConfig):
+    """(pure dict of jax.ShapeDtypeStruct, pure dict of logical-axes tuples) without allocating."""
+    state = nnx.state(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
+    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype), state,
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shapes), nnx.to_pure_dict(axes)
+
+
+def shard_bytes(shape, dtype, spec, mesh: MeshShape) -> float:
+    """Bytes one device holds of an array with PartitionSpec `spec`."""
+    div = 1
+    for entry in spec:
+        for name in ((entry,) if isinstance(entry, str) else (entry or ())):
+            div *= mesh.shape.get(name, 1)
+    return math.prod(shape) * jnp.dtype(dtype).itemsize / div
+
+
+def tree_bytes(shapes, axes, mesh: MeshShape, rules) -> tuple[float, int]:
+    """(per-device bytes, total elements) of a tree of ShapeDtypeStruct with logical axes."""
+    per_dev, count = 0.0, 0
+    for x, ax in zip(jax.tree.leaves(shapes), jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple))):
+        per_dev += shard_bytes(x.shape, x.dtype, shd.logical_to_spec(ax, x.shape, mesh, rules), mesh)
+        count += math.prod(x.shape)
+    return per_dev, count
+
+
+def optimizer_bytes(optimizer, shapes, axes, mesh: MeshShape, rules) -> tuple[float, float]:
+    """(per-device bytes, total bytes) of optimizer.init(params): parameter-shaped state sharded like
+    its parameter, the rest (counts) replicated."""
+    state = jax.eval_shape(optimizer.init, shapes)
+    matched = shd.match_state_to_params(shapes, state, axes)
+    per_dev = total = 0.0
+    for x, ax in zip(jax.tree.leaves(state), jax.tree.structure(state).flatten_up_to(matched)):
+        spec = shd.logical_to_spec(ax, x.shape, mesh, rules) if ax is not None else ()
+        per_dev += shard_bytes(x.shape, x.dtype, spec, mesh)
+        total += math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return per_dev, total
+
+
+def plan(cfg, *, n_devices: int | None = None, compile: bool = False) -> dict:
+    """Per-device bytes of every part of a run of `cfg` on `n_devices` (default: all devices) and,
+    with `compile`, the compiled step's temporary bytes and FLOPs."""
+    from opd_jax.optim import make_optimizer
+
+    n_devices = n_devices or jax.device_count()
+    mesh = mesh_shape(cfg.mesh, n_devices)
+    rules, trules = shd.rules_named(cfg.mesh.rules), shd.rules_named(cfg.mesh.teacher_rules)
+    scfg = model_config(cfg.student)
+    shapes, axes = abstract_params(scfg)
+    p_dev, n_params = tree_bytes(shapes, axes, mesh, rules)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps, shapes)
+    o_dev, o_total = optimizer_bytes(optimizer, shapes, axes, mesh, rules)
+
+    teachers, t_dev = {}, 0.0
+    used = set(cfg.routing.values())
+    for t in cfg.teachers:
+        if t.name not in used:
+            continue
+        tcfg = model_config(t, scfg)
+        tb, tn = tree_bytes(*abstract_params(tcfg), mesh, trules)
+        teachers[t.name] = {"params": tn, "bytes_per_device": tb}
+        t_dev += tb
+
+    dc, lc = cfg.data, cfg.loss
+    n_domains = len(dc.domains) if dc.domains else 1
+    rows = n_domains * dc.per_domain * (dc.group_size if lc.lam > 0 else 1)
+    seq = dc.max_prompt_len + dc.max_new_tokens
+    cache_shape = (scfg.num_layers, rows, seq, scfg.num_kv_heads, scfg.head_dim)
+    cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(CACHE_AXES, cache_shape, mesh, rules), mesh)
+    per_row = {"full": dc.max_new_tokens * scfg.vocab_size * 4, "sampled": dc.max_new_tokens * 4,
+               "topk": dc.max_new_tokens * lc.topk * 8}[lc.estimator_type]
+    batch_div = math.prod(mesh.shape[a] for a in ("data", "fsdp")) if rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else 1
+    tout_dev = rows * per_row / batch_div
+
+    out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
+           "student_params": n_params, "student_bytes_per_device": p_dev,
+           "optimizer_bytes_per_device": o_dev, "optimizer_bytes_total": o_total,
+           "teachers": teachers, "teacher_bytes_per_device": t_dev,
+           "kv_cache_bytes_per_device": cache_dev, "teacher_output_bytes_per_device": tout_dev}
+    out["total_bytes_per_device"] = p_dev + o_dev + t_dev + cache_dev + tout_dev
+    if compile:
+        out.update(compile_step(cfg, scfg, optimizer, shapes, rows, n_devices))
+        out["total_bytes_per_device"] += out["activation_bytes_per_device"]
+    return out
+
+
+def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int) -> dict:
+    """Lower and compile the train step for the mesh on `n_devices` real (or fake CPU) devices."""
+    from opd_jax.train_step import _update  # the function the trainer jits
+
+    if jax.device_count() < n_devices:
+        raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
+                       f"{jax.device_count()} (on CPU: opd-jax plan --devices {n_devices} fakes them)")
+    mesh = shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
+    rules = shd.rules_named(cfg.mesh.rules)
+    model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(model)
+    param_sh = shd.param_shardings(model, mesh, rules)
+    opt_sh = shd.opt_state_shardings(optimizer, shapes, param_sh, mesh)
+    dc, lc = cfg.data, cfg.loss
+    P, N, V = dc.max_prompt_len, dc.max_new_tokens, scfg.vocab_size
+    teacher = {"full": jax.ShapeDtypeStruct((rows, N, V), jnp.float32),
+               "sampled": jax.ShapeDtypeStruct((rows, N), jnp.float32),
+               "topk": (jax.ShapeDtypeStruct((rows, N, lc.topk), jnp.float32),
+                        jax.ShapeDtypeStruct((rows, N, lc.topk), jnp.int32))}[lc.estimator_type]
+    on = {"tokens": jax.ShapeDtypeStruct((rows, P + N), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((rows, P), jnp.int32),
+          "mask": jax.ShapeDtypeStruct((rows, N), jnp.int32), "sampler_logprobs": jax.ShapeDtypeStruct((rows, N), jnp.float32),
+          "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32), "teacher": teacher}
+    batch = {"on": on}
+    bsh = jax.tree.map(lambda x: shd.rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
+    repl = shd.replicated(mesh)
+    fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=P,
+                                   group_size=dc.group_size, temperature=dc.temperature),
+                 in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
+                 donate_argnums=(0, 1))
+    abstract_opt = jax.eval_shape(optimizer.init, shapes)
+    with unrolled_layers():  # so cost_analysis() counts every layer, not one loop body
+        compiled = fn.lower(shapes, abstract_opt, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"activation_bytes_per_device": float(getattr(mem, "temp_size_in_bytes", 0) or 0),
+            "compiled_argument_bytes_per_device": float(getattr(mem, "argument_size_in_bytes", 0) or 0),
+            "flops_per_step_per_device": float((cost or {}).get("flops", float("nan")))}
+
+
+def device_memory_bytes(cfg) -> float | None:
+    """Usable memory of one device: `mesh.device_memory_gb` if set, else what the device reports."""
+    if cfg.mesh.device_memory_gb:
+        return cfg.mesh.device_memory_gb * GiB
+    stats = jax.devices()[0].memory_stats() or {}
+    return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
+
+
+def check_fits(cfg, n_devices: int | None = None):
+    """Raise a one-line OpdError saying what to change when a run cannot fit one device's memory
+    (weights, optimizer state, teachers, KV cache and teacher outputs; activations come on top)."""
+    limit = device_memory_bytes(cfg)
+    if limit is None:
+        return None
+    p = plan(cfg, n_devices=n_devices)
+    need = p["total_bytes_per_device"]
+    if need > limit:
+        raise OpdError(
+            f"this run needs about {need / GiB:.2f} GiB per device before activations (student "
+            f"{p['student_bytes_per_device'] / GiB:.2f}, optimizer {p['optimizer_bytes_per_device'] / GiB:.2f}, teachers "
+            f"{p['teacher_bytes_per_device'] / GiB:.2f}, KV cache {p['kv_cache_bytes_per_device'] / GiB:.2f}, teacher "
+            f"outputs {p['teacher_output_bytes_per_device'] / GiB:.2f}) but a device has {limit / GiB:.2f} GiB: "
+            "shard wider (more devices or a larger mesh.fsdp), use bfloat16 (student.dtype / teachers[].dtype), "
+            "fewer rows per step (data.per_domain, data.group_size), loss.estimator_type=sampled or topk, or optim.name=sgd")
+    return p
+
+
+def format_plan(p: dict) -> str:
+    gib = lambda b: f"{b / GiB:9.3f} GiB"  # noqa: E731
+    lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['rows_per_step']} rows x {p['sequence']} tokens per step",
+             f"  student parameters   {gib(p['student_bytes_per_device'])}  ({p['student_params'] / 1e9:.3f} B params)",
+             f"  optimizer state      {gib(p['optimizer_bytes_per_device'])}"]
+    for name, t in p["teachers"].items():
+        lines.append(f"  teacher {name:<12} {gib(t['bytes_per_device'])}  ({t['params'] / 1e9:.3f} B params)")
+    lines += [f"  KV cache (sampling)  {gib(p['kv_cache_bytes_per_device'])}",
+              f"  teacher outputs      {gib(p['teacher_output_bytes_per_device'])}"]
+    if "activation_bytes_per_device" in p:
+        lines.append(f"  activations (XLA)    {gib(p['activation_bytes_per_device'])}")
+        lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
+    lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device")
+    return "\n".join(lines)
+
+
+__all__ = ["plan", "check_fits", "format_plan", "abstract_params", "mesh_shape"]

@@ -1,0 +1,78 @@
+"""The memory planner against exact counts, and the trainer's refusal to start a run that cannot fit."""
+
+import pytest
+
+from opd_jax import OpdError
+from opd_jax.config import load_config
+from opd_jax.plan import plan
+from test_train import TINY, tiny_overrides
+
+# Qwen3-8B's shape (config.json of the released model): nothing of this size is allocated here
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
+                num_kv_heads=8, head_dim=128, max_position_embeddings=40960)
+
+
+def qwen3_8b_counts():
+    """(all parameters, norm parameters) of Qwen3-8B counted by hand, untied embeddings."""
+    V, D, F, L, H, K, Dh = 151936, 4096, 12288, 36, 32, 8, 128
+    per_layer = D * H * Dh * 2 + D * K * Dh * 2 + 3 * D * F + 2 * D + 2 * Dh  # q,o + k,v + mlp + 2 norms + q/k norm
+    norms = L * (2 * D + 2 * Dh) + D
+    return 2 * V * D + L * per_layer + D, norms
+
+
+def _cfg(**extra):
+    init = "{" + ", ".join(f"{k}: {v}" for k, v in QWEN3_8B.items()) + "}"
+    base = {"student.init": init, "student.dtype": "bfloat16", "teachers": "[{name: big, path: self}]",
+            "routing": "{addition: big, reverse: big, sort: big}", "data.per_domain": 2, "optim.name": "adamw"}
+    return load_config(None, [f"{k}={v}" for k, v in {**base, **extra}.items()])
+
+
+def test_qwen3_8b_parameter_and_optimizer_bytes_match_an_exact_count():
+    total, norms = qwen3_8b_counts()
+    assert total == 8_190_735_360  # the published parameter count of Qwen3-8B
+    one = plan(_cfg(**{"mesh.fsdp": 1}), n_devices=1)
+    assert one["student_params"] == total
+    assert one["student_bytes_per_device"] == 2 * total  # bfloat16
+    # AdamW keeps two moments in the parameter dtype, plus a step count or two (int32)
+    assert 0 <= one["optimizer_bytes_per_device"] - 4 * total <= 16
+    for shape in ((1, 8, 1), (1, 2, 4), (2, 2, 2)):
+        p = plan(_cfg(**{"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]}), n_devices=8)
+        split = 8 // shape[0]  # data-parallel replicas hold whole copies of their slice
+        expect = 2 * ((total - norms) / split + norms)  # every matrix divides; norms are replicated
+        assert p["student_bytes_per_device"] == pytest.approx(expect, rel=1e-12), shape
+        assert 0 <= p["optimizer_bytes_per_device"] - 2 * expect <= 16
+        assert p["teachers"]["big"]["params"] == total
+    sgd = plan(_cfg(**{"optim.name": "sgd", "mesh.fsdp": 1}), n_devices=1)
+    assert 0 <= sgd["optimizer_bytes_per_device"] - 2 * total <= 16  # one momentum buffer
+
+
+def test_compiled_plan_reports_activations_and_flops_that_scale_with_the_batch():
+    # rows 24 and 48 both split over the 8 devices (rows that do not divide are replicated instead)
+    small = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4})), n_devices=8, compile=True)
+    large = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 8})), n_devices=8, compile=True)
+    assert small["activation_bytes_per_device"] > 0 and small["flops_per_step_per_device"] > 0
+    assert 1.7 < large["flops_per_step_per_device"] / small["flops_per_step_per_device"] < 2.3
+    assert large["rows_per_step"] == 2 * small["rows_per_step"] == 48  # 3 domains x 8 prompts x 2 samples
+    # every layer counts (the layer loop is unrolled for the cost analysis): 4 layers cost far more than 2
+    deep = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4, "student.init": TINY.replace(
+        "num_layers: 2", "num_layers: 4")})), n_devices=8, compile=True)
+    assert deep["flops_per_step_per_device"] / small["flops_per_step_per_device"] > 1.5
+
+
+def test_trainer_refuses_a_run_that_cannot_fit(tmp_path):
+    from opd_jax.train import Trainer
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"mesh.device_memory_gb": 1e-6}))
+    with pytest.raises(OpdError, match=r"needs about .* GiB per device.*shard wider"):
+        Trainer(cfg)
+    assert not (tmp_path / "r").exists()  # refused before writing anything
+
+
+def test_plan_cli_prints_the_table_and_the_verdict(capsys):
+    from opd_jax.cli import main
+
+    init = "{" + ", ".join(f"{k}: {v}" for k, v in QWEN3_8B.items()) + "}"
+    assert main(["plan", f"student.init={init}", "student.dtype=bfloat16", "teachers=[{name: t, path: self}]",
+                 "routing={addition: t, reverse: t, sort: t}", "mesh.device_memory_gb=4"]) == 0
+    out = capsys.readouterr().out
+    assert "8.191 B params" in out and "does NOT fit" in out
