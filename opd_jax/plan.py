@@ -135,7 +135,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False) -> dict:
         t_dev += tb
 
     dc, lc = cfg.data, cfg.loss
-    n_domains = len(dc.domains) if dc.domains else 1
+    n_domains = len(dc.domains) or len(cfg.routing) or 1  # a JSONL source: one routed domain each
     rows = n_domains * dc.per_domain * (dc.group_size if lc.lam > 0 else 1)
     seq = dc.max_prompt_len + dc.max_new_tokens
     cache_shape = (scfg.num_layers, rows, seq, scfg.num_kv_heads, scfg.head_dim)
