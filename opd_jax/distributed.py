@@ -87,3 +87,18 @@ def to_host(x) -> np.ndarray:
         from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def put_global(tree, shardings):
+    """Place host-identical data (numpy or single-device arrays every process computed the same way,
+    e.g. weights initialised from one seed) with `shardings`. Each process fills only its own shards
+    (`make_array_from_callback`), so there is no cross-process equality check or transfer."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    # `shardings` may be a prefix of `tree` (one sharding per nnx.Variable, say)
+    return jax.tree.map(lambda s, sub: jax.tree.map(lambda x: one(x, s), sub), shardings, tree)

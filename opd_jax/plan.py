@@ -201,7 +201,10 @@ def device_memory_bytes(cfg) -> float | None:
     """Usable memory of one device: `mesh.device_memory_gb` if set, else what the device reports."""
     if cfg.mesh.device_memory_gb:
         return cfg.mesh.device_memory_gb * GiB
-    stats = jax.devices()[0].memory_stats() or {}
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory statistics: no limit known
+        stats = {}
     return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 

@@ -50,8 +50,9 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             graphdef, state = nnx.split(student)
             state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
             if mesh is not None:
+                from opd_jax.distributed import put_global
                 from opd_jax.sharding import state_shardings
-                state = jax.device_put(state, state_shardings(state, mesh, rules))
+                state = put_global(state, state_shardings(state, mesh, rules))
             vocab = student.cfg.vocab_size
         else:
             if not spec.path:

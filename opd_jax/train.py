@@ -81,7 +81,7 @@ class Trainer:
         # explicit shardings at the step boundary: params / optimizer state in and out alike, so every
         # step reuses one executable and nothing is resharded between steps
         self.param_sh = shd.param_shardings(self.student, self.mesh, self.rules)
-        self.params = jax.device_put(jax.tree.map(np.asarray, nnx.to_pure_dict(state)), self.param_sh)
+        self.params = dist.put_global(nnx.to_pure_dict(state), self.param_sh)
         self.optimizer = make_optimizer(cfg.optim, cfg.train.steps, self.params)
         self.opt_sh = shd.opt_state_shardings(self.optimizer, self.params, self.param_sh, self.mesh)
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_sh)(self.params)
