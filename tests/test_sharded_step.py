@@ -64,3 +64,28 @@ def test_three_steps_on_a_mesh_equal_one_device(shape):
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial)))
     assert moved > 1e-3  # the steps really changed the parameters
     assert len(jax.tree.leaves(live)[0].sharding.device_set) == 8  # the parameters really were on the mesh
+
+
+def test_trainer_step_has_explicit_shardings_and_compiles_once(tmp_path):
+    """The trainer's jitted step keeps params / optimizer state on their rule-given shardings, compiles
+    once for the run, and the teacher forward is placed the same way."""
+    from opd_jax.config import load_config
+    from opd_jax.sharding import DEFAULT_RULES, logical_to_spec
+    from opd_jax.train import Trainer
+    from test_train import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                                                               "data.per_domain": 4, "train.steps": 3}))
+    tr = Trainer(cfg)
+    tr.run()
+    assert len(tr.step_fn.compiled) == 1
+    assert dict(tr.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    embed = tr.params["embed"]
+    assert embed.sharding.spec == logical_to_spec(("vocab", "embed"), embed.shape, tr.mesh, DEFAULT_RULES)
+    assert embed.sharding.spec != ()  # really split (vocab 64 over tensor, width 32 over fsdp)
+    for p, s in zip(jax.tree.leaves(tr.params), jax.tree.leaves(tr.param_sh)):
+        assert p.sharding == s
+    mu = [x for x in jax.tree.leaves(tr.opt_state) if x.shape == embed.shape]
+    assert mu and all(x.sharding == embed.sharding for x in mu)  # optimizer moments sharded like their params
+    (teacher,) = tr.teachers.values()
+    assert len(teacher.compiled) == 1 and len(jax.tree.leaves(teacher.state)[0].sharding.device_set) == 8
