@@ -20,7 +20,9 @@ def _train(args) -> int:
     from opd_jax.config import load_config
     from opd_jax.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    dist = [f"distributed.{k}={v}" for k, v in (("coordinator", args.coordinator), ("num_processes", args.num_processes),
+                                                 ("process_id", args.process_id)) if v is not None]
+    cfg = load_config(args.config, list(args.overrides) + dist)
     last = train(cfg, resume=args.resume)
     print(json.dumps({k: v for k, v in last.items() if k.startswith("eval/") or k in ("loss", "reward")}, indent=2))
     return 0
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train from a YAML config, with key.sub=value overrides")
     tr.add_argument("--config", default=None, help="YAML file (configs/*.yaml); defaults apply without one")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    tr.add_argument("--coordinator", default=None, help="multi-host off TPU: host:port of process 0")
+    tr.add_argument("--num-processes", type=int, default=None, help="multi-host off TPU: number of processes")
+    tr.add_argument("--process-id", type=int, default=None, help="multi-host off TPU: this process's index")
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=3e-4 train.steps=100")
     tr.set_defaults(func=_train)
 

@@ -83,3 +83,27 @@ def test_config_yaml_overrides_and_errors(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(OpdError, match=r"teachers\[0\].pth"):
         load_config(None, ["teachers=[{name: a, pth: b}]"])
+
+
+def test_train_cli_multihost_flags_fill_the_distributed_section(monkeypatch):
+    import opd_jax.train
+    from opd_jax.cli import main
+
+    seen = {}
+    monkeypatch.setattr(opd_jax.train, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and {})
+    assert main(["train", "--coordinator", "10.0.0.2:1234", "--num-processes", "4", "--process-id", "3",
+                 "train.steps=5"]) == 0
+    d = seen["cfg"].distributed
+    assert (d.coordinator, d.num_processes, d.process_id, seen["cfg"].train.steps) == ("10.0.0.2:1234", 4, 3, 5)
+
+
+def test_distributed_start_needs_all_three_settings(monkeypatch):
+    from opd_jax import OpdError
+    from opd_jax.config import DistributedConfig
+    from opd_jax.distributed import initialize
+
+    for k in ("OPD_JAX_COORDINATOR", "OPD_JAX_NUM_PROCESSES", "OPD_JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(OpdError, match="num_processes and distributed.process_id"):
+        initialize(DistributedConfig(coordinator="127.0.0.1:1"))
+    assert initialize(DistributedConfig()) is False  # one process, not on a TPU VM: nothing to start

@@ -2,8 +2,9 @@
 
 Both arms start from the demo's weak student and take the same number of steps on the same prompts
 per step (48 rollouts: OPD 16 prompts x 1 sample per domain, GRPO 4 prompts x 4 samples per domain):
-  opd   exact forward KL to each domain's teacher on the student's samples (the demo's loss)
-  grpo  group-normalised exact-match reward, no teacher (loss.rl_alpha = 0, sampled estimator)
+  opd          exact forward KL to each domain's teacher on the student's samples (the demo's loss, AdamW 3e-3)
+  opd_same_lr  the same at GRPO's learning rate
+  grpo         group-normalised exact-match reward, no teacher (loss.rl_alpha = 0, sampled estimator)
 Each run keeps a checkpoint every steps/10; `opd_jax.analysis` compares the final weights with the
 start (sparsity at float32 and at bfloat16 resolution, movement by module and layer, spectra,
 overlap with W0's top subspace, near-zero preference) and the alignment of every checkpoint's
@@ -32,6 +33,7 @@ from opd_jax.demo import prepare  # noqa: E402
 
 ARMS = {
     "opd": {},
+    "opd_same_lr": {},  # OPD at GRPO's learning rate: geometry compared at equal step size
     "grpo": {"loss": dict(estimator_type="sampled", rl_alpha=0.0, rl_mode="mix"),
              "data": dict(per_domain=4, group_size=4)},
 }
@@ -59,7 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--grpo-lr", type=float, default=3e-3)
+    ap.add_argument("--grpo-lr", type=float, default=3e-4)
     ap.add_argument("--work", default="runs/experiments_analysis")
     ap.add_argument("--out", default="docs")
     args = ap.parse_args()
@@ -68,10 +70,10 @@ def main():
     prep = prepare(work / "base")
     p0 = load_params(prep["student"])
     every = max(args.steps // 10, 1)
-    res = {"steps": args.steps, "before": prep["before"], "arms": {}}
+    res = {"steps": args.steps, "grpo_lr": args.grpo_lr, "before": prep["before"], "arms": {}}
     for arm, sections in ARMS.items():
         for seed in args.seeds:
-            optim = {"lr": args.grpo_lr} if arm == "grpo" else {}
+            optim = {"lr": args.grpo_lr} if arm in ("grpo", "opd_same_lr") else {}
             r = run_arm(prep, work / f"{arm}_s{seed}", steps=args.steps, seed=seed, optim=optim,
                         train={"checkpoint_every": every, "keep_checkpoints": 11}, **sections)
             p1 = r["trainer"].params

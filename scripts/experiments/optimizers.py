@@ -35,7 +35,7 @@ EFFOPD_ARMS = {
     "effopd_k8_a4_guard": dict(effopd_window=8, effopd_alpha_max=4.0, effopd_guard=True),
 }
 FRACTIONS = (0.01, 0.05, 0.10, 0.25)
-LRS = {"adamw": (1e-3, 3e-3, 1e-2), "sgd": (0.3, 1.0, 3.0, 10.0)}
+LRS = {"adamw": (1e-3, 3e-3, 1e-2), "sgd": (0.03, 0.1, 0.3, 1.0, 3.0)}
 
 
 def steps_to(curve, target):
@@ -52,18 +52,18 @@ def part_effopd(prep, work, steps, seeds, res, name="effopd", base=None):
         plain = smooth(runs["plain"]["divergence"])
         start = float(np.mean(runs["plain"]["divergence"][:5]))
         target = start - 0.95 * (start - plain[-1])
-        base = steps_to(runs["plain"]["divergence"], target)
+        plain_steps = steps_to(runs["plain"]["divergence"], target)
         for arm, r in runs.items():
             n = steps_to(r["divergence"], target)
             rolled = [x["effopd/rolled_back"] for x in r["records"] if "effopd/rolled_back" in x]
             alphas = [x["effopd/alpha"] for x in r["records"] if "effopd/alpha" in x]
             out["arms"].setdefault(arm, []).append({
-                "seed": seed, "steps_to_target": n, "speedup": (base / n) if n else 0.0,
+                "seed": seed, "steps_to_target": n, "speedup": (plain_steps / n) if n else 0.0,
                 "final_divergence": float(smooth(r["divergence"])[-1]), "accuracy": r["accuracy"],
                 "divergence": [float(v) for v in r["divergence"]], "rollbacks": int(sum(rolled)),
                 "jumps": len(rolled), "mean_alpha": float(np.mean(alphas)) if alphas else None,
                 "seconds": r["seconds"]})
-            print(f"{name} {arm} seed {seed}: steps to target {n} (plain {base}), acc {r['accuracy']['mean']:.3f}, "
+            print(f"{name} {arm} seed {seed}: steps to target {n} (plain {plain_steps}), acc {r['accuracy']['mean']:.3f}, "
                   f"final div {smooth(r['divergence'])[-1]:.4f}", flush=True)
         yield
     print(f"\n{name}: | arm | steps to 95% of plain's reduction | speed-up vs plain | final divergence | final mean acc |")
