@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -11,9 +13,11 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz+-*=:,. "
 
 
-def build_char_tokenizer(path: str | Path, chars: str = CHARS):
-    """Write tokenizer.json (ids: <pad>=0, <bos>=1, <eos>=2, then one per character) to `path`
-    (a folder) and return it loaded as a `PreTrainedTokenizerFast`."""
+def build_char_tokenizer(path: str | Path | None, chars: str = CHARS):
+    """A `PreTrainedTokenizerFast` over characters (ids: <pad>=0, <bos>=1, <eos>=2, then one per
+    character), saved to the folder `path` unless it is None. The files are written to a private
+    temporary folder and moved into place, so processes building the same tokenizer concurrently
+    (one per host) never read each other's half-written files."""
     from transformers import PreTrainedTokenizerFast
 
     vocab = {PAD: 0, BOS: 1, EOS: 2}
@@ -22,12 +26,15 @@ def build_char_tokenizer(path: str | Path, chars: str = CHARS):
     tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), pad_token=PAD, bos_token=BOS,
-                                   eos_token=EOS, padding_side="left")
-    fast.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   padding_side="left")
+    if path is not None:
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp:
+            fast.save_pretrained(tmp)
+            for f in Path(tmp).iterdir():
+                os.replace(f, folder / f.name)
     return fast
 
 
