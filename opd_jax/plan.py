@@ -16,7 +16,6 @@ when planning a TPU run on a laptop): `memory_analysis()` gives the temporary (a
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -39,22 +38,12 @@ class MeshShape:
     """Only the axis sizes of a mesh: enough for `logical_to_spec` and byte counts, no devices."""
     shape: dict
 
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape.values())
-
 
 def mesh_shape(mc, n_devices: int) -> MeshShape:
-    sizes = [mc.data, mc.fsdp, mc.tensor]
-    if sizes.count(-1) > 1:
-        raise OpdError(f"mesh: at most one axis may be -1, got {sizes}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        sizes[sizes.index(-1)] = max(n_devices // known, 1)
-    if math.prod(sizes) != n_devices:
-        raise OpdError(f"mesh {dict(zip(shd.MESH_AXES, sizes))} needs {math.prod(sizes)} devices, planning for "
-                       f"{n_devices}")
-    return MeshShape(dict(zip(shd.MESH_AXES, sizes)))
+    try:
+        return MeshShape(shd.mesh_sizes((mc.data, mc.fsdp, mc.tensor), n_devices))
+    except ValueError as e:
+        raise OpdError(f"mesh: {e}") from None
 
 
 def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
@@ -142,8 +131,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False) -> dict:
     cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(CACHE_AXES, cache_shape, mesh, rules), mesh)
     per_row = {"full": dc.max_new_tokens * scfg.vocab_size * 4, "sampled": dc.max_new_tokens * 4,
                "topk": dc.max_new_tokens * lc.topk * 8}[lc.estimator_type]
-    batch_div = math.prod(mesh.shape[a] for a in ("data", "fsdp")) if rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else 1
-    tout_dev = rows * per_row / batch_div
+    tout_dev = shard_bytes((rows, per_row), jnp.uint8, shd.rows_spec(rows, 2, mesh, rules), mesh)
 
     out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
            "student_params": n_params, "student_bytes_per_device": p_dev,
@@ -159,7 +147,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False) -> dict:
 
 def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int) -> dict:
     """Lower and compile the train step for the mesh on `n_devices` real (or fake CPU) devices."""
-    from opd_jax.train_step import _update  # the function the trainer jits
+    from opd_jax.train_step import sharded_train_step  # the trainer's own jitted step
 
     if jax.device_count() < n_devices:
         raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
@@ -167,7 +155,6 @@ def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int) -> dic
     mesh = shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
     rules = shd.rules_named(cfg.mesh.rules)
     model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
-    graphdef = nnx.graphdef(model)
     param_sh = shd.param_shardings(model, mesh, rules)
     opt_sh = shd.opt_state_shardings(optimizer, shapes, param_sh, mesh)
     dc, lc = cfg.data, cfg.loss
@@ -180,12 +167,9 @@ def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int) -> dic
           "mask": jax.ShapeDtypeStruct((rows, N), jnp.int32), "sampler_logprobs": jax.ShapeDtypeStruct((rows, N), jnp.float32),
           "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32), "teacher": teacher}
     batch = {"on": on}
-    bsh = jax.tree.map(lambda x: shd.rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
-    repl = shd.replicated(mesh)
-    fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=P,
-                                   group_size=dc.group_size, temperature=dc.temperature),
-                 in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
-                 donate_argnums=(0, 1))
+    step = sharded_train_step(nnx.graphdef(model), optimizer=optimizer, lc=lc, prompt_len=P, group_size=dc.group_size,
+                              temperature=dc.temperature, mesh=mesh, param_sh=param_sh, opt_sh=opt_sh, rules=rules)
+    fn, _ = step.jitted(batch)
     abstract_opt = jax.eval_shape(optimizer.init, shapes)
     with unrolled_layers():  # so cost_analysis() counts every layer, not one loop body
         compiled = fn.lower(shapes, abstract_opt, batch).compile()

@@ -37,18 +37,25 @@ FSDP_RULES: dict[str, object] = {**{k: None for k in DEFAULT_RULES}, "batch": ("
                                  "embed": ("fsdp", "tensor")}
 
 
-def make_mesh(shape: Mapping[str, int] | tuple = (1, -1, 1), devices=None) -> Mesh:
-    """Mesh over `devices` (default all) with axes data/fsdp/tensor; one size may be -1 (the rest)."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_sizes(shape: Mapping[str, int] | tuple, n_devices: int) -> dict[str, int]:
+    """{data, fsdp, tensor} sizes for `n_devices`, with one -1 resolved to the rest; ValueError if
+    they do not multiply to `n_devices`."""
     sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, Mapping) else list(shape)
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {n_devices}")
+    return dict(zip(MESH_AXES, sizes))
+
+
+def make_mesh(shape: Mapping[str, int] | tuple = (1, -1, 1), devices=None) -> Mesh:
+    """Mesh over `devices` (default all) with axes data/fsdp/tensor; one size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_sizes(shape, len(devices))
+    return Mesh(np.asarray(devices).reshape([sizes[a] for a in MESH_AXES]), MESH_AXES)
 
 
 def logical_to_spec(axes, shape, mesh: Mesh, rules=None) -> P:
@@ -109,7 +116,7 @@ def param_shardings(model: nnx.Module, mesh: Mesh, rules=None):
 
 def batch_sharding(x, mesh: Mesh, rules=None) -> NamedSharding:
     """Rows over the batch mesh axes, every other dimension replicated."""
-    return named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh, rules)
+    return rows_sharding(x.shape[0], x.ndim, mesh, rules)
 
 
 RULE_SETS = {"default": DEFAULT_RULES, "fsdp": FSDP_RULES}
@@ -135,9 +142,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def rows_spec(n_rows: int, ndim: int, mesh, rules=None) -> P:
+    """PartitionSpec of an [n_rows, ...] array: rows over the batch mesh axes (replicated if they
+    do not divide), every other dimension replicated. `mesh` needs only its axis sizes."""
+    return logical_to_spec(("batch",) + (None,) * (ndim - 1), (n_rows,) + (1,) * (ndim - 1), mesh, rules)
+
+
 def rows_sharding(n_rows: int, ndim: int, mesh: Mesh, rules=None) -> NamedSharding:
-    """Rows of an [n_rows, ...] array over the batch mesh axes (replicated if they do not divide)."""
-    return named_sharding(("batch",) + (None,) * (ndim - 1), (n_rows,) + (1,) * (ndim - 1), mesh, rules)
+    return NamedSharding(mesh, rows_spec(n_rows, ndim, mesh, rules))
+
+
+def placed(x, sharding):
+    """`x` with `sharding`: unchanged when it already has it, else moved there."""
+    return x if getattr(x, "sharding", None) == sharding else jax.device_put(x, sharding)
 
 
 def _key_names(path) -> tuple:

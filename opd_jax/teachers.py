@@ -94,7 +94,7 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
     if t.mesh is None:
         return teacher_scores(t.graphdef, t.state, tokens, full_mask, prompt_len=prompt_len, temperature=temperature,
                               what=what, topk=topk)
-    from opd_jax.sharding import rows_sharding
+    from opd_jax.sharding import placed, rows_sharding
 
     key = (tokens.shape, prompt_len, temperature, what, topk)
     if key not in t.compiled:
@@ -108,8 +108,7 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
                                                      what=what, topk=topk),
                                    in_shardings=(state_sh, in_sh, in_sh), out_shardings=out_sh), in_sh)
     fn, in_sh = t.compiled[key]
-    put = lambda x: x if getattr(x, "sharding", None) == in_sh else jax.device_put(x, in_sh)  # noqa: E731
-    return fn(t.state, put(tokens), put(full_mask))
+    return fn(t.state, placed(tokens, in_sh), placed(full_mask, in_sh))
 
 
 def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str], per_domain_rows: int, tokens,

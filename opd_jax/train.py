@@ -27,7 +27,7 @@ from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
 from opd_jax.metrics import MetricsWriter, plot_metrics
 from opd_jax.models import ModelConfig, init_model, load_model
 from opd_jax.plan import check_fits
-from opd_jax.optim import find_state, load_mask, make_optimizer, undo_jump
+from opd_jax.optim import find_state, jumped, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
 from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
 from opd_jax.teachers import build_teachers, score_batch
@@ -180,7 +180,7 @@ class Trainer:
     def _guard_jump(self) -> dict:
         """After an update that extrapolated: keep the jump only if it does not raise the probe divergence."""
         st = find_state(self.opt_state)
-        if st is None or not (int(st.count) == 0 and float(st.alpha) > 0):
+        if st is None or not bool(jumped(st)):
             return {}
         without = undo_jump(self.params, st, self.guard_mask)
         before, probe_batch = self.probe(without)

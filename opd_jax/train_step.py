@@ -107,25 +107,28 @@ def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: 
     in and out as `param_sh` / `opt_sh` (donated), every batch array's rows over the batch mesh axes,
     loss and metrics replicated. One executable per batch layout (the trainer has one).
     Returns step(params, opt_state, batch) -> (params, opt_state, loss, metrics)."""
-    from opd_jax.sharding import replicated, rows_sharding
+    from opd_jax.sharding import placed, replicated, rows_sharding
 
     repl = replicated(mesh)
     compiled = {}
 
-    def step(params, opt_state, batch):
+    def jitted(batch):
+        """(jitted step, batch shardings) for a batch's layout (arrays or jax.ShapeDtypeStruct)."""
         key = (jax.tree.structure(batch), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
         if key not in compiled:
-            bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], x.ndim, mesh, rules), batch)
+            bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
             fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
                                            group_size=group_size, temperature=temperature),
                          in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
                          donate_argnums=(0, 1))
             compiled[key] = (fn, bsh)
-        fn, bsh = compiled[key]
-        batch = jax.tree.map(lambda x, s: x if getattr(x, "sharding", None) == s else jax.device_put(x, s), batch, bsh)
-        return fn(params, opt_state, batch)
+        return compiled[key]
 
-    step.compiled = compiled
+    def step(params, opt_state, batch):
+        fn, bsh = jitted(batch)
+        return fn(params, opt_state, jax.tree.map(placed, batch, bsh))
+
+    step.compiled, step.jitted = compiled, jitted
     return step
 
 

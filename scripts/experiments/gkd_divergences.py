@@ -15,9 +15,8 @@ Arms (all start from the demo's weak student with its three per-domain teachers)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,13 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from common import run_arm  # noqa: E402
+
 from opd_jax.demo import DOMAINS, MAX_NEW, MAX_PROMPT, opd_config, prepare
 from opd_jax.evaluate import decode_completions
 from opd_jax.models import load_model
 from opd_jax.sampling import generate
 from opd_jax.sft import sft_train
 from opd_jax.tasks import PromptSource, encode_prompts
-from opd_jax.train import Trainer
 
 ARMS = {
     "on_fkl": dict(estimator_type="full", kind="forward_kl", lam=1.0),
@@ -85,20 +86,12 @@ def main():
         for seed in args.seeds:
             t0 = time.time()
             out_dir = work / f"{arm}_s{seed}"
-            shutil.rmtree(out_dir, ignore_errors=True)
-            cfg = opd_config(prep, out_dir, steps=args.steps, seed=seed)
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False,
-                                                                     eval_every=max(args.steps // 6, 1)))
             if ARMS[arm] is None:
-                model, curve = run_sft_on_teacher_samples(prep, cfg, seed), []
+                cfg = opd_config(prep, out_dir, steps=args.steps, seed=seed)
+                acc, curve = prep["accuracy"](run_sft_on_teacher_samples(prep, cfg, seed)), []
             else:
-                cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **ARMS[arm]))
-                trainer = Trainer(cfg)
-                trainer.run()
-                model = trainer.model()
-                curve = [(r["step"], r["eval/mean/accuracy"]) for r in map(json.loads, (out_dir / "metrics.jsonl").open())
-                         if "eval/mean/accuracy" in r]
-            acc = prep["accuracy"](model)
+                r = run_arm(prep, out_dir, steps=args.steps, seed=seed, loss=ARMS[arm])
+                acc, curve = r["accuracy"], r["eval"]
             results["arms"].setdefault(arm, []).append({"seed": seed, "accuracy": acc, "curve": curve,
                                                         "seconds": round(time.time() - t0, 1)})
             print(f"{arm} seed {seed}: mean {acc['mean']:.3f} " + " ".join(f"{d} {acc[d]:.2f}" for d in DOMAINS)

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import run_arm, smooth, summary  # noqa: E402
 
+from opd_jax.analysis.report import load_params  # noqa: E402
 from opd_jax.demo import prepare  # noqa: E402
 from opd_jax.optim import mask_density, mask_from_update, random_mask, save_mask  # noqa: E402
 
@@ -77,9 +78,9 @@ def part_effopd(prep, work, steps, seeds, res, name="effopd", base=None):
 def part_sparse(prep, work, steps, seeds, res):
     out = res.setdefault("sparse", {"runs": []})
     before = prep["before"]["mean"]
+    p0 = jax.tree.map(np.asarray, load_params(prep["student"]))  # the start every arm shares
     for seed in seeds:
         full = run_arm(prep, work / f"sp_full_s{seed}", steps=steps, seed=seed)
-        p0 = jax.tree.map(np.asarray, _initial_params(prep, work, seed))
         p1 = jax.tree.map(np.asarray, full["trainer"].params)
         delta = jax.tree.map(lambda a, b: b.astype(np.float32) - a.astype(np.float32), p0, p1)
         full_gain = full["accuracy"]["mean"] - before
@@ -109,13 +110,6 @@ def part_sparse(prep, work, steps, seeds, res):
               f"{summary([m['divergence_gain_recovered'] for m in g['top']])} | "
               f"{summary([m['gain_recovered'] for m in g['random']])} | "
               f"{summary([m['divergence_gain_recovered'] for m in g['random']])} |")
-
-
-def _initial_params(prep, work, seed):
-    from flax import nnx
-
-    from opd_jax.models import load_model
-    return nnx.to_pure_dict(nnx.state(load_model(prep["student"])))
 
 
 def part_sgd(prep, work, steps, seeds, res):
