@@ -9,7 +9,7 @@ domain), so each teacher scores only its own contiguous, fixed-size slice.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,6 @@ class Teacher:
     state: object  # nnx.State, frozen
     vocab_size: int
     mesh: object = None  # with a mesh, the forward is jitted with explicit shardings (see `teacher_forward`)
-    compiled: dict = field(default_factory=dict)
 
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
@@ -96,19 +95,23 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
                               what=what, topk=topk)
     from opd_jax.sharding import placed, rows_sharding
 
-    key = (tokens.shape, prompt_len, temperature, what, topk)
-    if key not in t.compiled:
-        rows = tokens.shape[0]
-        in_sh = rows_sharding(rows, 2, t.mesh)
-        out_sh = rows_sharding(rows, 3 if what == "logits" else 2, t.mesh)
-        if what == "topk":
-            out_sh = (rows_sharding(rows, 3, t.mesh),) * 2
-        state_sh = jax.tree.map(lambda x: x.sharding, t.state)
-        t.compiled[key] = (jax.jit(functools.partial(_scores, t.graphdef, prompt_len=prompt_len, temperature=temperature,
-                                                     what=what, topk=topk),
-                                   in_shardings=(state_sh, in_sh, in_sh), out_shardings=out_sh), in_sh)
-    fn, in_sh = t.compiled[key]
+    rows = tokens.shape[0]
+    in_sh = rows_sharding(rows, 2, t.mesh)
+    out_sh = rows_sharding(rows, 3 if what == "logits" else 2, t.mesh)
+    if what == "topk":
+        out_sh = (rows_sharding(rows, 3, t.mesh),) * 2
+    state_sh, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, t.state))
+    fn = _sharded_scores(t.graphdef, treedef, tuple(state_sh), in_sh, out_sh, prompt_len, temperature, what, topk)
     return fn(t.state, placed(tokens, in_sh), placed(full_mask, in_sh))
+
+
+@functools.lru_cache(maxsize=64)
+def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk):
+    """One jitted teacher forward per (architecture, placement, settings): teachers of one shape (and
+    a rebuilt trainer) share the compiled program."""
+    return jax.jit(functools.partial(_scores, graphdef, prompt_len=prompt_len, temperature=temperature, what=what,
+                                     topk=topk),
+                   in_shardings=(jax.tree.unflatten(treedef, state_sh), in_sh, in_sh), out_shardings=out_sh)
 
 
 def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str], per_domain_rows: int, tokens,

@@ -1,0 +1,347 @@
+"""Every training mode's contract in one place: one trainer step equals a direct call of the public
+`opd_jax.losses` functions on the same tokens.
+
+The reference side never uses the trainer's teacher scores or its completion alignment: it runs the
+student and each teacher as plain models over the whole token rows (`model(tokens, mask)`),
+slices the positions that predict the completion by hand, and takes every temperature, top-k and
+log-prob itself. The trainer runs SGD with lr 1, no momentum and no clipping, so its gradient is
+exactly params_before - params_after.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+import opd_jax
+from opd_jax import losses as L
+from opd_jax.config import load_config
+from opd_jax.models import ModelConfig, init_model, save_model
+from opd_jax.train import Trainer
+
+from test_train import TINY, tiny_overrides
+
+DOMAINS = ("addition", "reverse", "sort")
+
+
+def random_model(folder, seed, std=0.05):
+    """A tiny model with N(0, std) matrices (peaked, distinct distributions), saved as an HF folder."""
+    model = init_model(ModelConfig(**yaml.safe_load(TINY)), seed=seed)
+    for _, p in nnx.iter_graph(model):
+        if isinstance(p, nnx.Param) and p[...].ndim > 1:
+            p[...] = p[...] * (std / 0.02)
+    return save_model(model, folder)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """A student and two random teachers (different seeds, all three unlike each other) as HF folders."""
+    root = tmp_path_factory.mktemp("mode_models")
+    return {name: random_model(root / name, seed) for name, seed in (("student", 10), ("t1", 11), ("t2", 12))}
+
+
+@pytest.fixture(scope="module")
+def teacher_models(teachers):
+    """The teachers as plain models (graphdef, state), read once."""
+    return {n: nnx.split(opd_jax.load_model(teachers[n])) for n in ("t1", "t2")}
+
+
+def make_trainer(tmp_path, teachers, routing=None, **extra):
+    routing = routing or {d: "t1" for d in DOMAINS}
+    used = sorted(set(routing.values()))
+    over = {"student.path": str(teachers["student"]), "train.steps": 4, "train.eval_every": 100, "train.checkpoint_every": 100,
+            "optim.name": "sgd", "optim.lr": 1.0, "optim.momentum": 0.0, "optim.clip_norm": 0.0,
+            "teachers": "[" + ", ".join(f"{{name: {n}, path: {teachers[n]}}}" for n in used) + "]",
+            "routing": "{" + ", ".join(f"{d}: {t}" for d, t in routing.items()) + "}", **extra}
+    return Trainer(load_config(None, tiny_overrides(tmp_path / "run", **over)))
+
+
+def host(tree):
+    return jax.tree.map(lambda x: np.asarray(x).copy(), tree)
+
+
+def completion_logits(model, tokens, full_mask, prompt_len):
+    """Raw float32 logits at the positions that predict tokens[:, P:], from the whole-row forward."""
+    return model(tokens, attention_mask=full_mask)[:, prompt_len - 1:-1].astype(jnp.float32)
+
+
+def token_logprobs(logits, ids, temperature):
+    return jnp.take_along_axis(jax.nn.log_softmax(logits / temperature, -1), ids[..., None], -1)[..., 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
+def forward_logits(graphdef, state, tokens, full_mask, prompt_len):
+    return completion_logits(nnx.merge(graphdef, state), tokens, full_mask, prompt_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len"))
+def params_cotangent(graphdef, params, tokens, full_mask, d_logits, prompt_len):
+    """dL/dparams from dL/dlogits by the chain rule through the plain forward (one compile for
+    every mode: the loss-specific part stays a small function of the logits)."""
+    _, vjp = jax.vjp(lambda p: forward_logits(graphdef, p, tokens, full_mask, prompt_len), params)
+    return vjp(d_logits)[0]
+
+
+def reference_loss(s, b, t, *, lc, temperature, prompt_len, group_size):
+    """The configured loss of one batch straight from `opd_jax.losses` -> (loss, metrics), as a
+    function of the student's raw completion logits s [B, N, V]; t: the teacher's, same shape."""
+    T = temperature
+    t = jax.lax.stop_gradient(t)
+    comp, mask = b["tokens"][:, prompt_len:], b["mask"]
+    div = dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
+    if lc.estimator_type == "full":
+        return L.full_vocab_loss(s, t, mask, temperature=T, **div)
+    if lc.estimator_type == "topk":
+        vals, ids = L.teacher_topk(t, lc.topk, T)
+        return L.topk_distill_loss(s, vals, ids, mask, temperature=T, **div)
+    slp, tlp = token_logprobs(s, comp, T), token_logprobs(t, comp, T)
+    if lc.rl_alpha < 1 or lc.rl_mode == "replace":
+        return L.rl_opd_surrogate(slp, tlp, b["rewards"], mask, group_size=group_size, alpha=lc.rl_alpha,
+                                  mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator,
+                                  sampler_logprobs=b["sampler_logprobs"], clip_eps=lc.clip_eps)
+    return L.sampled_surrogate(slp, tlp, mask, estimator=lc.estimator, level=lc.level, baseline=lc.baseline,
+                               sampler_logprobs=b["sampler_logprobs"], clip_eps=lc.clip_eps, **div)
+
+
+class Ref:
+    """The reference side for one trainer: plain teachers run over whole rows, and the loss library."""
+
+    def __init__(self, tr, models):
+        self.tr, self.cfg = tr, tr.cfg
+        self.P = tr.cfg.data.max_prompt_len
+        self.T = tr.cfg.data.temperature
+        self.teachers = models
+        self.static = dict(lc=tr.cfg.loss, temperature=self.T, prompt_len=self.P, group_size=tr.cfg.data.group_size)
+        self._vg = jax.jit(jax.value_and_grad(functools.partial(reference_loss, **self.static), has_aux=True))
+
+    def teacher_logits(self, b, domains):
+        """Each row's logits from the teacher its own domain routes to (every teacher runs the whole
+        batch; rows are then picked by domain)."""
+        out = {n: np.asarray(forward_logits(g, st, b["tokens"], b["full_mask"], self.P))
+               for n, (g, st) in self.teachers.items()}
+        return np.stack([out[self.cfg.routing[d]][r] for r, d in enumerate(domains)])
+
+    def student_logits(self, params, b):
+        return forward_logits(self.tr.graphdef, params, b["tokens"], b["full_mask"], self.P)
+
+    def value_and_grad(self, params, b, domains, weight=1.0):
+        """((loss, metrics), dloss/dparams) of `weight` * the configured loss of batch b."""
+        (loss, m), d_logits = self._vg(self.student_logits(params, b), b, self.teacher_logits(b, domains))
+        grads = params_cotangent(self.tr.graphdef, params, b["tokens"], b["full_mask"], weight * d_logits, self.P)
+        return (loss, m), grads
+
+
+def on_policy_rows(tr, step):
+    """The trainer's own rollout for `step` on host, and each row's domain (from the examples)."""
+    examples = tr.source.batch(step, tr.cfg.data.per_domain)
+    rep = [e for e in examples for _ in range(tr.cfg.data.group_size)]
+    batch, _, rewards = tr.on_policy_batch(step, examples)
+    b = {k: np.asarray(batch[k]) for k in ("tokens", "prompt_mask", "mask", "sampler_logprobs")}
+    b["full_mask"] = np.concatenate([b["prompt_mask"], b["mask"]], 1)
+    b["rewards"] = np.asarray(rewards, np.float32)
+    assert b["mask"].sum() > len(rep)  # real multi-token completions
+    return b, [e.domain for e in rep], examples
+
+
+def run_steps(tr, n):
+    """n steps through the trainer's own loop -> (params before, params after, last record)."""
+    p0 = host(tr.params)
+    rec = tr.run(stop_after=n)
+    return p0, host(tr.params), rec
+
+
+def assert_step_is_gradient(p0, p1, grads, lr=1.0):
+    """(p0 - p1) / lr equals the reference gradient to 1e-5, and to 1e-4 of its largest entry, leaf by leaf."""
+    scale = max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(grads))
+    assert scale > 1e-3  # the teacher differs from the student: a real update, not rounding noise
+    for (path, a), b, g in zip(jax.tree_util.tree_leaves_with_path(p0), jax.tree.leaves(p1), jax.tree.leaves(grads)):
+        np.testing.assert_allclose((a - b) / lr, np.asarray(g), atol=min(1e-5, 1e-4 * scale), rtol=0,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------ modes
+
+MODES = {
+    "full-T0.7": {"loss.estimator_type": "full", "loss.kind": "reverse_kl", "data.temperature": 0.7},
+    "topk-T0.7": {"loss.estimator_type": "topk", "loss.kind": "jsd", "loss.beta": 0.3, "loss.topk": 4,
+                  "data.temperature": 0.7},
+    "sampled-token-T0.7": {"loss.estimator_type": "sampled", "loss.kind": "forward_kl", "loss.estimator": "opd_plus",
+                           "data.temperature": 0.7},
+    "sampled-sequence": {"loss.estimator_type": "sampled", "loss.kind": "forward_kl", "loss.estimator": "opd_plus",
+                         "loss.level": "sequence"},
+    "sampled-loo": {"loss.estimator_type": "sampled", "loss.kind": "reverse_kl", "loss.estimator": "stop_grad",
+                    "loss.baseline": "loo"},
+}
+
+
+@pytest.mark.parametrize("name", list(MODES))
+def test_on_policy_step_equals_the_loss_library(tmp_path, teachers, teacher_models, name):
+    tr = make_trainer(tmp_path, teachers, **MODES[name])
+    ref = Ref(tr, teacher_models)
+    b, domains, _ = on_policy_rows(tr, 0)
+    p0, p1, rec = run_steps(tr, 1)
+    (loss, m), grads = ref.value_and_grad(p0, b, domains)
+    assert rec["loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert rec["on_policy/divergence"] == pytest.approx(float(m["divergence"]), abs=1e-5)
+    assert_step_is_gradient(p0, p1, grads)
+    # the sampler draws at the same temperature: its log-probs are the student's at T
+    want = token_logprobs(ref.student_logits(p0, b), b["tokens"][:, ref.P:], ref.T)
+    np.testing.assert_allclose(b["sampler_logprobs"] * b["mask"], np.asarray(want) * b["mask"], atol=1e-4)
+
+
+def test_multi_teacher_rows_use_their_routed_teacher(tmp_path, teachers, teacher_models):
+    routing = {"addition": "t1", "reverse": "t2", "sort": "t1"}
+    tr = make_trainer(tmp_path, teachers, routing, **{"loss.estimator_type": "full", "loss.kind": "jsd"})
+    ref = Ref(tr, teacher_models)
+    b, domains, _ = on_policy_rows(tr, 0)
+    assert "reverse" in domains and "addition" in domains
+    p0, p1, rec = run_steps(tr, 1)
+    (loss, m), grads = ref.value_and_grad(p0, b, domains)
+    assert rec["loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert_step_is_gradient(p0, p1, grads)
+    # per-teacher divergence: the mean over exactly the rows routed to each teacher
+    per_tok = np.asarray(m["per_token_divergence"]) * b["mask"]
+    row = per_tok.sum(1) / np.maximum(b["mask"].sum(1), 1)
+    for t in ("t1", "t2"):
+        rows = [i for i, d in enumerate(domains) if routing[d] == t]
+        assert rec[f"teacher/{t}/divergence"] == pytest.approx(float(row[rows].mean()), abs=1e-5)
+
+
+def dataset_rows(tok, examples, prompt_len, max_new):
+    """Off-policy rows built by hand: [<bos> prompt chars] left-padded, then [answer chars, <eos>],
+    right-padded; masks 1 on real prompt tokens / answer tokens incl. EOS."""
+    n = len(examples)
+    tokens = np.zeros((n, prompt_len + max_new), np.int32)
+    pmask = np.zeros((n, prompt_len), np.int32)
+    amask = np.zeros((n, max_new), np.int32)
+    ids = tok.convert_tokens_to_ids
+    for r, e in enumerate(examples):
+        p = [tok.bos_token_id] + [ids(c) for c in e.prompt]
+        a = ([ids(c) for c in e.answer] + [tok.eos_token_id])[:max_new]
+        tokens[r, prompt_len - len(p):prompt_len] = p
+        pmask[r, prompt_len - len(p):] = 1
+        tokens[r, prompt_len:prompt_len + len(a)] = a
+        amask[r, :len(a)] = 1
+    return tokens, pmask, amask
+
+
+def test_gkd_mixes_on_policy_samples_and_dataset_answers_with_lambda(tmp_path, teachers, teacher_models):
+    lam = 0.3
+    tr = make_trainer(tmp_path, teachers, **{"loss.estimator_type": "full", "loss.kind": "forward_kl",
+                                             "loss.lam": lam})
+    ref = Ref(tr, teacher_models)
+    on, on_domains, examples = on_policy_rows(tr, 0)
+    tokens, pmask, amask = dataset_rows(tr.tokenizer, examples, ref.P, tr.cfg.data.max_new_tokens)
+    off = {"tokens": tokens, "mask": amask, "full_mask": np.concatenate([pmask, amask], 1)}
+    assert not np.array_equal(on["tokens"][::tr.cfg.data.group_size], tokens)  # the halves really differ
+    p0, p1, rec = run_steps(tr, 1)
+
+    (l_on, m_on), g_on = ref.value_and_grad(p0, on, on_domains, weight=lam)
+    (l_off, m_off), g_off = ref.value_and_grad(p0, off, [e.domain for e in examples], weight=1 - lam)
+    loss, grads = lam * l_on + (1 - lam) * l_off, jax.tree.map(jnp.add, g_on, g_off)
+    assert rec["on_policy/divergence"] == pytest.approx(float(m_on["divergence"]), abs=1e-5)
+    assert rec["off_policy/divergence"] == pytest.approx(float(m_off["divergence"]), abs=1e-5)
+    assert rec["loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert_step_is_gradient(p0, p1, grads)
+
+
+@pytest.mark.parametrize("mode", ["mix", "replace"])
+def test_rl_plus_opd_step_uses_rewards_and_the_opd_advantage(tmp_path, teachers, teacher_models, monkeypatch, mode):
+    """Rewards are fixed per row (a random student earns none), so the GRPO part is not zero."""
+    import opd_jax.train as train_mod
+
+    fixed = lambda examples, texts: np.array([float(i % 3 == 0) for i in range(len(examples))], np.float32)  # noqa: E731
+    monkeypatch.setattr(train_mod, "rewards_for", fixed)
+    tr = make_trainer(tmp_path, teachers, **{"loss.estimator_type": "sampled", "loss.kind": "reverse_kl",
+                                             "loss.rl_alpha": 0.4, "loss.rl_mode": mode})
+    ref = Ref(tr, teacher_models)
+    b, domains, _ = on_policy_rows(tr, 0)
+    assert np.ptp(L.group_advantages(jnp.asarray(b["rewards"]), tr.cfg.data.group_size)) > 0.5
+    p0, p1, rec = run_steps(tr, 1)
+    (loss, m), grads = ref.value_and_grad(p0, b, domains)
+    assert rec["loss"] == pytest.approx(float(loss), abs=1e-5)
+    assert rec["reward"] == pytest.approx(float(b["rewards"].mean()))
+    assert_step_is_gradient(p0, p1, grads)
+
+
+def test_accumulate_two_is_the_mean_of_two_batches_gradients(tmp_path, teachers, teacher_models):
+    tr = make_trainer(tmp_path, teachers, **{"loss.estimator_type": "full", "loss.kind": "reverse_kl",
+                                             "optim.accumulate": 2})
+    ref = Ref(tr, teacher_models)
+    b0, d0, _ = on_policy_rows(tr, 0)
+    b1, d1, _ = on_policy_rows(tr, 1)  # the parameters do not move until the second micro-step
+    assert not np.array_equal(b0["tokens"], b1["tokens"])
+    p0, p1, _ = run_steps(tr, 2)
+    g0 = ref.value_and_grad(p0, b0, d0)[1]
+    g1 = ref.value_and_grad(p0, b1, d1)[1]
+    assert_step_is_gradient(p0, p1, jax.tree.map(lambda a, b: (a + b) / 2, g0, g1))
+
+
+# ------------------------------------------------------------------------------------------ PPO clipping
+
+def _numpy_ppo(slp, tlp, old, rewards, mask, group, alpha, eps, mode):
+    """Reverse-KL OPD+ weight w = 1 - (log q - log pi); GRPO advantage; PPO-clipped loss and its
+    gradient in the student log-probs, written out branch by branch."""
+    w = 1.0 - (tlp - slp)
+    g = rewards.reshape(-1, group)
+    a_rl = ((g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + 1e-6)).reshape(-1, 1)
+    adv = -w if mode == "replace" else (1 - alpha) * a_rl + alpha * (-w)
+    rho = np.exp(slp - old)
+    n = mask.sum()
+    loss_tok = -np.minimum(adv * rho, adv * np.clip(rho, 1 - eps, 1 + eps))
+    clipped_branch = ((adv > 0) & (rho > 1 + eps)) | ((adv < 0) & (rho < 1 - eps))  # min takes the constant
+    grad = np.where(clipped_branch, 0.0, -adv * rho) * mask / n
+    clip_frac = (np.abs(rho - 1) > eps).astype(np.float64)
+    return (loss_tok * mask).sum() / n, grad, (clip_frac * mask).sum() / n, clipped_branch
+
+
+@pytest.mark.parametrize("mode", ["mix", "replace"])
+def test_rl_opd_ppo_clipping_against_numpy(mode):
+    rng = np.random.RandomState(0)
+    B, T, G, eps, alpha = 8, 12, 4, 0.2, 0.4
+    slp = rng.uniform(-3, -0.1, (B, T))
+    tlp = slp + rng.normal(0, 1.0, (B, T))
+    old = slp + rng.normal(0, 0.4, (B, T))  # stale sampler: ratios cross both clip edges
+    rewards = rng.randint(0, 2, B).astype(np.float64)
+    mask = (np.arange(T)[None] < rng.randint(3, T + 1, B)[:, None]).astype(np.float64)
+    want, want_grad, want_cf, clipped = _numpy_ppo(slp, tlp, old, rewards, mask, G, alpha, eps, mode)
+    assert clipped[mask > 0].any() and (~clipped[mask > 0]).any()
+    rho = np.exp(slp - old)
+    assert ((rho > 1 + eps) & (mask > 0)).any() and ((rho < 1 - eps) & (mask > 0)).any()
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+    def loss(s):
+        return L.rl_opd_surrogate(s, f32(tlp), f32(rewards), f32(mask), group_size=G, alpha=alpha, mode=mode,
+                                  kind="reverse_kl", estimator="opd_plus", sampler_logprobs=f32(old), clip_eps=eps)
+
+    (got, m), g = jax.value_and_grad(loss, has_aux=True)(f32(slp))
+    assert float(got) == pytest.approx(want, abs=1e-5)
+    np.testing.assert_allclose(np.asarray(g), want_grad, atol=1e-6)
+    assert float(m["clip_fraction"]) == pytest.approx(want_cf, abs=1e-6)
+
+
+def test_sampled_surrogate_ppo_clipping_against_numpy():
+    """The plain OPD surrogate with stale sampler log-probs: per token max(w rho, w clip(rho)) (w is a
+    cost), gradient w rho where that branch is the unclipped one, else 0."""
+    rng = np.random.RandomState(1)
+    B, T, eps = 6, 10, 0.2
+    slp = rng.uniform(-3, -0.1, (B, T))
+    tlp = slp + rng.normal(0, 1.0, (B, T))
+    old = slp + rng.normal(0, 0.4, (B, T))
+    mask = (np.arange(T)[None] < rng.randint(2, T + 1, B)[:, None]).astype(np.float64)
+    w = 1.0 - (tlp - slp)  # reverse KL, OPD+
+    rho = np.exp(slp - old)
+    n = mask.sum()
+    want = (np.maximum(w * rho, w * np.clip(rho, 1 - eps, 1 + eps)) * mask).sum() / n
+    const = ((w > 0) & (rho < 1 - eps)) | ((w < 0) & (rho > 1 + eps))
+    assert const[mask > 0].any()
+    want_grad = np.where(const, 0.0, w * rho) * mask / n
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    got, g = jax.value_and_grad(lambda s: L.sampled_surrogate(s, f32(tlp), f32(mask), "reverse_kl",
+                                                              sampler_logprobs=f32(old), clip_eps=eps)[0])(f32(slp))
+    assert float(got) == pytest.approx(want, abs=1e-5)
+    np.testing.assert_allclose(np.asarray(g), want_grad, atol=1e-6)
