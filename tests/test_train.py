@@ -133,9 +133,10 @@ def _final_params(out):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A random teacher (not `self`), so every step really moves the parameters."""
     steps = 6
     common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": 1,
-                                               "train.eval_every": 100})
+                                               "train.eval_every": 100, **random_teacher(tmp_path)})
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     cli = [sys.executable, "-m", "opd_jax.cli", "train"]
 
@@ -162,6 +163,14 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    from opd_jax.train import build_student
+    from flax import nnx
+    cfg = load_config(full / "config.yaml")
+    p0 = nnx.to_pure_dict(nnx.state(build_student(cfg.student, cfg.train.seed)))
+    start = {"/".join(map(str, k)): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(p0)}
+    assert start.keys() == a.keys()
+    moved = [k for k in a if np.max(np.abs(a[k] - start[k])) > 1e-4]
+    assert len(moved) == len(a), sorted(set(a) - set(moved))  # every tensor moved well beyond rounding
     steps_logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(1, steps + 1))
 

@@ -345,3 +345,112 @@ def test_sampled_surrogate_ppo_clipping_against_numpy():
                                                               sampler_logprobs=f32(old), clip_eps=eps)[0])(f32(slp))
     assert float(got) == pytest.approx(want, abs=1e-5)
     np.testing.assert_allclose(np.asarray(g), want_grad, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ EffOPD keep
+
+def test_effopd_guard_keeps_a_jump_that_lowers_the_probe_divergence(tmp_path, teachers):
+    """Small SGD steps that agree from window to window: each extrapolation is a longer step downhill,
+    so the guard must keep every jump and end exactly where unguarded EffOPD ends."""
+    import json
+
+    from opd_jax.optim import find_state
+
+    common = {"loss.estimator_type": "full", "loss.kind": "forward_kl", "optim.lr": 0.05, "optim.effopd_window": 1,
+              "optim.effopd_alpha_max": 1.0, "optim.effopd_min_cos": -1.0, "optim.effopd_probe_per_domain": 2}
+    plain = make_trainer(tmp_path / "effopd", teachers, **common)
+    plain.run(stop_after=3)
+    assert float(find_state(plain.opt_state).alpha) > 0.5  # the transform really extrapolated
+    guarded = make_trainer(tmp_path / "guarded", teachers, **common, **{"optim.effopd_guard": "true"})
+    guarded.run(stop_after=3)
+    recs = [json.loads(x) for x in (tmp_path / "guarded" / "run" / "metrics.jsonl").read_text().splitlines()]
+    jumps = [r for r in recs if "effopd/rolled_back" in r]
+    assert [r["step"] for r in jumps] == [2, 3]
+    for r in jumps:
+        assert r["effopd/alpha"] > 0.5 and r["effopd/rolled_back"] == 0.0
+        assert r["effopd/probe_after"] < r["effopd/probe_before"]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(host(plain.params)), jax.tree.leaves(host(guarded.params))):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------ known answers
+
+def rigged_model(table: dict[int, int], vocab=64, margin=10.0):
+    """A one-layer model whose greedy next token is table[current token] (a bigram lookup): attention and
+    MLP outputs are zeroed, the embedding is the identity, and the head puts `margin` on the table's entry."""
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=128)
+    model = init_model(cfg, seed=0)
+    model.layers.wo[...] = jnp.zeros_like(model.layers.wo[...])
+    model.layers.w_down[...] = jnp.zeros_like(model.layers.w_down[...])
+    model.embed[...] = jnp.eye(vocab)
+    head = np.zeros((vocab, vocab), np.float32)
+    for src, dst in table.items():
+        head[src, dst] = margin
+    model.lm_head[...] = jnp.asarray(head)
+    return model
+
+
+@pytest.fixture(scope="module")
+def answer_42(tmp_path_factory):
+    """(char tokenizer, model that writes '42' then EOS after any prompt ending in '=')."""
+    from opd_jax.tasks import build_char_tokenizer
+
+    tok = build_char_tokenizer(None)
+    i = tok.convert_tokens_to_ids
+    return tok, rigged_model({i("="): i("4"), i("4"): i("2"), i("2"): tok.eos_token_id})
+
+
+def test_greedy_accuracy_is_exact_on_rigged_answers(answer_42):
+    from opd_jax.evaluate import greedy_accuracy
+    from opd_jax.tasks import Example
+
+    tok, model = answer_42
+    right = [Example(p, "42", "right") for p in ("add:40+2=", "add:41+1=", "sort:24=")]
+    wrong = [Example(p, "43", "wrong") for p in ("add:40+3=", "x=")]
+    acc = greedy_accuracy(model, tok, right + wrong, max_prompt_len=12, max_new_tokens=5, batch=3)  # padded 2nd batch
+    assert acc == {"right": 1.0, "wrong": 0.0, "mean": 0.5}
+
+
+def test_decode_rewards_and_dataset_rows_on_hand_built_rows(answer_42):
+    from opd_jax.evaluate import decode_completions, rewards_for
+    from opd_jax.tasks import Example, encode_pairs
+
+    tok, _ = answer_42
+    i, eos, pad = tok.convert_tokens_to_ids, tok.eos_token_id, tok.pad_token_id
+    tokens = np.array([[i("4"), i("2"), eos, pad, pad],      # answer, EOS, padding
+                       [i("4"), i("3"), i("1"), i("2"), i("0")],  # no EOS: every token counts
+                       [eos, pad, pad, pad, pad]])           # empty answer
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    texts = decode_completions(tok, tokens, mask)
+    assert texts == ["42", "43120", ""]
+    ex = [Example("p", "42", "d"), Example("p", "43", "d"), Example("p", None, "d")]
+    np.testing.assert_array_equal(rewards_for(ex, texts), [1.0, 0.0, 0.0])
+    examples = [Example("add:4+5=", "9", "a"), Example("rev:abc=", "cba", "b"), Example("x=", "123456", "c")]
+    want = dataset_rows(tok, examples, 10, 4)  # the last answer is cut to 4 tokens, EOS dropped
+    got = encode_pairs(tok, [e.prompt for e in examples], [e.answer for e in examples], 10, 4)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g), w)
+    assert want[0][2, 10:].tolist() == [i(c) for c in "1234"] and want[2][2].tolist() == [1, 1, 1, 1]
+    assert want[0][0, 10:].tolist() == [i("9"), eos, 0, 0] and want[0][0, 9] == i("=")
+
+
+def test_trainer_rewards_and_evaluation_on_a_rigged_student(tmp_path, teachers, answer_42):
+    """Through the trainer: on-policy rewards and per-domain eval accuracy of a student that always
+    answers '42' are exactly 1 where the answer is 42 and 0 elsewhere."""
+    import json
+
+    tok, model = answer_42
+    student = save_model(model, tmp_path / "rigged")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [{"prompt": "add:40+2=", "domain": "right", "answer": "42"},
+                                                       {"prompt": "x=", "domain": "wrong", "answer": "7"}]))
+    tr = Trainer(load_config(None, tiny_overrides(tmp_path / "run", **{
+        "student.path": str(student), "student.init": "{}", "data.jsonl": str(data), "data.domains": "[]",
+        "teachers": f"[{{name: t, path: {student}}}]", "routing": "{right: t, wrong: t}",
+        "train.eval_per_domain": 3, "data.max_new_tokens": 5})))
+    examples = tr.source.batch(0, tr.cfg.data.per_domain)
+    _, _, rewards = tr.on_policy_batch(0, examples)
+    want = [1.0 if e.domain == "right" else 0.0 for e in examples for _ in range(tr.cfg.data.group_size)]
+    np.testing.assert_array_equal(rewards, want)
+    assert tr.evaluate() == {"eval/right/accuracy": 1.0, "eval/wrong/accuracy": 0.0, "eval/mean/accuracy": 0.5}
