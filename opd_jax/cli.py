@@ -72,7 +72,7 @@ def _plan(args) -> int:
     from opd_jax.plan import GiB, device_memory_bytes, format_plan, plan
 
     cfg = load_config(args.config, args.overrides)
-    p = plan(cfg, n_devices=args.devices, compile=args.compile)
+    p = plan(cfg, n_devices=args.devices, compile=args.compile, flops=args.flops)
     print(format_plan(p))
     limit = device_memory_bytes(cfg)
     if limit is not None:
@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="per-device memory and FLOPs of a config on its mesh, from shapes only")
     pl.add_argument("--config", default=None, help="YAML file")
     pl.add_argument("--devices", type=int, default=None, help="plan for this many devices (faked on CPU)")
-    pl.add_argument("--compile", action="store_true", help="also compile the train step: activations and FLOPs")
+    pl.add_argument("--compile", action="store_true", help="also compile the train step (as the trainer runs it): activations")
+    pl.add_argument("--flops", action="store_true", help="also compile it with the layer loop unrolled: FLOPs per step")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON too")
     pl.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=8 student.dtype=bfloat16")
     pl.set_defaults(func=_plan)

@@ -25,6 +25,7 @@ class ModelSpec:
     path: str | None = None
     init: dict = field(default_factory=dict)
     dtype: str = "float32"
+    attention: str = "auto"  # auto | blockwise (flash-style, no [T, S] scores) | naive | splash (TPU; else blockwise)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TeacherSpec:
     name: str = "teacher"
     path: str | None = None  # an HF folder, or "self" for the frozen snapshot of the student at step 0
     dtype: str = "float32"
+    attention: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ class TrainConfig:
     eval_per_domain: int = 64
     log_every: int = 1
     progress: bool = True
+    remat: str = "full"  # recompute each layer body in the backward pass: full | dots (keep matmuls) | none
 
 
 @dataclass(frozen=True)

@@ -99,15 +99,17 @@ def optimizer_bytes(optimizer, shapes, axes, mesh: MeshShape, rules) -> tuple[fl
     return per_dev, total
 
 
-def plan(cfg, *, n_devices: int | None = None, compile: bool = False) -> dict:
+def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: bool = False) -> dict:
     """Per-device bytes of every part of a run of `cfg` on `n_devices` (default: all devices) and,
-    with `compile`, the compiled step's temporary bytes and FLOPs."""
+    with `compile`, the temporary bytes of the compiled step: the same scanned, rematerialised program
+    the trainer runs (its attention and `train.remat`). `flops` compiles once more with the layer loop
+    unrolled, because XLA's cost analysis counts a loop body once."""
     from opd_jax.optim import make_optimizer
 
     n_devices = n_devices or jax.device_count()
     mesh = mesh_shape(cfg.mesh, n_devices)
     rules, trules = shd.rules_named(cfg.mesh.rules), shd.rules_named(cfg.mesh.teacher_rules)
-    scfg = model_config(cfg.student)
+    scfg = model_config(cfg.student).replace(attention=cfg.student.attention, remat=cfg.train.remat)
     shapes, axes = abstract_params(scfg)
     p_dev, n_params = tree_bytes(shapes, axes, mesh, rules)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, shapes)
@@ -139,14 +141,19 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False) -> dict:
            "teachers": teachers, "teacher_bytes_per_device": t_dev,
            "kv_cache_bytes_per_device": cache_dev, "teacher_output_bytes_per_device": tout_dev}
     out["total_bytes_per_device"] = p_dev + o_dev + t_dev + cache_dev + tout_dev
-    if compile:
+    if compile or flops:
         out.update(compile_step(cfg, scfg, optimizer, shapes, rows, n_devices))
         out["total_bytes_per_device"] += out["activation_bytes_per_device"]
+    if flops:
+        out["flops_per_step_per_device"] = compile_step(cfg, scfg, optimizer, shapes, rows, n_devices,
+                                                        unroll=True)["flops_per_step_per_device"]
+        out["flops_counted_all_layers"] = True
     return out
 
 
-def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int) -> dict:
-    """Lower and compile the train step for the mesh on `n_devices` real (or fake CPU) devices."""
+def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int, unroll: bool = False) -> dict:
+    """Lower and compile the train step for the mesh on `n_devices` real (or fake CPU) devices: XLA's
+    temporary bytes (activations) and FLOPs (a loop body counted once unless `unroll`)."""
     from opd_jax.train_step import sharded_train_step  # the trainer's own jitted step
 
     if jax.device_count() < n_devices:
@@ -171,7 +178,10 @@ def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int) -> dic
                               temperature=dc.temperature, mesh=mesh, param_sh=param_sh, opt_sh=opt_sh, rules=rules)
     fn, _ = step.jitted(batch)
     abstract_opt = jax.eval_shape(optimizer.init, shapes)
-    with unrolled_layers():  # so cost_analysis() counts every layer, not one loop body
+    if unroll:
+        with unrolled_layers():  # so cost_analysis() counts every layer, not one loop body
+            compiled = fn.lower(shapes, abstract_opt, batch).compile()
+    else:
         compiled = fn.lower(shapes, abstract_opt, batch).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -222,7 +232,8 @@ def format_plan(p: dict) -> str:
               f"  teacher outputs      {gib(p['teacher_output_bytes_per_device'])}"]
     if "activation_bytes_per_device" in p:
         lines.append(f"  activations (XLA)    {gib(p['activation_bytes_per_device'])}")
-        lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
+        if "flops_per_step_per_device" in p and p.get("flops_counted_all_layers"):
+            lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
     lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from opd_jax.errors import OpdError
 from opd_jax.models import load_model
+from opd_jax.models.transformer import with_runtime
 
 
 @dataclass
@@ -57,6 +58,7 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             if not spec.path:
                 raise OpdError(f"teacher {name!r} needs a path (a Hugging Face folder) or path: self")
             model = load_model(spec.path, dtype=spec.dtype, mesh=mesh, rules=rules)
+            with_runtime(model, attention=spec.attention, remat="none")
             graphdef, state = nnx.split(model)
             vocab = model.cfg.vocab_size
         if vocab != student.cfg.vocab_size:

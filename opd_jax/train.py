@@ -26,6 +26,7 @@ from opd_jax.errors import OpdError
 from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
 from opd_jax.metrics import MetricsWriter, plot_metrics
 from opd_jax.models import ModelConfig, init_model, load_model
+from opd_jax.models.transformer import with_runtime
 from opd_jax.plan import check_fits
 from opd_jax.optim import find_state, jumped, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
@@ -41,14 +42,16 @@ def train_state(params, opt_state, step: int, key) -> dict:
             "rng": np.asarray(jax.random.key_data(key))}
 
 
-def build_student(spec, seed: int):
+def build_student(spec, seed: int, remat: str = "none"):
     if spec.path:
-        return load_model(spec.path, dtype=spec.dtype)
-    try:
-        cfg = ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **spec.init})
-    except TypeError as e:
-        raise OpdError(f"student.init: {e}") from None
-    return init_model(cfg, seed)
+        model = load_model(spec.path, dtype=spec.dtype)
+    else:
+        try:
+            cfg = ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **spec.init})
+        except TypeError as e:
+            raise OpdError(f"student.init: {e}") from None
+        model = init_model(cfg, seed)
+    return with_runtime(model, attention=spec.attention, remat=remat)
 
 
 def get_tokenizer(cfg: Config, out: Path):
@@ -69,7 +72,7 @@ class Trainer:
         check_fits(cfg)  # from shapes only, before any weights are read
         self.tokenizer = get_tokenizer(cfg, self.out)
         self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
-        self.student = build_student(cfg.student, cfg.train.seed)
+        self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
                            f"{len(self.tokenizer)}")

@@ -48,14 +48,14 @@ def test_qwen3_8b_parameter_and_optimizer_bytes_match_an_exact_count():
 
 def test_compiled_plan_reports_activations_and_flops_that_scale_with_the_batch():
     # rows 24 and 48 both split over the 8 devices (rows that do not divide are replicated instead)
-    small = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4})), n_devices=8, compile=True)
-    large = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 8})), n_devices=8, compile=True)
+    small = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4})), n_devices=8, flops=True)
+    large = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 8})), n_devices=8, flops=True)
     assert small["activation_bytes_per_device"] > 0 and small["flops_per_step_per_device"] > 0
     assert 1.7 < large["flops_per_step_per_device"] / small["flops_per_step_per_device"] < 2.3
     assert large["rows_per_step"] == 2 * small["rows_per_step"] == 48  # 3 domains x 8 prompts x 2 samples
     # every layer counts (the layer loop is unrolled for the cost analysis): 4 layers cost far more than 2
     deep = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4, "student.init": TINY.replace(
-        "num_layers: 2", "num_layers: 4")})), n_devices=8, compile=True)
+        "num_layers: 2", "num_layers: 4")})), n_devices=8, flops=True)
     assert deep["flops_per_step_per_device"] / small["flops_per_step_per_device"] > 1.5
 
 

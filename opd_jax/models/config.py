@@ -45,6 +45,11 @@ class ModelConfig:
     eos_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # runtime choices (never written to config.json): attention implementation (see models.attention)
+    # and the rematerialisation policy of the layer body under differentiation: full | dots | none
+    attention: str = "auto"
+    attention_block: int = 512
+    remat: str = "none"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

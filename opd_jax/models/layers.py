@@ -1,4 +1,4 @@
-"""Pure building blocks of the decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""Pure building blocks of the decoder: RMSNorm, rotary embeddings, SwiGLU (attention: `attention.py`).
 
 Shapes: B batch, T query length, S key length (cache slots), D model width, H query heads,
 K key/value heads (H % K == 0), Dh head width, F MLP width.
@@ -11,7 +11,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30  # finite, so a row with no visible key gives a uniform softmax instead of NaN
 
 
 def rms_norm(x, weight, eps):
@@ -53,26 +52,10 @@ def apply_rope(x, positions, inv_freq):
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def attention(q, k, v, q_slots, key_valid):
-    """Causal grouped-query attention over cache slots.
-
-    q [B, T, H, Dh]; k, v [B, S, K, Dh]; q_slots [T] the slot index of each query;
-    key_valid [B, S] bool. Query t sees key s iff s <= q_slots[t] and key_valid[b, s].
-    softmax(q k^T / sqrt(Dh)) v, scores and softmax in float32. Returns [B, T, H, Dh].
-    """
-    b, t, h, dh = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, h // kv, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(dh)
-    visible = (jnp.arange(k.shape[1])[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
-    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, dh)
-
-
 def swiglu(x, w_gate, w_up, w_down):
     """down(silu(x @ gate) * (x @ up)); x [B, T, D], gate/up [D, F], down [F, D]."""
     g = jax.nn.silu(x @ w_gate)
     return (g * (x @ w_up)) @ w_down
+
+
+from opd_jax.models.attention import NEG_INF, naive_attention as attention  # noqa: E402,F401  (old name)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from opd_jax.models.config import ModelConfig
 from opd_jax.models import layers as L
+from opd_jax.models.attention import attention
 
 # name -> (shape builder, logical axes, init kind); shapes include the leading layers axis.
 def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
@@ -143,18 +144,40 @@ class Transformer(nnx.Module):
                 cache = (ck, cv)
                 k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
                 v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
-            o = L.attention(q, k, v, q_slots, key_valid)
+            o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block)
             h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
             return h, cache
 
+        if cache is None and cfg.remat != "none":  # under differentiation: recompute the layer body
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
         # a loop with a static trip count: lowered to one scan (one layer body, differentiable);
         # unrolled only under `unrolled_layers()` (the planner: XLA's cost analysis counts a loop body once)
         h, cache = jax.lax.fori_loop(0, cfg.num_layers, body, (h, cache),
                                      unroll=cfg.num_layers if _UNROLL.get() else 1)
         h = L.rms_norm(h, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
         return h, cache
+
+
+REMAT_POLICIES = {"full": None,  # keep nothing but the layer inputs
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}  # keep matmul outputs
+
+
+def with_runtime(model: Transformer, *, attention: str | None = None, remat: str | None = None,
+                 attention_block: int | None = None) -> Transformer:
+    """Set the model's runtime choices in place (they are part of its static config) and return it."""
+    from opd_jax.errors import OpdError
+    from opd_jax.models.attention import IMPLEMENTATIONS
+
+    kw = {k: v for k, v in dict(attention=attention, remat=remat, attention_block=attention_block).items()
+          if v is not None}
+    if kw.get("attention", "auto") not in IMPLEMENTATIONS:
+        raise OpdError(f"attention must be one of {', '.join(IMPLEMENTATIONS)}, got {kw['attention']!r}")
+    if kw.get("remat", "none") not in ("none", *REMAT_POLICIES):
+        raise OpdError(f"train.remat must be one of full, dots, none; got {kw['remat']!r}")
+    model.cfg = model.cfg.replace(**kw)
+    return model
 
 
 _UNROLL = contextvars.ContextVar("opd_jax_unroll_layers", default=False)

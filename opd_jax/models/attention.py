@@ -1,0 +1,220 @@
+"""Causal grouped-query attention over cache slots: the plain reference and a blockwise (flash-style)
+version that never forms the [T, S] score matrix.
+
+Shapes: q [B, T, H, Dh]; k, v [B, S, K, Dh] (H % K == 0, G = H / K queries per key head);
+q_slots [T] the cache slot of each query; key_valid [B, S] bool. Query t sees key s iff
+s <= q_slots[t] and key_valid[b, s]:
+
+    out_t = sum_s softmax_s(q_t . k_s / sqrt(Dh)) v_s        (over the visible s)
+
+Blockwise: queries in blocks of `block_q`, keys in blocks of `block_k`; an online softmax keeps per
+query the running max m, normaliser l and the weighted sum a, so memory is O(block_q * block_k) per
+head instead of O(T * S). Key blocks that lie entirely after a query block's last slot are skipped
+(`lax.cond`). The backward pass is a custom VJP that saves only the output and the log-sum-exp
+and recomputes each block's probabilities P = exp(s - lse):
+
+    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K / sqrt(Dh),  dK = dS^T Q / sqrt(Dh)
+
+A query with no visible key gets output 0 (the plain version averages over all slots there; both are
+padding that no real token reads).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so a row with no visible key gives a uniform softmax instead of NaN
+IMPLEMENTATIONS = ("auto", "blockwise", "naive", "splash")
+AUTO_NAIVE_MAX = 256 * 256  # "auto" keeps the plain path while T * S is at most this (tiny shapes, decode steps)
+
+
+def naive_attention(q, k, v, q_slots, key_valid):
+    """The reference: scores and softmax in float32 over all S slots. Returns [B, T, H, Dh]."""
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(dh)
+    visible = (jnp.arange(k.shape[1])[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
+    scores = jnp.where(visible[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, dh)
+
+
+def _pad(x, axis, multiple, value=0):
+    extra = (-x.shape[axis]) % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocks(x, axis, size):
+    """[..., n*size, ...] -> [n, ..., size, ...] (the block index leading)."""
+    x = jnp.moveaxis(x, axis, 0)
+    x = x.reshape((x.shape[0] // size, size) + x.shape[1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+
+def _unblocks(x, axis):
+    """Inverse of `_blocks` for a result with the block index leading and the block at `axis` + 1."""
+    x = jnp.moveaxis(x, axis + 1, 1)
+    x = x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+    return jnp.moveaxis(x, 0, axis)
+
+
+def _scores(qb, kb, slots_q, slots_k, valid_k, scale):
+    """Masked float32 scores of one block pair: qb [B, bq, K, G, Dh], kb [B, bk, K, Dh] ->
+    ([B, K, G, bq, bk], visible mask of the same shape)."""
+    s = jnp.einsum("btkgd,bskd->bkgts", qb, kb, preferred_element_type=jnp.float32) * scale
+    vis = (slots_k[None, :] <= slots_q[:, None])[None] & valid_k[:, None, :]  # [B, bq, bk]
+    vis = vis[:, None, None]
+    return jnp.where(vis, s, NEG_INF), vis
+
+
+def _forward(q, k, v, q_slots, key_valid, bq, bk):
+    """-> out [B, T, H, Dh] (q's dtype) and lse [nq, B, K, G, bq] float32 (per padded query block)."""
+    b, t, h, dh = q.shape
+    s_len, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    scale = 1.0 / math.sqrt(dh)
+    qb = _blocks(_pad(q.reshape(b, t, kv, g, dh), 1, bq), 1, bq)  # [nq, B, bq, K, G, Dh]
+    slots_q = _blocks(_pad(q_slots, 0, bq, -1), 0, bq)  # padded queries see nothing
+    kb, vb = (_blocks(_pad(x, 1, bk), 1, bk) for x in (k, v))  # [nk, B, bk, K, Dh]
+    slots_k = _blocks(jnp.arange(kb.shape[0] * bk), 0, bk)
+    valid_k = _blocks(_pad(key_valid, 1, bk, False), 1, bk)  # [nk, B, bk]
+
+    def per_q_block(xs):
+        qblk, sq = xs
+        init = (jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
+                jnp.zeros((b, kv, g, bq, dh), jnp.float32))
+
+        def step(carry, ys):
+            kblk, vblk, sk, vk = ys
+
+            def compute(c):
+                m, l, acc = c
+                s, vis = _scores(qblk, kblk, sq, sk, vk, scale)
+                m_new = jnp.maximum(m, jnp.max(s, -1))
+                p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+                corr = jnp.exp(m - m_new)
+                acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p.astype(vblk.dtype), vblk,
+                                                         preferred_element_type=jnp.float32)
+                return m_new, l * corr + jnp.sum(p, -1), acc
+
+            return jax.lax.cond(sk[0] > jnp.max(sq), lambda c: c, compute, carry), None
+
+        (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, slots_k, valid_k))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)  # inf: P = 0 in the backward
+        return out, lse
+
+    out, lse = jax.lax.map(per_q_block, (qb, slots_q))  # out [nq, B, K, G, bq, Dh]
+    out = jnp.moveaxis(out, 4, 2)  # [nq, B, bq, K, G, Dh]
+    out = _unblocks(out, 1)[:, :t].reshape(b, t, h, dh).astype(q.dtype)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q, k, v, q_slots, key_valid, bq, bk):
+    return _forward(q, k, v, q_slots, key_valid, bq, bk)[0]
+
+
+def _flash_fwd(q, k, v, q_slots, key_valid, bq, bk):
+    out, lse = _forward(q, k, v, q_slots, key_valid, bq, bk)
+    return out, (q, k, v, q_slots, key_valid, out, lse)
+
+
+def _flash_bwd(bq, bk, res, d_out):
+    q, k, v, q_slots, key_valid, out, lse = res
+    b, t, h, dh = q.shape
+    s_len, kv = k.shape[1], k.shape[2]
+    g = h // kv
+    scale = 1.0 / math.sqrt(dh)
+    grouped = lambda x: _blocks(_pad(x.reshape(b, t, kv, g, dh), 1, bq), 1, bq)  # noqa: E731
+    qb, dob = grouped(q), grouped(d_out)
+    # D_t = rowsum(dO * O), per query: [nq, B, K, G, bq]
+    dd = jnp.moveaxis(jnp.sum(dob.astype(jnp.float32) * grouped(out).astype(jnp.float32), -1), 2, -1)
+    slots_q = _blocks(_pad(q_slots, 0, bq, -1), 0, bq)
+    kb, vb = (_blocks(_pad(x, 1, bk), 1, bk) for x in (k, v))
+    slots_k = _blocks(jnp.arange(kb.shape[0] * bk), 0, bk)
+    valid_k = _blocks(_pad(key_valid, 1, bk, False), 1, bk)
+
+    def per_k_block(dq_acc, ys):
+        kblk, vblk, sk, vk = ys
+
+        def per_q_block(carry, xs):
+            dk, dv = carry
+            qblk, doblk, sq, lse_q, d_q, i = xs
+
+            def compute(c):
+                dk, dv = c
+                s, vis = _scores(qblk, kblk, sq, sk, vk, scale)
+                p = jnp.where(vis, jnp.exp(s - lse_q[..., None]), 0.0)  # [B, K, G, bq, bk]
+                dv = dv + jnp.einsum("bkgts,btkgd->bskd", p, doblk.astype(jnp.float32))
+                dp = jnp.einsum("btkgd,bskd->bkgts", doblk.astype(jnp.float32), vblk.astype(jnp.float32))
+                ds = p * (dp - d_q[..., None]) * scale
+                dk = dk + jnp.einsum("bkgts,btkgd->bskd", ds, qblk.astype(jnp.float32))
+                dq = jnp.einsum("bkgts,bskd->btkgd", ds, kblk.astype(jnp.float32))
+                return (dk, dv), dq
+
+            skip = sk[0] > jnp.max(sq)
+            (dk, dv), dq = jax.lax.cond(skip, lambda c: (c, jnp.zeros(qblk.shape, jnp.float32)), compute, (dk, dv))
+            return (dk, dv), dq
+
+        zeros = jnp.zeros(kblk.shape, jnp.float32)
+        idx = jnp.arange(qb.shape[0])
+        (dk, dv), dq = jax.lax.scan(per_q_block, (zeros, zeros), (qb, dob, slots_q, lse, dd, idx))
+        return dq_acc + dq, (dk, dv)
+
+    dq0 = jnp.zeros(qb.shape, jnp.float32)
+    dq, (dk, dv) = jax.lax.scan(per_k_block, dq0, (kb, vb, slots_k, valid_k))
+    dq = _unblocks(dq, 1)[:, :t].reshape(b, t, h, dh).astype(q.dtype)
+    dk = _unblocks(dk, 1)[:, :s_len].astype(k.dtype)
+    dv = _unblocks(dv, 1)[:, :s_len].astype(v.dtype)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(q, k, v, q_slots, key_valid, *, block_q: int = 512, block_k: int = 512):
+    """Flash-style attention (see the module docstring); same contract as `naive_attention`."""
+    bq = max(1, min(block_q, q.shape[1]))
+    bk = max(1, min(block_k, k.shape[1]))
+    return _flash(q, k, v, jnp.asarray(q_slots, jnp.int32), key_valid.astype(bool), bq, bk)
+
+
+def _splash_available() -> bool:
+    try:
+        from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the installed jax
+        return False
+    return jax.default_backend() == "tpu"
+
+
+def resolve(impl: str, t: int, s: int) -> str:
+    """The implementation to run for a [T, S] attention: "auto" picks the plain path for small T * S
+    (decode steps, tiny models), otherwise blockwise. Splash (Pallas, TPU) is not wired in yet: asking
+    for it off TPU or on TPU both fall back to the pure-JAX blockwise path."""
+    if impl not in IMPLEMENTATIONS:
+        from opd_jax.errors import OpdError
+        raise OpdError(f"attention must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "auto":
+        return "naive" if t * s <= AUTO_NAIVE_MAX or t == 1 else "blockwise"
+    if impl == "splash":
+        return "blockwise"
+    return impl
+
+
+def attention(q, k, v, q_slots, key_valid, impl: str = "naive", block: int = 512):
+    """Dispatch to the implementation `resolve(impl, T, S)` names."""
+    if resolve(impl, q.shape[1], k.shape[1]) == "naive":
+        return naive_attention(q, k, v, q_slots, key_valid)
+    return blockwise_attention(q, k, v, q_slots, key_valid, block_q=block, block_k=block)

@@ -1,0 +1,79 @@
+"""Per-chip memory of the compiled OPD step at real shapes, from config-only model folders (no weights).
+
+Compiles the trainer's own step for the recipe's mesh on fake CPU devices (`opd_jax.plan`, XLA's
+memory analysis) at several answer lengths and prints per-chip bytes and the growth factor, for the
+settings given (for example the old plain attention without remat against the defaults):
+
+    python scripts/bench_step_memory.py --recipe configs/recipes/qwen3_1p7b_from_8b.yaml --devices 16 \
+        --new 1024 2048 --set student.attention=naive train.remat=none
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN3 = {  # shapes of the released checkpoints (config.json)
+    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8,
+                       tie_word_embeddings=True),
+    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
+                     tie_word_embeddings=True),
+    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                     tie_word_embeddings=False),
+}
+
+
+def config_only(text: str, root: Path, layers: int | None) -> str:
+    from opd_jax.models import ModelConfig
+
+    for name in set(re.findall(r"/mnt/shared/models/([\w.\-]+)", text)):
+        shape = dict(QWEN3.get(name, QWEN3["Qwen3-8B"]))
+        if layers:
+            shape["num_layers"] = layers
+        cfg = ModelConfig.for_family("qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=40960,
+                                     rope_theta=1e6, param_dtype="bfloat16", dtype="bfloat16", **shape)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "config.json").write_text(json.dumps(cfg.to_hf()))
+    return text.replace("/mnt/shared/models/", f"{root}/")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", required=True)
+    ap.add_argument("--devices", type=int, default=16)
+    ap.add_argument("--new", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--layers", type=int, default=None, help="override every model's depth (compile time)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides, key.sub=value")
+    args = ap.parse_args(argv)
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from opd_jax.config import load_config
+    from opd_jax.plan import GiB, plan
+
+    with tempfile.TemporaryDirectory() as tmp:
+        text = config_only(Path(args.recipe).read_text(), Path(tmp), args.layers)
+        recipe = Path(tmp) / "recipe.yaml"
+        recipe.write_text(text)
+        print(f"recipe {args.recipe}, {args.devices} devices, layers {args.layers or 'as released'}, "
+              f"overrides {args.set or 'none'}")
+        print(f"{'new tokens':>10} {'activations GiB':>16} {'total GiB':>10} {'growth':>7} {'compile s':>9}")
+        prev = None
+        for n in args.new:
+            cfg = load_config(recipe, [*args.set, f"data.max_new_tokens={n}"])
+            t0 = time.time()
+            p = plan(cfg, n_devices=args.devices, compile=True)
+            act = p["activation_bytes_per_device"]
+            growth = f"{act / prev:.2f}x" if prev else ""
+            print(f"{n:>10} {act / GiB:>16.2f} {p['total_bytes_per_device'] / GiB:>10.2f} {growth:>7} "
+                  f"{time.time() - t0:>9.0f}", flush=True)
+            prev = act
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Blockwise (flash-style) attention against the plain reference, in the model and the sampler; remat."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax import OpdError
+from opd_jax.models import ModelConfig, init_model
+from opd_jax.models.attention import blockwise_attention, naive_attention, resolve
+from opd_jax.models.transformer import with_runtime
+from opd_jax.sampling import generate
+
+
+def _inputs(b, t, s, h, k, d, pad, seed=0):
+    rng = np.random.RandomState(seed)
+    q = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+    kk = jnp.asarray(rng.normal(size=(b, s, k, d)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(b, s, k, d)), jnp.float32)
+    valid = np.ones((b, s), bool)
+    for r, n in enumerate(pad):
+        valid[r, :n] = False  # left padding
+    return q, kk, v, jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("t,s,h,k,bq,bk,offset", [
+    (37, 37, 4, 2, 8, 16, 0),    # GQA, lengths not multiples of either block
+    (29, 45, 6, 3, 16, 8, 16),   # prefill-like: queries at slots 16.., keys over a longer cache
+    (20, 20, 2, 2, 64, 64, 0),   # one block bigger than the sequence
+])
+def test_blockwise_equals_naive_in_value_and_gradient(t, s, h, k, bq, bk, offset):
+    b, d = 3, 8
+    q, kk, v, valid = _inputs(b, t, s, h, k, d, pad=(5, 0, 11))
+    slots = jnp.arange(t) + offset
+    # queries that see at least one key (left-padded queries see none; no real token reads them)
+    real = (valid[:, offset:offset + t] if offset + t <= s else valid[:, :t])[:, :, None, None]
+    w = jnp.asarray(np.random.RandomState(1).normal(size=(b, t, h, d)), jnp.float32)
+
+    def loss(fn):
+        return lambda q, kk, v: jnp.sum(jnp.where(real, fn(q, kk, v, slots, valid), 0.0) * w)
+
+    naive = naive_attention(q, kk, v, slots, valid)
+    block = blockwise_attention(q, kk, v, slots, valid, block_q=bq, block_k=bk)
+    np.testing.assert_allclose(np.where(real, block, 0), np.where(real, naive, 0), atol=1e-5)
+    g_naive = jax.grad(loss(naive_attention), argnums=(0, 1, 2))(q, kk, v)
+    g_block = jax.grad(loss(lambda *a: blockwise_attention(*a, block_q=bq, block_k=bk)), argnums=(0, 1, 2))(q, kk, v)
+    for name, a, c in zip("qkv", g_block, g_naive):
+        np.testing.assert_allclose(a, c, atol=1e-5, err_msg=name)
+
+
+def test_blockwise_program_holds_no_t_by_s_scores():
+    """Forward and backward at T = S = 384 with 64-wide blocks: no buffer in the compiled program has
+    a 384 x 384 pair of dimensions (the plain path's scores do)."""
+    q, kk, v, valid = _inputs(1, 384, 384, 2, 1, 8, pad=(0,))
+    slots = jnp.arange(384)
+
+    def hlo(fn):
+        f = jax.grad(lambda q, kk, v: jnp.sum(fn(q, kk, v, slots, valid)), argnums=(0, 1, 2))
+        return jax.jit(f).lower(q, kk, v).compile().as_text()
+
+    square = re.compile(r"\b384,384\b")
+    assert square.search(hlo(naive_attention))  # the check can see a [T, S] buffer
+    assert not square.search(hlo(lambda *a: blockwise_attention(*a, block_q=64, block_k=64)))
+
+
+def _model(attention="naive", remat="none", block=8, seed=0):
+    cfg = ModelConfig.for_family("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                                 num_heads=4, num_kv_heads=2, head_dim=16)
+    return with_runtime(init_model(cfg, seed), attention=attention, remat=remat, attention_block=block)
+
+
+def test_model_logits_and_sampling_unchanged_with_blockwise_attention():
+    ids = np.random.RandomState(3).randint(3, 64, (3, 21))
+    mask = np.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :9] = 0
+    naive, block = _model("naive"), _model("blockwise")
+    real = mask[..., None].astype(bool)
+    np.testing.assert_allclose(np.where(real, block(ids, mask), 0), np.where(real, naive(ids, mask), 0), atol=1e-5)
+    kw = dict(key=jax.random.key(7), max_new_tokens=11, temperature=1.0, eos_id=None)
+    a, b = generate(naive, ids, mask, **kw), generate(block, ids, mask, **kw)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["naive", "blockwise"])
+def test_remat_policies_give_the_same_gradients(attention):
+    ids = jnp.asarray(np.random.RandomState(4).randint(3, 64, (2, 19)))
+    grads = {}
+    for remat in ("none", "full", "dots"):
+        graphdef, params = nnx.split(_model(attention, remat))
+        loss = lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p)(ids))[..., 5])  # noqa: E731
+        grads[remat] = jax.jit(jax.grad(loss))(params)
+    for remat in ("full", "dots"):
+        for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["none"])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_attention_and_remat_choices_are_checked():
+    assert resolve("auto", 1, 10_000) == "naive"  # decode steps stay on the plain path
+    assert resolve("auto", 2048, 2048) == "blockwise"
+    with pytest.raises(OpdError, match="attention must be one of"):
+        _model("flash2")
+    with pytest.raises(OpdError, match="train.remat must be one of"):
+        _model("naive", "some")
