@@ -99,6 +99,7 @@ class TrainConfig:
     eval_per_domain: int = 64
     log_every: int = 1
     progress: bool = True
+    micro_batch: int = 0  # rows per forward/backward inside the step (gradients accumulated); 0 = all rows
     remat: str = "full"  # recompute each layer body in the backward pass: full | dots (keep matmuls) | none
 
 

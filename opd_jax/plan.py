@@ -175,7 +175,8 @@ def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int, unroll
           "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32), "teacher": teacher}
     batch = {"on": on}
     step = sharded_train_step(nnx.graphdef(model), optimizer=optimizer, lc=lc, prompt_len=P, group_size=dc.group_size,
-                              temperature=dc.temperature, mesh=mesh, param_sh=param_sh, opt_sh=opt_sh, rules=rules)
+                              temperature=dc.temperature, mesh=mesh, param_sh=param_sh, opt_sh=opt_sh, rules=rules,
+                              micro=cfg.train.micro_batch)
     fn, _ = step.jitted(batch)
     abstract_opt = jax.eval_shape(optimizer.init, shapes)
     if unroll:

@@ -32,7 +32,7 @@ from opd_jax.optim import find_state, jumped, load_mask, make_optimizer, undo_ju
 from opd_jax.sampling import generate
 from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
 from opd_jax.teachers import build_teachers, score_batch
-from opd_jax.train_step import check_loss_config, probe_divergence, sharded_train_step, teacher_output_kind
+from opd_jax.train_step import check_loss_config, check_micro_batch, probe_divergence, sharded_train_step, teacher_output_kind
 
 
 def train_state(params, opt_state, step: int, key) -> dict:
@@ -72,6 +72,10 @@ class Trainer:
         check_fits(cfg)  # from shapes only, before any weights are read
         self.tokenizer = get_tokenizer(cfg, self.out)
         self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
+        dc, nd = cfg.data, len(self.source.domains)
+        check_micro_batch(cfg.train.micro_batch, {k: nd * dc.per_domain * g for k, g, used in
+                                                  (("on", dc.group_size, cfg.loss.lam > 0), ("off", 1, cfg.loss.lam < 1))
+                                                  if used}, cfg.loss, dc.group_size)
         self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
@@ -91,7 +95,7 @@ class Trainer:
         self.step_fn = sharded_train_step(self.graphdef, optimizer=self.optimizer, lc=cfg.loss,
                                           prompt_len=cfg.data.max_prompt_len, group_size=cfg.data.group_size,
                                           temperature=cfg.data.temperature, mesh=self.mesh, param_sh=self.param_sh,
-                                          opt_sh=self.opt_sh, rules=self.rules)
+                                          opt_sh=self.opt_sh, rules=self.rules, micro=cfg.train.micro_batch)
         self.base_key = jax.random.key(cfg.train.seed)
         self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
         self.prompt_len = cfg.data.max_prompt_len

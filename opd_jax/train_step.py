@@ -77,18 +77,85 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     return loss, m
 
 
-def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature):
-    """One optax update. params: pure dict of the student's parameters. -> (params, opt_state, loss, metrics)."""
+def check_micro_batch(micro: int, rows: dict, lc, group_size: int):
+    """Clear errors for a `train.micro_batch` that cannot split the step's rows exactly.
+    rows: part ("on" / "off") -> rows per step."""
+    if micro < 0:
+        raise OpdError(f"train.micro_batch must be >= 0 (0 = all rows at once), got {micro}")
+    if not micro or all(micro >= r for r in rows.values()):
+        return
+    for part, r in rows.items():
+        if micro < r and r % micro:
+            raise OpdError(f"train.micro_batch={micro} does not divide the {r} {part}-policy rows per step")
+    if "on" in rows and micro < rows["on"] and micro % group_size:
+        raise OpdError(f"train.micro_batch={micro} must be a multiple of data.group_size={group_size} "
+                       "(a prompt's samples stay in one micro-batch)")
+    if lc.baseline == "loo":
+        raise OpdError("loss.baseline=loo averages over the whole batch, so it cannot be split: "
+                       "set train.micro_batch=0 or loss.baseline=none")
 
-    def loss_fn(p):
-        model = nnx.merge(graphdef, p)
-        parts = {k: policy_loss(model, batch[k], lc, prompt_len, group_size, temperature) for k in ("on", "off") if k in batch}
-        if len(parts) == 2:
-            return L.gkd_loss(parts["on"], parts["off"], lc.lam)
-        (key, (loss, m)), = parts.items()
-        return loss, {f"{'on' if key == 'on' else 'off'}_policy/{k}": v for k, v in m.items()}
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+def _micro_weights(mask, normalize: str):
+    """Share of the whole batch's normaliser held by each micro-batch, mask [n, micro, N] -> [n]:
+    tokens (normalize="token") or rows with a token ("sequence"), so sum_i w_i L_i = L exactly."""
+    m = mask.astype(jnp.float32)
+    per = jnp.sum(m, (1, 2)) if normalize == "token" else jnp.sum((jnp.sum(m, 2) > 0).astype(jnp.float32), 1)
+    return per / jnp.maximum(jnp.sum(per), 1.0)
+
+
+def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, constrain=None):
+    """((loss, metrics), grads) of one batch, optionally in micro-batches of `micro` rows.
+
+    With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
+    grads = sum_i w_i grad L_i (w from `_micro_weights`), equal to the whole batch's gradient; scalar
+    metrics are the same weighted means ("tokens" is summed), per-row metrics are concatenated.
+    `constrain(x)` (optional) keeps each micro-batch's rows spread over the batch mesh axes."""
+
+    def loss_of(p, bb):
+        return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature)
+
+    rows = b["tokens"].shape[0]
+    if not micro or micro >= rows:
+        return jax.value_and_grad(loss_of, has_aux=True)(params, b)
+    n = rows // micro
+    mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
+    if constrain is not None:
+        mbs = jax.tree.map(constrain, mbs)
+    w = _micro_weights(mbs["mask"], lc.normalize)
+
+    def body(acc, xs):
+        bb, wi = xs
+        (loss, m), g = jax.value_and_grad(loss_of, has_aux=True)(params, bb)
+        acc = jax.tree.map(lambda a, x: a + wi * x.astype(jnp.float32), acc, g)
+        return acc, (loss, m)
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    acc, (losses, ms) = jax.lax.scan(body, zeros, (mbs, w))
+    grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+    metrics = {}
+    for k, v in ms.items():
+        if k == "row_divergence":
+            metrics[k] = v.reshape(rows)
+        elif k == "tokens":
+            metrics[k] = jnp.sum(v)
+        else:
+            metrics[k] = jnp.tensordot(w, v.astype(jnp.float32), 1)
+    return (jnp.dot(w, losses), metrics), grads
+
+
+def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature, micro=0,
+            constrain=None):
+    """One optax update. params: pure dict of the student's parameters. -> (params, opt_state, loss, metrics).
+    GKD: grads = lam * grad L(on) + (1 - lam) * grad L(off), each part possibly in micro-batches."""
+    kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
+              constrain=constrain)
+    parts = {k: part_value_and_grad(graphdef, params, batch[k], **kw) for k in ("on", "off") if k in batch}
+    if len(parts) == 2:
+        loss, metrics = L.gkd_loss(parts["on"][0], parts["off"][0], lc.lam)
+        grads = jax.tree.map(lambda a, b: lc.lam * a + (1.0 - lc.lam) * b, parts["on"][1], parts["off"][1])
+    else:
+        (key, ((loss, m), grads)), = parts.items()
+        metrics = {f"{'on' if key == 'on' else 'off'}_policy/{k}": v for k, v in m.items()}
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
@@ -97,19 +164,25 @@ def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, gr
 
 
 # Shardings follow the (committed) inputs; the trainer uses `sharded_train_step` instead.
-train_step = jax.jit(_update, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature"),
-                     donate_argnums=(1, 2))
+train_step = jax.jit(_update, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature",
+                                             "micro", "constrain"), donate_argnums=(1, 2))
 
 
 def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: int, temperature: float, mesh,
-                       param_sh, opt_sh, rules=None):
+                       param_sh, opt_sh, rules=None, micro: int = 0):
     """`_update` under `jax.jit` with explicit shardings at the boundary: params and optimizer state
     in and out as `param_sh` / `opt_sh` (donated), every batch array's rows over the batch mesh axes,
     loss and metrics replicated. One executable per batch layout (the trainer has one).
     Returns step(params, opt_state, batch) -> (params, opt_state, loss, metrics)."""
-    from opd_jax.sharding import placed, replicated, rows_sharding
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from opd_jax.sharding import placed, replicated, rows_sharding, rows_spec
 
     repl = replicated(mesh)
+
+    def constrain(x):  # [n, micro, ...]: each micro-batch's rows over the batch axes
+        spec = PartitionSpec(None, *rows_spec(x.shape[1], x.ndim - 1, mesh, rules))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     compiled = {}
 
     def jitted(batch):
@@ -118,7 +191,8 @@ def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: 
         if key not in compiled:
             bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
             fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
-                                           group_size=group_size, temperature=temperature),
+                                           group_size=group_size, temperature=temperature, micro=micro,
+                                           constrain=constrain),
                          in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
                          donate_argnums=(0, 1))
             compiled[key] = (fn, bsh)

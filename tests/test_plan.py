@@ -76,3 +76,17 @@ def test_plan_cli_prints_the_table_and_the_verdict(capsys):
                  "routing={addition: t, reverse: t, sort: t}", "mesh.device_memory_gb=4"]) == 0
     out = capsys.readouterr().out
     assert "8.191 B params" in out and "does NOT fit" in out
+
+
+def test_micro_batches_and_remat_lower_the_compiled_activations():
+    """The planner compiles the trainer's own step, so its knobs show: 48 rows in micro-batches of 6
+    need less temporary memory than all at once, and rematerialised layers less than kept ones."""
+    def act(**kw):
+        over = {"data.per_domain": 8, "data.max_new_tokens": 24, "student.init": TINY.replace(
+            "num_layers: 2", "num_layers: 4"), **kw}
+        return plan(load_config(None, tiny_overrides("/tmp/unused", **over)), n_devices=8,
+                    compile=True)["activation_bytes_per_device"]
+
+    whole = act(**{"train.remat": "none"})
+    assert act(**{"train.remat": "none", "train.micro_batch": 6}) < 0.8 * whole
+    assert act(**{"train.remat": "full"}) < whole

@@ -92,7 +92,7 @@ def reference_loss(s, b, t, *, lc, temperature, prompt_len, group_size):
     T = temperature
     t = jax.lax.stop_gradient(t)
     comp, mask = b["tokens"][:, prompt_len:], b["mask"]
-    div = dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
+    div = dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div, normalize=lc.normalize)
     if lc.estimator_type == "full":
         return L.full_vocab_loss(s, t, mask, temperature=T, **div)
     if lc.estimator_type == "topk":
@@ -101,7 +101,7 @@ def reference_loss(s, b, t, *, lc, temperature, prompt_len, group_size):
     slp, tlp = token_logprobs(s, comp, T), token_logprobs(t, comp, T)
     if lc.rl_alpha < 1 or lc.rl_mode == "replace":
         return L.rl_opd_surrogate(slp, tlp, b["rewards"], mask, group_size=group_size, alpha=lc.rl_alpha,
-                                  mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator,
+                                  mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator, normalize=lc.normalize,
                                   sampler_logprobs=b["sampler_logprobs"], clip_eps=lc.clip_eps)
     return L.sampled_surrogate(slp, tlp, mask, estimator=lc.estimator, level=lc.level, baseline=lc.baseline,
                                sampler_logprobs=b["sampler_logprobs"], clip_eps=lc.clip_eps, **div)
@@ -173,6 +173,12 @@ MODES = {
                            "data.temperature": 0.7},
     "sampled-sequence": {"loss.estimator_type": "sampled", "loss.kind": "forward_kl", "loss.estimator": "opd_plus",
                          "loss.level": "sequence"},
+    # micro-batches inside the step (train.micro_batch rows per forward/backward) equal the whole batch
+    "full-micro4": {"loss.estimator_type": "full", "loss.kind": "forward_kl", "train.micro_batch": 4},
+    "topk-micro6-sequence-norm": {"loss.estimator_type": "topk", "loss.kind": "reverse_kl", "loss.topk": 3,
+                                  "loss.normalize": "sequence", "train.micro_batch": 6},
+    "sampled-sequence-micro4": {"loss.estimator_type": "sampled", "loss.kind": "jsd", "loss.level": "sequence",
+                                "train.micro_batch": 4},
     "sampled-loo": {"loss.estimator_type": "sampled", "loss.kind": "reverse_kl", "loss.estimator": "stop_grad",
                     "loss.baseline": "loo"},
 }
@@ -229,10 +235,11 @@ def dataset_rows(tok, examples, prompt_len, max_new):
     return tokens, pmask, amask
 
 
-def test_gkd_mixes_on_policy_samples_and_dataset_answers_with_lambda(tmp_path, teachers, teacher_models):
+@pytest.mark.parametrize("micro", [0, 6])  # 6: the 12 on-policy rows in two micro-batches, the 6 dataset rows in one
+def test_gkd_mixes_on_policy_samples_and_dataset_answers_with_lambda(tmp_path, teachers, teacher_models, micro):
     lam = 0.3
     tr = make_trainer(tmp_path, teachers, **{"loss.estimator_type": "full", "loss.kind": "forward_kl",
-                                             "loss.lam": lam})
+                                             "loss.lam": lam, "train.micro_batch": micro})
     ref = Ref(tr, teacher_models)
     on, on_domains, examples = on_policy_rows(tr, 0)
     tokens, pmask, amask = dataset_rows(tr.tokenizer, examples, ref.P, tr.cfg.data.max_new_tokens)
@@ -247,6 +254,18 @@ def test_gkd_mixes_on_policy_samples_and_dataset_answers_with_lambda(tmp_path, t
     assert rec["off_policy/divergence"] == pytest.approx(float(m_off["divergence"]), abs=1e-5)
     assert rec["loss"] == pytest.approx(float(loss), abs=1e-5)
     assert_step_is_gradient(p0, p1, grads)
+
+
+def test_micro_batch_sizes_that_cannot_split_the_rows_are_refused(tmp_path, teachers):
+    from opd_jax import OpdError
+
+    with pytest.raises(OpdError, match="micro_batch=5 does not divide the 12 on-policy rows"):
+        make_trainer(tmp_path / "a", teachers, **{"train.micro_batch": 5})
+    with pytest.raises(OpdError, match="multiple of data.group_size=2"):
+        make_trainer(tmp_path / "b", teachers, **{"train.micro_batch": 3})
+    with pytest.raises(OpdError, match="baseline=loo .* cannot be split"):
+        make_trainer(tmp_path / "c", teachers, **{"train.micro_batch": 4, "loss.estimator_type": "sampled",
+                                                  "loss.baseline": "loo"})
 
 
 @pytest.mark.parametrize("mode", ["mix", "replace"])
