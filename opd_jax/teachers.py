@@ -17,7 +17,7 @@ from flax import nnx
 
 from opd_jax.errors import OpdError
 from opd_jax.models import load_model
-from opd_jax.models.transformer import with_runtime
+from opd_jax.models.transformer import activation_layout, with_runtime
 
 
 @dataclass
@@ -68,7 +68,7 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
     return out
 
 
-def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
+def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0, layout=None):
     """Teacher outputs at the completion positions (no gradient).
 
     tokens, full_mask [B, P+N]. what="logits": [B, N, V] float32 raw logits (the loss applies the
@@ -76,7 +76,11 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     temperature; "topk": (log-probs [B, N, k], ids [B, N, k]) at the temperature.
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-    h = model.completion_hidden(tokens, full_mask, prompt_len)
+    if layout is None:
+        h = model.completion_hidden(tokens, full_mask, prompt_len)
+    else:  # on a mesh: rows stay on the batch axes through every layer (see `activation_layout`)
+        with activation_layout(layout):
+            h = layout(model.completion_hidden(tokens, full_mask, prompt_len), ("batch", None, None))
     logits = model.logits(h)
     if what == "logits":
         return logits
@@ -103,16 +107,24 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
     if what == "topk":
         out_sh = (rows_sharding(rows, 3, t.mesh),) * 2
     state_sh, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, t.state))
-    fn = _sharded_scores(t.graphdef, treedef, tuple(state_sh), in_sh, out_sh, prompt_len, temperature, what, topk)
+    fn = _sharded_scores(t.graphdef, treedef, tuple(state_sh), in_sh, out_sh, prompt_len, temperature, what, topk,
+                         t.mesh)
     return fn(t.state, placed(tokens, in_sh), placed(full_mask, in_sh))
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk):
+def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk, mesh):
     """One jitted teacher forward per (architecture, placement, settings): teachers of one shape (and
     a rebuilt trainer) share the compiled program."""
+    from jax.sharding import NamedSharding
+
+    from opd_jax.sharding import logical_to_spec
+
+    def layout(x, axes):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
+
     return jax.jit(functools.partial(_scores, graphdef, prompt_len=prompt_len, temperature=temperature, what=what,
-                                     topk=topk),
+                                     topk=topk, layout=layout),
                    in_shardings=(jax.tree.unflatten(treedef, state_sh), in_sh, in_sh), out_shardings=out_sh)
 
 

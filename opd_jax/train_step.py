@@ -19,6 +19,7 @@ from flax import nnx
 
 from opd_jax import losses as L
 from opd_jax.errors import OpdError
+from opd_jax.models.transformer import activation_layout
 
 ESTIMATOR_TYPES = ("full", "sampled", "topk")
 
@@ -42,12 +43,16 @@ def check_loss_config(lc):
     L.get_fdiv(lc.kind, beta=lc.beta, alpha=lc.alpha_div)
 
 
-def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float):
-    """(loss, metrics) of one batch under the loss config `lc`."""
+def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None):
+    """(loss, metrics) of one batch under the loss config `lc`. `layout(x, logical_axes)` (optional,
+    on a mesh) pins the hidden states' rows to the batch axes and gathers the output matrix's width
+    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch."""
     tokens, mask = b["tokens"], b["mask"]
     full_mask = jnp.concatenate([b["prompt_mask"], mask], axis=1)
     h = model.completion_hidden(tokens, full_mask, prompt_len)
     w = model.output_matrix()
+    if layout is not None:
+        h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
     comp = tokens[:, prompt_len:]
     slp = L.chunked_token_logprobs(h, w, comp, temperature=temperature, seq_chunk=lc.seq_chunk)
     div = dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
@@ -103,7 +108,8 @@ def _micro_weights(mask, normalize: str):
     return per / jnp.maximum(jnp.sum(per), 1.0)
 
 
-def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, constrain=None):
+def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, constrain=None,
+                        layout=None):
     """((loss, metrics), grads) of one batch, optionally in micro-batches of `micro` rows.
 
     With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
@@ -112,7 +118,10 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
     `constrain(x)` (optional) keeps each micro-batch's rows spread over the batch mesh axes."""
 
     def loss_of(p, bb):
-        return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature)
+        if layout is None:
+            return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature)
+        with activation_layout(layout):
+            return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature, layout)
 
     rows = b["tokens"].shape[0]
     if not micro or micro >= rows:
@@ -144,11 +153,11 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
 
 
 def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature, micro=0,
-            constrain=None):
+            constrain=None, layout=None):
     """One optax update. params: pure dict of the student's parameters. -> (params, opt_state, loss, metrics).
     GKD: grads = lam * grad L(on) + (1 - lam) * grad L(off), each part possibly in micro-batches."""
     kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
-              constrain=constrain)
+              constrain=constrain, layout=layout)
     parts = {k: part_value_and_grad(graphdef, params, batch[k], **kw) for k in ("on", "off") if k in batch}
     if len(parts) == 2:
         loss, metrics = L.gkd_loss(parts["on"][0], parts["off"][0], lc.lam)
@@ -165,7 +174,7 @@ def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, gr
 
 # Shardings follow the (committed) inputs; the trainer uses `sharded_train_step` instead.
 train_step = jax.jit(_update, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature",
-                                             "micro", "constrain"), donate_argnums=(1, 2))
+                                             "micro", "constrain", "layout"), donate_argnums=(1, 2))
 
 
 def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: int, temperature: float, mesh,
@@ -176,13 +185,16 @@ def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: 
     Returns step(params, opt_state, batch) -> (params, opt_state, loss, metrics)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from opd_jax.sharding import placed, replicated, rows_sharding, rows_spec
+    from opd_jax.sharding import logical_to_spec, placed, replicated, rows_sharding, rows_spec
 
     repl = replicated(mesh)
 
     def constrain(x):  # [n, micro, ...]: each micro-batch's rows over the batch axes
         spec = PartitionSpec(None, *rows_spec(x.shape[1], x.ndim - 1, mesh, rules))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def layout(x, axes):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
     compiled = {}
 
     def jitted(batch):
@@ -192,7 +204,7 @@ def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: 
             bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
             fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
                                            group_size=group_size, temperature=temperature, micro=micro,
-                                           constrain=constrain),
+                                           constrain=constrain, layout=layout),
                          in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
                          donate_argnums=(0, 1))
             compiled[key] = (fn, bsh)

@@ -122,8 +122,12 @@ class Transformer(nnx.Module):
         stacked = {name: getattr(self.layers, name)[...].astype(dt) for name in layer_param_specs(cfg)}
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
 
+        layout = _LAYOUT.get()
+
         def body(i, carry):
             h, cache = carry
+            if layout is not None:  # the residual stream's rows stay on the batch mesh axes
+                h = layout(h, ("batch", None, None))
             p = {name: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for name, w in stacked.items()}
             x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
             q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
@@ -178,6 +182,21 @@ def with_runtime(model: Transformer, *, attention: str | None = None, remat: str
         raise OpdError(f"train.remat must be one of full, dots, none; got {kw['remat']!r}")
     model.cfg = model.cfg.replace(**kw)
     return model
+
+
+_LAYOUT = contextvars.ContextVar("opd_jax_activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(fn):
+    """Trace the model with `fn(x, logical_axes)` applied to the residual stream at every layer (a
+    sharding constraint from the rules table, set by the jitted step on a mesh). Without it, XLA may
+    keep whole-batch activations on every device and split the FSDP weights' contracting dimension."""
+    token = _LAYOUT.set(fn)
+    try:
+        yield
+    finally:
+        _LAYOUT.reset(token)
 
 
 _UNROLL = contextvars.ContextVar("opd_jax_unroll_layers", default=False)
