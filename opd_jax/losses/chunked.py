@@ -15,27 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from opd_jax.blocks import pad_axis as _pad_axis, split_blocks as _chunks
 from opd_jax.losses.fdiv import get_fdiv
 from opd_jax.losses.masking import masked_mean
 
 _PAD = -1e30  # logit of a padded vocabulary column: probability exactly 0, differences stay finite
-
-
-def _pad_axis(x, axis, multiple, value=0.0):
-    n = x.shape[axis]
-    extra = (-n) % multiple
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _chunks(x, axis, size):
-    """Split `axis` into [n, ..., size, ...] with n leading (x already padded)."""
-    x = jnp.moveaxis(x, axis, 0)
-    x = x.reshape((x.shape[0] // size, size) + x.shape[1:])
-    return jnp.moveaxis(x, 1, axis + 1)
 
 
 def _logits_fn(hidden, w, temperature):

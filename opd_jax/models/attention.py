@@ -27,6 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from opd_jax.blocks import pad_axis as _pad, split_blocks as _blocks
+
 NEG_INF = -1e30  # finite, so a row with no visible key gives a uniform softmax instead of NaN
 IMPLEMENTATIONS = ("auto", "blockwise", "naive", "splash")
 AUTO_NAIVE_MAX = 256 * 256  # "auto" keeps the plain path while T * S is at most this (tiny shapes, decode steps)
@@ -44,22 +46,6 @@ def naive_attention(q, k, v, q_slots, key_valid):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, dh)
-
-
-def _pad(x, axis, multiple, value=0):
-    extra = (-x.shape[axis]) % multiple
-    if not extra:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
-def _blocks(x, axis, size):
-    """[..., n*size, ...] -> [n, ..., size, ...] (the block index leading)."""
-    x = jnp.moveaxis(x, axis, 0)
-    x = x.reshape((x.shape[0] // size, size) + x.shape[1:])
-    return jnp.moveaxis(x, 1, axis + 1)
 
 
 def _unblocks(x, axis):
@@ -81,7 +67,7 @@ def _scores(qb, kb, slots_q, slots_k, valid_k, scale):
 def _forward(q, k, v, q_slots, key_valid, bq, bk):
     """-> out [B, T, H, Dh] (q's dtype) and lse [nq, B, K, G, bq] float32 (per padded query block)."""
     b, t, h, dh = q.shape
-    s_len, kv = k.shape[1], k.shape[2]
+    kv = k.shape[2]
     g = h // kv
     scale = 1.0 / math.sqrt(dh)
     qb = _blocks(_pad(q.reshape(b, t, kv, g, dh), 1, bq), 1, bq)  # [nq, B, bq, K, G, Dh]
@@ -151,7 +137,7 @@ def _flash_bwd(bq, bk, res, d_out):
 
         def per_q_block(carry, xs):
             dk, dv = carry
-            qblk, doblk, sq, lse_q, d_q, i = xs
+            qblk, doblk, sq, lse_q, d_q = xs
 
             def compute(c):
                 dk, dv = c
@@ -169,8 +155,7 @@ def _flash_bwd(bq, bk, res, d_out):
             return (dk, dv), dq
 
         zeros = jnp.zeros(kblk.shape, jnp.float32)
-        idx = jnp.arange(qb.shape[0])
-        (dk, dv), dq = jax.lax.scan(per_q_block, (zeros, zeros), (qb, dob, slots_q, lse, dd, idx))
+        (dk, dv), dq = jax.lax.scan(per_q_block, (zeros, zeros), (qb, dob, slots_q, lse, dd))
         return dq_acc + dq, (dk, dv)
 
     dq0 = jnp.zeros(qb.shape, jnp.float32)
@@ -189,14 +174,6 @@ def blockwise_attention(q, k, v, q_slots, key_valid, *, block_q: int = 512, bloc
     bq = max(1, min(block_q, q.shape[1]))
     bk = max(1, min(block_k, k.shape[1]))
     return _flash(q, k, v, jnp.asarray(q_slots, jnp.int32), key_valid.astype(bool), bq, bk)
-
-
-def _splash_available() -> bool:
-    try:
-        from jax.experimental.pallas.ops.tpu import splash_attention  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the installed jax
-        return False
-    return jax.default_backend() == "tpu"
 
 
 def resolve(impl: str, t: int, s: int) -> str:

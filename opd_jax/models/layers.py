@@ -57,5 +57,3 @@ def swiglu(x, w_gate, w_up, w_down):
     g = jax.nn.silu(x @ w_gate)
     return (g * (x @ w_up)) @ w_down
 
-
-from opd_jax.models.attention import NEG_INF, naive_attention as attention  # noqa: E402,F401  (old name)
