@@ -16,6 +16,7 @@ when planning a TPU run on a laptop): `memory_analysis()` gives the temporary (a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -142,12 +143,13 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
            "kv_cache_bytes_per_device": cache_dev, "teacher_output_bytes_per_device": tout_dev}
     out["total_bytes_per_device"] = p_dev + o_dev + t_dev + cache_dev + tout_dev
     if compile or flops:
-        out.update(compile_step(cfg, scfg, optimizer, shapes, rows, n_devices))
+        mem = compile_step(cfg, scfg, optimizer, shapes, rows, n_devices)
+        mem.pop("flops_per_step_per_device")  # the scanned program counts one layer body only
+        out.update(mem)
         out["total_bytes_per_device"] += out["activation_bytes_per_device"]
     if flops:
         out["flops_per_step_per_device"] = compile_step(cfg, scfg, optimizer, shapes, rows, n_devices,
                                                         unroll=True)["flops_per_step_per_device"]
-        out["flops_counted_all_layers"] = True
     return out
 
 
@@ -179,10 +181,7 @@ def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int, unroll
                               micro=cfg.train.micro_batch)
     fn, _ = step.jitted(batch)
     abstract_opt = jax.eval_shape(optimizer.init, shapes)
-    if unroll:
-        with unrolled_layers():  # so cost_analysis() counts every layer, not one loop body
-            compiled = fn.lower(shapes, abstract_opt, batch).compile()
-    else:
+    with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
         compiled = fn.lower(shapes, abstract_opt, batch).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -233,7 +232,7 @@ def format_plan(p: dict) -> str:
               f"  teacher outputs      {gib(p['teacher_output_bytes_per_device'])}"]
     if "activation_bytes_per_device" in p:
         lines.append(f"  activations (XLA)    {gib(p['activation_bytes_per_device'])}")
-        if "flops_per_step_per_device" in p and p.get("flops_counted_all_layers"):
+        if "flops_per_step_per_device" in p:
             lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
     lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device")
     return "\n".join(lines)

@@ -82,6 +82,12 @@ def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
+def layout_fn(mesh: Mesh, rules=None):
+    """`layout(x, logical_axes)`: x constrained (inside jit) to the sharding the rules give those axes
+    on `mesh`; what `models.transformer.activation_layout` and the losses take."""
+    return lambda x, axes: jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+
+
 def param_axes(state: nnx.State):
     """Pytree (same structure as `state`) of each parameter's logical axes tuple."""
     return jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state,

@@ -76,11 +76,10 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     temperature; "topk": (log-probs [B, N, k], ids [B, N, k]) at the temperature.
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-    if layout is None:
+    with activation_layout(layout):  # on a mesh: rows stay on the batch axes through every layer
         h = model.completion_hidden(tokens, full_mask, prompt_len)
-    else:  # on a mesh: rows stay on the batch axes through every layer (see `activation_layout`)
-        with activation_layout(layout):
-            h = layout(model.completion_hidden(tokens, full_mask, prompt_len), ("batch", None, None))
+    if layout is not None:
+        h = layout(h, ("batch", None, None))
     logits = model.logits(h)
     if what == "logits":
         return logits
@@ -116,15 +115,10 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
 def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk, mesh):
     """One jitted teacher forward per (architecture, placement, settings): teachers of one shape (and
     a rebuilt trainer) share the compiled program."""
-    from jax.sharding import NamedSharding
-
-    from opd_jax.sharding import logical_to_spec
-
-    def layout(x, axes):
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh)))
+    from opd_jax.sharding import layout_fn
 
     return jax.jit(functools.partial(_scores, graphdef, prompt_len=prompt_len, temperature=temperature, what=what,
-                                     topk=topk, layout=layout),
+                                     topk=topk, layout=layout_fn(mesh)),
                    in_shardings=(jax.tree.unflatten(treedef, state_sh), in_sh, in_sh), out_shardings=out_sh)
 
 

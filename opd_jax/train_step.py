@@ -108,18 +108,16 @@ def _micro_weights(mask, normalize: str):
     return per / jnp.maximum(jnp.sum(per), 1.0)
 
 
-def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, constrain=None,
-                        layout=None):
+def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, layout=None):
     """((loss, metrics), grads) of one batch, optionally in micro-batches of `micro` rows.
 
     With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
     grads = sum_i w_i grad L_i (w from `_micro_weights`), equal to the whole batch's gradient; scalar
     metrics are the same weighted means ("tokens" is summed), per-row metrics are concatenated.
-    `constrain(x)` (optional) keeps each micro-batch's rows spread over the batch mesh axes."""
+    `layout(x, logical_axes)` (optional, on a mesh; `sharding.layout_fn`) keeps rows on the batch mesh
+    axes: in every layer, in the loss, and within each micro-batch."""
 
     def loss_of(p, bb):
-        if layout is None:
-            return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature)
         with activation_layout(layout):
             return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature, layout)
 
@@ -128,8 +126,8 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
         return jax.value_and_grad(loss_of, has_aux=True)(params, b)
     n = rows // micro
     mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
-    if constrain is not None:
-        mbs = jax.tree.map(constrain, mbs)
+    if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
+        mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
     w = _micro_weights(mbs["mask"], lc.normalize)
 
     def body(acc, xs):
@@ -153,11 +151,11 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
 
 
 def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature, micro=0,
-            constrain=None, layout=None):
+            layout=None):
     """One optax update. params: pure dict of the student's parameters. -> (params, opt_state, loss, metrics).
     GKD: grads = lam * grad L(on) + (1 - lam) * grad L(off), each part possibly in micro-batches."""
     kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
-              constrain=constrain, layout=layout)
+              layout=layout)
     parts = {k: part_value_and_grad(graphdef, params, batch[k], **kw) for k in ("on", "off") if k in batch}
     if len(parts) == 2:
         loss, metrics = L.gkd_loss(parts["on"][0], parts["off"][0], lc.lam)
@@ -174,7 +172,7 @@ def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, gr
 
 # Shardings follow the (committed) inputs; the trainer uses `sharded_train_step` instead.
 train_step = jax.jit(_update, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature",
-                                             "micro", "constrain", "layout"), donate_argnums=(1, 2))
+                                             "micro", "layout"), donate_argnums=(1, 2))
 
 
 def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: int, temperature: float, mesh,
@@ -183,18 +181,10 @@ def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: 
     in and out as `param_sh` / `opt_sh` (donated), every batch array's rows over the batch mesh axes,
     loss and metrics replicated. One executable per batch layout (the trainer has one).
     Returns step(params, opt_state, batch) -> (params, opt_state, loss, metrics)."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from opd_jax.sharding import logical_to_spec, placed, replicated, rows_sharding, rows_spec
+    from opd_jax.sharding import layout_fn, placed, replicated, rows_sharding
 
     repl = replicated(mesh)
-
-    def constrain(x):  # [n, micro, ...]: each micro-batch's rows over the batch axes
-        spec = PartitionSpec(None, *rows_spec(x.shape[1], x.ndim - 1, mesh, rules))
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    def layout(x, axes):
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, x.shape, mesh, rules)))
+    layout = layout_fn(mesh, rules)
     compiled = {}
 
     def jitted(batch):
@@ -204,7 +194,7 @@ def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: 
             bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
             fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
                                            group_size=group_size, temperature=temperature, micro=micro,
-                                           constrain=constrain, layout=layout),
+                                           layout=layout),
                          in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
                          donate_argnums=(0, 1))
             compiled[key] = (fn, bsh)

@@ -191,7 +191,8 @@ _LAYOUT = contextvars.ContextVar("opd_jax_activation_layout", default=None)
 def activation_layout(fn):
     """Trace the model with `fn(x, logical_axes)` applied to the residual stream at every layer (a
     sharding constraint from the rules table, set by the jitted step on a mesh). Without it, XLA may
-    keep whole-batch activations on every device and split the FSDP weights' contracting dimension."""
+    keep whole-batch activations on every device and split the FSDP weights' contracting dimension.
+    `fn=None` traces without constraints (no mesh)."""
     token = _LAYOUT.set(fn)
     try:
         yield
