@@ -8,7 +8,8 @@ per-device share from its logical axes and the rules table on the target mesh:
 
 Rows per step B = len(domains) * per_domain * group_size, sequence S = max_prompt_len + max_new_tokens:
     KV cache (sampling)  = 2 * L * B * S * kv_heads * head_dim * itemsize, sharded by CACHE_AXES
-    teacher outputs      = B * N * V * 4 (full-vocabulary logits), B * N * 4 (sampled), B * N * k * 8 (top-k)
+    teacher outputs      = sum over teachers of B_t * N * D_t * itemsize (hidden states, full / top-k;
+                           the loss applies each output matrix chunk by chunk), B * N * 4 (sampled)
 With `compile=True` the train step is also lowered and compiled for the mesh (on fake CPU devices
 when planning a TPU run on a laptop): `memory_analysis()` gives the temporary (activation) bytes and
 `cost_analysis()` the FLOPs of one step.
@@ -116,25 +117,24 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, shapes)
     o_dev, o_total = optimizer_bytes(optimizer, shapes, axes, mesh, rules)
 
-    teachers, t_dev = {}, 0.0
+    teachers, t_dev, tcfgs = {}, 0.0, {}
     used = set(cfg.routing.values())
     for t in cfg.teachers:
         if t.name not in used:
             continue
-        tcfg = model_config(t, scfg)
+        tcfgs[t.name] = tcfg = model_config(t, scfg)
         tb, tn = tree_bytes(*abstract_params(tcfg), mesh, trules)
         teachers[t.name] = {"params": tn, "bytes_per_device": tb}
         t_dev += tb
 
     dc, lc = cfg.data, cfg.loss
-    n_domains = len(dc.domains) or len(cfg.routing) or 1  # a JSONL source: one routed domain each
-    rows = n_domains * dc.per_domain * (dc.group_size if lc.lam > 0 else 1)
+    routes = plan_routes(cfg)
+    rows = len(routes) * dc.per_domain * (dc.group_size if lc.lam > 0 else 1)
     seq = dc.max_prompt_len + dc.max_new_tokens
     cache_shape = (scfg.num_layers, rows, seq, scfg.num_kv_heads, scfg.head_dim)
     cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(CACHE_AXES, cache_shape, mesh, rules), mesh)
-    per_row = {"full": dc.max_new_tokens * scfg.vocab_size * 4, "sampled": dc.max_new_tokens * 4,
-               "topk": dc.max_new_tokens * lc.topk * 8}[lc.estimator_type]
-    tout_dev = shard_bytes((rows, per_row), jnp.uint8, shd.rows_spec(rows, 2, mesh, rules), mesh)
+    tout_dev = sum(shard_bytes(x.shape, x.dtype, shd.rows_spec(x.shape[0], x.ndim, mesh, rules), mesh)
+                   for x in jax.tree.leaves(teacher_outputs(lc, routes, rows, dc.max_new_tokens, tcfgs)))
 
     out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
            "student_params": n_params, "student_bytes_per_device": p_dev,
@@ -153,6 +153,24 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     return out
 
 
+def plan_routes(cfg) -> tuple:
+    """The teacher of each domain's block of rows, as the trainer routes them (a JSONL source: one
+    block per routed domain)."""
+    domains = list(cfg.data.domains) or list(cfg.routing) or ["data"]
+    return tuple(cfg.routing.get(d, "") for d in domains)
+
+
+def teacher_outputs(lc, routes: tuple, rows: int, n_new: int, tcfgs: dict):
+    """Abstract teacher outputs of one batch part (jax.ShapeDtypeStruct): hidden states
+    {name: [its rows, N, D_t]} in the teacher's compute dtype (full / top-k), or [B, N] log-probs."""
+    from opd_jax.train_step import teacher_groups, teacher_output_kind
+
+    if teacher_output_kind(lc) != "hidden" or not tcfgs:
+        return jax.ShapeDtypeStruct((rows, n_new), jnp.float32)
+    return {n: jax.ShapeDtypeStruct((len(idx), n_new, tcfgs[n].hidden_size), tcfgs[n].dtype)
+            for n, idx in teacher_groups(routes, rows).items()}
+
+
 def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int, unroll: bool = False) -> dict:
     """Lower and compile the train step for the mesh on `n_devices` real (or fake CPU) devices: XLA's
     temporary bytes (activations) and FLOPs (a loop body counted once unless `unroll`)."""
@@ -168,21 +186,26 @@ def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int, unroll
     opt_sh = shd.opt_state_shardings(optimizer, shapes, param_sh, mesh)
     dc, lc = cfg.data, cfg.loss
     P, N, V = dc.max_prompt_len, dc.max_new_tokens, scfg.vocab_size
-    teacher = {"full": jax.ShapeDtypeStruct((rows, N, V), jnp.float32),
-               "sampled": jax.ShapeDtypeStruct((rows, N), jnp.float32),
-               "topk": (jax.ShapeDtypeStruct((rows, N, lc.topk), jnp.float32),
-                        jax.ShapeDtypeStruct((rows, N, lc.topk), jnp.int32))}[lc.estimator_type]
+    routes = plan_routes(cfg)
+    used = set(routes)
+    tcfgs = {t.name: model_config(t, scfg) for t in cfg.teachers if t.name in used}
+    teacher = teacher_outputs(lc, routes, rows, N, tcfgs)
+    teacher_w = None
+    if isinstance(teacher, dict):  # each teacher's output matrix, placed as its weights are (teacher rules)
+        trules = shd.rules_named(cfg.mesh.teacher_rules)
+        teacher_w = {n: jax.ShapeDtypeStruct((c.hidden_size, V), c.dtype, sharding=shd.named_sharding(
+            ("embed", "vocab"), (c.hidden_size, V), mesh, trules)) for n, c in tcfgs.items()}
     on = {"tokens": jax.ShapeDtypeStruct((rows, P + N), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((rows, P), jnp.int32),
           "mask": jax.ShapeDtypeStruct((rows, N), jnp.int32), "sampler_logprobs": jax.ShapeDtypeStruct((rows, N), jnp.float32),
           "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32), "teacher": teacher}
     batch = {"on": on}
     step = sharded_train_step(nnx.graphdef(model), optimizer=optimizer, lc=lc, prompt_len=P, group_size=dc.group_size,
                               temperature=dc.temperature, mesh=mesh, param_sh=param_sh, opt_sh=opt_sh, rules=rules,
-                              micro=cfg.train.micro_batch)
-    fn, _ = step.jitted(batch)
+                              micro=cfg.train.micro_batch, routes=routes)
+    fn, _ = step.jitted(batch, teacher_w)
     abstract_opt = jax.eval_shape(optimizer.init, shapes)
     with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
-        compiled = fn.lower(shapes, abstract_opt, batch).compile()
+        compiled = fn.lower(shapes, abstract_opt, batch, teacher_w).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -27,6 +27,7 @@ class Teacher:
     state: object  # nnx.State, frozen
     vocab_size: int
     mesh: object = None  # with a mesh, the forward is jitted with explicit shardings (see `teacher_forward`)
+    w: object = None  # output matrix [D_t, V] in the compute dtype: the loss applies it chunk by chunk
 
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
@@ -64,22 +65,27 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
         if vocab != student.cfg.vocab_size:
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer")
-        out[name] = Teacher(name, graphdef, state, vocab, mesh)
+        w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
+        out[name] = Teacher(name, graphdef, state, vocab, mesh, w)
     return out
 
 
 def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0, layout=None):
     """Teacher outputs at the completion positions (no gradient).
 
-    tokens, full_mask [B, P+N]. what="logits": [B, N, V] float32 raw logits (the loss applies the
-    temperature to both models); "logprobs": [B, N] log q_T(y_t) of the sampled tokens at the
-    temperature; "topk": (log-probs [B, N, k], ids [B, N, k]) at the temperature.
+    tokens, full_mask [B, P+N]. what="hidden": [B, N, D_t] final normed hidden states in the compute
+    dtype (the loss applies the output matrix `Teacher.w` and the temperature chunk by chunk, so no
+    [B, N, V] array exists); "logits": [B, N, V] float32 raw logits (small models and tests only);
+    "logprobs": [B, N] log q_T(y_t) of the sampled tokens at the temperature; "topk": (log-probs
+    [B, N, k], ids [B, N, k]) at the temperature.
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
     with activation_layout(layout):  # on a mesh: rows stay on the batch axes through every layer
         h = model.completion_hidden(tokens, full_mask, prompt_len)
     if layout is not None:
         h = layout(h, ("batch", None, None))
+    if what == "hidden":
+        return h
     logits = model.logits(h)
     if what == "logits":
         return logits
@@ -102,7 +108,7 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
 
     rows = tokens.shape[0]
     in_sh = rows_sharding(rows, 2, t.mesh)
-    out_sh = rows_sharding(rows, 3 if what == "logits" else 2, t.mesh)
+    out_sh = rows_sharding(rows, 3 if what in ("logits", "hidden") else 2, t.mesh)
     if what == "topk":
         out_sh = (rows_sharding(rows, 3, t.mesh),) * 2
     state_sh, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, t.state))
@@ -126,7 +132,9 @@ def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str],
                 full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
     """Score a domain-grouped batch: rows [i*R, (i+1)*R) belong to domains[i] and go to its teacher.
 
-    Returns the concatenated scores (same layout as `teacher_scores`) and name -> row slices.
+    Returns the concatenated scores (same layout as `teacher_scores`) and name -> row slices; for
+    what="hidden" the scores are name -> [rows of that teacher, N, D_t] (its slices in domain order),
+    because teachers may differ in width.
     """
     parts, rows = [], {}
     for i, d in enumerate(domains):
@@ -135,6 +143,9 @@ def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str],
         parts.append(teacher_forward(t, tokens[sl], full_mask[sl], prompt_len=prompt_len, temperature=temperature,
                                      what=what, topk=topk))
         rows.setdefault(t.name, []).append(sl)
+    if what == "hidden":
+        names = [teachers[routing[d]].name for d in domains]
+        return {n: jnp.concatenate([p for p, m in zip(parts, names) if m == n]) for n in rows}, rows
     if what == "topk":
         return (jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])), rows
     return jnp.concatenate(parts), rows

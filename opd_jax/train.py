@@ -73,9 +73,10 @@ class Trainer:
         self.tokenizer = get_tokenizer(cfg, self.out)
         self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
         dc, nd = cfg.data, len(self.source.domains)
+        self.routes = tuple(cfg.routing.get(d, "") for d in self.source.domains)  # teacher of each domain's rows
         check_micro_batch(cfg.train.micro_batch, {k: nd * dc.per_domain * g for k, g, used in
                                                   (("on", dc.group_size, cfg.loss.lam > 0), ("off", 1, cfg.loss.lam < 1))
-                                                  if used}, cfg.loss, dc.group_size)
+                                                  if used}, cfg.loss, dc.group_size, self.routes)
         self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
@@ -95,7 +96,11 @@ class Trainer:
         self.step_fn = sharded_train_step(self.graphdef, optimizer=self.optimizer, lc=cfg.loss,
                                           prompt_len=cfg.data.max_prompt_len, group_size=cfg.data.group_size,
                                           temperature=cfg.data.temperature, mesh=self.mesh, param_sh=self.param_sh,
-                                          opt_sh=self.opt_sh, rules=self.rules, micro=cfg.train.micro_batch)
+                                          opt_sh=self.opt_sh, rules=self.rules, micro=cfg.train.micro_batch,
+                                          routes=self.routes)
+        # hidden-state modes: the loss applies each teacher's output matrix chunk by chunk
+        self.teacher_w = ({n: t.w for n, t in self.teachers.items()}
+                          if self.teachers and teacher_output_kind(cfg.loss) == "hidden" else None)
         self.base_key = jax.random.key(cfg.train.seed)
         self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
         self.prompt_len = cfg.data.max_prompt_len
@@ -177,11 +182,12 @@ class Trainer:
             pmask = self._rows(pmask)
             full_mask = jnp.concatenate([pmask, roll.mask], 1)
             teacher, _ = score_batch(self.teachers, self.cfg.routing, self.source.domains, per, roll.tokens, full_mask,
-                                     prompt_len=self.prompt_len, temperature=dc.temperature, what="logits")
+                                     prompt_len=self.prompt_len, temperature=dc.temperature, what="hidden")
             tokens_from = {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask,
                            "teacher": teacher}
-        div = probe_divergence(self.graphdef, params, tokens_from, lc=self.cfg.loss, prompt_len=self.prompt_len,
-                               temperature=dc.temperature)
+        div = probe_divergence(self.graphdef, params, tokens_from, {n: t.w for n, t in self.teachers.items()},
+                               lc=self.cfg.loss, prompt_len=self.prompt_len, temperature=dc.temperature,
+                               routes=self.routes)
         return float(div), tokens_from
 
     def _guard_jump(self) -> dict:
@@ -251,7 +257,7 @@ class Trainer:
             batch["on"], rows, rewards = self.on_policy_batch(step, examples)
         if lc.lam < 1:
             batch["off"] = self.off_policy_batch(examples)
-        self.params, self.opt_state, loss, metrics = self.step_fn(self.params, self.opt_state, batch)
+        self.params, self.opt_state, loss, metrics = self.step_fn(self.params, self.opt_state, batch, self.teacher_w)
         loss = float(loss)
         if not math.isfinite(loss):
             raise OpdError(f"loss is {loss} at step {step + 1}; stopped before saving it (the last checkpoint is "

@@ -2,8 +2,11 @@
 
 A batch is a dict of arrays, grouped by domain, with
   tokens [B, P+N], prompt_mask [B, P], mask [B, N] (1 on generated tokens incl. EOS),
-  sampler_logprobs [B, N], rewards [B], and the teacher's scores at the completion positions:
-  teacher [B, N, V] logits ("full"), [B, N] log-probs ("sampled"), or (log-probs, ids) ("topk").
+  sampler_logprobs [B, N], rewards [B], and the teachers' outputs at the completion positions:
+  "full" / "topk": teacher = {name: [rows routed to it, N, D_t] final hidden states}, with the
+  teachers' output matrices `teacher_w` = {name: [D_t, V]} given beside the batch, so the loss forms
+  logits chunk by chunk and no [B, N, V] array exists; "sampled": teacher = [B, N] log-probs.
+  Rows are grouped by domain: `routes[i]` names the teacher of the i-th block of B / len(routes) rows.
 GKD: `on` is such a batch from the student's samples, `off` the same from dataset answers; the
 loss is lam * L(on) + (1 - lam) * L(off) and either may be absent when lam is 1 or 0.
 """
@@ -14,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -22,6 +26,7 @@ from opd_jax.errors import OpdError
 from opd_jax.models.transformer import activation_layout
 
 ESTIMATOR_TYPES = ("full", "sampled", "topk")
+HIDDEN_MODES = ("full", "topk")  # the teachers hand over hidden states; the loss applies their output matrices
 
 
 def uses_rl(lc) -> bool:
@@ -30,7 +35,7 @@ def uses_rl(lc) -> bool:
 
 def teacher_output_kind(lc) -> str:
     """What the teachers must return for this loss config."""
-    return {"full": "logits", "sampled": "logprobs", "topk": "topk"}[lc.estimator_type]
+    return "hidden" if lc.estimator_type in HIDDEN_MODES else "logprobs"
 
 
 def check_loss_config(lc):
@@ -43,25 +48,35 @@ def check_loss_config(lc):
     L.get_fdiv(lc.kind, beta=lc.beta, alpha=lc.alpha_div)
 
 
-def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None):
+def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None, teacher_w=None):
     """(loss, metrics) of one batch under the loss config `lc`. `layout(x, logical_axes)` (optional,
     on a mesh) pins the hidden states' rows to the batch axes and gathers the output matrix's width
-    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch."""
+    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch.
+    "full" / "topk": b["teacher"] is the one teacher's hidden states [B, N, D_t] and `teacher_w` its
+    output matrix [D_t, V] (without `teacher_w`: full-vocabulary logits [B, N, V], or top-k
+    (log-probs, ids) [B, N, k], for small models and hand-built batches)."""
     tokens, mask = b["tokens"], b["mask"]
     full_mask = jnp.concatenate([b["prompt_mask"], mask], axis=1)
     h = model.completion_hidden(tokens, full_mask, prompt_len)
     w = model.output_matrix()
+    th = b["teacher"]
     if layout is not None:
         h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
+        if teacher_w is not None:
+            th, teacher_w = layout(th, ("batch", None, None)), layout(teacher_w, (None, "vocab"))
     comp = tokens[:, prompt_len:]
     slp = L.chunked_token_logprobs(h, w, comp, temperature=temperature, seq_chunk=lc.seq_chunk)
     div = dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
     if lc.estimator_type == "full":
-        loss, m = L.chunked_divergence_loss(h, w, mask, teacher_logits=b["teacher"], temperature=temperature,
-                                            normalize=lc.normalize, seq_chunk=lc.seq_chunk, **div)
+        teacher = dict(teacher_hidden=th, teacher_w=teacher_w) if teacher_w is not None else dict(teacher_logits=th)
+        loss, m = L.chunked_divergence_loss(h, w, mask, temperature=temperature, normalize=lc.normalize,
+                                            seq_chunk=lc.seq_chunk, **teacher, **div)
+    elif lc.estimator_type == "topk" and teacher_w is not None:
+        loss, m = L.chunked_topk_loss(h, w, th, teacher_w, mask, lc.topk, temperature=temperature,
+                                      normalize=lc.normalize, seq_chunk=lc.seq_chunk, **div)
     elif lc.estimator_type == "topk":
         logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-        loss, m = L.topk_distill_loss(logits, b["teacher"][0], b["teacher"][1], mask, temperature=temperature,
+        loss, m = L.topk_distill_loss(logits, th[0], th[1], mask, temperature=temperature,
                                       normalize=lc.normalize, **div)
     elif uses_rl(lc):
         loss, m = L.rl_opd_surrogate(slp, b["teacher"], b["rewards"], mask, group_size=group_size, alpha=lc.rl_alpha,
@@ -82,9 +97,17 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     return loss, m
 
 
-def check_micro_batch(micro: int, rows: dict, lc, group_size: int):
+def teacher_groups(routes: tuple, rows: int) -> dict[str, list[int]]:
+    """Teacher name -> its row indices, for a batch of `rows` rows in len(routes) equal domain blocks."""
+    r = rows // len(routes)
+    return {n: [i for d, m in enumerate(routes) if m == n for i in range(d * r, (d + 1) * r)]
+            for n in sorted(set(routes))}
+
+
+def check_micro_batch(micro: int, rows: dict, lc, group_size: int, routes: tuple = ()):
     """Clear errors for a `train.micro_batch` that cannot split the step's rows exactly.
-    rows: part ("on" / "off") -> rows per step."""
+    rows: part ("on" / "off") -> rows per step. In the hidden-state modes each teacher's rows are a
+    separate forward/backward (its own output matrix), so `micro` must also divide those."""
     if micro < 0:
         raise OpdError(f"train.micro_batch must be >= 0 (0 = all rows at once), got {micro}")
     if not micro or all(micro >= r for r in rows.values()):
@@ -92,6 +115,11 @@ def check_micro_batch(micro: int, rows: dict, lc, group_size: int):
     for part, r in rows.items():
         if micro < r and r % micro:
             raise OpdError(f"train.micro_batch={micro} does not divide the {r} {part}-policy rows per step")
+        if lc.estimator_type in HIDDEN_MODES and len(set(routes)) > 1:
+            for name, idx in teacher_groups(routes, r).items():
+                if micro < len(idx) and len(idx) % micro:
+                    raise OpdError(f"train.micro_batch={micro} does not divide the {len(idx)} {part}-policy rows "
+                                   f"routed to teacher {name!r}")
     if "on" in rows and micro < rows["on"] and micro % group_size:
         raise OpdError(f"train.micro_batch={micro} must be a multiple of data.group_size={group_size} "
                        "(a prompt's samples stay in one micro-batch)")
@@ -100,26 +128,83 @@ def check_micro_batch(micro: int, rows: dict, lc, group_size: int):
                        "set train.micro_batch=0 or loss.baseline=none")
 
 
-def _micro_weights(mask, normalize: str):
-    """Share of the whole batch's normaliser held by each micro-batch, mask [n, micro, N] -> [n]:
-    tokens (normalize="token") or rows with a token ("sequence"), so sum_i w_i L_i = L exactly."""
+def _normaliser(mask, normalize: str):
+    """What the loss divides by, mask [..., rows, N] -> [...]: tokens (normalize="token") or rows with a token."""
     m = mask.astype(jnp.float32)
-    per = jnp.sum(m, (1, 2)) if normalize == "token" else jnp.sum((jnp.sum(m, 2) > 0).astype(jnp.float32), 1)
-    return per / jnp.maximum(jnp.sum(per), 1.0)
+    return jnp.sum(m, (-2, -1)) if normalize == "token" else jnp.sum((jnp.sum(m, -1) > 0).astype(jnp.float32), -1)
 
 
-def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, layout=None):
-    """((loss, metrics), grads) of one batch, optionally in micro-batches of `micro` rows.
+def _shares(counts):
+    """Each part's share of the whole normaliser, so sum_i w_i L_i = L exactly."""
+    return counts / jnp.maximum(jnp.sum(counts), 1.0)
+
+
+def _combine(w, losses, ms: dict, row_divergence):
+    """Weighted loss and metrics of parts (micro-batches or teacher groups): losses [n], ms: name ->
+    [n] per-part scalars; "tokens" is summed, the rest are w-weighted means."""
+    metrics = {k: jnp.sum(v) if k == "tokens" else jnp.tensordot(w, v.astype(jnp.float32), 1) for k, v in ms.items()}
+    metrics["row_divergence"] = row_divergence
+    return jnp.dot(w, losses), metrics
+
+
+def _take_rows(x, idx: list[int]):
+    """Rows `idx` (a union of contiguous domain blocks) of x, by static slices."""
+    runs, start = [], idx[0]
+    for a, b in zip(idx, idx[1:] + [None]):
+        if b != a + 1:
+            runs.append(x[start:a + 1])
+            start = b
+    return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
+
+
+def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, layout=None,
+                        teacher_w=None, routes=()):
+    """((loss, metrics), grads) of one batch (one GKD part).
+
+    Hidden-state modes (`teacher_w` = {name: [D_t, V]}, b["teacher"] = {name: hidden}): the rows of
+    each teacher (`teacher_groups(routes)`) go through their own forward/backward against that
+    teacher's output matrix, and grads = sum_g w_g grad L_g with w_g the group's share of the
+    normaliser (per-row metrics put back in row order). Each group, or the whole batch, may be cut
+    into micro-batches (`micro_value_and_grad`)."""
+    kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
+              layout=layout)
+    if teacher_w is None:
+        return micro_value_and_grad(graphdef, params, b, **kw)
+    groups = teacher_groups(routes, b["tokens"].shape[0])
+    if len(groups) == 1:
+        (name,) = groups
+        return micro_value_and_grad(graphdef, params, {**b, "teacher": b["teacher"][name]},
+                                    teacher_w=teacher_w[name], **kw)
+    outs, counts = [], []
+    for name, idx in groups.items():
+        sub = {k: _take_rows(v, idx) for k, v in b.items() if k != "teacher"}
+        outs.append(micro_value_and_grad(graphdef, params, {**sub, "teacher": b["teacher"][name]},
+                                         teacher_w=teacher_w[name], **kw))
+        counts.append(_normaliser(sub["mask"], lc.normalize))
+    w = _shares(jnp.stack(counts))
+    order = np.argsort(np.concatenate([idx for idx in groups.values()]))
+    ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1] if k != "row_divergence"}
+    row_div = jnp.concatenate([m["row_divergence"] for (_, m), _ in outs])[order]
+    loss, metrics = _combine(w, jnp.stack([loss for (loss, _), _ in outs]), ms, row_div)
+    grads = jax.tree.map(lambda *g: sum(wi * gi.astype(jnp.float32) for wi, gi in zip(w, g)).astype(g[0].dtype),
+                         *[g for _, g in outs])
+    return (loss, metrics), grads
+
+
+def micro_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, layout=None,
+                         teacher_w=None):
+    """((loss, metrics), grads) of one batch against one teacher, optionally in micro-batches of `micro` rows.
 
     With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
-    grads = sum_i w_i grad L_i (w from `_micro_weights`), equal to the whole batch's gradient; scalar
-    metrics are the same weighted means ("tokens" is summed), per-row metrics are concatenated.
-    `layout(x, logical_axes)` (optional, on a mesh; `sharding.layout_fn`) keeps rows on the batch mesh
-    axes: in every layer, in the loss, and within each micro-batch."""
+    grads = sum_i w_i grad L_i (w: each micro-batch's share of the normaliser), equal to the whole
+    batch's gradient; scalar metrics are the same weighted means ("tokens" is summed), per-row
+    metrics are concatenated. `layout(x, logical_axes)` (optional, on a mesh; `sharding.layout_fn`)
+    keeps rows on the batch mesh axes: in every layer, in the loss, and within each micro-batch."""
 
     def loss_of(p, bb):
         with activation_layout(layout):
-            return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature, layout)
+            return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature, layout,
+                               teacher_w)
 
     rows = b["tokens"].shape[0]
     if not micro or micro >= rows:
@@ -128,7 +213,7 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
     mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
-    w = _micro_weights(mbs["mask"], lc.normalize)
+    w = _shares(_normaliser(mbs["mask"], lc.normalize))
 
     def body(acc, xs):
         bb, wi = xs
@@ -139,23 +224,17 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     acc, (losses, ms) = jax.lax.scan(body, zeros, (mbs, w))
     grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
-    metrics = {}
-    for k, v in ms.items():
-        if k == "row_divergence":
-            metrics[k] = v.reshape(rows)
-        elif k == "tokens":
-            metrics[k] = jnp.sum(v)
-        else:
-            metrics[k] = jnp.tensordot(w, v.astype(jnp.float32), 1)
-    return (jnp.dot(w, losses), metrics), grads
+    row_div = ms.pop("row_divergence").reshape(rows)
+    return _combine(w, losses, ms, row_div), grads
 
 
-def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, group_size, temperature, micro=0,
-            layout=None):
-    """One optax update. params: pure dict of the student's parameters. -> (params, opt_state, loss, metrics).
+def _update(graphdef, params, opt_state, batch, teacher_w=None, *, optimizer, lc, prompt_len, group_size,
+            temperature, micro=0, layout=None, routes=()):
+    """One optax update. params: pure dict of the student's parameters; teacher_w: name -> output
+    matrix (hidden-state modes). -> (params, opt_state, loss, metrics).
     GKD: grads = lam * grad L(on) + (1 - lam) * grad L(off), each part possibly in micro-batches."""
     kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
-              layout=layout)
+              layout=layout, teacher_w=teacher_w, routes=routes)
     parts = {k: part_value_and_grad(graphdef, params, batch[k], **kw) for k in ("on", "off") if k in batch}
     if len(parts) == 2:
         loss, metrics = L.gkd_loss(parts["on"][0], parts["off"][0], lc.lam)
@@ -170,52 +249,60 @@ def _update(graphdef, params, opt_state, batch, *, optimizer, lc, prompt_len, gr
     return params, opt_state, loss, metrics
 
 
+_STATIC = ("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature", "micro", "layout", "routes")
 # Shardings follow the (committed) inputs; the trainer uses `sharded_train_step` instead.
-train_step = jax.jit(_update, static_argnames=("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature",
-                                             "micro", "layout"), donate_argnums=(1, 2))
+train_step = jax.jit(_update, static_argnames=_STATIC, donate_argnums=(1, 2))
 
 
 def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: int, temperature: float, mesh,
-                       param_sh, opt_sh, rules=None, micro: int = 0):
+                       param_sh, opt_sh, rules=None, micro: int = 0, routes: tuple = ()):
     """`_update` under `jax.jit` with explicit shardings at the boundary: params and optimizer state
     in and out as `param_sh` / `opt_sh` (donated), every batch array's rows over the batch mesh axes,
-    loss and metrics replicated. One executable per batch layout (the trainer has one).
-    Returns step(params, opt_state, batch) -> (params, opt_state, loss, metrics)."""
+    the teachers' output matrices as they are placed, loss and metrics replicated. One executable per
+    batch layout (the trainer has one).
+    Returns step(params, opt_state, batch, teacher_w=None) -> (params, opt_state, loss, metrics)."""
     from opd_jax.sharding import layout_fn, placed, replicated, rows_sharding
 
     repl = replicated(mesh)
     layout = layout_fn(mesh, rules)
     compiled = {}
 
-    def jitted(batch):
-        """(jitted step, batch shardings) for a batch's layout (arrays or jax.ShapeDtypeStruct)."""
-        key = (jax.tree.structure(batch), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
+    def jitted(batch, teacher_w=None):
+        """(jitted step, batch shardings) for a batch's layout (arrays or jax.ShapeDtypeStruct; the
+        output matrices carry their shardings)."""
+        tw_sh = jax.tree.map(lambda x: x.sharding, teacher_w)
+        key = (jax.tree.structure(batch), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)),
+               jax.tree.structure(teacher_w), tuple(jax.tree.leaves(tw_sh)))
         if key not in compiled:
             bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
             fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
                                            group_size=group_size, temperature=temperature, micro=micro,
-                                           layout=layout),
-                         in_shardings=(param_sh, opt_sh, bsh), out_shardings=(param_sh, opt_sh, repl, repl),
+                                           layout=layout, routes=routes),
+                         in_shardings=(param_sh, opt_sh, bsh, tw_sh), out_shardings=(param_sh, opt_sh, repl, repl),
                          donate_argnums=(0, 1))
             compiled[key] = (fn, bsh)
         return compiled[key]
 
-    def step(params, opt_state, batch):
-        fn, bsh = jitted(batch)
-        return fn(params, opt_state, jax.tree.map(placed, batch, bsh))
+    def step(params, opt_state, batch, teacher_w=None):
+        fn, bsh = jitted(batch, teacher_w)
+        return fn(params, opt_state, jax.tree.map(placed, batch, bsh), teacher_w)
 
     step.compiled, step.jitted = compiled, jitted
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "lc", "prompt_len", "temperature"))
-def probe_divergence(graphdef, params, batch, *, lc, prompt_len, temperature):
+@functools.partial(jax.jit, static_argnames=("graphdef", "lc", "prompt_len", "temperature", "routes"))
+def probe_divergence(graphdef, params, batch, teacher_w, *, lc, prompt_len, temperature, routes):
     """Exact token-mean divergence D_f(teacher || student) (full vocabulary, kind from `lc`) on a
-    fixed batch: tokens [B, P+N], prompt_mask [B, P], mask [B, N], teacher logits [B, N, V]. -> scalar."""
+    fixed batch: tokens [B, P+N], prompt_mask [B, P], mask [B, N], teacher {name: hidden [rows, N, D_t]}
+    routed by `routes` as in the step, teacher_w {name: [D_t, V]}. -> scalar."""
     model = nnx.merge(graphdef, params)
     tokens, mask = batch["tokens"], batch["mask"]
     h = model.completion_hidden(tokens, jnp.concatenate([batch["prompt_mask"], mask], 1), prompt_len)
-    loss, _ = L.chunked_divergence_loss(h, model.output_matrix(), mask, teacher_logits=batch["teacher"],
-                                        temperature=temperature, kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div,
-                                        normalize="token", seq_chunk=lc.seq_chunk)
-    return loss
+    total = 0.0
+    for name, idx in teacher_groups(routes, tokens.shape[0]).items():
+        d, _ = L.chunked_divergence(_take_rows(h, idx), model.output_matrix(), lc.kind,
+                                    teacher_hidden=batch["teacher"][name], teacher_w=teacher_w[name],
+                                    temperature=temperature, beta=lc.beta, alpha=lc.alpha_div, seq_chunk=lc.seq_chunk)
+        total = total + jnp.sum(L.clean(d, _take_rows(mask, idx)))
+    return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)

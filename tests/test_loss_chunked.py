@@ -68,3 +68,27 @@ def test_no_full_logits_in_the_chunked_program():
     full = b * t * v * 4
     assert temp_bytes(naive) >= full  # the plain version holds at least one full logits array
     assert temp_bytes(chunked) < full / 4
+
+
+@pytest.mark.parametrize("kind,k,temperature,seq_chunk", [("reverse_kl", 5, 1.0, 4), ("forward_kl", 1, 0.7, 3),
+                                                           ("jsd", 8, 1.3, 16)])
+def test_chunked_topk_equals_plain_topk(kind, k, temperature, seq_chunk):
+    """`chunked_topk_loss` from hidden states == `topk_distill_loss` on materialised logits with the
+    teacher's top-k taken from its full log-softmax (value, gradient, metrics)."""
+    def ref_fn(hs, ws):
+        vals, ids = L.teacher_topk(HT @ WT, k, temperature)
+        return L.topk_distill_loss(hs @ ws, vals, ids, MASK, kind, temperature=temperature)
+
+    def got_fn(hs, ws):
+        return L.chunked_topk_loss(hs, ws, HT, WT, MASK, k, kind, temperature=temperature, seq_chunk=seq_chunk)
+
+    (ref_v, rm), ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1), has_aux=True)(HS, WS)
+    (got_v, gm), got_g = jax.value_and_grad(got_fn, argnums=(0, 1), has_aux=True)(HS, WS)
+    np.testing.assert_allclose(got_v, ref_v, rtol=1e-5)
+    for a, b in zip(got_g, ref_g):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(np.asarray(b)).max()))
+    for key in ("tail_mass", "student_tail_mass", "top1_agreement", "tokens"):
+        np.testing.assert_allclose(gm[key], rm[key], rtol=1e-5, err_msg=key)
+    keep = np.asarray(MASK).astype(bool)
+    np.testing.assert_allclose(np.asarray(gm["per_token_divergence"])[keep],
+                               np.asarray(rm["per_token_divergence"])[keep], rtol=1e-5, atol=1e-7)

@@ -28,9 +28,9 @@ from test_train import TINY, tiny_overrides
 DOMAINS = ("addition", "reverse", "sort")
 
 
-def random_model(folder, seed, std=0.05):
+def random_model(folder, seed, std=0.05, **shape):
     """A tiny model with N(0, std) matrices (peaked, distinct distributions), saved as an HF folder."""
-    model = init_model(ModelConfig(**yaml.safe_load(TINY)), seed=seed)
+    model = init_model(ModelConfig(**{**yaml.safe_load(TINY), **shape}), seed=seed)
     for _, p in nnx.iter_graph(model):
         if isinstance(p, nnx.Param) and p[...].ndim > 1:
             p[...] = p[...] * (std / 0.02)
@@ -39,15 +39,18 @@ def random_model(folder, seed, std=0.05):
 
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
-    """A student and two random teachers (different seeds, all three unlike each other) as HF folders."""
+    """A student and two random teachers (different seeds, all unlike each other) as HF folders; "wide"
+    is twice the student's width, so its hidden states and output matrix have another shape."""
     root = tmp_path_factory.mktemp("mode_models")
-    return {name: random_model(root / name, seed) for name, seed in (("student", 10), ("t1", 11), ("t2", 12))}
+    out = {name: random_model(root / name, seed) for name, seed in (("student", 10), ("t1", 11))}
+    out["wide"] = random_model(root / "wide", 12, hidden_size=64, intermediate_size=96)
+    return out
 
 
 @pytest.fixture(scope="module")
 def teacher_models(teachers):
     """The teachers as plain models (graphdef, state), read once."""
-    return {n: nnx.split(opd_jax.load_model(teachers[n])) for n in ("t1", "t2")}
+    return {n: nnx.split(opd_jax.load_model(teachers[n])) for n in ("t1", "wide")}
 
 
 def make_trainer(tmp_path, teachers, routing=None, **extra):
@@ -199,9 +202,16 @@ def test_on_policy_step_equals_the_loss_library(tmp_path, teachers, teacher_mode
     np.testing.assert_allclose(b["sampler_logprobs"] * b["mask"], np.asarray(want) * b["mask"], atol=1e-4)
 
 
-def test_multi_teacher_rows_use_their_routed_teacher(tmp_path, teachers, teacher_models):
-    routing = {"addition": "t1", "reverse": "t2", "sort": "t1"}
-    tr = make_trainer(tmp_path, teachers, routing, **{"loss.estimator_type": "full", "loss.kind": "jsd"})
+@pytest.mark.parametrize("over", [
+    {"loss.estimator_type": "full", "loss.kind": "jsd"},
+    # each teacher's rows (8 for t1 from two apart domains, 4 for wide) in micro-batches of 4
+    {"loss.estimator_type": "topk", "loss.topk": 3, "loss.kind": "reverse_kl", "loss.normalize": "sequence",
+     "train.micro_batch": 4}], ids=["full", "topk-micro4-sequence-norm"])
+def test_multi_teacher_rows_use_their_routed_teacher(tmp_path, teachers, teacher_models, over):
+    """Rows go to the teacher their domain routes to, each scored with its own output matrix (one of
+    them of another width), and the step equals the loss over the whole batch."""
+    routing = {"addition": "t1", "reverse": "wide", "sort": "t1"}
+    tr = make_trainer(tmp_path, teachers, routing, **over)
     ref = Ref(tr, teacher_models)
     b, domains, _ = on_policy_rows(tr, 0)
     assert "reverse" in domains and "addition" in domains
@@ -212,7 +222,7 @@ def test_multi_teacher_rows_use_their_routed_teacher(tmp_path, teachers, teacher
     # per-teacher divergence: the mean over exactly the rows routed to each teacher
     per_tok = np.asarray(m["per_token_divergence"]) * b["mask"]
     row = per_tok.sum(1) / np.maximum(b["mask"].sum(1), 1)
-    for t in ("t1", "t2"):
+    for t in ("t1", "wide"):
         rows = [i for i, d in enumerate(domains) if routing[d] == t]
         assert rec[f"teacher/{t}/divergence"] == pytest.approx(float(row[rows].mean()), abs=1e-5)
 

@@ -8,10 +8,12 @@ from opd_jax.losses.masking import clean, masked_mean
 from opd_jax.losses.full_vocab import (divergence, divergence_from_logprobs, full_vocab_loss, teacher_topk,
                                        topk_buckets, topk_distill_loss)
 from opd_jax.losses.sampled import ESTIMATORS, LEVELS, opd_weights, reward_to_go, sampled_surrogate
-from opd_jax.losses.chunked import chunked_divergence_loss, chunked_token_logprobs
+from opd_jax.losses.chunked import (chunked_divergence, chunked_divergence_loss, chunked_token_logprobs,
+                                    chunked_topk_loss)
 from opd_jax.losses.mixing import gkd_loss, group_advantages, rl_opd_surrogate
 
 __all__ = ["KINDS", "FDiv", "get_fdiv", "clean", "masked_mean", "divergence", "divergence_from_logprobs",
            "full_vocab_loss", "teacher_topk", "topk_buckets", "topk_distill_loss", "ESTIMATORS", "LEVELS",
-           "opd_weights", "reward_to_go", "sampled_surrogate", "chunked_divergence_loss", "chunked_token_logprobs", "gkd_loss",
+           "opd_weights", "reward_to_go", "sampled_surrogate", "chunked_divergence", "chunked_divergence_loss", "chunked_token_logprobs",
+           "chunked_topk_loss", "gkd_loss",
            "group_advantages", "rl_opd_surrogate"]

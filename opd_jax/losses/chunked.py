@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from opd_jax.blocks import pad_axis as _pad_axis, split_blocks as _chunks
 from opd_jax.losses.fdiv import get_fdiv
+from opd_jax.losses.full_vocab import topk_buckets
 from opd_jax.losses.masking import masked_mean
 
 _PAD = -1e30  # logit of a padded vocabulary column: probability exactly 0, differences stay finite
@@ -26,15 +27,14 @@ def _logits_fn(hidden, w, temperature):
     return jnp.einsum("bcd,dv->bcv", hidden, w, preferred_element_type=jnp.float32) / temperature
 
 
-def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", *, teacher_hidden=None,
-                            teacher_w=None, teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0,
-                            normalize="token", seq_chunk=128, vocab_chunk=None):
-    """Masked mean of the exact per-position divergence, computed chunk by chunk -> (loss, metrics).
+def chunked_divergence(student_hidden, student_w, kind="reverse_kl", *, teacher_hidden=None, teacher_w=None,
+                       teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0, seq_chunk=128, vocab_chunk=None):
+    """Exact per-position divergence and argmax agreement, chunk by chunk -> (d [B, T], agree [B, T]).
 
     student_hidden [B, T, D], student_w [D, V]; the teacher as teacher_hidden [B, T, D'] with
-    teacher_w [D', V], or as teacher_logits [B, T, V] (any dtype; sliced chunk by chunk). mask [B, T].
-    Equal in value and gradient to `full_vocab_loss(h @ W, h' @ W', ...)`. Metrics: divergence,
-    top1_agreement, tokens.
+    teacher_w [D', V], or as teacher_logits [B, T, V] (any dtype; sliced chunk by chunk).
+    d_t = sum_y pi_t(y) f(q_t(y) / pi_t(y)) (differentiable in the student), agree_t = 1 when both
+    argmaxes are equal. Every position is computed; the caller masks.
     """
     fd = get_fdiv(kind, beta=beta, alpha=alpha)
     b, t, _ = student_hidden.shape
@@ -63,13 +63,65 @@ def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", 
                                     temperature)
 
     _, (d, agree) = jax.lax.scan(jax.checkpoint(chunk), None, (sh,) + teacher)
-    d = jnp.moveaxis(d, 0, 1).reshape(b, -1)[:, :t]
-    agree = jnp.moveaxis(agree, 0, 1).reshape(b, -1)[:, :t]
+    return _unchunk(d, b, t), _unchunk(agree, b, t)
+
+
+def _unchunk(x, b, t):
+    """[n, B, C] per-chunk results -> [B, T] (the padded tail dropped)."""
+    return jnp.moveaxis(x, 0, 1).reshape(b, -1)[:, :t]
+
+
+def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", *, teacher_hidden=None,
+                            teacher_w=None, teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0,
+                            normalize="token", seq_chunk=128, vocab_chunk=None):
+    """Masked mean of `chunked_divergence` over mask [B, T] -> (loss, metrics).
+
+    Equal in value and gradient to `full_vocab_loss(h @ W, h' @ W', ...)` without any [B, T, V]
+    array. Metrics: divergence, per_token_divergence, top1_agreement, tokens.
+    """
+    d, agree = chunked_divergence(student_hidden, student_w, kind, teacher_hidden=teacher_hidden,
+                                  teacher_w=teacher_w, teacher_logits=teacher_logits, beta=beta, alpha=alpha,
+                                  temperature=temperature, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
     loss = masked_mean(d, mask, normalize)
     return loss, {"divergence": jax.lax.stop_gradient(loss),
                   "per_token_divergence": jax.lax.stop_gradient(d),
                   "top1_agreement": jax.lax.stop_gradient(masked_mean(agree, mask)),
                   "tokens": jnp.sum(mask.astype(jnp.float32))}
+
+
+def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask, k, kind="reverse_kl", *,
+                      beta=0.5, alpha=0.5, temperature=1.0, normalize="token", seq_chunk=128):
+    """`topk_distill_loss` from hidden states, chunk by chunk, so neither model's [B, T, V] logits exist.
+
+    Per chunk of positions: q = log_softmax(h' W' / T), its top k (ids i_1..i_k); pi = log_softmax(h W / T);
+    both collapsed to k+1 buckets (the k ids and the tail 1 - sum p(i_j)) and
+    d_t = sum_b pi_b f(q_b / pi_b) over the buckets. student_hidden [B, T, D], student_w [D, V],
+    teacher_hidden [B, T, D'], teacher_w [D', V], mask [B, T] -> (loss, metrics: divergence,
+    per_token_divergence, tail_mass (teacher), student_tail_mass, top1_agreement, tokens).
+    """
+    fd = get_fdiv(kind, beta=beta, alpha=alpha)
+    b, t, _ = student_hidden.shape
+    c = min(seq_chunk, t)
+    sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)
+    th = _chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c)
+    teacher_w = jax.lax.stop_gradient(teacher_w)
+
+    def chunk(_, xs):
+        s_log = _logits_fn(xs[0], student_w, temperature)
+        t_lp, ids = jax.lax.top_k(jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1), k)
+        s_at = jnp.take_along_axis(jax.nn.log_softmax(s_log, -1), ids, -1)
+        s_b, t_b = topk_buckets(s_at), topk_buckets(t_lp)
+        d = jnp.sum(fd.perspective(s_b, t_b), -1)
+        agree = (jnp.argmax(s_log, -1) == ids[..., 0]).astype(jnp.float32)
+        return None, (d, agree, jnp.exp(t_b[..., -1]), jnp.exp(s_b[..., -1]))
+
+    _, outs = jax.lax.scan(jax.checkpoint(chunk), None, (sh, th))
+    d, agree, t_tail, s_tail = (_unchunk(x, b, t) for x in outs)
+    loss = masked_mean(d, mask, normalize)
+    sg = jax.lax.stop_gradient
+    return loss, {"divergence": sg(loss), "per_token_divergence": sg(d),
+                  "tail_mass": sg(masked_mean(t_tail, mask)), "student_tail_mass": sg(masked_mean(s_tail, mask)),
+                  "top1_agreement": sg(masked_mean(agree, mask)), "tokens": jnp.sum(mask.astype(jnp.float32))}
 
 
 def _vocab_chunked_body(fd, student_w, teacher_w, teacher_is_logits, v, vc, temperature):
@@ -132,4 +184,4 @@ def chunked_token_logprobs(hidden, w, ids, *, temperature=1.0, seq_chunk=128):
         return None, picked - jax.nn.logsumexp(logits, -1)
 
     _, lp = jax.lax.scan(jax.checkpoint(body), None, (hs, idc))
-    return jnp.moveaxis(lp, 0, 1).reshape(b, -1)[:, :t]
+    return _unchunk(lp, b, t)
