@@ -66,6 +66,25 @@ def test_blockwise_program_holds_no_t_by_s_scores():
     assert not square.search(hlo(lambda *a: blockwise_attention(*a, block_q=64, block_k=64)))
 
 
+def test_model_gradient_keeps_no_per_block_pair_arrays_across_the_layer_loop():
+    """Through the model (layers under lax.scan, under grad), nothing is kept per (query block, key
+    block) pair: no compiled buffer has B * H * T * S or more elements. Such buffers appear when the
+    mask-only parts of the blockwise loops are hoisted out of the layer loop (the quadratic term the
+    Qwen3 recipe showed at 4k tokens)."""
+    b, t, block = 2, 256, 32
+    model = _model("blockwise", block=block)
+    graphdef, state = nnx.split(model)
+
+    def loss(p, ids, mask):
+        return jnp.sum(nnx.merge(graphdef, p)(ids, mask)[..., 0])
+
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    text = jax.jit(jax.grad(loss)).lower(state, ids, ids).compile().as_text()
+    quadratic = b * model.cfg.num_heads * t * t
+    sizes = [np.prod([int(d) for d in m.split(",")]) for m in re.findall(r"\b(?:f32|pred|s32)\[([\d,]+)\]", text)]
+    assert max(sizes) < quadratic
+
+
 def _model(attention="naive", remat="none", block=8, seed=0):
     cfg = ModelConfig.for_family("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                                  num_heads=4, num_kv_heads=2, head_dim=16)
