@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -69,9 +70,13 @@ def _plan(args) -> int:
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from opd_jax.config import load_config
-    from opd_jax.plan import GiB, device_memory_bytes, format_plan, plan
+    from opd_jax.plan import GiB, device_memory_bytes, fit_micro_batch, format_plan, plan
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.train.micro_batch == "auto":  # compiles the step for each candidate, largest first
+        micro, p = fit_micro_batch(cfg, args.devices)
+        print(f"train.micro_batch=auto -> {micro or 'all'} rows per micro-batch")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=micro))
     p = plan(cfg, n_devices=args.devices, compile=args.compile, flops=args.flops)
     print(format_plan(p))
     limit = device_memory_bytes(cfg)

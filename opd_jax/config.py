@@ -99,7 +99,9 @@ class TrainConfig:
     eval_per_domain: int = 64
     log_every: int = 1
     progress: bool = True
-    micro_batch: int = 0  # rows per forward/backward inside the step (gradients accumulated); 0 = all rows
+    # rows per forward/backward inside the step (gradients accumulated); 0 = all rows; "auto" = the
+    # largest that fits the device memory (the planner compiles the step for each candidate)
+    micro_batch: int | str = 0
     remat: str = "full"  # recompute each layer body in the backward pass: full | dots (keep matmuls) | none
 
 
@@ -183,6 +185,13 @@ def _build(cls, data: dict, where: str):
             if not isinstance(value, dict):
                 raise OpdError("config routing: expected a mapping domain -> teacher name")
             kw[key] = {str(k): str(v) for k, v in value.items()}
+        elif key == "micro_batch" and str(value).strip().lower() == "auto":
+            kw[key] = "auto"
+        elif key == "micro_batch":
+            try:
+                kw[key] = _coerce(value, int, path)
+            except OpdError:
+                raise OpdError(f"config {path}: expected a number of rows or auto, got {value!r}") from None
         elif key == "domains":
             kw[key] = tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
         else:

@@ -142,7 +142,10 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
            "teachers": teachers, "teacher_bytes_per_device": t_dev,
            "kv_cache_bytes_per_device": cache_dev, "teacher_output_bytes_per_device": tout_dev}
     out["total_bytes_per_device"] = p_dev + o_dev + t_dev + cache_dev + tout_dev
+    out["micro_batch"] = cfg.train.micro_batch
     if compile or flops:
+        if cfg.train.micro_batch == "auto":
+            raise OpdError("plan(): resolve train.micro_batch=auto first (fit_micro_batch)")
         mem = compile_step(cfg, scfg, optimizer, shapes, rows, n_devices)
         mem.pop("flops_per_step_per_device")  # the scanned program counts one layer body only
         out.update(mem)
@@ -225,28 +228,90 @@ def device_memory_bytes(cfg) -> float | None:
     return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 
-def check_fits(cfg, n_devices: int | None = None):
-    """Raise a one-line OpdError saying what to change when a run cannot fit one device's memory
-    (weights, optimizer state, teachers, KV cache and teacher outputs; activations come on top)."""
-    limit = device_memory_bytes(cfg)
+def micro_batch_candidates(cfg, n_devices: int) -> list[int]:
+    """Rows per micro-batch worth trying, largest first (0 = all rows at once): those that split every
+    part's rows (and, in the hidden-state modes, every teacher's rows) exactly, keep a prompt's samples
+    together and still spread over the batch mesh axes (fewer rows than batch shards would be
+    replicated and save nothing)."""
+    from opd_jax.train_step import check_micro_batch
+
+    dc, lc = cfg.data, cfg.loss
+    routes = plan_routes(cfg)
+    parts = {k: len(routes) * dc.per_domain * g for k, g, used in
+             (("on", dc.group_size, lc.lam > 0), ("off", 1, lc.lam < 1)) if used}
+    mesh = mesh_shape(cfg.mesh, n_devices)
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    out = [0]
+    for m in range(max(parts.values()) - 1, 0, -1):
+        if m % shards:
+            continue
+        try:
+            check_micro_batch(m, parts, lc, dc.group_size, routes)
+        except OpdError:
+            continue
+        out.append(m)
+    return out
+
+
+def fit_micro_batch(cfg, n_devices: int | None = None, limit: float | None = None) -> tuple[int, dict]:
+    """train.micro_batch=auto: the largest candidate (`micro_batch_candidates`) whose compiled step
+    fits `limit` bytes per device (default `device_memory_bytes`; unknown: all rows at once).
+    -> (micro_batch, its plan). A one-line OpdError when even the smallest does not fit."""
+    import dataclasses
+
+    limit = device_memory_bytes(cfg) if limit is None else limit
+    n_devices = n_devices or jax.device_count()
+    with_micro = lambda m: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=m))  # noqa: E731
     if limit is None:
-        return None
-    p = plan(cfg, n_devices=n_devices)
-    need = p["total_bytes_per_device"]
-    if need > limit:
-        raise OpdError(
-            f"this run needs about {need / GiB:.2f} GiB per device before activations (student "
-            f"{p['student_bytes_per_device'] / GiB:.2f}, optimizer {p['optimizer_bytes_per_device'] / GiB:.2f}, teachers "
-            f"{p['teacher_bytes_per_device'] / GiB:.2f}, KV cache {p['kv_cache_bytes_per_device'] / GiB:.2f}, teacher "
-            f"outputs {p['teacher_output_bytes_per_device'] / GiB:.2f}) but a device has {limit / GiB:.2f} GiB: "
-            "shard wider (more devices or a larger mesh.fsdp), use bfloat16 (student.dtype / teachers[].dtype), "
-            "fewer rows per step (data.per_domain, data.group_size), loss.estimator_type=sampled or topk, or optim.name=sgd")
-    return p
+        return 0, plan(with_micro(0), n_devices=n_devices)
+    p = None
+    for m in micro_batch_candidates(cfg, n_devices):
+        p = plan(with_micro(m), n_devices=n_devices, compile=True)
+        if p["total_bytes_per_device"] <= limit:
+            return m, p
+    raise OpdError(refusal(p, limit, with_micro(m)))
+
+
+def refusal(p: dict, limit: float, cfg) -> str:
+    """The one-line message for a run that does not fit: every part, then what to change."""
+    parts = [("student", "student_bytes_per_device"), ("optimizer", "optimizer_bytes_per_device"),
+             ("teachers", "teacher_bytes_per_device"), ("KV cache", "kv_cache_bytes_per_device"),
+             ("teacher outputs", "teacher_output_bytes_per_device"), ("activations", "activation_bytes_per_device")]
+    have = ", ".join(f"{name} {p[key] / GiB:.2f}" for name, key in parts if key in p)
+    when = "" if "activation_bytes_per_device" in p else " before activations"
+    m = cfg.train.micro_batch
+    return (f"this run needs about {p['total_bytes_per_device'] / GiB:.2f} GiB per device{when} ({have}) but a device "
+            f"has {limit / GiB:.2f} GiB: lower the activations with train.remat=full (now {cfg.train.remat}), "
+            f"a smaller train.micro_batch (now {m or 'all'} of {p['rows_per_step']} rows at once; auto picks the "
+            f"largest that fits) or a smaller loss.seq_chunk (now {cfg.loss.seq_chunk}); or shard wider (mesh "
+            f"{p['mesh']} on {p['devices']} devices: more devices or a larger mesh.fsdp), use bfloat16 "
+            "(student.dtype / teachers[].dtype), fewer rows per step (data.per_domain, data.group_size), "
+            "loss.estimator_type=sampled, or optim.name=sgd")
+
+
+def check_fits(cfg, n_devices: int | None = None) -> tuple[int, dict | None]:
+    """Before any weight is read: compile the step for the mesh (abstract shapes only) and raise a
+    one-line OpdError naming what to change when weights, optimizer state, teachers, KV cache,
+    teacher outputs and the step's activations exceed one device's memory. Without a known device
+    memory (CPU without mesh.device_memory_gb) nothing is checked. Resolves train.micro_batch=auto.
+    -> (rows per micro-batch, the plan or None)."""
+    limit = device_memory_bytes(cfg)
+    micro = cfg.train.micro_batch
+    if micro == "auto":
+        return fit_micro_batch(cfg, n_devices, limit)
+    if limit is None:
+        return micro, None
+    p = plan(cfg, n_devices=n_devices, compile=True)
+    if p["total_bytes_per_device"] > limit:
+        raise OpdError(refusal(p, limit, cfg))
+    return micro, p
 
 
 def format_plan(p: dict) -> str:
     gib = lambda b: f"{b / GiB:9.3f} GiB"  # noqa: E731
-    lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['rows_per_step']} rows x {p['sequence']} tokens per step",
+    micro = p.get("micro_batch") or "all"
+    lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['rows_per_step']} rows x {p['sequence']} tokens per step "
+             f"({micro} rows per micro-batch)",
              f"  student parameters   {gib(p['student_bytes_per_device'])}  ({p['student_params'] / 1e9:.3f} B params)",
              f"  optimizer state      {gib(p['optimizer_bytes_per_device'])}"]
     for name, t in p["teachers"].items():
@@ -261,4 +326,4 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["plan", "check_fits", "format_plan", "abstract_params", "mesh_shape"]
+__all__ = ["plan", "check_fits", "fit_micro_batch", "micro_batch_candidates", "format_plan", "abstract_params", "mesh_shape"]

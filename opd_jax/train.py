@@ -69,14 +69,16 @@ class Trainer:
         dist.initialize(cfg.distributed)
         self.mesh = shd.mesh_from_config(cfg.mesh)
         self.rules = shd.rules_named(cfg.mesh.rules)
-        check_fits(cfg)  # from shapes only, before any weights are read
-        self.tokenizer = get_tokenizer(cfg, self.out)
         self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
         dc, nd = cfg.data, len(self.source.domains)
         self.routes = tuple(cfg.routing.get(d, "") for d in self.source.domains)  # teacher of each domain's rows
-        check_micro_batch(cfg.train.micro_batch, {k: nd * dc.per_domain * g for k, g, used in
-                                                  (("on", dc.group_size, cfg.loss.lam > 0), ("off", 1, cfg.loss.lam < 1))
-                                                  if used}, cfg.loss, dc.group_size, self.routes)
+        parts = {k: nd * dc.per_domain * g for k, g, used in
+                 (("on", dc.group_size, cfg.loss.lam > 0), ("off", 1, cfg.loss.lam < 1)) if used}
+        if cfg.train.micro_batch != "auto":
+            check_micro_batch(cfg.train.micro_batch, parts, cfg.loss, dc.group_size, self.routes)
+        # the compiled step's memory from shapes only, before any weights are read (resolves micro_batch=auto)
+        self.micro, _ = check_fits(cfg)
+        self.tokenizer = get_tokenizer(cfg, self.out)
         self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
@@ -96,7 +98,7 @@ class Trainer:
         self.step_fn = sharded_train_step(self.graphdef, optimizer=self.optimizer, lc=cfg.loss,
                                           prompt_len=cfg.data.max_prompt_len, group_size=cfg.data.group_size,
                                           temperature=cfg.data.temperature, mesh=self.mesh, param_sh=self.param_sh,
-                                          opt_sh=self.opt_sh, rules=self.rules, micro=cfg.train.micro_batch,
+                                          opt_sh=self.opt_sh, rules=self.rules, micro=self.micro,
                                           routes=self.routes)
         # hidden-state modes: the loss applies each teacher's output matrix chunk by chunk
         self.teacher_w = ({n: t.w for n, t in self.teachers.items()}

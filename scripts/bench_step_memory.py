@@ -11,36 +11,11 @@ settings given (for example the old plain attention without remat against the de
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-QWEN3 = {  # shapes of the released checkpoints (config.json)
-    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8,
-                       tie_word_embeddings=True),
-    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
-                     tie_word_embeddings=True),
-    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
-                     tie_word_embeddings=False),
-}
-
-
-def config_only(text: str, root: Path, layers: int | None) -> str:
-    from opd_jax.models import ModelConfig
-
-    for name in set(re.findall(r"/mnt/shared/models/([\w.\-]+)", text)):
-        shape = dict(QWEN3.get(name, QWEN3["Qwen3-8B"]))
-        if layers:
-            shape["num_layers"] = layers
-        cfg = ModelConfig.for_family("qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=40960,
-                                     rope_theta=1e6, param_dtype="bfloat16", dtype="bfloat16", **shape)
-        (root / name).mkdir(parents=True, exist_ok=True)
-        (root / name / "config.json").write_text(json.dumps(cfg.to_hf()))
-    return text.replace("/mnt/shared/models/", f"{root}/")
 
 
 def main(argv=None):
@@ -54,10 +29,11 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from opd_jax.config import load_config
+    from opd_jax.models.released import config_only_recipe
     from opd_jax.plan import GiB, plan
 
     with tempfile.TemporaryDirectory() as tmp:
-        text = config_only(Path(args.recipe).read_text(), Path(tmp), args.layers)
+        text = config_only_recipe(Path(args.recipe).read_text(), Path(tmp), args.layers)
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(text)
         print(f"recipe {args.recipe}, {args.devices} devices, layers {args.layers or 'as released'}, "

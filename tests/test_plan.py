@@ -4,7 +4,7 @@ import pytest
 
 from opd_jax import OpdError
 from opd_jax.config import load_config
-from opd_jax.plan import plan
+from opd_jax.plan import GiB, plan
 from test_train import TINY, tiny_overrides
 
 # Qwen3-8B's shape (config.json of the released model): nothing of this size is allocated here
@@ -63,9 +63,37 @@ def test_trainer_refuses_a_run_that_cannot_fit(tmp_path):
     from opd_jax.train import Trainer
 
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"mesh.device_memory_gb": 1e-6}))
-    with pytest.raises(OpdError, match=r"needs about .* GiB per device.*shard wider"):
+    with pytest.raises(OpdError, match=r"needs about .* GiB per device \(.*activations [0-9.]+\).*train\.remat.*"
+                                       r"train\.micro_batch.*loss\.seq_chunk.*shard wider") as e:
         Trainer(cfg)
+    assert "\n" not in str(e.value)
     assert not (tmp_path / "r").exists()  # refused before writing anything
+
+
+def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
+    """48 rows (3 domains x 8 prompts x 2 samples) on 8 devices: the candidates are all rows, then the
+    multiples of 8 (one row per device at least) and of the group size 2 that divide 48: 24, 16, 8.
+    With a device memory between the plans of 24 and 16 rows, auto picks 16, and the trainer runs it."""
+    from opd_jax.plan import fit_micro_batch, micro_batch_candidates
+    from opd_jax.train import Trainer
+
+    over = {"data.per_domain": 8, "data.max_new_tokens": 24, "train.remat": "none", "student.init": TINY.replace(
+        "num_layers: 2", "num_layers: 4")}
+    base = load_config(None, tiny_overrides(tmp_path / "r", **over))
+    assert micro_batch_candidates(base, 8) == [0, 24, 16, 8]
+    need = {m: plan(load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": m})),
+                    n_devices=8, compile=True)["total_bytes_per_device"] for m in (0, 24, 16, 8)}
+    assert need[0] > need[24] > need[16] > need[8]
+    gb = (need[24] + need[16]) / 2 / GiB
+    auto = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
+                                                                         "mesh.device_memory_gb": gb}))
+    micro, p = fit_micro_batch(auto, 8)
+    assert micro == 16 and p["total_bytes_per_device"] == need[16]
+    assert Trainer(auto).micro == 16
+    tight = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
+                                                                          "mesh.device_memory_gb": need[8] / 2 / GiB}))
+    with pytest.raises(OpdError, match=r"train\.micro_batch \(now 8 of 48 rows"):
+        fit_micro_batch(tight, 8)
 
 
 def test_plan_cli_prints_the_table_and_the_verdict(capsys):

@@ -5,52 +5,63 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from opd_jax.config import load_config
-from opd_jax.models import ModelConfig
+from opd_jax.models.released import config_only_recipe
 from opd_jax.plan import GiB, plan
 
 ROOT = Path(__file__).parent.parent
-QWEN3 = {  # shapes of the released checkpoints (config.json)
-    "Qwen3-1.7B": dict(hidden_size=2048, intermediate_size=6144, num_layers=28, num_heads=16, num_kv_heads=8,
-                       tie_word_embeddings=True),
-    "Qwen3-4B": dict(hidden_size=2560, intermediate_size=9728, num_layers=36, num_heads=32, num_kv_heads=8,
-                     tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
-               tie_word_embeddings=False),
-}
-V5P_HBM_GIB = 95
+RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
+PUBLISHED = {"Qwen3-1.7B": 1_720_574_976, "Qwen3-4B": 4_022_468_096}  # Qwen3's totals (embeddings tied)
+
+# the compiled plan of a recipe on as many fake CPU devices as its mesh names (tests run with 8)
+PLAN = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[2]
+from opd_jax.config import load_config
+from opd_jax.plan import plan
+print(json.dumps(plan(load_config(sys.argv[1]), n_devices=int(sys.argv[2]), compile=True)))
+"""
 
 
-def _config_only_models(text: str, root: Path) -> str:
-    """Point every /mnt/shared/models/X at a folder holding only X's config.json (no weights)."""
-    for name in set(re.findall(r"/mnt/shared/models/([\w.\-]+)", text)):
-        shape = QWEN3[name] if name in QWEN3 else QWEN3["8b"]
-        cfg = ModelConfig.for_family("qwen3", vocab_size=151936, head_dim=128, max_position_embeddings=40960,
-                                     rope_theta=1e6, param_dtype="bfloat16", dtype="bfloat16", **shape)
-        (root / name).mkdir(parents=True, exist_ok=True)
-        (root / name / "config.json").write_text(json.dumps(cfg.to_hf()))
-    return text.replace("/mnt/shared/models/", f"{root}/")
+def _recipe(path: Path, tmp_path: Path) -> Path:
+    out = tmp_path / path.name
+    out.write_text(config_only_recipe(path.read_text(), tmp_path / "models"))
+    return out
 
 
-@pytest.mark.parametrize("recipe, devices, student_params, teacher_count", [
-    ("qwen3_1p7b_from_8b.yaml", 16, 1_720_574_976, 1),
-    ("mopd_4_teachers.yaml", 32, 4_022_468_096, 4),
-])
-def test_recipes_fit_their_slices(tmp_path, recipe, devices, student_params, teacher_count):
-    text = _config_only_models((ROOT / "configs" / "recipes" / recipe).read_text(), tmp_path / "models")
-    (tmp_path / "r.yaml").write_text(text)
-    p = plan(load_config(tmp_path / "r.yaml"), n_devices=devices)
-    assert p["student_params"] == student_params  # Qwen3's published totals (embeddings tied)
-    assert len(p["teachers"]) == teacher_count
-    assert all(t["params"] == 8_190_735_360 for t in p["teachers"].values())
-    assert p["total_bytes_per_device"] < 0.5 * V5P_HBM_GIB * GiB  # half of HBM left for activations
-    # sharding really divides the run: one chip would hold far more than one device of the slice
-    one = plan(load_config(tmp_path / "r.yaml", ["mesh.fsdp=1"]), n_devices=1)
-    assert p["total_bytes_per_device"] < one["total_bytes_per_device"] / (devices / 2)
+def test_every_recipe_is_checked():
+    assert {p.name for p in RECIPES} >= {"qwen3_1p7b_from_8b.yaml", "qwen3_1p7b_from_8b_full.yaml",
+                                         "mopd_4_teachers.yaml"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipes_fit_their_chips_with_activations(tmp_path, recipe):
+    """Each recipe names its chips (mesh sizes, mesh.device_memory_gb). Planned on config-only model
+    folders with the trainer's own compiled step (activations included), at its own shape, it needs
+    at most 0.8 of one chip's memory; and sharding really divides it."""
+    path = _recipe(recipe, tmp_path)
+    cfg = load_config(path)
+    mc = cfg.mesh
+    assert mc.device_memory_gb, f"{recipe.name} must name its chip's memory (mesh.device_memory_gb)"
+    assert -1 not in (mc.data, mc.fsdp, mc.tensor), f"{recipe.name} must name its chip count (mesh sizes)"
+    devices = mc.data * mc.fsdp * mc.tensor
+    run = subprocess.run([sys.executable, "-c", PLAN, str(path), str(devices)], capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    p = json.loads(run.stdout.strip().splitlines()[-1])
+    student = re.search(r"student: \{path: /mnt/shared/models/([\w.\-]+)", recipe.read_text()).group(1)
+    assert p["student_params"] == PUBLISHED[student]
+    assert all(t["params"] == 8_190_735_360 for t in p["teachers"].values())  # the 8B teachers
+    assert p["activation_bytes_per_device"] > 0  # the compiled step's temporaries are counted
+    assert p["total_bytes_per_device"] <= 0.8 * mc.device_memory_gb * GiB
+    one = plan(load_config(path, ["mesh.fsdp=1"]), n_devices=1)  # shapes only, one chip
+    assert p["total_bytes_per_device"] - p["activation_bytes_per_device"] < one["total_bytes_per_device"] / (devices / 2)
 
 
 def test_tpu_scripts_issue_the_expected_gcloud_commands(tmp_path):
