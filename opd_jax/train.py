@@ -42,9 +42,11 @@ def train_state(params, opt_state, step: int, key) -> dict:
             "rng": np.asarray(jax.random.key_data(key))}
 
 
-def build_student(spec, seed: int, remat: str = "none"):
+def build_student(spec, seed: int, remat: str = "none", mesh=None, rules=None):
+    """The student model: read from its HF folder (with a mesh, each device receives only its own
+    shard: no full copy on one device) or initialised from `spec.init`."""
     if spec.path:
-        model = load_model(spec.path, dtype=spec.dtype)
+        model = load_model(spec.path, dtype=spec.dtype, mesh=mesh, rules=rules)
     else:
         try:
             cfg = ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **spec.init})
@@ -79,7 +81,7 @@ class Trainer:
         # the compiled step's memory from shapes only, before any weights are read (resolves micro_batch=auto)
         self.micro, _ = check_fits(cfg)
         self.tokenizer = get_tokenizer(cfg, self.out)
-        self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat)
+        self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat, self.mesh, self.rules)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
                            f"{len(self.tokenizer)}")

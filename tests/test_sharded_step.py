@@ -93,3 +93,24 @@ def test_trainer_step_has_explicit_shardings_and_compiles_once(tmp_path):
     assert mu and all(x.sharding == embed.sharding for x in mu)  # optimizer moments sharded like their params
     (teacher,) = tr.teachers.values()
     assert len(jax.tree.leaves(teacher.state)[0].sharding.device_set) == 8
+
+
+def test_student_is_read_straight_onto_its_shardings(tmp_path):
+    """A student from a Hugging Face folder arrives on the mesh already split by its rules: each device
+    receives its own slice from the reader, no device ever holds a whole split parameter."""
+    from opd_jax.config import ModelSpec
+    from opd_jax.models import save_model
+    from opd_jax.sharding import named_sharding
+    from opd_jax.train import build_student
+
+    folder = save_model(init_model(CFG, seed=5), tmp_path / "student")
+    mesh = make_mesh((1, 4, 2))
+    model = build_student(ModelSpec(path=str(folder)), seed=0, mesh=mesh)
+    split = 0
+    for var in jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        x = var.get_value()
+        assert x.sharding == named_sharding(var.get_metadata()["logical_axes"], x.shape, mesh)
+        if x.sharding.spec != ():
+            split += 1
+            assert all(s.data.size < x.size for s in x.addressable_shards)
+    assert split >= 5  # embeddings and the layer matrices really are split
