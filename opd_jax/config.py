@@ -25,7 +25,7 @@ class ModelSpec:
     path: str | None = None
     init: dict = field(default_factory=dict)
     dtype: str = "float32"
-    attention: str = "auto"  # auto | blockwise (flash-style, no [T, S] scores) | naive | splash (TPU; else blockwise)
+    attention: str = "auto"  # auto | blockwise (flash-style, no [T, S] scores) | naive | splash (Pallas TPU kernel)
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,12 @@ def named_sharding(axes, shape, mesh: Mesh, rules=None) -> NamedSharding:
 def layout_fn(mesh: Mesh, rules=None):
     """`layout(x, logical_axes)`: x constrained (inside jit) to the sharding the rules give those axes
     on `mesh`; what `models.transformer.activation_layout` and the losses take."""
-    return lambda x, axes: jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+    def layout(x, axes):
+        return jax.lax.with_sharding_constraint(x, named_sharding(axes, x.shape, mesh, rules))
+
+    layout.mesh = mesh  # for kernels that run per device under shard_map (splash attention)
+    layout.spec = lambda axes, shape: logical_to_spec(axes, shape, mesh, rules)
+    return layout
 
 
 def param_axes(state: nnx.State):

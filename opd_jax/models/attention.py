@@ -186,22 +186,79 @@ def blockwise_attention(q, k, v, q_slots, key_valid, *, block_q: int = 512, bloc
     return _flash(q, k, v, jnp.asarray(q_slots, jnp.int32), key_valid.astype(bool), bq, bk)
 
 
-def resolve(impl: str, t: int, s: int) -> str:
-    """The implementation to run for a [T, S] attention: "auto" picks the plain path for small T * S
-    (decode steps, tiny models), otherwise blockwise. Splash (Pallas, TPU) is not wired in yet: asking
-    for it off TPU or on TPU both fall back to the pure-JAX blockwise path."""
+def _splash_kernel(t_pad: int, groups: int, block: int, interpret: bool):
+    """A Pallas splash-attention MQA kernel for one kv head: causal over t_pad positions, `groups`
+    query heads; blocks of the largest multiple of 128 among (block, 512, 256, 128) that divides t_pad."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    bs = next(c for c in (block, 512, 256, 128) if c % 128 == 0 and c <= t_pad and t_pad % c == 0)
+    sizes = sk.BlockSizes(block_q=bs, block_kv=bs, block_kv_compute=bs, block_q_dkv=bs, block_kv_dkv=bs,
+                          block_kv_dkv_compute=bs, block_q_dq=bs, block_kv_dq=bs)
+    mask = sm.MultiHeadMask([sm.CausalMask((t_pad, t_pad)) for _ in range(groups)])
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret), sk.SegmentIds
+
+
+def splash_attention(q, k, v, key_valid, *, block: int = 512, interpret: bool | None = None):
+    """Pallas splash attention (TPU kernel; `interpret` runs it in Pallas' interpreter elsewhere) for
+    a whole sequence without a cache: query t sees key s iff s <= t and both are real (padding is a
+    separate segment, so a real query never sees a padded key). q [B, T, H, Dh], k, v [B, T, K, Dh],
+    key_valid [B, T] -> [B, T, H, Dh]. T is padded to a multiple of 128; each kv head runs the MQA
+    kernel over its G query heads, with q scaled by 1/sqrt(Dh) (the kernel does not scale)."""
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    g = h // kv
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    t_pad = -(-t // 128) * 128
+    kernel, segments = _splash_kernel(t_pad, g, block, interpret)
+    pad = lambda x: _pad(x, 1, t_pad)  # noqa: E731
+    seg = pad(key_valid.astype(jnp.int32))  # padded tail: segment 0, like left padding
+    qg = pad(q * jnp.asarray(1.0 / math.sqrt(dh), q.dtype)).reshape(b, t_pad, kv, g, dh).transpose(0, 2, 3, 1, 4)
+    kg, vg = (pad(x).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, T, Dh]
+
+    def one_row(qr, kr, vr, sr):  # qr [K, G, T, Dh], kr / vr [K, T, Dh], sr [T]
+        ids = segments(q=sr, kv=sr)
+        return jax.vmap(lambda a, c, d: kernel(a, c, d, segment_ids=ids))(qr, kr, vr)
+
+    out = jax.vmap(one_row)(qg, kg, vg, seg)  # [B, K, G, T, Dh]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t_pad, h, dh)[:, :t].astype(q.dtype)
+
+
+def _on_mesh(fn, layout, *xs):
+    """Run a per-device kernel `fn` on a mesh: shard_map over the batch mesh axes (rows split, heads
+    and sequence whole on each device), since a Pallas call is not partitioned automatically."""
+    specs = tuple(layout.spec(("batch",) + (None,) * (x.ndim - 1), x.shape) for x in xs)
+    return jax.shard_map(fn, mesh=layout.mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*xs)
+
+
+def resolve(impl: str, t: int, s: int, *, cached: bool = False, head_dim: int = 128) -> str:
+    """The implementation to run for a [T, S] attention. "auto": the plain path for small T * S
+    (decode steps, tiny models); on TPU, splash for a whole sequence without a cache when Dh is a
+    multiple of 128; otherwise blockwise. "splash" needs a whole sequence without a cache (training,
+    teacher scoring); with a cache (prefill, decode) it falls back to blockwise."""
     if impl not in IMPLEMENTATIONS:
         from opd_jax.errors import OpdError
         raise OpdError(f"attention must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    whole = not cached and t == s
     if impl == "auto":
-        return "naive" if t * s <= AUTO_NAIVE_MAX or t == 1 else "blockwise"
+        if t * s <= AUTO_NAIVE_MAX or t == 1:
+            return "naive"
+        return "splash" if whole and head_dim % 128 == 0 and jax.default_backend() == "tpu" else "blockwise"
     if impl == "splash":
-        return "blockwise"
+        return "splash" if whole else "blockwise"
     return impl
 
 
-def attention(q, k, v, q_slots, key_valid, impl: str = "naive", block: int = 512):
-    """Dispatch to the implementation `resolve(impl, T, S)` names."""
-    if resolve(impl, q.shape[1], k.shape[1]) == "naive":
+def attention(q, k, v, q_slots, key_valid, impl: str = "naive", block: int = 512, *, cached: bool = False,
+              layout=None):
+    """Dispatch to the implementation `resolve` names. `cached`: keys come from a KV cache (slots
+    beyond this call's queries). `layout` (the step's `sharding.layout_fn`, optional): on a mesh, the
+    splash kernel runs under shard_map over the batch axes."""
+    which = resolve(impl, q.shape[1], k.shape[1], cached=cached, head_dim=q.shape[-1])
+    if which == "naive":
         return naive_attention(q, k, v, q_slots, key_valid)
+    if which == "splash":
+        fn = functools.partial(splash_attention, block=block)
+        return fn(q, k, v, key_valid) if layout is None else _on_mesh(fn, layout, q, k, v, key_valid)
     return blockwise_attention(q, k, v, q_slots, key_valid, block_q=block, block_k=block)

@@ -148,7 +148,8 @@ class Transformer(nnx.Module):
                 cache = (ck, cv)
                 k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
                 v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
-            o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block)
+            o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block, cached=cache is not None,
+                          layout=layout)
             h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
