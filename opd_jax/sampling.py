@@ -69,9 +69,14 @@ def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
 
 
 def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | list[int] | None = None, pad_id: int = 0,
              mesh=None, rules=None) -> Rollout:
     """Sample `max_new_tokens` tokens after left-padded prompts.
+
+    eos_id: the stop ids, one int or several (for example the tokenizer's EOS and every id in
+    generation_config.json's eos_token_id); a row ends after the first of them, which counts in its
+    mask. Finished rows are filled with pad_id, which may itself be a stop id (Qwen's
+    <|endoftext|>): padding never ends a live row early or counts in the mask.
 
     prompt_ids, prompt_mask: [B, P] (mask 1 on real tokens, left padding 0). `temperature=0` is
     greedy. With `mesh`, the batch and KV cache are constrained to the rules' shardings
@@ -101,8 +106,9 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temper
                       for x in (ids, pmask))
         key = to_global(np.asarray(jax.random.key_data(key)), shd.replicated(mesh))
         key = jax.random.wrap_key_data(key)
+    stop = tuple(sorted({int(eos_id)} if isinstance(eos_id, (int, np.integer)) else {int(i) for i in eos_id or ()}))
     return _generate(graphdef, state, ids, pmask, key, max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
-                     top_p=float(top_p), eos_id=eos_id, pad_id=pad_id, mesh=mesh,
+                     top_p=float(top_p), eos_id=stop, pad_id=pad_id, mesh=mesh,
                      rules=None if rules is None else tuple(sorted(rules.items())))
 
 
@@ -141,7 +147,7 @@ def _generate(graphdef, state, prompt_ids, prompt_mask, key, *, max_new_tokens, 
         tok, lp = sample_token(c["logits"], sub, temperature, top_k, top_p)
         live = ~c["done"]
         tok = jnp.where(live, tok, pad_id)
-        done = c["done"] | ((tok == eos_id) if eos_id is not None else False)
+        done = c["done"] | (live & jnp.isin(tok, jnp.asarray(eos_id, jnp.int32))) if eos_id else c["done"]
         col = lambda buf, v, at: jax.lax.dynamic_update_slice(buf, v[:, None].astype(buf.dtype), (0, at))
         h, cache = model.run(tok[:, None], (lengths + i)[:, None], (p + i)[None], key_valid, c["cache"], p + i)
         return dict(i=i + 1, tokens=col(c["tokens"], tok, p + i), logprobs=col(c["logprobs"], jnp.where(live, lp, 0.0), i),

@@ -38,22 +38,28 @@ def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints)
     np.testing.assert_allclose(np.asarray(roll.logprobs), ref, atol=1e-4)
 
 
-def test_eos_ends_a_row_and_the_mask_includes_it():
+@pytest.mark.parametrize("stop,pad", [(5, 0), ([5, 9], 9)], ids=["one-eos", "two-stop-ids-pad-is-one"])
+def test_eos_ends_a_row_and_the_mask_includes_it(stop, pad):
+    """A row ends after the first of its stop ids (that token counts in the mask); the rest is padding.
+    With two stop ids and the pad id one of them (Qwen's <|endoftext|>), rows end at either."""
     model = init_model(ModelConfig.for_family("llama", vocab_size=16), seed=0)
     ids, mask = _prompts(vocab=16, b=64)
-    eos = 5
+    stops = np.atleast_1d(stop)
     roll = opd_jax.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=12, temperature=1.0,
-                            eos_id=eos, pad_id=0)
+                            eos_id=stop, pad_id=pad)
     new, m = np.asarray(roll.tokens)[:, 7:], np.asarray(roll.mask)
-    finished = 0
+    finished, by = 0, set()
     for row in range(64):
-        hits = np.flatnonzero(new[row] == eos)
+        hits = np.flatnonzero(np.isin(new[row], stops))
         end = hits[0] + 1 if hits.size else 12
         finished += bool(hits.size)
+        if hits.size:
+            by.add(int(new[row, hits[0]]))
         assert m[row, :end].all() and not m[row, end:].any()
-        assert (new[row, end:] == 0).all()
+        assert (new[row, end:] == pad).all()
         assert (np.asarray(roll.logprobs)[row, end:] == 0).all()
     assert 5 < finished < 64  # the test exercises both finished and unfinished rows
+    assert by == set(stops.tolist())  # every stop id ended some row
 
 
 def test_loop_stops_when_every_row_is_done():
