@@ -32,13 +32,13 @@ def _train(args) -> int:
 def _eval(args) -> int:
     from opd_jax.evaluate import greedy_accuracy
     from opd_jax.models import load_model
-    from opd_jax.tasks import PromptSource, load_tokenizer
+    from opd_jax.tasks import PromptSource, load_tokenizer, stop_ids
 
     model = load_model(args.model)
     tok = load_tokenizer(args.tokenizer or args.model)
     src = PromptSource(args.domains.split(",") if args.domains else [], jsonl=args.jsonl, seed=args.seed)
     acc = greedy_accuracy(model, tok, src.batch(0, args.per_domain, stream=1), max_prompt_len=args.max_prompt_len,
-                          max_new_tokens=args.max_new_tokens)
+                          max_new_tokens=args.max_new_tokens, stop=stop_ids(tok, args.model))
     print(json.dumps(acc, indent=2))
     return 0
 

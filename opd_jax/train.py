@@ -30,7 +30,7 @@ from opd_jax.models.transformer import with_runtime
 from opd_jax.plan import check_fits
 from opd_jax.optim import find_state, jumped, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
-from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer
+from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer, stop_ids
 from opd_jax.teachers import build_teachers, score_batch
 from opd_jax.train_step import check_loss_config, check_micro_batch, probe_divergence, sharded_train_step, teacher_output_kind
 
@@ -81,6 +81,7 @@ class Trainer:
         # the compiled step's memory from shapes only, before any weights are read (resolves micro_batch=auto)
         self.micro, _ = check_fits(cfg)
         self.tokenizer = get_tokenizer(cfg, self.out)
+        self.stop = stop_ids(self.tokenizer, cfg.student.path)  # EOS + the model's generation_config.json
         self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat, self.mesh, self.rules)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
@@ -131,9 +132,10 @@ class Trainer:
         ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in rep], self.prompt_len)
         roll = generate(self.model(), ids, pmask, key=jax.random.fold_in(self.base_key, step),
                         max_new_tokens=dc.max_new_tokens, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
-                        eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0, mesh=self.mesh,
+                        eos_id=list(self.stop), pad_id=self.tokenizer.pad_token_id or 0, mesh=self.mesh,
                         rules=self.rules)
-        texts = decode_completions(self.tokenizer, dist.to_host(roll.tokens)[:, self.prompt_len:], dist.to_host(roll.mask))
+        texts = decode_completions(self.tokenizer, dist.to_host(roll.tokens)[:, self.prompt_len:], dist.to_host(roll.mask),
+                                   self.stop)
         rewards = rewards_for(rep, texts)
         batch = {"tokens": roll.tokens, "prompt_mask": self._rows(pmask), "mask": roll.mask,
                  "sampler_logprobs": roll.logprobs, "rewards": self._rows(rewards)}
@@ -182,7 +184,7 @@ class Trainer:
             roll = generate(nnx.merge(self.graphdef, params), ids, pmask, mesh=self.mesh, rules=self.rules,
                             key=jax.random.fold_in(self.base_key, 2**31 - 1), max_new_tokens=dc.max_new_tokens,
                             temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
-                            eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id or 0)
+                            eos_id=list(self.stop), pad_id=self.tokenizer.pad_token_id or 0)
             pmask = self._rows(pmask)
             full_mask = jnp.concatenate([pmask, roll.mask], 1)
             teacher, _ = score_batch(self.teachers, self.cfg.routing, self.source.domains, per, roll.tokens, full_mask,
@@ -212,7 +214,7 @@ class Trainer:
     def evaluate(self) -> dict:
         dc = self.cfg.data
         acc = greedy_accuracy(self.model(), self.tokenizer, self.eval_examples, max_prompt_len=self.prompt_len,
-                              max_new_tokens=dc.max_new_tokens, mesh=self.mesh)
+                              max_new_tokens=dc.max_new_tokens, mesh=self.mesh, stop=self.stop)
         return {f"eval/{d}/accuracy": v for d, v in acc.items()}
 
     def run(self, *, stop_after: int | None = None) -> dict:

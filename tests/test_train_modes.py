@@ -483,3 +483,40 @@ def test_trainer_rewards_and_evaluation_on_a_rigged_student(tmp_path, teachers, 
     want = [1.0 if e.domain == "right" else 0.0 for e in examples for _ in range(tr.cfg.data.group_size)]
     np.testing.assert_array_equal(rewards, want)
     assert tr.evaluate() == {"eval/right/accuracy": 1.0, "eval/wrong/accuracy": 0.0, "eval/mean/accuracy": 0.5}
+
+
+def test_the_model_folders_generation_config_stop_ids_end_completions(tmp_path):
+    """A student whose generation_config.json lists 'z' as a stop id: its completion "42z<eos>" ends at
+    'z', so the reward and eval accuracy count "42" (without the file the text is "42z": reward 0).
+    A generation_config.json that is not JSON, or has a bad eos_token_id, is a one-line error."""
+    import json
+
+    from opd_jax.tasks import build_char_tokenizer, stop_ids
+
+    tok = build_char_tokenizer(None)
+    i = tok.convert_tokens_to_ids
+    student = save_model(rigged_model({i("="): i("4"), i("4"): i("2"), i("2"): i("z"), i("z"): tok.eos_token_id}),
+                         tmp_path / "rigged")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"prompt": "add:40+2=", "domain": "math", "answer": "42"}))
+
+    def trainer(run):
+        return Trainer(load_config(None, tiny_overrides(tmp_path / run, **{
+            "student.path": str(student), "student.init": "{}", "data.jsonl": str(data), "data.domains": "[]",
+            "teachers": f"[{{name: t, path: {student}}}]", "routing": "{math: t}", "train.eval_per_domain": 2,
+            "data.max_new_tokens": 6})))
+
+    def rewards(tr):
+        return tr.on_policy_batch(0, tr.source.batch(0, tr.cfg.data.per_domain))[2]
+
+    plain = trainer("plain")
+    assert plain.stop == (tok.eos_token_id,)
+    assert not rewards(plain).any() and plain.evaluate()["eval/math/accuracy"] == 0.0
+    (student / "generation_config.json").write_text(json.dumps({"eos_token_id": [i("z"), tok.eos_token_id]}))
+    tr = trainer("stops")
+    assert tr.stop == tuple(sorted({i("z"), tok.eos_token_id}))
+    assert rewards(tr).all() and tr.evaluate()["eval/math/accuracy"] == 1.0
+    for bad, msg in (("{not json", "is not a JSON object"), ('{"eos_token_id": "x"}', "eos_token_id must be")):
+        (student / "generation_config.json").write_text(bad)
+        with pytest.raises(opd_jax.OpdError, match=msg):
+            stop_ids(tok, student)

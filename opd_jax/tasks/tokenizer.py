@@ -52,3 +52,25 @@ def load_tokenizer(path: str | Path):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def stop_ids(tokenizer, model_dir: str | Path | None = None) -> tuple[int, ...]:
+    """Token ids that end a completion: the tokenizer's EOS and every id in the model folder's
+    generation_config.json `eos_token_id` (an int or a list; Qwen3 lists <|im_end|> and
+    <|endoftext|>). A generation_config.json that cannot be read is a one-line error."""
+    import json
+
+    from opd_jax.errors import OpdError
+
+    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is not None and path.exists():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+            raise OpdError(f"{path} is not a JSON object: {e}") from None
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+            raise OpdError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+        ids.update(eos)
+    return tuple(sorted(ids))
