@@ -30,16 +30,31 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from opd_jax.evaluate import greedy_accuracy
+    from opd_jax.config import load_config
+    from opd_jax.evaluate import greedy_accuracy, pass_at_k
     from opd_jax.models import load_model
-    from opd_jax.tasks import PromptSource, load_tokenizer, stop_ids
+    from opd_jax.tasks import Prompter, PromptSource, load_records, load_tokenizer, stop_ids, verifiers_for
 
+    dc = load_config(args.config).data  # rendering, verifiers and lengths (defaults without --config)
+    max_prompt = args.max_prompt_len or dc.max_prompt_len
+    max_new = args.max_new_tokens or dc.max_new_tokens
+    tok = load_tokenizer(args.tokenizer or dc.tokenizer or args.model)
+    if args.data:
+        examples = load_records(args.data)  # every record once
+    else:
+        domains = args.domains.split(",") if args.domains else list(dc.domains)
+        examples = PromptSource(domains, seed=args.seed).batch(0, args.per_domain, stream=1)
+    prompter = Prompter(tok, dc.chat_template, dc.chat_template_kwargs)
+    prompter.encode(examples, max_prompt)  # rendering and length errors before the model is read
+    verifiers = verifiers_for({d: v for d, v in dc.verifiers.items() if d in {e.domain for e in examples}},
+                              sorted({e.domain for e in examples}))
     model = load_model(args.model)
-    tok = load_tokenizer(args.tokenizer or args.model)
-    src = PromptSource(args.domains.split(",") if args.domains else [], jsonl=args.jsonl, seed=args.seed)
-    acc = greedy_accuracy(model, tok, src.batch(0, args.per_domain, stream=1), max_prompt_len=args.max_prompt_len,
-                          max_new_tokens=args.max_new_tokens, stop=stop_ids(tok, args.model))
-    print(json.dumps(acc, indent=2))
+    kw = dict(max_prompt_len=max_prompt, max_new_tokens=max_new, stop=stop_ids(tok, args.model), verifiers=verifiers)
+    out = {"greedy_accuracy": greedy_accuracy(model, tok, examples, prompter=prompter, **kw)}
+    if args.samples > 1:
+        out[f"pass@{args.samples}"] = pass_at_k(model, prompter, examples, args.samples, temperature=args.temperature,
+                                                seed=args.seed, **kw)
+    print(json.dumps(out, indent=2))
     return 0
 
 
@@ -107,14 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("overrides", nargs="*", help="key.sub=value, e.g. optim.lr=3e-4 train.steps=100")
     tr.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="greedy exact-match accuracy of a Hugging Face folder per domain")
+    ev = sub.add_parser("eval", help="greedy accuracy (and pass@k) of a Hugging Face folder per domain, by its verifiers")
     ev.add_argument("--model", required=True)
-    ev.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    ev.add_argument("--domains", default="addition,reverse,sort")
-    ev.add_argument("--jsonl", default=None, help="prompts with answers, one JSON object per line")
-    ev.add_argument("--per-domain", type=int, default=128)
-    ev.add_argument("--max-prompt-len", type=int, default=16)
-    ev.add_argument("--max-new-tokens", type=int, default=8)
+    ev.add_argument("--data", default=None, help="prompt records (.jsonl / .json / .parquet / datasets folder), each once")
+    ev.add_argument("--config", default=None, help="a training YAML: its data section's chat template, verifiers, lengths")
+    ev.add_argument("--samples", type=int, default=1, help="K > 1: also pass@K from K samples per prompt")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for pass@K")
+    ev.add_argument("--tokenizer", default=None, help="tokenizer folder (default: data.tokenizer, else the model folder)")
+    ev.add_argument("--domains", default=None, help="built-in domains when there is no --data (default: the config's)")
+    ev.add_argument("--per-domain", type=int, default=128, help="prompts per built-in domain")
+    ev.add_argument("--max-prompt-len", type=int, default=None, help="default: the config's data.max_prompt_len")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the config's data.max_new_tokens")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(func=_eval)
 

@@ -39,7 +39,10 @@ class TeacherSpec:
 @dataclass(frozen=True)
 class DataConfig:
     domains: tuple = ("addition", "reverse", "sort")
-    jsonl: str | None = None
+    path: str | None = None  # prompt records: .jsonl / .json / .parquet / datasets save_to_disk folder
+    chat_template: bool = False  # render string prompts as one user message through the tokenizer's chat template
+    chat_template_kwargs: dict = field(default_factory=dict)  # passed to apply_chat_template, e.g. {enable_thinking: false}
+    verifiers: dict = field(default_factory=dict)  # domain -> exact | math | regex:PATTERN | python:module:function
     tokenizer: str | None = None  # folder with tokenizer.json; None: the built-in character tokenizer
     per_domain: int = 8  # prompts per domain per step
     group_size: int = 4  # completions sampled per prompt
@@ -175,6 +178,8 @@ def _build(cls, data: dict, where: str):
     kw = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
+        if cls is DataConfig and key == "jsonl":
+            raise OpdError("config data.jsonl was renamed data.path (it also reads .json, .parquet and datasets folders)")
         if key not in fields:
             raise OpdError(f"unknown config key {path!r}" + _suggest(key, list(fields), where))
         if cls is Config and key in _SECTIONS:
@@ -192,6 +197,12 @@ def _build(cls, data: dict, where: str):
                 kw[key] = _coerce(value, int, path)
             except OpdError:
                 raise OpdError(f"config {path}: expected a number of rows or auto, got {value!r}") from None
+        elif hints[key] is dict:
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise OpdError(f"config {path}: expected a mapping, got {value!r}")
+            kw[key] = {str(k): v for k, v in value.items()}
         elif key == "domains":
             kw[key] = tuple(value) if isinstance(value, (list, tuple)) else tuple(str(value).split(","))
         else:

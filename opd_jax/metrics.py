@@ -13,6 +13,31 @@ def _is_main() -> bool:
     return jax.process_index() == 0
 
 
+def _reset_jsonl(path: Path, resume_step: int | None):
+    """Start a step-keyed JSONL log: empty for a new run; on resume keep only records up to resume_step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is None:
+        path.write_text("")
+    elif path.exists():
+        kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+
+class SamplesWriter:
+    """samples.jsonl: one line per sample at every eval ({"step", "source", "domain", "prompt",
+    "completion", "answer", "reward", "divergence"}); on resume, lines after `resume_step` are dropped."""
+
+    def __init__(self, out_dir: str | Path, resume_step: int | None = None):
+        self.path = Path(out_dir) / "samples.jsonl"
+        if _is_main():
+            _reset_jsonl(self.path, resume_step)
+
+    def write(self, step: int, rows: list[dict]):
+        if _is_main():
+            with self.path.open("a") as f:
+                f.writelines(json.dumps({"step": step, **r}, ensure_ascii=False) + "\n" for r in rows)
+
+
 class MetricsWriter:
     """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
 
@@ -26,12 +51,7 @@ class MetricsWriter:
         self.tb = None
         if not _is_main():
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        _reset_jsonl(self.path, resume_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(str(self.out / "tb"), purge_step=None if resume_step is None else resume_step + 1)

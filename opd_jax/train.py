@@ -24,13 +24,14 @@ from opd_jax import sharding as shd
 from opd_jax.config import Config, to_dict
 from opd_jax.errors import OpdError
 from opd_jax.evaluate import decode_completions, greedy_accuracy, rewards_for
-from opd_jax.metrics import MetricsWriter, plot_metrics
+from opd_jax.metrics import MetricsWriter, SamplesWriter, plot_metrics
 from opd_jax.models import ModelConfig, init_model, load_model
 from opd_jax.models.transformer import with_runtime
 from opd_jax.plan import check_fits
 from opd_jax.optim import find_state, jumped, load_mask, make_optimizer, undo_jump
 from opd_jax.sampling import generate
-from opd_jax.tasks import PromptSource, build_char_tokenizer, encode_pairs, encode_prompts, load_tokenizer, stop_ids
+from opd_jax.tasks import (Prompter, PromptSource, build_char_tokenizer, encode_pairs, load_tokenizer, stop_ids,
+                           verifiers_for)
 from opd_jax.teachers import build_teachers, score_batch
 from opd_jax.train_step import check_loss_config, check_micro_batch, probe_divergence, sharded_train_step, teacher_output_kind
 
@@ -57,7 +58,12 @@ def build_student(spec, seed: int, remat: str = "none", mesh=None, rules=None):
 
 
 def get_tokenizer(cfg: Config, out: Path):
-    return load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else build_char_tokenizer(out / "tokenizer")
+    """data.tokenizer, else the student folder's own tokenizer, else the built-in character tokenizer."""
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    if cfg.student.path and (Path(cfg.student.path) / "tokenizer.json").exists():
+        return load_tokenizer(cfg.student.path)
+    return build_char_tokenizer(out / "tokenizer")
 
 
 class Trainer:
@@ -71,17 +77,22 @@ class Trainer:
         dist.initialize(cfg.distributed)
         self.mesh = shd.mesh_from_config(cfg.mesh)
         self.rules = shd.rules_named(cfg.mesh.rules)
-        self.source = PromptSource(cfg.data.domains, cfg.data.jsonl, seed=cfg.train.seed)
+        self.source = PromptSource(cfg.data.domains, cfg.data.path, seed=cfg.train.seed)
         dc, nd = cfg.data, len(self.source.domains)
         self.routes = tuple(cfg.routing.get(d, "") for d in self.source.domains)  # teacher of each domain's rows
         parts = {k: nd * dc.per_domain * g for k, g, used in
                  (("on", dc.group_size, cfg.loss.lam > 0), ("off", 1, cfg.loss.lam < 1)) if used}
         if cfg.train.micro_batch != "auto":
             check_micro_batch(cfg.train.micro_batch, parts, cfg.loss, dc.group_size, self.routes)
-        # the compiled step's memory from shapes only, before any weights are read (resolves micro_batch=auto)
-        self.micro, _ = check_fits(cfg)
         self.tokenizer = get_tokenizer(cfg, self.out)
         self.stop = stop_ids(self.tokenizer, cfg.student.path)  # EOS + the model's generation_config.json
+        self.prompter = Prompter(self.tokenizer, dc.chat_template, dc.chat_template_kwargs)
+        self.verifiers = verifiers_for(dc.verifiers, self.source.domains)  # rewards and eval accuracy
+        self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
+        self.prompt_len = cfg.data.max_prompt_len
+        self.prompter.encode(self.eval_examples, self.prompt_len)  # template / length errors now, before any compile
+        # the compiled step's memory from shapes only, before any weights are read (resolves micro_batch=auto)
+        self.micro, _ = check_fits(cfg)
         self.student = build_student(cfg.student, cfg.train.seed, cfg.train.remat, self.mesh, self.rules)
         if self.student.cfg.vocab_size < len(self.tokenizer):
             raise OpdError(f"student vocabulary {self.student.cfg.vocab_size} is smaller than the tokenizer's "
@@ -107,8 +118,7 @@ class Trainer:
         self.teacher_w = ({n: t.w for n, t in self.teachers.items()}
                           if self.teachers and teacher_output_kind(cfg.loss) == "hidden" else None)
         self.base_key = jax.random.key(cfg.train.seed)
-        self.eval_examples = self.source.batch(0, cfg.train.eval_per_domain, stream=1)
-        self.prompt_len = cfg.data.max_prompt_len
+        self.samples = None  # the last on-policy batch's (examples, completions, rewards), for samples.jsonl
         self._setup_guard()
 
     # ------------------------------------------------------------------ state
@@ -129,14 +139,15 @@ class Trainer:
         dc = self.cfg.data
         g = dc.group_size
         rep = [ex for ex in examples for _ in range(g)]  # each prompt's G samples contiguous (GRPO groups)
-        ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in rep], self.prompt_len)
+        ids, pmask = self.prompter.encode(rep, self.prompt_len)
         roll = generate(self.model(), ids, pmask, key=jax.random.fold_in(self.base_key, step),
                         max_new_tokens=dc.max_new_tokens, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
                         eos_id=list(self.stop), pad_id=self.tokenizer.pad_token_id or 0, mesh=self.mesh,
                         rules=self.rules)
         texts = decode_completions(self.tokenizer, dist.to_host(roll.tokens)[:, self.prompt_len:], dist.to_host(roll.mask),
                                    self.stop)
-        rewards = rewards_for(rep, texts)
+        rewards = rewards_for(rep, texts, self.verifiers)
+        self.samples = (rep, texts, rewards)
         batch = {"tokens": roll.tokens, "prompt_mask": self._rows(pmask), "mask": roll.mask,
                  "sampler_logprobs": roll.logprobs, "rewards": self._rows(rewards)}
         if self.teachers:
@@ -155,7 +166,7 @@ class Trainer:
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
         tokens, pmask, amask = (self._rows(x) for x in encode_pairs(
-            self.tokenizer, [e.prompt for e in examples], [e.answer for e in examples], self.prompt_len,
+            self.prompter, examples, [e.answer for e in examples], self.prompt_len,
             self.cfg.data.max_new_tokens))
         teacher, _ = self._scores(tokens, jnp.concatenate([pmask, amask], 1), self.cfg.data.per_domain)
         return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
@@ -180,7 +191,7 @@ class Trainer:
         (fixed key) from `tokens_from` (default `params`) so two parameter sets can be compared on the same tokens."""
         dc, per = self.cfg.data, self.cfg.optim.effopd_probe_per_domain
         if tokens_from is None:
-            ids, pmask = encode_prompts(self.tokenizer, [e.prompt for e in self.probe_examples], self.prompt_len)
+            ids, pmask = self.prompter.encode(self.probe_examples, self.prompt_len)
             roll = generate(nnx.merge(self.graphdef, params), ids, pmask, mesh=self.mesh, rules=self.rules,
                             key=jax.random.fold_in(self.base_key, 2**31 - 1), max_new_tokens=dc.max_new_tokens,
                             temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
@@ -211,11 +222,22 @@ class Trainer:
                 "effopd/probe_after": after, "effopd/rolled_back": float(rolled)}
 
     # ------------------------------------------------------------------ loop
-    def evaluate(self) -> dict:
-        dc = self.cfg.data
-        acc = greedy_accuracy(self.model(), self.tokenizer, self.eval_examples, max_prompt_len=self.prompt_len,
-                              max_new_tokens=dc.max_new_tokens, mesh=self.mesh, stop=self.stop)
-        return {f"eval/{d}/accuracy": v for d, v in acc.items()}
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        """Greedy accuracy per domain (the domains' verifiers) and the greedy completions as samples."""
+        acc, texts, rewards = greedy_accuracy(
+            self.model(), self.tokenizer, self.eval_examples, max_prompt_len=self.prompt_len,
+            max_new_tokens=self.cfg.data.max_new_tokens, mesh=self.mesh, stop=self.stop, prompter=self.prompter,
+            verifiers=self.verifiers, return_texts=True)
+        return {f"eval/{d}/accuracy": v for d, v in acc.items()}, self._sample_rows("greedy_eval", self.eval_examples,
+                                                                                    texts, rewards)
+
+    def _sample_rows(self, source, examples, texts, rewards, divergence=None) -> list[dict]:
+        """samples.jsonl lines: the rendered prompt exactly as tokenized, the completion, its reward and
+        the mean per-token teacher divergence of the sample (None where no teacher scored it)."""
+        div = [None] * len(texts) if divergence is None else [float(d) for d in np.asarray(divergence)]
+        return [{"source": source, "domain": ex.domain, "prompt": self.prompter.text(ex), "completion": t,
+                 "answer": ex.answer, "reward": float(r), "divergence": d}
+                for ex, t, r, d in zip(examples, texts, rewards, div)]
 
     def run(self, *, stop_after: int | None = None) -> dict:
         cfg, tc = self.cfg, self.cfg.train
@@ -234,6 +256,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         writer = MetricsWriter(self.out, resume_step=start if self.resume else None)
+        self.sample_log = SamplesWriter(self.out, resume_step=start if self.resume else None)
         bar = None
         if tc.progress and dist.is_main():
             from tqdm.auto import tqdm
@@ -274,7 +297,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         for k, v in metrics.items():
             v = np.asarray(v)
-            if k.endswith("row_divergence"):
+            if k == "on_policy/row_divergence":
                 for name, sls in rows.items():
                     record[f"teacher/{name}/divergence"] = float(np.mean(np.concatenate([v[s] for s in sls])))
             elif v.ndim == 0:
@@ -284,7 +307,11 @@ class Trainer:
                        "step_time_s": dt})
         done = step + 1
         if done % tc.eval_every == 0 or done == tc.steps:
-            record.update(self.evaluate())
+            acc, greedy = self.evaluate()
+            record.update(acc)
+            # what the student wrote this step (on-policy, with the teachers' divergence), else its greedy eval answers
+            self.sample_log.write(done, self._sample_rows("on_policy", *self.samples, metrics["on_policy/row_divergence"])
+                                  if "on" in batch else greedy)
         if done % tc.log_every == 0 or "eval/mean/accuracy" in record:
             writer.write(done, record)
         if bar is not None:
@@ -330,8 +357,15 @@ def export_student(run_dir: str | Path, out: str | Path) -> Path:
     run_dir = Path(run_dir)
     graphdef, params, step = restore_run_params(run_dir)
     path = save_model(nnx.merge(graphdef, params), out)
-    tok_dir = run_dir / "tokenizer"
-    if tok_dir.exists():
+    from opd_jax.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    student_dir = Path(cfg.student.path) if cfg.student.path else None
+    tok_dir = next((d for d in (run_dir / "tokenizer", cfg.data.tokenizer and Path(cfg.data.tokenizer), student_dir)
+                    if d and (Path(d) / "tokenizer.json").exists()), None)
+    if tok_dir is not None:  # the tokenizer the run used
         load_tokenizer(tok_dir).save_pretrained(path)
+    if student_dir is not None and (student_dir / "generation_config.json").exists():  # its stop ids
+        (Path(path) / "generation_config.json").write_text((student_dir / "generation_config.json").read_text())
     (Path(path) / "opd_jax_step.json").write_text(json.dumps({"step": step}))
     return Path(path)

@@ -7,7 +7,7 @@ import transformers
 
 from opd_jax import OpdError
 from opd_jax.config import load_config
-from opd_jax.tasks import (DOMAINS, PromptSource, build_char_tokenizer, encode_prompts, load_jsonl, load_tokenizer,
+from opd_jax.tasks import (DOMAINS, PromptSource, build_char_tokenizer, encode_prompts, load_records, load_tokenizer,
                            reward)
 
 
@@ -39,18 +39,18 @@ def test_domain_answers_are_correct_and_batches_balanced_and_reproducible():
 def test_jsonl_prompts_and_malformed_line_errors(tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "add:1+2=", "domain": "math", "answer": "3"}\n\n{"prompt": "hi", "domain": "chat"}\n')
-    exs = load_jsonl(good)
+    exs = load_records(good)
     assert [(e.prompt, e.domain, e.answer) for e in exs] == [("add:1+2=", "math", "3"), ("hi", "chat", None)]
-    assert PromptSource([], jsonl=str(good)).domains == ["chat", "math"]
+    assert PromptSource([], path=str(good)).domains == ["chat", "math"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "domain": "x"}\n{"prompt": "b"\n')
-    with pytest.raises(OpdError, match=re.escape(f"{bad}:2")):
-        load_jsonl(bad)
+    with pytest.raises(OpdError, match=re.escape(f"{bad} row 2: not valid JSON")):
+        load_records(bad)
     bad.write_text('{"prompt": 3, "domain": "x"}\n')
-    with pytest.raises(OpdError, match=":1: each line needs"):
-        load_jsonl(bad)
+    with pytest.raises(OpdError, match="row 1: 'prompt' must be a string"):
+        load_records(bad)
     with pytest.raises(OpdError, match="does not exist"):
-        load_jsonl(tmp_path / "none.jsonl")
+        load_records(tmp_path / "none.jsonl")
 
 
 def test_tokenizer_round_trips_through_transformers(tmp_path):

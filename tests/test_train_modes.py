@@ -473,16 +473,19 @@ def test_trainer_rewards_and_evaluation_on_a_rigged_student(tmp_path, teachers, 
     student = save_model(model, tmp_path / "rigged")
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in [{"prompt": "add:40+2=", "domain": "right", "answer": "42"},
-                                                       {"prompt": "x=", "domain": "wrong", "answer": "7"}]))
+                                                       {"prompt": "x=", "domain": "wrong", "answer": "7"},
+                                                       {"prompt": "y=", "domain": "mathy", "answer": "42.0"}]))
     tr = Trainer(load_config(None, tiny_overrides(tmp_path / "run", **{
-        "student.path": str(student), "student.init": "{}", "data.jsonl": str(data), "data.domains": "[]",
-        "teachers": f"[{{name: t, path: {student}}}]", "routing": "{right: t, wrong: t}",
-        "train.eval_per_domain": 3, "data.max_new_tokens": 5})))
+        "student.path": str(student), "student.init": "{}", "data.path": str(data), "data.domains": "[]",
+        "teachers": f"[{{name: t, path: {student}}}]", "routing": "{right: t, wrong: t, mathy: t}",
+        "train.eval_per_domain": 3, "data.max_new_tokens": 5, "data.verifiers": "{mathy: math}"})))
     examples = tr.source.batch(0, tr.cfg.data.per_domain)
     _, _, rewards = tr.on_policy_batch(0, examples)
-    want = [1.0 if e.domain == "right" else 0.0 for e in examples for _ in range(tr.cfg.data.group_size)]
+    # "42" vs "42.0" is right only by the math verifier the config names for that domain
+    want = [0.0 if e.domain == "wrong" else 1.0 for e in examples for _ in range(tr.cfg.data.group_size)]
     np.testing.assert_array_equal(rewards, want)
-    assert tr.evaluate() == {"eval/right/accuracy": 1.0, "eval/wrong/accuracy": 0.0, "eval/mean/accuracy": 0.5}
+    assert tr.evaluate()[0] == {"eval/mathy/accuracy": 1.0, "eval/right/accuracy": 1.0, "eval/wrong/accuracy": 0.0,
+                                "eval/mean/accuracy": 2 / 3}
 
 
 def test_the_model_folders_generation_config_stop_ids_end_completions(tmp_path):
@@ -502,7 +505,7 @@ def test_the_model_folders_generation_config_stop_ids_end_completions(tmp_path):
 
     def trainer(run):
         return Trainer(load_config(None, tiny_overrides(tmp_path / run, **{
-            "student.path": str(student), "student.init": "{}", "data.jsonl": str(data), "data.domains": "[]",
+            "student.path": str(student), "student.init": "{}", "data.path": str(data), "data.domains": "[]",
             "teachers": f"[{{name: t, path: {student}}}]", "routing": "{math: t}", "train.eval_per_domain": 2,
             "data.max_new_tokens": 6})))
 
@@ -511,11 +514,11 @@ def test_the_model_folders_generation_config_stop_ids_end_completions(tmp_path):
 
     plain = trainer("plain")
     assert plain.stop == (tok.eos_token_id,)
-    assert not rewards(plain).any() and plain.evaluate()["eval/math/accuracy"] == 0.0
+    assert not rewards(plain).any() and plain.evaluate()[0]["eval/math/accuracy"] == 0.0
     (student / "generation_config.json").write_text(json.dumps({"eos_token_id": [i("z"), tok.eos_token_id]}))
     tr = trainer("stops")
     assert tr.stop == tuple(sorted({i("z"), tok.eos_token_id}))
-    assert rewards(tr).all() and tr.evaluate()["eval/math/accuracy"] == 1.0
+    assert rewards(tr).all() and tr.evaluate()[0]["eval/math/accuracy"] == 1.0
     for bad, msg in (("{not json", "is not a JSON object"), ('{"eos_token_id": "x"}', "eos_token_id must be")):
         (student / "generation_config.json").write_text(bad)
         with pytest.raises(opd_jax.OpdError, match=msg):

@@ -19,9 +19,10 @@ LETTERS = "abcdefgh"
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
+    prompt: str | None  # raw prompt text (None when `messages` is given)
     answer: str | None
     domain: str
+    messages: tuple | None = None  # ((role, content), ...) rendered by the tokenizer's chat template
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""Verifiers: `(completion, answer) -> reward in [0, 1]`, one per domain (`data.verifiers`).
+
+Names (`get_verifier(name)`):
+  - `exact`: 1 when the completion (its stop token removed, whitespace stripped) equals the answer.
+  - `math`: `math-verify` extracts the completion's final answer (a `\\boxed{}` first, else the last
+    expression) and checks it is mathematically equal to the answer, so `\\frac{1}{2}` matches 0.5.
+  - `regex:PATTERN`: group 1 of the last match of PATTERN in the completion, stripped, must equal
+    the answer exactly (no match: 0).
+  - `python:module:function`: a user callable `(completion, answer) -> float`, imported by name.
+A missing answer always scores 0. Verifiers feed eval accuracy, pass@k and RL rewards.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+from typing import Callable
+
+from opd_jax.errors import OpdError
+
+Verifier = Callable[[str, "str | None"], float]
+
+
+def exact(completion: str, answer: str | None) -> float:
+    return float(answer is not None and completion.strip() == answer.strip())
+
+
+def _math_gold(answer: str):
+    from math_verify import parse
+
+    text = answer.strip()
+    if "\\boxed" not in text and "$" not in text:
+        text = f"${text}$"  # a bare gold answer ("x+1", "\\frac{1}{2}") parsed as LaTeX math
+    return parse(text)
+
+
+def math(completion: str, answer: str | None) -> float:
+    if answer is None:
+        return 0.0
+    from math_verify import parse, verify
+
+    gold = _math_gold(answer)
+    pred = parse(completion)
+    return float(bool(gold) and bool(pred) and verify(gold, pred))
+
+
+def _regex(pattern: str) -> Verifier:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise OpdError(f"verifier regex:{pattern}: not a valid regular expression ({e})") from None
+    if rx.groups < 1:
+        raise OpdError(f"verifier regex:{pattern}: needs a capture group (group 1 is compared with the answer)")
+
+    def verify(completion: str, answer: str | None) -> float:
+        found = [m.group(1) for m in rx.finditer(completion)]
+        return float(answer is not None and bool(found) and found[-1] is not None
+                     and found[-1].strip() == answer.strip())
+
+    verify.__name__ = f"regex:{pattern}"
+    return verify
+
+
+def _python(spec: str) -> Verifier:
+    module, _, name = spec.rpartition(":")
+    if not module or not name:
+        raise OpdError(f"verifier python:{spec}: expected python:module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as e:
+        raise OpdError(f"verifier python:{spec}: cannot import {module!r} ({e})") from None
+    except AttributeError:
+        raise OpdError(f"verifier python:{spec}: module {module!r} has no {name!r}") from None
+    if not callable(fn):
+        raise OpdError(f"verifier python:{spec}: {name!r} is not callable")
+
+    def verify(completion: str, answer: str | None) -> float:
+        out = fn(completion, answer)
+        try:
+            return float(out)
+        except (TypeError, ValueError):
+            raise OpdError(f"verifier python:{spec} returned {out!r}, not a number") from None
+
+    verify.__name__ = f"python:{spec}"
+    return verify
+
+
+@functools.lru_cache(maxsize=None)
+def get_verifier(name: str) -> Verifier:
+    """The verifier callable `(completion, answer) -> float` for a name (see the module docstring)."""
+    if name == "exact":
+        return exact
+    if name == "math":
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:
+            raise OpdError("verifier math needs the math-verify package (pip install math-verify)") from None
+        return math
+    if name.startswith("regex:"):
+        return _regex(name[len("regex:"):])
+    if name.startswith("python:"):
+        return _python(name[len("python:"):])
+    raise OpdError(f"unknown verifier {name!r}; use exact, math, regex:PATTERN or python:module:function")
+
+
+def verifiers_for(names: dict, domains) -> dict[str, Verifier]:
+    """{domain: verifier} for every domain (exact unless `names` says otherwise). A name for a
+    domain that no prompt has is an error (a typo would otherwise leave that domain on exact)."""
+    unknown = sorted(set(names) - set(domains))
+    if unknown:
+        raise OpdError(f"data.verifiers names domain(s) {', '.join(map(repr, unknown))} that no prompt has; "
+                       f"domains: {', '.join(domains)}")
+    return {d: get_verifier(str(names.get(d, "exact"))) for d in domains}
