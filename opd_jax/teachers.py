@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from opd_jax.errors import OpdError
@@ -131,21 +132,29 @@ def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temp
 def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str], per_domain_rows: int, tokens,
                 full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
     """Score a domain-grouped batch: rows [i*R, (i+1)*R) belong to domains[i] and go to its teacher.
+    Each teacher runs once per call, on all of its rows gathered (domain order), however many
+    domains it serves.
 
-    Returns the concatenated scores (same layout as `teacher_scores`) and name -> row slices; for
-    what="hidden" the scores are name -> [rows of that teacher, N, D_t] (its slices in domain order),
+    Returns the scores in batch row order (same layout as `teacher_scores`) and name -> row slices;
+    for what="hidden" the scores are name -> [rows of that teacher, N, D_t] (its rows in domain order),
     because teachers may differ in width.
     """
-    parts, rows = [], {}
+    groups: dict[str, list[int]] = {}
+    rows: dict[str, list[slice]] = {}
     for i, d in enumerate(domains):
-        sl = slice(i * per_domain_rows, (i + 1) * per_domain_rows)
-        t = teachers[routing[d]]
-        parts.append(teacher_forward(t, tokens[sl], full_mask[sl], prompt_len=prompt_len, temperature=temperature,
-                                     what=what, topk=topk))
-        rows.setdefault(t.name, []).append(sl)
+        name = teachers[routing[d]].name
+        groups.setdefault(name, []).extend(range(i * per_domain_rows, (i + 1) * per_domain_rows))
+        rows.setdefault(name, []).append(slice(i * per_domain_rows, (i + 1) * per_domain_rows))
+    outs = {}
+    for name, idx in groups.items():
+        whole = idx == list(range(tokens.shape[0]))
+        take = (lambda x: x) if whole else (lambda x, i=np.asarray(idx): x[i])
+        outs[name] = teacher_forward(teachers[name], take(tokens), take(full_mask), prompt_len=prompt_len,
+                                     temperature=temperature, what=what, topk=topk)
     if what == "hidden":
-        names = [teachers[routing[d]].name for d in domains]
-        return {n: jnp.concatenate([p for p, m in zip(parts, names) if m == n]) for n in rows}, rows
+        return outs, rows
+    inverse = np.argsort(np.concatenate([groups[n] for n in outs]))  # back to batch row order
+    back = (lambda x: x) if len(outs) == 1 else (lambda x: x[inverse])
     if what == "topk":
-        return (jnp.concatenate([p[0] for p in parts]), jnp.concatenate([p[1] for p in parts])), rows
-    return jnp.concatenate(parts), rows
+        return tuple(back(jnp.concatenate([o[k] for o in outs.values()])) for k in (0, 1)), rows
+    return back(jnp.concatenate(list(outs.values()))), rows

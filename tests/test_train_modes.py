@@ -206,16 +206,27 @@ def test_on_policy_step_equals_the_loss_library(tmp_path, teachers, teacher_mode
     {"loss.estimator_type": "full", "loss.kind": "jsd"},
     # each teacher's rows (8 for t1 from two apart domains, 4 for wide) in micro-batches of 4
     {"loss.estimator_type": "topk", "loss.topk": 3, "loss.kind": "reverse_kl", "loss.normalize": "sequence",
-     "train.micro_batch": 4}], ids=["full", "topk-micro4-sequence-norm"])
-def test_multi_teacher_rows_use_their_routed_teacher(tmp_path, teachers, teacher_models, over):
+     "train.micro_batch": 4},
+    # per-token teacher log-probs: t1's two domains come back from one call and go to their own rows
+    {"loss.estimator_type": "sampled", "loss.estimator": "opd_plus", "loss.kind": "reverse_kl"}],
+    ids=["full", "topk-micro4-sequence-norm", "sampled"])
+def test_multi_teacher_rows_use_their_routed_teacher(tmp_path, teachers, teacher_models, over, monkeypatch):
     """Rows go to the teacher their domain routes to, each scored with its own output matrix (one of
-    them of another width), and the step equals the loss over the whole batch."""
+    them of another width), and the step equals the loss over the whole batch. Each teacher runs once
+    per step, on all its rows (t1 serves two domains that are not next to each other)."""
+    import opd_jax.teachers as teachers_mod
+
     routing = {"addition": "t1", "reverse": "wide", "sort": "t1"}
     tr = make_trainer(tmp_path, teachers, routing, **over)
     ref = Ref(tr, teacher_models)
     b, domains, _ = on_policy_rows(tr, 0)
     assert "reverse" in domains and "addition" in domains
+    calls = []
+    forward = teachers_mod.teacher_forward
+    monkeypatch.setattr(teachers_mod, "teacher_forward", lambda t, tokens, *a, **k: (
+        calls.append((t.name, tokens.shape[0])), forward(t, tokens, *a, **k))[1])
     p0, p1, rec = run_steps(tr, 1)
+    assert sorted(calls) == [("t1", 2 * len(domains) // 3), ("wide", len(domains) // 3)]
     (loss, m), grads = ref.value_and_grad(p0, b, domains)
     assert rec["loss"] == pytest.approx(float(loss), abs=1e-5)
     assert_step_is_gradient(p0, p1, grads)
