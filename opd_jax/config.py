@@ -100,7 +100,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 50
     eval_per_domain: int = 64
-    log_every: int = 1
+    log_every: int = 1  # only log steps read loss / metrics back from the devices (and time each phase)
+    max_skipped: int = 3  # stop after this many non-finite steps in a row (their updates are skipped on device)
     progress: bool = True
     # rows per forward/backward inside the step (gradients accumulated); 0 = all rows; "auto" = the
     # largest that fits the device memory (the planner compiles the step for each candidate)

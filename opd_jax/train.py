@@ -8,8 +8,6 @@ the uninterrupted run would have.
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import jax
@@ -33,7 +31,10 @@ from opd_jax.sampling import generate
 from opd_jax.tasks import (Prompter, PromptSource, build_char_tokenizer, encode_pairs, load_tokenizer, stop_ids,
                            verifiers_for)
 from opd_jax.teachers import build_teachers, score_batch
-from opd_jax.train_step import check_loss_config, check_micro_batch, probe_divergence, sharded_train_step, teacher_output_kind
+from opd_jax.timing import NO_TIMER, PhaseTimer
+from opd_jax.preemption import Preemption
+from opd_jax.train_step import (check_loss_config, check_micro_batch, probe_divergence, sharded_train_step,
+                                teacher_output_kind, uses_rl)
 
 
 def train_state(params, opt_state, step: int, key) -> dict:
@@ -57,13 +58,14 @@ def build_student(spec, seed: int, remat: str = "none", mesh=None, rules=None):
     return with_runtime(model, attention=spec.attention, remat=remat)
 
 
-def get_tokenizer(cfg: Config, out: Path):
-    """data.tokenizer, else the student folder's own tokenizer, else the built-in character tokenizer."""
+def get_tokenizer(cfg: Config):
+    """data.tokenizer, else the student folder's own tokenizer, else the built-in character tokenizer
+    (built in memory; the run writes it to its folder when training starts)."""
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     if cfg.student.path and (Path(cfg.student.path) / "tokenizer.json").exists():
         return load_tokenizer(cfg.student.path)
-    return build_char_tokenizer(out / "tokenizer")
+    return build_char_tokenizer(None)
 
 
 class Trainer:
@@ -84,7 +86,7 @@ class Trainer:
                  (("on", dc.group_size, cfg.loss.lam > 0), ("off", 1, cfg.loss.lam < 1)) if used}
         if cfg.train.micro_batch != "auto":
             check_micro_batch(cfg.train.micro_batch, parts, cfg.loss, dc.group_size, self.routes)
-        self.tokenizer = get_tokenizer(cfg, self.out)
+        self.tokenizer = get_tokenizer(cfg)
         self.stop = stop_ids(self.tokenizer, cfg.student.path)  # EOS + the model's generation_config.json
         self.prompter = Prompter(self.tokenizer, dc.chat_template, dc.chat_template_kwargs)
         self.verifiers = verifiers_for(dc.verifiers, self.source.domains)  # rewards and eval accuracy
@@ -135,24 +137,32 @@ class Trainer:
                            prompt_len=self.prompt_len, temperature=dc.temperature, what=teacher_output_kind(lc),
                            topk=lc.topk)
 
-    def on_policy_batch(self, step: int, examples):
+    def on_policy_batch(self, step: int, examples, decode: bool = True, timer: PhaseTimer = NO_TIMER):
+        """Sample the student's completions and score them. decode: bring the completions to the host
+        and score them with the verifiers (RL rewards, eval steps, samples log); otherwise rewards are
+        None and nothing waits for the sampler. -> (batch, teacher row slices, rewards)."""
         dc = self.cfg.data
         g = dc.group_size
         rep = [ex for ex in examples for _ in range(g)]  # each prompt's G samples contiguous (GRPO groups)
         ids, pmask = self.prompter.encode(rep, self.prompt_len)
-        roll = generate(self.model(), ids, pmask, key=jax.random.fold_in(self.base_key, step),
-                        max_new_tokens=dc.max_new_tokens, temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p,
-                        eos_id=list(self.stop), pad_id=self.tokenizer.pad_token_id or 0, mesh=self.mesh,
-                        rules=self.rules)
-        texts = decode_completions(self.tokenizer, dist.to_host(roll.tokens)[:, self.prompt_len:], dist.to_host(roll.mask),
-                                   self.stop)
-        rewards = rewards_for(rep, texts, self.verifiers)
-        self.samples = (rep, texts, rewards)
+        timer.mark("host")
+        roll = timer.mark("sample", generate(
+            self.model(), ids, pmask, key=jax.random.fold_in(self.base_key, step), max_new_tokens=dc.max_new_tokens,
+            temperature=dc.temperature, top_k=dc.top_k, top_p=dc.top_p, eos_id=list(self.stop),
+            pad_id=self.tokenizer.pad_token_id or 0, mesh=self.mesh, rules=self.rules))
+        rewards = None
+        if decode:
+            texts = decode_completions(self.tokenizer, dist.to_host(roll.tokens)[:, self.prompt_len:],
+                                       dist.to_host(roll.mask), self.stop)
+            rewards = rewards_for(rep, texts, self.verifiers)
+            self.samples = (rep, texts, rewards)
         batch = {"tokens": roll.tokens, "prompt_mask": self._rows(pmask), "mask": roll.mask,
-                 "sampler_logprobs": roll.logprobs, "rewards": self._rows(rewards)}
+                 "sampler_logprobs": roll.logprobs,
+                 "rewards": self._rows(np.zeros(len(rep), np.float32) if rewards is None else rewards)}
+        timer.mark("host")
         if self.teachers:
             full_mask = jnp.concatenate([batch["prompt_mask"], roll.mask], 1)
-            batch["teacher"], rows = self._scores(roll.tokens, full_mask, self.cfg.data.per_domain * g)
+            batch["teacher"], rows = timer.mark("teacher", *self._scores(roll.tokens, full_mask, dc.per_domain * g))
         else:
             batch["teacher"], rows = self._rows(np.zeros(roll.mask.shape, np.float32)), {}
         return batch, rows, rewards
@@ -162,13 +172,15 @@ class Trainer:
         x = np.asarray(x)
         return dist.to_global(x, shd.rows_sharding(x.shape[0], x.ndim, self.mesh, self.rules))
 
-    def off_policy_batch(self, examples):
+    def off_policy_batch(self, examples, timer: PhaseTimer = NO_TIMER):
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
         tokens, pmask, amask = (self._rows(x) for x in encode_pairs(
             self.prompter, examples, [e.answer for e in examples], self.prompt_len,
             self.cfg.data.max_new_tokens))
-        teacher, _ = self._scores(tokens, jnp.concatenate([pmask, amask], 1), self.cfg.data.per_domain)
+        timer.mark("host")
+        teacher, _ = timer.mark("teacher", *self._scores(tokens, jnp.concatenate([pmask, amask], 1),
+                                                         self.cfg.data.per_domain))
         return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
 
     # ------------------------------------------------------------------ EffOPD guard
@@ -255,6 +267,8 @@ class Trainer:
         if dist.is_main():
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            if self.tokenizer.name_or_path == "":  # the built-in tokenizer: kept with the run (export uses it)
+                self.tokenizer.save_pretrained(self.out / "tokenizer")
         writer = MetricsWriter(self.out, resume_step=start if self.resume else None)
         self.sample_log = SamplesWriter(self.out, resume_step=start if self.resume else None)
         bar = None
@@ -263,12 +277,21 @@ class Trainer:
             bar = tqdm(total=tc.steps, initial=start, desc="opd", dynamic_ncols=True)
         last = {}
         end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+        self.unread = []  # (step, loss, skipped flag) on device, read at the next log or checkpoint step
+        self.skipped_in_a_row = 0
         try:
-            for step in range(start, end):
-                last = self._one_step(step, writer, bar)
-                done = step + 1
-                if done % tc.checkpoint_every == 0 or done == tc.steps:
-                    ckpt.save(mgr, done, self.train_state(done))
+            with Preemption() as preemption:
+                for step in range(start, end):
+                    done = step + 1
+                    record = self._one_step(step, writer, bar, log=done == end)
+                    last = record or last
+                    stop = preemption.reached(done)  # SIGTERM: finish this step, save it, exit cleanly
+                    if done % tc.checkpoint_every == 0 or done == tc.steps or stop:
+                        self._read_skips()  # never save after the run should have stopped
+                        ckpt.save(mgr, done, self.train_state(done))
+                    if stop:
+                        print(f"opd-jax: preempted (SIGTERM): saved step {done}; continue with --resume", flush=True)
+                        return last
         finally:
             if bar is not None:
                 bar.close()
@@ -277,51 +300,71 @@ class Trainer:
             plot_metrics(self.out / "metrics.jsonl", self.out / "plots")
         return last
 
-    def _one_step(self, step: int, writer: MetricsWriter, bar) -> dict:
+    def _read_skips(self) -> int:
+        """Read the skip flags of the steps since the last read (one host round-trip for all of them);
+        stop the run after train.max_skipped non-finite steps in a row. -> skipped steps read."""
+        flags = [(s, float(loss), float(skip)) for s, loss, skip in self.unread]
+        self.unread = []
+        for s, loss, skip in flags:
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if skip else 0
+            if self.skipped_in_a_row >= self.cfg.train.max_skipped:
+                raise OpdError(f"loss is {loss} at step {s} ({self.skipped_in_a_row} non-finite step(s) in a row, "
+                               f"train.max_skipped={self.cfg.train.max_skipped}); stopped, and no update with a "
+                               "non-finite loss or gradient was applied (the last checkpoint is intact): lower "
+                               "optim.lr or check the teachers' outputs")
+        return int(sum(skip for _, _, skip in flags))
+
+    def _one_step(self, step: int, writer: MetricsWriter, bar, log: bool = False) -> dict:
+        """One step. Only log and eval steps read anything back from the devices (and time each phase);
+        the others are dispatched asynchronously and return {}."""
         cfg, lc, tc = self.cfg, self.cfg.loss, self.cfg.train
-        t0 = time.perf_counter()
+        done = step + 1
+        evaluating = done % tc.eval_every == 0 or done == tc.steps
+        log = log or evaluating or done % tc.log_every == 0
+        timer = PhaseTimer(sync=log)
         examples = self.source.batch(step, cfg.data.per_domain)
-        batch, rows, rewards = {}, {}, np.zeros(0)
-        if lc.lam > 0:
-            batch["on"], rows, rewards = self.on_policy_batch(step, examples)
+        batch, rows, rewards = {}, {}, None
+        if lc.lam > 0:  # completions come to the host only when something reads them
+            batch["on"], rows, rewards = self.on_policy_batch(step, examples, decode=evaluating or uses_rl(lc),
+                                                              timer=timer)
         if lc.lam < 1:
-            batch["off"] = self.off_policy_batch(examples)
-        self.params, self.opt_state, loss, metrics = self.step_fn(self.params, self.opt_state, batch, self.teacher_w)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise OpdError(f"loss is {loss} at step {step + 1}; stopped before saving it (the last checkpoint is "
-                           "intact): lower optim.lr or check the teachers' outputs")
-        record = {"loss": loss}
-        if self.guard:
-            record.update(self._guard_jump())
-        dt = time.perf_counter() - t0
+            batch["off"] = self.off_policy_batch(examples, timer=timer)
+        self.params, self.opt_state, loss, metrics = timer.mark(
+            "update", *self.step_fn(self.params, self.opt_state, batch, self.teacher_w))
+        self.unread.append((done, loss, metrics["skipped"]))
+        guard = self._guard_jump() if self.guard else {}  # EffOPD guard: every step that jumped (it reads back)
+        if bar is not None:
+            bar.update(1)
+        if not log:
+            return {}
+        record = {"loss": float(loss), "skipped_steps": float(self._read_skips()), **guard}
+        record.update(timer.record())
         for k, v in metrics.items():
             v = np.asarray(v)
             if k == "on_policy/row_divergence":
                 for name, sls in rows.items():
                     record[f"teacher/{name}/divergence"] = float(np.mean(np.concatenate([v[s] for s in sls])))
-            elif v.ndim == 0:
+            elif v.ndim == 0 and k != "skipped":
                 record[k] = float(v)
         gen_tokens = float(dist.to_host(batch["on"]["mask"]).sum()) if "on" in batch else 0.0
-        record.update({"reward": float(rewards.mean()) if rewards.size else 0.0, "tokens_per_s": gen_tokens / dt,
-                       "step_time_s": dt})
-        done = step + 1
-        if done % tc.eval_every == 0 or done == tc.steps:
+        record["tokens_per_s"] = gen_tokens / record["time/step"]
+        if rewards is not None:
+            record["reward"] = float(rewards.mean())
+        if evaluating:
             acc, greedy = self.evaluate()
             record.update(acc)
             # what the student wrote this step (on-policy, with the teachers' divergence), else its greedy eval answers
             self.sample_log.write(done, self._sample_rows("on_policy", *self.samples, metrics["on_policy/row_divergence"])
                                   if "on" in batch else greedy)
-        if done % tc.log_every == 0 or "eval/mean/accuracy" in record:
-            writer.write(done, record)
+        writer.write(done, record)
         if bar is not None:
             div = next((v for k, v in record.items() if k.endswith("policy/divergence")), float("nan"))
-            post = {"loss": f"{loss:.4f}", "div": f"{div:.4f}", "reward": f"{record['reward']:.2f}",
-                    "tok/s": f"{record['tokens_per_s']:.0f}"}
+            post = {"loss": f"{record['loss']:.4f}", "div": f"{div:.4f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+            if "reward" in record:
+                post["reward"] = f"{record['reward']:.2f}"
             if "eval/mean/accuracy" in record:
                 post["acc"] = f"{record['eval/mean/accuracy']:.2f}"
             bar.set_postfix(post)
-            bar.update(1)
         return record
 
 

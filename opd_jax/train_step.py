@@ -242,11 +242,16 @@ def _update(graphdef, params, opt_state, batch, teacher_w=None, *, optimizer, lc
     else:
         (key, ((loss, m), grads)), = parts.items()
         metrics = {f"{'on' if key == 'on' else 'off'}_policy/{k}": v for k, v in m.items()}
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["loss"] = loss
-    return params, opt_state, loss, metrics
+    # a non-finite loss or gradient skips the update on device (no host round-trip): parameters and
+    # optimizer state stay as they were, and the step is flagged for the trainer to count
+    ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
+    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), loss, metrics
 
 
 _STATIC = ("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature", "micro", "layout", "routes")

@@ -62,3 +62,39 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
+    """A preemption notice reaches only process 1: JAX's preemption sync point makes both processes
+    save the same step (off the checkpoint schedule) and exit 0; none waits for a peer that stopped."""
+    import time
+
+    steps = 40
+    extra = {"train.steps": steps, "train.checkpoint_every": 1000, "train.eval_every": 1000, "mesh.data": 2,
+             "mesh.fsdp": 4, "mesh.tensor": 1, "data.per_domain": 4, **random_teacher(tmp_path)}
+    overrides = [o for o in tiny_overrides(tmp_path / "unused", **extra) if not o.startswith("train.out_dir")]
+    port, out = _free_port(), tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(out), json.dumps(overrides),
+                               "preempt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              start_new_session=True) for i in range(2)]
+    try:
+        deadline = time.time() + 400
+        log = out / "metrics.jsonl"
+        while not (log.exists() and log.read_text().count("\n") >= 2):  # training is under way
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, "ended before the signal"
+            time.sleep(0.05)
+        os.kill(procs[1].pid, signal.SIGTERM)
+        outputs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-6000:]
+    saved = [int(t.split("saved step ")[1].split(";")[0]) for t in outputs]
+    assert saved[0] == saved[1] < steps
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [saved[0]]

@@ -21,12 +21,18 @@ def _prompts(seed=0, b=4, p=7, vocab=128):
     return jnp.asarray(np.where(mask == 1, ids, 0)), jnp.asarray(mask)
 
 
-def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints):
+@pytest.mark.parametrize("new", [10, 240])  # 240: the cache outgrows the first read lengths (128, 240 + 7 slots)
+def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints, new):
+    """Decode steps read only the filled part of the cache (a length chosen on device per step); the
+    log-probs still equal transformers' forward over the whole rollout."""
+    from opd_jax.models.attention import cache_buckets
+
     folder, torch_model = hf_checkpoints["qwen3"]
     model = opd_jax.load_model(folder)
     ids, mask = _prompts()
+    assert len(cache_buckets(ids.shape[1] + new)) == (1 if new == 10 else 2)
     temp = 0.7
-    roll = opd_jax.generate(model, ids, mask, key=jax.random.key(3), max_new_tokens=10, temperature=temp,
+    roll = opd_jax.generate(model, ids, mask, key=jax.random.key(3), max_new_tokens=new, temperature=temp,
                             eos_id=None)
     full_mask = np.concatenate([np.asarray(mask), np.asarray(roll.mask)], 1)
     with torch.no_grad():
@@ -36,6 +42,14 @@ def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints)
     new = np.asarray(roll.tokens)[:, p:]
     ref = np.take_along_axis(logp[:, p - 1:-1], new[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(roll.logprobs), ref, atol=1e-4)
+
+
+def test_cache_read_lengths():
+    from opd_jax.models.attention import cache_buckets
+
+    assert cache_buckets(100) == (100,) and cache_buckets(300) == (128, 256, 300)
+    big = cache_buckets(8192 + 512)
+    assert big[-1] == 8704 and len(big) <= 17 and all(b - a == big[0] for a, b in zip(big, big[1:-1]))
 
 
 @pytest.mark.parametrize("stop,pad", [(5, 0), ([5, 9], 9)], ids=["one-eos", "two-stop-ids-pad-is-one"])

@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny config: every loss mode, routing, errors, checkpoints, export, resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,9 @@ def test_run_writes_metrics_checkpoints_plots_tensorboard_and_exports(tmp_path):
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     assert "eval/addition/accuracy" in recs[1] and "teacher/snap/divergence" in recs[-1]
+    for r in recs:  # every log step times its phases (waiting for each), and tokens/s follows from them
+        assert min(r[f"time/{k}"] for k in ("sample", "teacher", "update", "host")) > 0 and r["skipped_steps"] == 0
+        assert r["time/step"] >= r["time/sample"] + r["time/teacher"] + r["time/update"]
     assert recs[-1]["on_policy/divergence"] > 0  # the student moved away from its snapshot
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert {"loss.png", "divergence.png", "accuracy.png"} <= {p.name for p in (out / "plots").iterdir()}
@@ -112,8 +117,42 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     cfg = load_config(None, tiny_overrides(tmp_path / "r", teachers=f"[{{name: t, path: {tmp_path / 'nan_teacher'}}}]",
                                            routing="{addition: t, reverse: t, sort: t}"))
     with pytest.raises(OpdError, match="loss is nan at step 1"):
-        train(cfg)
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_skipped=1)))
     assert not any(p.name.isdigit() for p in (tmp_path / "r" / "checkpoints").iterdir())
+    # flags are read only at log steps: with max_skipped=2 and logs every 3 steps the run stops at step 3's
+    # read, naming step 2, before step 3's checkpoint is written
+    late = load_config(None, tiny_overrides(tmp_path / "late", teachers=f"[{{name: t, path: {tmp_path / 'nan_teacher'}}}]",
+                                            routing="{addition: t, reverse: t, sort: t}",
+                                            **{"train.max_skipped": 2, "train.log_every": 3, "train.eval_every": 10}))
+    with pytest.raises(OpdError, match=r"loss is nan at step 2 \(2 non-finite step\(s\) in a row, train.max_skipped=2\)"):
+        train(late)
+    assert not any(p.name.isdigit() for p in (tmp_path / "late" / "checkpoints").iterdir())
+
+
+def test_a_non_finite_step_is_skipped_on_device_and_the_run_goes_on(tmp_path, monkeypatch):
+    """Step 2's teacher outputs are NaN: its update is not applied (parameters and optimizer state after
+    step 2 equal those after step 1), the next log reports one skipped step, and step 3 trains again."""
+    from opd_jax.train import restore_run_params
+
+    original = Trainer.on_policy_batch
+
+    def poisoned(self, step, examples, *a, **k):
+        batch, rows, rewards = original(self, step, examples, *a, **k)
+        if step == 1:
+            batch["teacher"] = jax.tree.map(lambda x: x * jnp.nan, batch["teacher"])
+        return batch, rows, rewards
+
+    monkeypatch.setattr(Trainer, "on_policy_batch", poisoned)
+    out = tmp_path / "r"
+    train(load_config(None, tiny_overrides(out, **{"train.steps": 3, "train.checkpoint_every": 1, "train.eval_every": 10, "train.keep_checkpoints": 3,
+                                                   **random_teacher(tmp_path)})))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in recs] == [0, 1, 0] and np.isfinite(recs[2]["loss"])
+    params = [jax.tree.leaves(restore_run_params(out, step)[1]) for step in (1, 2, 3)]
+    for a, b, c in zip(*params):
+        np.testing.assert_array_equal(a, b)
+        assert np.isfinite(np.asarray(c)).all()
+    assert any(not np.array_equal(b, c) for b, c in zip(params[1], params[2]))
 
 
 def test_existing_run_needs_resume(tmp_path):
@@ -173,6 +212,44 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert len(moved) == len(a), sorted(set(a) - set(moved))  # every tensor moved well beyond rounding
     steps_logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(1, steps + 1))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_in_flight_exits_zero_and_resumes_exactly(tmp_path):
+    """Preemption notice: SIGTERM while the run trains (checkpoints every 4 steps). The step in flight
+    finishes, is saved at once (off the checkpoint schedule), the process exits 0, no completed step is
+    lost (the saved step is the last one logged), and --resume ends equal to an uninterrupted run."""
+    steps = 8
+    common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": 4,
+                                               "train.eval_every": 100, **random_teacher(tmp_path)})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    cli = [sys.executable, "-m", "opd_jax.cli", "train"]
+
+    def args(out):
+        return [a if not a.startswith("train.out_dir=") else f"train.out_dir={out}" for a in common]
+
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    subprocess.run(cli + args(full), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cli + args(stopped), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.time() + 300
+        metrics = stopped / "metrics.jsonl"
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 1):  # training has begun
+            assert proc.poll() is None and time.time() < deadline, "run ended before the signal"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "preempted (SIGTERM): saved step" in out
+    saved = sorted(int(p.name) for p in (stopped / "checkpoints").iterdir() if p.name.isdigit())
+    logged = [json.loads(x)["step"] for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert saved[-1] == logged[-1] < steps and saved[-1] % 4  # saved on notice, not on the schedule
+    subprocess.run(cli + args(stopped) + ["--resume"], env=env, check=True, capture_output=True)
+    a, b = _final_params(full), _final_params(stopped)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_effopd_and_a_sparse_mask_from_the_config(tmp_path):

@@ -294,7 +294,7 @@ def test_rl_plus_opd_step_uses_rewards_and_the_opd_advantage(tmp_path, teachers,
     """Rewards are fixed per row (a random student earns none), so the GRPO part is not zero."""
     import opd_jax.train as train_mod
 
-    fixed = lambda examples, texts: np.array([float(i % 3 == 0) for i in range(len(examples))], np.float32)  # noqa: E731
+    fixed = lambda examples, texts, verifiers=None: np.array([float(i % 3 == 0) for i in range(len(examples))], np.float32)  # noqa: E731
     monkeypatch.setattr(train_mod, "rewards_for", fixed)
     tr = make_trainer(tmp_path, teachers, **{"loss.estimator_type": "sampled", "loss.kind": "reverse_kl",
                                              "loss.rl_alpha": 0.4, "loss.rl_mode": mode})

@@ -250,6 +250,39 @@ def resolve(impl: str, t: int, s: int, *, cached: bool = False, head_dim: int = 
     return impl
 
 
+def cache_buckets(s: int, smallest: int = 128, most: int = 16) -> tuple[int, ...]:
+    """The static key lengths a decode step may read from a cache of s slots: multiples of a step
+    (`smallest` doubled until at most `most` steps cover s), then s itself. A step reads at most one
+    step's worth of empty slots."""
+    step = smallest
+    while step * most < s:
+        step *= 2
+    return tuple(range(step, s, step)) + (s,)
+
+
+def decode_attention(q, cache_k, cache_v, layer, q_slots, key_valid):
+    """Attention of new queries over the filled part of a KV cache only, so a decode step costs what
+    the cache holds, not its capacity: the shortest length in `cache_buckets(S)` that covers slot
+    q_slots[-1] is chosen on device (`lax.switch` over static lengths) and the plain path runs over
+    those slots; later slots are invisible to these queries anyway, so the result is the plain path's.
+    q [B, T, H, Dh]; cache_k / cache_v [L, B, S, K, Dh] (this call reads layer `layer`); q_slots [T];
+    key_valid [B, S]. -> [B, T, H, Dh]."""
+    _, b, s, kv, dh = cache_k.shape
+    sizes = cache_buckets(s)
+
+    def over(n):
+        def run(q, cache_k, cache_v, key_valid):
+            k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, n, kv, dh))[0].astype(q.dtype)
+                    for c in (cache_k, cache_v))
+            return naive_attention(q, k, v, q_slots, key_valid[:, :n])
+        return run
+
+    if len(sizes) == 1:
+        return over(s)(q, cache_k, cache_v, key_valid)
+    which = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), q_slots[-1] + 1)  # first length >= filled slots
+    return jax.lax.switch(which, [over(n) for n in sizes], q, cache_k, cache_v, key_valid)
+
+
 def attention(q, k, v, q_slots, key_valid, impl: str = "naive", block: int = 512, *, cached: bool = False,
               layout=None):
     """Dispatch to the implementation `resolve` names. `cached`: keys come from a KV cache (slots

@@ -19,7 +19,7 @@ from flax import nnx
 
 from opd_jax.models.config import ModelConfig
 from opd_jax.models import layers as L
-from opd_jax.models.attention import attention
+from opd_jax.models.attention import attention, decode_attention
 
 # name -> (shape builder, logical axes, init kind); shapes include the leading layers axis.
 def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
@@ -123,6 +123,9 @@ class Transformer(nnx.Module):
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
 
         layout = _LAYOUT.get()
+        # a decode step (one new token per row) over a cache: attention reads only the filled slots;
+        # attention="naive" keeps the reference path over every slot
+        decoding = cache is not None and input_ids.shape[1] == 1 and cfg.attention != "naive"
 
         def body(i, carry):
             h, cache = carry
@@ -146,10 +149,14 @@ class Transformer(nnx.Module):
                 ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
                 cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
                 cache = (ck, cv)
-                k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
-                v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
-            o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block, cached=cache is not None,
-                          layout=layout)
+            if cache is not None and decoding:  # read only the filled part of the cache
+                o = decode_attention(q, ck, cv, i, q_slots, key_valid)
+            else:
+                if cache is not None:
+                    k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
+                    v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
+                o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block,
+                              cached=cache is not None, layout=layout)
             h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
