@@ -113,7 +113,7 @@ def opd_config(prep: dict, out_dir: str | Path, steps: int = OPD_STEPS, seed: in
         loss=LossConfig(estimator_type="full", kind="forward_kl"),
         optim=OptimConfig(name="adamw", lr=3e-3, schedule="cosine", warmup_steps=0, clip_norm=1.0),
         train=TrainConfig(steps=steps, seed=seed, out_dir=str(out_dir), checkpoint_every=max(steps // 2, 1),
-                          eval_every=max(steps // 5, 1), eval_per_domain=64),
+                          eval_every=max(steps // 5, 1), eval_per_domain=64, log_every=10),
     )
 
 

@@ -321,6 +321,8 @@ class Trainer:
         done = step + 1
         evaluating = done % tc.eval_every == 0 or done == tc.steps
         log = log or evaluating or done % tc.log_every == 0
+        if log:  # earlier steps' queued work is not this step's phases
+            jax.block_until_ready(self.params)
         timer = PhaseTimer(sync=log)
         examples = self.source.batch(step, cfg.data.per_domain)
         batch, rows, rewards = {}, {}, None

@@ -26,6 +26,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="auto", help="opd_jax attention: auto (decode reads the filled cache) "
+                    "or naive (every cache slot, the previous behaviour)")
     args = ap.parse_args()
 
     import torch
@@ -33,6 +35,7 @@ def main():
     import jax
     import jax.numpy as jnp
     import opd_jax
+    from opd_jax.models.transformer import with_runtime
 
     torch.manual_seed(0)
     heads = args.width // 64
@@ -52,7 +55,7 @@ def main():
     ids = np.where(mask == 1, ids, 0)
     with tempfile.TemporaryDirectory() as d:
         tm.save_pretrained(d)
-        jm = opd_jax.load_model(d)
+        jm = with_runtime(opd_jax.load_model(d), attention=args.attention)
 
     def run_torch():
         with torch.no_grad():
@@ -84,7 +87,8 @@ def main():
     print(f"host: {os.cpu_count()} cores, jax on {jax.devices()[0].platform}, torch threads {torch.get_num_threads()}, "
           f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model: qwen3 layers={args.layers} width={args.width} vocab={args.vocab}; batch={args.batch} "
-          f"prompt={args.prompt} new={args.new} greedy float32")
+          f"prompt={args.prompt} new={args.new} greedy float32; opd_jax attention={args.attention}")
+    print(f"opd_jax per decode step: {tj / args.new * 1e3:.3f} ms")
     print(f"token agreement opd_jax vs torch: {agree:.4f}")
     print(f"opd_jax first call (compile + run): {compile_s:.2f} s")
     print(f"opd_jax:      {n / tj:9.1f} tokens/s  ({tj:.3f} s)")

@@ -170,11 +170,11 @@ def _final_params(out):
     return {"/".join(map(str, k)): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(like.params)}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-    """A random teacher (not `self`), so every step really moves the parameters."""
-    steps = 6
-    common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": 1,
+def cli_runner(tmp_path, steps: int, checkpoint_every: int):
+    """(env, command, args(out_dir)) for `opd-jax train` in a subprocess on one CPU device (a random
+    teacher, so every step really moves the parameters), after an uninterrupted reference run into
+    tmp_path / "full"."""
+    common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": checkpoint_every,
                                                "train.eval_every": 100, **random_teacher(tmp_path)})
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     cli = [sys.executable, "-m", "opd_jax.cli", "train"]
@@ -182,8 +182,16 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     def args(out):
         return [a if not a.startswith("train.out_dir=") else f"train.out_dir={out}" for a in common]
 
+    subprocess.run(cli + args(tmp_path / "full"), env=env, check=True, capture_output=True)
+    return env, cli, args
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A random teacher (not `self`), so every step really moves the parameters."""
+    steps = 6
+    env, cli, args = cli_runner(tmp_path, steps, 1)
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(cli + args(full), env=env, check=True, capture_output=True)
     proc = subprocess.Popen(cli + args(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
@@ -220,16 +228,8 @@ def test_sigterm_saves_the_step_in_flight_exits_zero_and_resumes_exactly(tmp_pat
     finishes, is saved at once (off the checkpoint schedule), the process exits 0, no completed step is
     lost (the saved step is the last one logged), and --resume ends equal to an uninterrupted run."""
     steps = 8
-    common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": 4,
-                                               "train.eval_every": 100, **random_teacher(tmp_path)})
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    cli = [sys.executable, "-m", "opd_jax.cli", "train"]
-
-    def args(out):
-        return [a if not a.startswith("train.out_dir=") else f"train.out_dir={out}" for a in common]
-
+    env, cli, args = cli_runner(tmp_path, steps, 4)
     full, stopped = tmp_path / "full", tmp_path / "stopped"
-    subprocess.run(cli + args(full), env=env, check=True, capture_output=True)
     proc = subprocess.Popen(cli + args(stopped), env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         deadline = time.time() + 300
