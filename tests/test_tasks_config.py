@@ -107,3 +107,32 @@ def test_distributed_start_needs_all_three_settings(monkeypatch):
     with pytest.raises(OpdError, match="num_processes and distributed.process_id"):
         initialize(DistributedConfig(coordinator="127.0.0.1:1"))
     assert initialize(DistributedConfig()) is False  # one process, not on a TPU VM: nothing to start
+
+
+def test_carry_domain_writes_every_digit_step_and_scores_the_final_sum():
+    """The long-horizon domain, checked by an independent column-addition solver: every step's digits,
+    carry in and total, the final sum, 21 to 39 characters; its default verifier scores the sum only."""
+    import numpy as np
+
+    from opd_jax.tasks import LONG_DOMAINS, get_domain, verifiers_for
+
+    dom = get_domain("carry")
+    rng = np.random.RandomState(0)
+    lengths = []
+    for _ in range(200):
+        ex = dom.example(rng)
+        a, b = (int(x) for x in ex.prompt[len("carry:"):-1].split("+"))
+        steps, total = ex.answer.split(":")
+        assert int(total) == a + b
+        carry = 0
+        for k, step in enumerate(steps.split(",")):
+            da, db = (a // 10 ** k) % 10, (b // 10 ** k) % 10
+            assert step == f"{da}+{db}" + (f"+{carry}" if carry else "") + f"={da + db + carry}"
+            carry = (da + db + carry) // 10
+        lengths.append(len(ex.answer))
+    assert 21 <= min(lengths) and max(lengths) <= 39
+    verify = verifiers_for({}, ["carry", "addition"])
+    gold = "2+9=11,7+8+1=16,4+3+1=8:861"
+    assert verify["carry"](gold, gold) == 1.0 and verify["carry"]("2+9=11,7+8=15:861", gold) == 1.0
+    assert verify["carry"]("2+9=11,7+8+1=16,4+3+1=8:851", gold) == 0.0 and verify["carry"]("861", gold) == 0.0
+    assert verify["addition"]("861", "861") == 1.0 and "carry" in LONG_DOMAINS

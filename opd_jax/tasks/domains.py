@@ -29,6 +29,7 @@ class Example:
 class Domain:
     name: str
     make: Callable[[np.random.RandomState], tuple[str, str]]
+    verifier: str = "exact"  # the default `data.verifiers` entry for this domain
 
     def example(self, rng: np.random.RandomState) -> Example:
         prompt, answer = self.make(rng)
@@ -50,6 +51,20 @@ def _sort(rng, lo=3, hi=5):
     return f"sort:{s}=", "".join(sorted(s))
 
 
+def _carry(rng, lo=3, hi=4):
+    """Addition written out digit by digit, least significant first, each step with its carry in (when
+    there is one), then the sum: "carry:472+389=" -> "2+9=11,7+8+1=16,4+3+1=8:861" (21 to 39
+    characters). A wrong digit or carry in one step derails every later step and the sum."""
+    n = int(rng.randint(lo, hi + 1))
+    a, b = (int(rng.randint(10 ** (n - 1), 10 ** n)) for _ in range(2))
+    steps, carry = [], 0
+    for da, db in zip(reversed(str(a)), reversed(str(b))):
+        total = int(da) + int(db) + carry
+        steps.append(f"{da}+{db}" + (f"+{carry}" if carry else "") + f"={total}")
+        carry = total // 10
+    return f"carry:{a}+{b}=", ",".join(steps) + f":{a + b}"
+
+
 DOMAINS: dict[str, Domain] = {
     "addition": Domain("addition", _addition),
     "reverse": Domain("reverse", _reverse),
@@ -57,10 +72,18 @@ DOMAINS: dict[str, Domain] = {
 }
 
 
+# long-horizon domains: answers of 15 to 40 tokens where an early mistake compounds (not in the default
+# data.domains, whose prompts fit 16 tokens)
+LONG_DOMAINS: dict[str, Domain] = {
+    "carry": Domain("carry", _carry, verifier="suffix::"),
+}
+
+
 def get_domain(name: str) -> Domain:
-    if name not in DOMAINS:
-        raise OpdError(f"unknown task domain {name!r}; built-in domains: {', '.join(DOMAINS)}")
-    return DOMAINS[name]
+    known = {**DOMAINS, **LONG_DOMAINS}
+    if name not in known:
+        raise OpdError(f"unknown task domain {name!r}; built-in domains: {', '.join(known)}")
+    return known[name]
 
 
 def reward(completion: str, answer: str | None) -> float:

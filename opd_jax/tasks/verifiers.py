@@ -7,6 +7,8 @@ Names (`get_verifier(name)`):
   - `regex:PATTERN`: group 1 of the last match of PATTERN in the completion, stripped, must equal
     the answer exactly (no match: 0).
   - `python:module:function`: a user callable `(completion, answer) -> float`, imported by name.
+  - `suffix:SEP`: the text after the last SEP in the completion equals the text after the last SEP
+    in the answer (the final result of a worked answer; the built-in `carry` domain uses `suffix::`).
 A missing answer always scores 0. Verifiers feed eval accuracy, pass@k and RL rewards.
 """
 
@@ -62,6 +64,15 @@ def _regex(pattern: str) -> Verifier:
     return verify
 
 
+def _suffix(sep: str) -> Verifier:
+    def verify(completion: str, answer: str | None) -> float:
+        return float(answer is not None and sep in completion
+                     and completion.rsplit(sep, 1)[1].strip() == answer.rsplit(sep, 1)[-1].strip())
+
+    verify.__name__ = f"suffix:{sep}"
+    return verify
+
+
 def _python(spec: str) -> Verifier:
     module, _, name = spec.rpartition(":")
     if not module or not name:
@@ -99,9 +110,11 @@ def get_verifier(name: str) -> Verifier:
         return math
     if name.startswith("regex:"):
         return _regex(name[len("regex:"):])
+    if name.startswith("suffix:") and len(name) > len("suffix:"):
+        return _suffix(name[len("suffix:"):])
     if name.startswith("python:"):
         return _python(name[len("python:"):])
-    raise OpdError(f"unknown verifier {name!r}; use exact, math, regex:PATTERN or python:module:function")
+    raise OpdError(f"unknown verifier {name!r}; use exact, math, regex:PATTERN, suffix:SEP or python:module:function")
 
 
 def verifiers_for(names: dict, domains) -> dict[str, Verifier]:
@@ -111,4 +124,7 @@ def verifiers_for(names: dict, domains) -> dict[str, Verifier]:
     if unknown:
         raise OpdError(f"data.verifiers names domain(s) {', '.join(map(repr, unknown))} that no prompt has; "
                        f"domains: {', '.join(domains)}")
-    return {d: get_verifier(str(names.get(d, "exact"))) for d in domains}
+    from opd_jax.tasks.domains import DOMAINS, LONG_DOMAINS
+
+    builtin = {**DOMAINS, **LONG_DOMAINS}
+    return {d: get_verifier(str(names.get(d, builtin[d].verifier if d in builtin else "exact"))) for d in domains}
