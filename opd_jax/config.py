@@ -88,6 +88,9 @@ class OptimConfig:
     effopd_min_cos: float = 0.0
     effopd_guard: bool = False  # roll a jump back when it raises the teacher divergence on a held-out probe batch
     effopd_probe_per_domain: int = 8  # probe prompts per domain for the guard
+    # after each window, a probe-batch line search over alpha in (0, 0.5, 1, 2, 4) along the window's
+    # update d_k: keep the alpha with the lowest exact teacher divergence (0 is always a candidate)
+    effopd_line_search: bool = False
     mask: str | None = None  # safetensors mask file: train only its coordinates (opd_jax.optim.masks)
 
 

@@ -37,6 +37,9 @@ from opd_jax.train_step import (check_loss_config, check_micro_batch, probe_dive
                                 teacher_output_kind, uses_rl)
 
 
+LINE_SEARCH_ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0)  # optim.effopd_line_search: step sizes along d_k tried after each window
+
+
 def train_state(params, opt_state, step: int, key) -> dict:
     """What a checkpoint holds: params, optimizer state, step, data position (= step) and the RNG key."""
     # host scalars (numpy): the same on every process, written once by Orbax in a multi-host run
@@ -186,15 +189,16 @@ class Trainer:
     # ------------------------------------------------------------------ EffOPD guard
     def _setup_guard(self):
         oc = self.cfg.optim
-        self.guard = bool(oc.effopd_guard)
+        self.guard = bool(oc.effopd_guard or oc.effopd_line_search)
         if not self.guard:
             return
+        what = "optim.effopd_line_search" if oc.effopd_line_search else "optim.effopd_guard"
         if oc.effopd_window <= 0:
-            raise OpdError("optim.effopd_guard needs EffOPD on (optim.effopd_window > 0)")
+            raise OpdError(f"{what} needs EffOPD on (optim.effopd_window > 0)")
         if oc.accumulate > 1:
-            raise OpdError("optim.effopd_guard does not support optim.accumulate > 1; set one of them off")
+            raise OpdError(f"{what} does not support optim.accumulate > 1; set one of them off")
         if not self.teachers:
-            raise OpdError("optim.effopd_guard measures the teacher divergence, so it needs teachers")
+            raise OpdError(f"{what} measures the teacher divergence, so it needs teachers")
         self.probe_examples = self.source.batch(0, oc.effopd_probe_per_domain, stream=2)  # held out from training
         self.guard_mask = load_mask(oc.mask, self.params) if oc.mask else None
 
@@ -226,12 +230,29 @@ class Trainer:
             return {}
         without = undo_jump(self.params, st, self.guard_mask)
         before, probe_batch = self.probe(without)
+        if self.cfg.optim.effopd_line_search:
+            return self._line_search(without, before, probe_batch, float(st.cosine))
         after, _ = self.probe(self.params, probe_batch)
         rolled = after > before
         if rolled:
             self.params = jax.device_put(without, self.param_sh)
         return {"effopd/alpha": float(st.alpha), "effopd/cosine": float(st.cosine), "effopd/probe_before": before,
                 "effopd/probe_after": after, "effopd/rolled_back": float(rolled)}
+
+    def _line_search(self, without, before: float, probe_batch, cosine: float) -> dict:
+        """EffOPD's adaptive step as a line search: the transform jumped exactly d_k (fixed alpha 1), so
+        candidate alpha is without + alpha * (params - without); the probe divergence picks it (ties go
+        to the smaller alpha, and alpha = 0 is the update without any jump)."""
+        jump = jax.tree.map(lambda p, w: p.astype(jnp.float32) - w.astype(jnp.float32), self.params, without)
+        at = lambda a: jax.tree.map(lambda w, d: (w.astype(jnp.float32) + a * d).astype(w.dtype), without, jump)  # noqa: E731
+        scores = {0.0: before}
+        for a in LINE_SEARCH_ALPHAS[1:]:
+            scores[a], _ = self.probe(at(a), probe_batch)
+        best = min(scores, key=lambda a: (scores[a], a))
+        self.params = jax.device_put(at(best), self.param_sh)
+        return {"effopd/alpha": best, "effopd/cosine": cosine, "effopd/probe_before": before,
+                "effopd/probe_after": scores[best], "effopd/rolled_back": float(best == 0.0),
+                **{f"effopd/probe_alpha_{a:g}": v for a, v in scores.items()}}
 
     # ------------------------------------------------------------------ loop
     def evaluate(self) -> tuple[dict, list[dict]]:

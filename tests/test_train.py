@@ -276,6 +276,38 @@ def test_effopd_and_a_sparse_mask_from_the_config(tmp_path):
             np.testing.assert_array_equal(a, np.asarray(b), err_msg=name)
 
 
+def test_effopd_line_search_keeps_the_step_size_with_the_lowest_probe_divergence(tmp_path):
+    """EffOPD as a line search (window 1, SGD): the update u is extrapolated to u + alpha * u for the alpha
+    in (0, 0.5, 1, 2, 4) whose probe divergence is lowest. Checked from outside: the plain run gives u,
+    the candidates p0 + (1 + alpha) u are scored on the same probe tokens, and the run ends at the best."""
+    from flax import nnx
+
+    from opd_jax.train import build_student, restore_run_params
+
+    common = {"train.steps": 1, "train.checkpoint_every": 1, "optim.name": "sgd", "optim.lr": 0.5,
+              "optim.momentum": 0.0, "train.eval_every": 100, **random_teacher(tmp_path)}
+    train(load_config(None, tiny_overrides(tmp_path / "plain", **common)))
+    searched = {**common, "optim.effopd_window": 1, "optim.effopd_line_search": "true",
+                "optim.effopd_probe_per_domain": 2}
+    cfg = load_config(None, tiny_overrides(tmp_path / "search", **searched))
+    train(cfg)
+    rec = json.loads((tmp_path / "search" / "metrics.jsonl").read_text().splitlines()[-1])
+    best = rec["effopd/alpha"]
+    p0 = nnx.to_pure_dict(nnx.state(build_student(cfg.student, cfg.train.seed)))
+    plain, found = restore_run_params(tmp_path / "plain")[1], restore_run_params(tmp_path / "search")[1]
+    cand = lambda a: jax.tree.map(lambda x, y: x + (1 + a) * (y - x), p0, plain)  # noqa: E731
+    probe = Trainer(load_config(None, tiny_overrides(tmp_path / "probe", **searched)))
+    placed = lambda p: jax.device_put(p, probe.param_sh)  # noqa: E731
+    before, batch = probe.probe(placed(plain))
+    scores = {a: probe.probe(placed(cand(a)), batch)[0] for a in (0.0, 0.5, 1.0, 2.0, 4.0)}
+    assert scores[0.0] == pytest.approx(before, rel=1e-6)
+    for a, v in scores.items():
+        assert rec[f"effopd/probe_alpha_{a:g}"] == pytest.approx(v, rel=1e-4, abs=1e-6)
+    assert best == min(scores, key=scores.get) and len(set(np.round(list(scores.values()), 6))) == 5
+    for x, y in zip(jax.tree.leaves(cand(best)), jax.tree.leaves(found)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
 def test_effopd_guard_rolls_back_jumps_that_raise_the_probe_divergence(tmp_path):
     """Absurd jumps (alpha up to 200 windows) must all be rolled back, leaving the plain run. (SGD: Adam
     would magnify the float rounding of p + a*d - a*d through its tiny second moments.)"""

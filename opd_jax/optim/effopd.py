@@ -39,8 +39,10 @@ def _dot(a, b):
 
 
 def effopd(inner: optax.GradientTransformation, *, window: int = 8, alpha_max: float = 2.0,
-           min_cos: float = 0.0) -> optax.GradientTransformation:
-    """Wrap `inner` (any optax optimizer) with windowed extrapolation; see the module docstring."""
+           min_cos: float = 0.0, fixed_alpha: float | None = None) -> optax.GradientTransformation:
+    """Wrap `inner` (any optax optimizer) with windowed extrapolation; see the module docstring.
+    fixed_alpha: jump exactly fixed_alpha * d_k at the end of every window, the first included, whatever
+    the cosine (the trainer's line search then rescales the jump on a probe batch)."""
     if window < 1 or alpha_max < 0 or not -1.0 <= min_cos < 1.0:
         raise ValueError(f"effopd needs window >= 1, alpha_max >= 0, -1 <= min_cos < 1; got {window}, {alpha_max}, "
                          f"{min_cos}")
@@ -58,7 +60,10 @@ def effopd(inner: optax.GradientTransformation, *, window: int = 8, alpha_max: f
         norm = jnp.sqrt(_dot(acc, acc) * _dot(state.prev_dir, state.prev_dir))
         cos = jnp.where(norm > 0, _dot(acc, state.prev_dir) / jnp.where(norm > 0, norm, 1.0), 0.0)
         alpha = alpha_max * jnp.clip((cos - min_cos) / (1.0 - min_cos), 0.0, 1.0)
-        alpha = jnp.where(end & state.has_prev, alpha, 0.0).astype(jnp.float32)
+        if fixed_alpha is None:
+            alpha = jnp.where(end & state.has_prev, alpha, 0.0).astype(jnp.float32)
+        else:
+            alpha = jnp.where(end, fixed_alpha, 0.0).astype(jnp.float32)
         out = jax.tree.map(lambda x, d: x + (alpha * d).astype(x.dtype), u, acc)
         new = EffOPDState(
             inner=inner_state,

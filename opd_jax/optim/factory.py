@@ -39,7 +39,8 @@ def make_optimizer(cfg, total_steps: int, params=None) -> optax.GradientTransfor
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     if cfg.effopd_window > 0:
         from opd_jax.optim.effopd import effopd
-        opt = effopd(opt, window=cfg.effopd_window, alpha_max=cfg.effopd_alpha_max, min_cos=cfg.effopd_min_cos)
+        opt = effopd(opt, window=cfg.effopd_window, alpha_max=cfg.effopd_alpha_max, min_cos=cfg.effopd_min_cos,
+                     fixed_alpha=1.0 if cfg.effopd_line_search else None)  # the trainer rescales each jump
     if cfg.mask:
         from opd_jax.optim.masks import load_mask, masked_optimizer
         if params is None:
