@@ -92,6 +92,7 @@ class OptimConfig:
     # update d_k: keep the alpha with the lowest exact teacher divergence (0 is always a candidate)
     effopd_line_search: bool = False
     mask: str | None = None  # safetensors mask file: train only its coordinates (opd_jax.optim.masks)
+    state_dtype: str = ""  # "" = the parameters' dtype; float32 keeps optimizer state (and updates) in float32
 
 
 @dataclass(frozen=True)

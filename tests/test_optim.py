@@ -150,3 +150,37 @@ def test_undo_jump_recovers_the_plain_masked_trajectory():
             np.testing.assert_allclose(p[k], p_ref[k], atol=1e-6)
     assert undone == 5  # windows end at steps 2, 4, ..., 12; the first has no previous direction
     assert find_state(plain.init(p_ref)) is None
+
+
+def test_bfloat16_parameters_with_float32_adam_state_match_a_numpy_reference():
+    """optim.state_dtype=float32 under bfloat16 parameters: Adam's moments are float32 and each step is
+    p <- bf16(p + u) with u computed in float32 from the (exact) float32 gradient. Reference: Adam
+    written out in numpy float64, the parameter rounded to bfloat16 after every step. Updates far below
+    half a bfloat16 step of their weight are lost, so a small-learning-rate coordinate never moves."""
+    import ml_dtypes
+    from opd_jax.config import OptimConfig
+    from opd_jax.optim import make_optimizer
+
+    bf16 = ml_dtypes.bfloat16
+    p = {"w": jnp.asarray([1.0, -0.5, 0.25, 8.0], jnp.bfloat16)}
+    grads = [np.array([0.3, -1.0, 2.0, 0.5]), np.array([0.1, 0.4, -2.0, 0.5]), np.array([-0.2, 0.3, 1.0, 0.5])]
+    lr, b1, b2, eps = 1e-2, 0.9, 0.99, 1e-8
+    opt = make_optimizer(OptimConfig(lr=lr, b1=b1, b2=b2, clip_norm=0.0, state_dtype="float32"), 10)
+    state = opt.init(p)
+    assert {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("float32")}
+    ref, m, v = np.asarray(p["w"], np.float64), np.zeros(4), np.zeros(4)
+    for t, g in enumerate(grads, 1):
+        u, state = opt.update({"w": jnp.asarray(g, jnp.bfloat16)}, state, p)
+        p = optax.apply_updates(p, u)
+        assert p["w"].dtype == jnp.bfloat16
+        gb = np.asarray(np.asarray(g, bf16), np.float64)  # the gradient as the bf16 model hands it over
+        m, v = b1 * m + (1 - b1) * gb, b2 * v + (1 - b2) * gb ** 2
+        step = -lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        ref = np.asarray(np.asarray(ref + step, np.float32).astype(bf16), np.float64)
+        np.testing.assert_array_equal(np.asarray(p["w"], np.float64), ref)
+    # the weight 8.0 (bf16 step 1/16) takes three steps of 1e-2 and never moves; the others do
+    assert float(p["w"][3]) == 8.0 and np.all(np.asarray(p["w"][:3], np.float32) != np.array([1.0, -0.5, 0.25]))
+    from opd_jax.errors import OpdError
+    for bad in ("int8", "float33"):
+        with pytest.raises(OpdError, match="optim.state_dtype must be a floating dtype"):
+            make_optimizer(OptimConfig(state_dtype=bad), 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from opd_jax.errors import OpdError
@@ -27,7 +28,8 @@ def make_optimizer(cfg, total_steps: int, params=None) -> optax.GradientTransfor
     """clip_by_global_norm(clip_norm) then AdamW(b1, b2, weight_decay) or SGD(momentum), with the
     schedule; `effopd_window` > 0 wraps it in `effopd` (window, effopd_alpha_max, effopd_min_cos);
     `mask` (a safetensors mask file, needs `params` for its structure) trains only the masked-in
-    coordinates; `accumulate` > 1 wraps it all in optax.MultiSteps (one update per `accumulate` calls)."""
+    coordinates; `state_dtype` (e.g. float32 under bfloat16 parameters) keeps the optimizer state and
+    the updates in that dtype; `accumulate` > 1 wraps it all in optax.MultiSteps (one update per `accumulate` calls)."""
     sched = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
@@ -46,6 +48,15 @@ def make_optimizer(cfg, total_steps: int, params=None) -> optax.GradientTransfor
         if params is None:
             raise OpdError("optim.mask needs the parameters to match the mask against")
         opt = masked_optimizer(opt, load_mask(cfg.mask, params))
+    if cfg.state_dtype:
+        from opd_jax.optim.precision import with_state_dtype
+        try:
+            dtype = jnp.dtype(cfg.state_dtype)
+        except TypeError:
+            raise OpdError(f"optim.state_dtype must be a floating dtype such as float32, got {cfg.state_dtype!r}") from None
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise OpdError(f"optim.state_dtype must be a floating dtype such as float32, got {cfg.state_dtype!r}")
+        opt = with_state_dtype(opt, dtype)
     if cfg.accumulate > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=cfg.accumulate)
     return opt
