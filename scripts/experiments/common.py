@@ -21,7 +21,8 @@ def run_arm(prep, out_dir, *, steps: int, seed: int, **sections) -> dict:
     out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = opd_config(prep, out_dir, steps=steps, seed=seed)
-    sections = {"train": {"progress": False, "eval_every": max(steps // 6, 1), **sections.get("train", {})},
+    # every step logged: the curves below are per step (steps_to counts records)
+    sections = {"train": {"progress": False, "eval_every": max(steps // 6, 1), "log_every": 1, **sections.get("train", {})},
                 **{k: v for k, v in sections.items() if k != "train"}}
     cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
     trainer = Trainer(cfg)

@@ -1,0 +1,213 @@
+"""The long-horizon experiment (issue 15): does on-policy distillation beat off-policy KD where a
+student's early mistakes compound?
+
+Task: the built-in `carry` domain (addition written digit by digit with carries, 21-39 characters,
+scored on the final sum). Teacher: SFT on gold answers with injected mistakes (a wrong token with its
+loss masked, then the correct continuation), so its next-token targets stay useful on the student's
+wrong prefixes. Student: smaller, SFT warm start on gold answers (as the GKD paper does), then each arm
+runs the same number of steps on the same prompts:
+
+  sft_gold   more SFT on gold answers                    off_fkl   off-policy KD (lambda = 0)
+  gkd_fkl    GKD lambda = 0.5                              on_fkl    on-policy, exact forward KL
+  on_rkl     on-policy, exact reverse KL                  on_jsd    on-policy, exact JSD(0.5)
+  smp_rkl_sg sampled-token reverse KL, stop-gradient advantage (tinker-cookbook's recipe)
+  smp_rkl_loo sampled-token reverse KL, OPD+ with the leave-one-out baseline
+
+Each arm's learning rate is picked from --lrs on a validation seed (held-out prompts), then the arm
+runs --seeds. Accuracy: greedy, 128 held-out prompts, final sum exact. Equal compute is reported
+alongside equal steps: FLOPs per step are counted as 2 N T per forward pass over T tokens (N
+parameters), 3x that for forward + backward, and the on-policy arms also pay for sampling (one student
+forward over prompt and answer); each arm's eval curve is read at the FLOPs that off-policy KD spends in
+--steps steps (linear interpolation between eval points).
+
+    python scripts/experiments/long_horizon.py [--steps 100] [--seeds 0 1 2] [--lrs 3e-4 1e-3 3e-3] [--arms ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import summary  # noqa: E402
+
+from opd_jax.config import Config, DataConfig, LossConfig, ModelSpec, OptimConfig, TeacherSpec, TrainConfig
+from opd_jax.evaluate import greedy_accuracy
+from opd_jax.models import ModelConfig, init_model, load_model, save_model
+from opd_jax.sft import sft_train
+from opd_jax.tasks import PromptSource, build_char_tokenizer, verifiers_for
+from opd_jax.train import Trainer
+
+DOMAIN = "carry"
+TEACHER = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
+               head_dim=32, max_position_embeddings=96)
+STUDENT = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+               head_dim=16, max_position_embeddings=96)
+MAX_PROMPT, MAX_NEW = 18, 41
+ARMS = {
+    "sft_gold": None,
+    "off_fkl": dict(estimator_type="full", kind="forward_kl", lam=0.0),
+    "gkd_fkl": dict(estimator_type="full", kind="forward_kl", lam=0.5),
+    "on_fkl": dict(estimator_type="full", kind="forward_kl", lam=1.0),
+    "on_rkl": dict(estimator_type="full", kind="reverse_kl", lam=1.0),
+    "on_jsd": dict(estimator_type="full", kind="jsd", beta=0.5, lam=1.0),
+    "smp_rkl_sg": dict(estimator_type="sampled", kind="reverse_kl", estimator="stop_grad"),
+    "smp_rkl_loo": dict(estimator_type="sampled", kind="reverse_kl", estimator="opd_plus", baseline="loo"),
+}
+
+
+def prepare(work: Path, teacher_steps: int, student_steps: int, mistake_rate: float, log=print) -> dict:
+    """Tokenizer, the mistake-trained teacher and the SFT-warm-started student (each trained once)."""
+    work.mkdir(parents=True, exist_ok=True)
+    tok = build_char_tokenizer(work / "tokenizer")
+    dom_src = PromptSource([DOMAIN], seed=1000)
+    pairs = lambda src, n: lambda s: [(e.prompt, e.answer) for e in src.batch(s, n)]  # noqa: E731
+    eval_set = PromptSource([DOMAIN], seed=0).batch(0, 128, stream=1)
+    val_set = PromptSource([DOMAIN], seed=0).batch(0, 128, stream=3)
+    verify = verifiers_for({}, [DOMAIN])
+
+    def acc(model, examples=eval_set):
+        return greedy_accuracy(model, tok, examples, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW,
+                               verifiers=verify)[DOMAIN]
+
+    teacher_dir = work / "teacher"
+    if not (teacher_dir / "config.json").exists():
+        t0 = time.time()
+        teacher = init_model(ModelConfig.for_family("qwen3", **TEACHER), seed=1)
+        sft_train(teacher, tok, pairs(dom_src, 32), steps=teacher_steps, lr=3e-3, max_prompt_len=MAX_PROMPT,
+                  max_new_tokens=MAX_NEW, mistake_rate=mistake_rate, progress="teacher SFT (with mistakes)")
+        save_model(teacher, teacher_dir)
+        log(f"teacher: {teacher_steps} SFT steps, mistake rate {mistake_rate}, {time.time() - t0:.0f} s")
+    student_dir = work / "student_init"
+    if not (student_dir / "config.json").exists():
+        student = init_model(ModelConfig.for_family("qwen3", **STUDENT), seed=7)
+        sft_train(student, tok, pairs(PromptSource([DOMAIN], seed=2000), 16), steps=student_steps, lr=3e-3,
+                  max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, progress="student SFT warm start")
+        save_model(student, student_dir)
+    prep = {"work": work, "tokenizer": tok, "teacher": teacher_dir, "student": student_dir, "acc": acc,
+            "val_set": val_set}
+    prep["teacher_acc"] = acc(load_model(teacher_dir))
+    prep["before"] = acc(load_model(student_dir))
+    log(f"teacher accuracy {prep['teacher_acc']:.3f}, student before {prep['before']:.3f}")
+    return prep
+
+
+def config(prep, out_dir: Path, *, steps: int, seed: int, lr: float, loss: dict) -> Config:
+    return Config(
+        student=ModelSpec(path=str(prep["student"])),
+        teachers=(TeacherSpec(name="t", path=str(prep["teacher"])),),
+        routing={DOMAIN: "t"},
+        data=DataConfig(domains=(DOMAIN,), tokenizer=str(prep["work"] / "tokenizer"), per_domain=32, group_size=1,
+                        max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, temperature=1.0),
+        loss=LossConfig(**loss),
+        optim=OptimConfig(name="adamw", lr=lr, schedule="cosine", clip_norm=1.0),
+        train=TrainConfig(steps=steps, seed=seed, out_dir=str(out_dir), checkpoint_every=steps,
+                          eval_every=max(steps // 5, 1), eval_per_domain=64, log_every=10, progress=False),
+    )
+
+
+def n_params(folder) -> int:
+    import jax
+    from opd_jax.analysis.report import load_params
+    return sum(x.size for x in jax.tree.leaves(load_params(folder)))
+
+
+def flops_per_step(arm: str, n_student: int, n_teacher: int, rows: int = 32, tokens: int = MAX_PROMPT + MAX_NEW) -> float:
+    """2 N T a forward pass, 6 N T forward + backward; on-policy rows also sample (2 N_s T) and every
+    distillation row is scored by the teacher (2 N_t T). GKD computes both its parts every step."""
+    fwd = lambda n: 2.0 * n * tokens * rows  # noqa: E731
+    loss = ARMS[arm]
+    if loss is None:
+        return 3 * fwd(n_student)
+    part = 3 * fwd(n_student) + fwd(n_teacher)
+    lam = loss.get("lam", 1.0)
+    return (fwd(n_student) + part if lam > 0 else 0.0) + (part if lam < 1 else 0.0)
+
+
+def eval_curve(out_dir: Path) -> list:
+    """[(step, mean greedy accuracy)] from the trainer's eval steps (its own 64 held-out prompts)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    return [(r["step"], r["eval/mean/accuracy"]) for r in recs if "eval/mean/accuracy" in r]
+
+
+def at_budget(curve, step: float):
+    """The eval curve read at a (fractional) step, linearly between eval points (None outside them)."""
+    import numpy as np
+    if not curve or not curve[0][0] <= step <= curve[-1][0]:
+        return None
+    xs, ys = zip(*curve)
+    return float(np.interp(step, xs, ys))
+
+
+def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float):
+    """(final student model, seconds)."""
+    t0 = time.time()
+    shutil.rmtree(out_dir, ignore_errors=True)
+    if ARMS[arm] is None:  # SFT on gold answers, same prompts per step
+        model = load_model(prep["student"])
+        src = PromptSource([DOMAIN], seed=seed)
+        sft_train(model, prep["tokenizer"], lambda s: [(e.prompt, e.answer) for e in src.batch(s, 32)], steps=steps,
+                  lr=lr, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, warmup=0)
+        return model, time.time() - t0
+    cfg = config(prep, out_dir, steps=steps, seed=seed, lr=lr, loss=ARMS[arm])
+    trainer = Trainer(cfg)
+    trainer.run()
+    return trainer.model(), time.time() - t0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    ap.add_argument("--val-seed", type=int, default=100)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--teacher-steps", type=int, default=1500)
+    ap.add_argument("--student-steps", type=int, default=900)  # greedy accuracy about 0.45: room both ways
+    ap.add_argument("--mistake-rate", type=float, default=0.3)
+    ap.add_argument("--work", default="runs/long_horizon")
+    ap.add_argument("--out", default="docs/results_long_horizon.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    prep = prepare(work, args.teacher_steps, args.student_steps, args.mistake_rate)
+    ns, nt = n_params(prep["student"]), n_params(prep["teacher"])
+    results = {"args": vars(args), "teacher": prep["teacher_acc"], "before": prep["before"], "arms": {},
+               "params": {"student": ns, "teacher": nt}}
+    budget = args.steps * flops_per_step("off_fkl", ns, nt)  # off-policy KD's compute at the last step
+    for arm in args.arms:
+        lrs = {}
+        for lr in args.lrs if len(args.lrs) > 1 else []:  # pick the arm's learning rate on the validation seed
+            model, _ = run(prep, arm, work / f"{arm}_val_lr{lr:g}", steps=args.steps, seed=args.val_seed, lr=lr)
+            lrs[lr] = prep["acc"](model, prep["val_set"])
+        lr = max(lrs, key=lrs.get) if lrs else args.lrs[0]
+        runs = []
+        for seed in args.seeds:
+            model, secs = run(prep, arm, work / f"{arm}_s{seed}", steps=args.steps, seed=seed, lr=lr)
+            curve = eval_curve(work / f"{arm}_s{seed}")
+            runs.append({"seed": seed, "accuracy": prep["acc"](model), "seconds": round(secs, 1), "curve": curve,
+                         "at_equal_compute": at_budget(curve, budget / flops_per_step(arm, ns, nt))})
+            print(f"{arm} lr {lr:g} seed {seed}: accuracy {runs[-1]['accuracy']:.3f} ({secs:.0f} s)", flush=True)
+        results["arms"][arm] = {"lr": lr, "validation": {f"{k:g}": v for k, v in lrs.items()}, "runs": runs,
+                                "flops_per_step": flops_per_step(arm, ns, nt)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nteacher {results['teacher']:.3f}, student before {results['before']:.3f}, {args.steps} steps")
+    print("| arm | lr (validation accuracy per lr) | accuracy at equal steps (± std over seeds) | FLOPs per step "
+          "/ off-policy KD's | eval accuracy at off-policy KD's compute |\n| --- | --- | --- | --- | --- |")
+    for arm, r in results["arms"].items():
+        eq = [x["at_equal_compute"] for x in r["runs"] if x["at_equal_compute"] is not None]
+        val = ", ".join(f"{k}: {v:.3f}" for k, v in r["validation"].items())
+        print(f"| {arm} | {r['lr']:g} ({val}) | {summary([x['accuracy'] for x in r['runs']])} | "
+              f"{r['flops_per_step'] / flops_per_step('off_fkl', ns, nt):.2f} | {summary(eq) if eq else '-'} |")
+
+
+if __name__ == "__main__":
+    main()
