@@ -61,8 +61,11 @@ ARMS = {
 }
 
 
-def prepare(work: Path, teacher_steps: int, student_steps: int, mistake_rate: float, log=print) -> dict:
-    """Tokenizer, the mistake-trained teacher and the SFT-warm-started student (each trained once)."""
+def prepare(work: Path, teacher_steps: int, student_steps: int, mistake_rate: float, log=print,
+            mistakes: str = "all") -> dict:
+    """Tokenizer, the mistake-trained teacher and the SFT-warm-started student (each trained once).
+    mistakes: which tokens an injected mistake is drawn from, "all" (every non-special token) or "digits"
+    (a wrong digit, the kind of mistake the student makes)."""
     work.mkdir(parents=True, exist_ok=True)
     tok = build_char_tokenizer(work / "tokenizer")
     dom_src = PromptSource([DOMAIN], seed=1000)
@@ -75,14 +78,16 @@ def prepare(work: Path, teacher_steps: int, student_steps: int, mistake_rate: fl
         return greedy_accuracy(model, tok, examples, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW,
                                verifiers=verify)[DOMAIN]
 
-    teacher_dir = work / "teacher"
+    teacher_dir = work / ("teacher" if mistakes == "all" else f"teacher_{mistakes}_{mistake_rate:g}")
+    digits = [tok.convert_tokens_to_ids(c) for c in "0123456789"]
     if not (teacher_dir / "config.json").exists():
         t0 = time.time()
         teacher = init_model(ModelConfig.for_family("qwen3", **TEACHER), seed=1)
         sft_train(teacher, tok, pairs(dom_src, 32), steps=teacher_steps, lr=3e-3, max_prompt_len=MAX_PROMPT,
-                  max_new_tokens=MAX_NEW, mistake_rate=mistake_rate, progress="teacher SFT (with mistakes)")
+                  max_new_tokens=MAX_NEW, mistake_rate=mistake_rate, progress="teacher SFT (with mistakes)",
+                  mistake_tokens=digits if mistakes == "digits" else None)
         save_model(teacher, teacher_dir)
-        log(f"teacher: {teacher_steps} SFT steps, mistake rate {mistake_rate}, {time.time() - t0:.0f} s")
+        log(f"teacher: {teacher_steps} SFT steps, mistake rate {mistake_rate} ({mistakes}), {time.time() - t0:.0f} s")
     student_dir = work / "student_init"
     if not (student_dir / "config.json").exists():
         student = init_model(ModelConfig.for_family("qwen3", **STUDENT), seed=7)
@@ -97,7 +102,7 @@ def prepare(work: Path, teacher_steps: int, student_steps: int, mistake_rate: fl
     return prep
 
 
-def config(prep, out_dir: Path, *, steps: int, seed: int, lr: float, loss: dict) -> Config:
+def config(prep, out_dir: Path, *, steps: int, seed: int, lr: float, loss: dict, warmup: int) -> Config:
     return Config(
         student=ModelSpec(path=str(prep["student"])),
         teachers=(TeacherSpec(name="t", path=str(prep["teacher"])),),
@@ -105,7 +110,7 @@ def config(prep, out_dir: Path, *, steps: int, seed: int, lr: float, loss: dict)
         data=DataConfig(domains=(DOMAIN,), tokenizer=str(prep["work"] / "tokenizer"), per_domain=32, group_size=1,
                         max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, temperature=1.0),
         loss=LossConfig(**loss),
-        optim=OptimConfig(name="adamw", lr=lr, schedule="cosine", clip_norm=1.0),
+        optim=OptimConfig(name="adamw", lr=lr, schedule="cosine", warmup_steps=warmup, clip_norm=1.0),
         train=TrainConfig(steps=steps, seed=seed, out_dir=str(out_dir), checkpoint_every=steps,
                           eval_every=max(steps // 5, 1), eval_per_domain=64, log_every=10, progress=False),
     )
@@ -147,7 +152,7 @@ def at_budget(curve, step: float):
     return float(np.interp(step, xs, ys))
 
 
-def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float):
+def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float, warmup: int = 10):
     """(final student model, seconds)."""
     t0 = time.time()
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -155,12 +160,56 @@ def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float):
         model = load_model(prep["student"])
         src = PromptSource([DOMAIN], seed=seed)
         sft_train(model, prep["tokenizer"], lambda s: [(e.prompt, e.answer) for e in src.batch(s, 32)], steps=steps,
-                  lr=lr, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, warmup=0)
+                  lr=lr, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, warmup=warmup)
         return model, time.time() - t0
-    cfg = config(prep, out_dir, steps=steps, seed=seed, lr=lr, loss=ARMS[arm])
+    cfg = config(prep, out_dir, steps=steps, seed=seed, lr=lr, loss=ARMS[arm], warmup=warmup)
     trainer = Trainer(cfg)
     trainer.run()
     return trainer.model(), time.time() - t0
+
+
+def diagnose(prep, model, n: int = 256, seed: int = 5) -> dict:
+    """Why on-policy data helps or not here, measured on `model`'s own T=1 samples of n held-out prompts:
+    how many samples are wrong, where their first wrong character falls, what fraction of sampled
+    tokens come after it (states off-policy KD never shows the student), and whether the teacher (and
+    the student itself) still reach the right sum when they continue greedily from the sample cut just
+    after its first error (a teacher that recovers gives useful targets on those states)."""
+    import jax
+    import numpy as np
+    from opd_jax.evaluate import sample_completions
+    from opd_jax.tasks import Prompter
+    from opd_jax.tasks.domains import Example
+
+    tok, verify = prep["tokenizer"], verifiers_for({}, [DOMAIN])[DOMAIN]
+    examples = PromptSource([DOMAIN], seed=0).batch(0, n, stream=4)
+    prompter = Prompter(tok)
+    texts = sample_completions(model, prompter, examples, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW,
+                               temperature=1.0, key=jax.random.key(seed))
+    first_err, after, cut = [], [], []
+    for ex, t in zip(examples, texts):
+        k = next((i for i, (a, b) in enumerate(zip(t, ex.answer)) if a != b), min(len(t), len(ex.answer)))
+        if t == ex.answer:
+            continue
+        first_err.append(k / len(ex.answer))
+        after.append(max(len(t) - k, 0) / max(len(t), 1))
+        if ":" not in t[:k + 1]:  # the error is in the steps, not in the final sum: continue after it
+            cut.append(Example(prompt=ex.prompt + t[:k + 1], answer=ex.answer, domain=DOMAIN))
+    rec, shown = {}, [{"gold": ex.answer, "prefix": ex.prompt} for ex in cut[:6]]
+    for name, m in (("teacher", load_model(prep["teacher"])), ("student", model)):
+        if cut:
+            cont = sample_completions(m, prompter, cut, max_prompt_len=MAX_PROMPT + MAX_NEW - 4, max_new_tokens=MAX_NEW - 4)
+            rec[name] = float(np.mean([verify(c, ex.answer) for ex, c in zip(cut, cont)]))
+            for row, c in zip(shown, cont):
+                row[name] = c
+    out = {"sample_accuracy": float(np.mean([verify(t, ex.answer) for ex, t in zip(examples, texts)])),
+           "wrong_samples": len(first_err) / n, "first_error_position": float(np.mean(first_err)) if first_err else None,
+           "tokens_after_first_error": float(np.mean(after)) if after else None,
+           "recoverable": len(cut), "recovery_from_first_error": rec, "examples": shown}
+    print(f"diagnose: T=1 sample accuracy {out['sample_accuracy']:.3f}, wrong samples {out['wrong_samples']:.2f}, first "
+          f"error at {out['first_error_position'] or 0:.2f} of the answer, {out['tokens_after_first_error'] or 0:.2f} of "
+          f"a wrong sample's tokens after it; continuing from just after the first error ({len(cut)} samples): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()), flush=True)
+    return out
 
 
 def main():
@@ -169,15 +218,26 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     ap.add_argument("--val-seed", type=int, default=100)
+    # a fresh AdamW without warm-up first knocks the warm-started student down (eval accuracy 0.45 -> 0.1-0.2
+    # at step 20, 0 at lr 3e-3), which costs the on-policy arms most: their data is the student's own samples
+    ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--student-steps", type=int, default=900)  # greedy accuracy about 0.45: room both ways
     ap.add_argument("--mistake-rate", type=float, default=0.3)
+    ap.add_argument("--mistakes", choices=["all", "digits"], default="all")
     ap.add_argument("--work", default="runs/long_horizon")
     ap.add_argument("--out", default="docs/results_long_horizon.json")
+    ap.add_argument("--diagnose", action="store_true", help="only measure the start student's samples and the "
+                    "teacher's recovery after the student's first error; add to --out's file")
     args = ap.parse_args()
     work = Path(args.work)
-    prep = prepare(work, args.teacher_steps, args.student_steps, args.mistake_rate)
+    prep = prepare(work, args.teacher_steps, args.student_steps, args.mistake_rate, mistakes=args.mistakes)
+    if args.diagnose:
+        res = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        res["diagnose"] = {"start_student": diagnose(prep, load_model(prep["student"]))}
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     ns, nt = n_params(prep["student"]), n_params(prep["teacher"])
     results = {"args": vars(args), "teacher": prep["teacher_acc"], "before": prep["before"], "arms": {},
                "params": {"student": ns, "teacher": nt}}
@@ -185,12 +245,13 @@ def main():
     for arm in args.arms:
         lrs = {}
         for lr in args.lrs if len(args.lrs) > 1 else []:  # pick the arm's learning rate on the validation seed
-            model, _ = run(prep, arm, work / f"{arm}_val_lr{lr:g}", steps=args.steps, seed=args.val_seed, lr=lr)
+            model, _ = run(prep, arm, work / f"{arm}_val_lr{lr:g}", steps=args.steps, seed=args.val_seed, lr=lr,
+                           warmup=args.warmup)
             lrs[lr] = prep["acc"](model, prep["val_set"])
         lr = max(lrs, key=lrs.get) if lrs else args.lrs[0]
         runs = []
         for seed in args.seeds:
-            model, secs = run(prep, arm, work / f"{arm}_s{seed}", steps=args.steps, seed=seed, lr=lr)
+            model, secs = run(prep, arm, work / f"{arm}_s{seed}", steps=args.steps, seed=seed, lr=lr, warmup=args.warmup)
             curve = eval_curve(work / f"{arm}_s{seed}")
             runs.append({"seed": seed, "accuracy": prep["acc"](model), "seconds": round(secs, 1), "curve": curve,
                          "at_equal_compute": at_budget(curve, budget / flops_per_step(arm, ns, nt))})
