@@ -212,6 +212,36 @@ def diagnose(prep, model, n: int = 256, seed: int = 5) -> dict:
     return out
 
 
+def plot(results: dict, folder: Path = Path("docs/plots")):
+    """Eval curves (mean over seeds) and final accuracy (mean ± std) per arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4))
+    names = list(results["arms"])
+    for arm in names:
+        curves = [r["curve"] for r in results["arms"][arm]["runs"] if r.get("curve")]
+        if curves:
+            steps = [s for s, _ in curves[0]]
+            a1.plot([0] + steps, [results["before"]] + list(np.mean([[v for _, v in c] for c in curves], 0)), marker="o",
+                    label=arm)
+    a1.set_xlabel("step")
+    a1.set_ylabel("greedy accuracy (trainer's eval, mean of seeds)")
+    a1.axhline(results["teacher"], color="gray", lw=0.5)
+    a1.legend(fontsize=7)
+    acc = [[r["accuracy"] for r in results["arms"][a]["runs"]] for a in names]
+    a2.bar(range(len(names)), [np.mean(x) for x in acc], yerr=[np.std(x) for x in acc], capsize=3)
+    a2.axhline(results["before"], color="gray", lw=0.5, ls="--")
+    a2.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+    a2.set_ylabel(f"final greedy accuracy, 128 prompts ({len(acc[0])} seeds)")
+    fig.tight_layout()
+    fig.savefig(folder / "long_horizon.png", dpi=100)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -228,9 +258,12 @@ def main():
     ap.add_argument("--mistakes", choices=["all", "digits"], default="all")
     ap.add_argument("--work", default="runs/long_horizon")
     ap.add_argument("--out", default="docs/results_long_horizon.json")
+    ap.add_argument("--plot", action="store_true", help="only redraw docs/plots/long_horizon.png from --out")
     ap.add_argument("--diagnose", action="store_true", help="only measure the start student's samples and the "
                     "teacher's recovery after the student's first error; add to --out's file")
     args = ap.parse_args()
+    if args.plot:
+        return plot(json.loads(Path(args.out).read_text()))
     work = Path(args.work)
     prep = prepare(work, args.teacher_steps, args.student_steps, args.mistake_rate, mistakes=args.mistakes)
     if args.diagnose:
@@ -268,6 +301,7 @@ def main():
         val = ", ".join(f"{k}: {v:.3f}" for k, v in r["validation"].items())
         print(f"| {arm} | {r['lr']:g} ({val}) | {summary([x['accuracy'] for x in r['runs']])} | "
               f"{r['flops_per_step'] / flops_per_step('off_fkl', ns, nt):.2f} | {summary(eq) if eq else '-'} |")
+    plot(results)
 
 
 if __name__ == "__main__":
