@@ -53,8 +53,8 @@ def make_optimizer(cfg, total_steps: int, params=None) -> optax.GradientTransfor
         try:
             dtype = jnp.dtype(cfg.state_dtype)
         except TypeError:
-            raise OpdError(f"optim.state_dtype must be a floating dtype such as float32, got {cfg.state_dtype!r}") from None
-        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = None
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
             raise OpdError(f"optim.state_dtype must be a floating dtype such as float32, got {cfg.state_dtype!r}")
         opt = with_state_dtype(opt, dtype)
     if cfg.accumulate > 1:
