@@ -10,9 +10,18 @@ import sys
 from opd_jax.errors import OpdError
 
 
+def _at_least(args, minimum: int, *names: str):
+    """One-line refusal of an integer flag below `minimum` (before anything is read or written)."""
+    for name in names:
+        v = getattr(args, name)
+        if v is not None and v < minimum:
+            raise OpdError(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
 def _demo(args) -> int:
     from opd_jax.demo import run_demo
 
+    _at_least(args, 1, "steps")
     run_demo(args.out, steps=args.steps)
     return 0
 
@@ -24,7 +33,8 @@ def _train(args) -> int:
     dist = [f"distributed.{k}={v}" for k, v in (("coordinator", args.coordinator), ("num_processes", args.num_processes),
                                                  ("process_id", args.process_id)) if v is not None]
     cfg = load_config(args.config, list(args.overrides) + dist)
-    last = train(cfg, resume=args.resume)
+    _at_least(args, 0, "resume_step")
+    last = train(cfg, resume=args.resume or args.resume_step is not None, resume_step=args.resume_step)
     print(json.dumps({k: v for k, v in last.items() if k.startswith("eval/") or k in ("loss", "reward")}, indent=2))
     return 0
 
@@ -35,6 +45,19 @@ def _eval(args) -> int:
     from opd_jax.models import load_model
     from opd_jax.tasks import Prompter, PromptSource, load_records, load_tokenizer, stop_ids, verifiers_for
 
+    from pathlib import Path
+
+    _at_least(args, 1, "samples", "per_domain", "max_prompt_len", "max_new_tokens")
+    if args.temperature < 0:
+        raise OpdError(f"--temperature must be >= 0, got {args.temperature}")
+    model_dir = Path(args.model)
+    if not model_dir.exists():
+        raise OpdError(f"--model {model_dir} does not exist")
+    if (model_dir / "config.yaml").exists() and (model_dir / "checkpoints").exists():
+        raise OpdError(f"--model {model_dir} is a run folder, not a model folder; write its student first with "
+                       f"opd-jax export --run {model_dir} --out FOLDER")
+    if not model_dir.is_dir() or not (model_dir / "config.json").exists():
+        raise OpdError(f"--model {model_dir} is not a Hugging Face model folder (no config.json)")
     dc = load_config(args.config).data  # rendering, verifiers and lengths (defaults without --config)
     max_prompt = args.max_prompt_len or dc.max_prompt_len
     max_new = args.max_new_tokens or dc.max_new_tokens
@@ -61,7 +84,8 @@ def _eval(args) -> int:
 def _export(args) -> int:
     from opd_jax.train import export_student
 
-    path = export_student(args.run, args.out)
+    _at_least(args, 0, "step")
+    path = export_student(args.run, args.out, step=args.step, force=args.force)
     print(f"wrote {path}")
     return 0
 
@@ -69,6 +93,7 @@ def _export(args) -> int:
 def _analyze(args) -> int:
     from opd_jax.analysis.report import analyze
 
+    _at_least(args, 1, "k")
     rep = analyze(args.before, args.after, args.out, series=args.series, k=args.k)
     print(json.dumps({"sparsity": rep["sparsity"], "relative_movement_by_module": rep["relative_movement_by_module"],
                       "near_zero_preference_mean": rep["near_zero_preference_mean"]}, indent=2))
@@ -79,6 +104,10 @@ def _analyze(args) -> int:
 def _plan(args) -> int:
     import os
 
+    _at_least(args, 1, "devices")
+    if not args.config and not args.overrides:
+        raise OpdError("opd-jax plan needs --config (the YAML of the run to plan) or key.sub=value overrides "
+                       "describing it")
     if args.devices and "device_count" not in os.environ.get("XLA_FLAGS", ""):
         # fake CPU devices for the target mesh; read when the backend starts (no device was touched yet)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -115,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train from a YAML config, with key.sub=value overrides")
     tr.add_argument("--config", default=None, help="YAML file (configs/*.yaml); defaults apply without one")
-    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in train.out_dir "
+                    "that can be restored")
+    tr.add_argument("--resume-step", type=int, default=None, help="continue from this step's checkpoint")
     tr.add_argument("--coordinator", default=None, help="multi-host off TPU: host:port of process 0")
     tr.add_argument("--num-processes", type=int, default=None, help="multi-host off TPU: number of processes")
     tr.add_argument("--process-id", type=int, default=None, help="multi-host off TPU: this process's index")
@@ -138,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write a run's newest student checkpoint as a Hugging Face folder")
     ex.add_argument("--run", required=True, help="the run folder (train.out_dir)")
-    ex.add_argument("--out", required=True)
+    ex.add_argument("--out", required=True, help="a new (or empty) folder")
+    ex.add_argument("--step", type=int, default=None, help="this step's checkpoint (default: the newest)")
+    ex.add_argument("--force", action="store_true", help="overwrite a non-empty --out (never the run's own folders)")
     ex.set_defaults(func=_export)
 
     an = sub.add_parser("analyze", help="where an update moved the weights: sparsity, modules, spectra, subspaces")

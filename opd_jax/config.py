@@ -106,6 +106,9 @@ class TrainConfig:
     eval_per_domain: int = 64
     log_every: int = 1  # only log steps read loss / metrics back from the devices (and time each phase)
     max_skipped: int = 3  # stop after this many non-finite steps in a row (their updates are skipped on device)
+    # an update that multiplies the parameters' global norm by more than this in one step is skipped on
+    # device like a non-finite one (an absurd learning rate must not reach the checkpoint); 0 = off
+    max_update_ratio: float = 2.0
     progress: bool = True
     # rows per forward/backward inside the step (gradients accumulated); 0 = all rows; "auto" = the
     # largest that fits the device memory (the planner compiles the step for each candidate)
@@ -241,7 +244,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise OpdError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
-    return _build(Config, tree, "")
+    return validate(_build(Config, tree, ""))
+
+
+# (section, key) -> (test, what it must be); checked by `validate` before anything is read or written
+_POSITIVE = ("must be >= 1", lambda v: v >= 1)
+_LIMITS = {
+    ("data", "per_domain"): _POSITIVE, ("data", "group_size"): _POSITIVE, ("data", "max_prompt_len"): _POSITIVE,
+    ("data", "max_new_tokens"): _POSITIVE,
+    ("data", "temperature"): ("must be > 0 (it divides the sampler's, the teachers' and the loss's logits)",
+                              lambda v: v > 0),
+    ("data", "top_k"): ("must be >= 0 (0 = no top-k filter)", lambda v: v >= 0),
+    ("data", "top_p"): ("must be in (0, 1]", lambda v: 0 < v <= 1),
+    ("loss", "topk"): _POSITIVE, ("loss", "seq_chunk"): _POSITIVE,
+    ("loss", "clip_eps"): ("must be > 0", lambda v: v > 0),
+    ("optim", "lr"): ("must be > 0", lambda v: v > 0),
+    ("optim", "warmup_steps"): ("must be >= 0", lambda v: v >= 0),
+    ("optim", "weight_decay"): ("must be >= 0", lambda v: v >= 0),
+    ("optim", "clip_norm"): ("must be >= 0 (0 = no clipping)", lambda v: v >= 0),
+    ("optim", "accumulate"): _POSITIVE, ("optim", "effopd_window"): ("must be >= 0 (0 = off)", lambda v: v >= 0),
+    ("optim", "effopd_probe_per_domain"): _POSITIVE,
+    ("train", "steps"): _POSITIVE, ("train", "checkpoint_every"): _POSITIVE, ("train", "eval_every"): _POSITIVE,
+    ("train", "log_every"): _POSITIVE, ("train", "eval_per_domain"): _POSITIVE, ("train", "max_skipped"): _POSITIVE,
+    ("train", "keep_checkpoints"): ("must be >= 1 (0 would delete every checkpoint, the last one included)",
+                                    lambda v: v >= 1),
+    ("train", "max_update_ratio"): ("must be > 1, or 0 to turn the check off", lambda v: v == 0 or v > 1),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse, in one line, any number outside its meaningful range (before any model is read or any
+    file is written). Returns cfg."""
+    for (section, key), (what, ok) in _LIMITS.items():
+        v = getattr(getattr(cfg, section), key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or not ok(v):
+            raise OpdError(f"config {section}.{key} {what}, got {v!r}")
+    mb = cfg.train.micro_batch
+    if mb != "auto" and (not isinstance(mb, int) or mb < 0):
+        raise OpdError(f"config train.micro_batch must be a number of rows >= 0 (0 = all rows) or auto, got {mb!r}")
+    if not cfg.train.out_dir:
+        raise OpdError("config train.out_dir must name a folder")
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -22,7 +22,8 @@ from opd_jax.evaluate import greedy_accuracy
 from opd_jax.models import ModelConfig, init_model, load_model, save_model
 from opd_jax.sft import sft_train
 from opd_jax.tasks import PromptSource, build_char_tokenizer
-from opd_jax.train import Trainer
+from opd_jax.export import load_run_model
+from opd_jax.train import train
 
 DOMAINS = ("addition", "reverse", "sort")
 TEACHER = dict(vocab_size=64, hidden_size=96, intermediate_size=192, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -125,11 +126,10 @@ def run_demo(out: str | Path = "runs/demo", steps: int | None = None, log=print)
     log(f"[4/5] multi-teacher OPD, {n} steps: exact forward KL over the vocabulary on the student's own samples, "
         "each prompt scored by its domain's teacher")
     cfg = opd_config(prep, out / "opd", steps=n)
-    if (out / "opd" / "checkpoints").exists():
+    if (out / "opd").exists():
         shutil.rmtree(out / "opd")  # the demo always starts its OPD run afresh
-    trainer = Trainer(cfg)
-    trainer.run()
-    after = acc(trainer.model())
+    train(cfg)
+    after = acc(load_run_model(out / "opd"))
 
     summary = {"teachers": teacher_acc, "student_before": before, "student_after": after,
                "before_over_teacher": _ratio(before, teacher_acc), "after_over_teacher": _ratio(after, teacher_acc),

@@ -30,7 +30,7 @@ def rewards_for(examples, texts, verifiers: dict | None = None) -> np.ndarray:
 
 
 def sample_completions(model, prompter, examples, *, max_prompt_len: int, max_new_tokens: int, batch: int = 256,
-                       mesh=None, stop=None, temperature: float = 0.0, key=None) -> list[str]:
+                       mesh=None, stop=None, temperature: float = 0.0, key=None, rules=None) -> list[str]:
     """One completion per example (greedy at temperature 0), in batches of `batch` rows (a short last
     batch is padded so one compiled shape serves all)."""
     tok = prompter.tokenizer
@@ -46,7 +46,7 @@ def sample_completions(model, prompter, examples, *, max_prompt_len: int, max_ne
             pmask = np.concatenate([pmask, np.repeat(pmask[-1:], batch - n, 0)])
         roll = generate(model, jnp.asarray(ids), jnp.asarray(pmask), key=jax.random.fold_in(key, i),
                         max_new_tokens=max_new_tokens, temperature=temperature, eos_id=list(stop),
-                        pad_id=tok.pad_token_id or 0, mesh=mesh)
+                        pad_id=tok.pad_token_id or 0, mesh=mesh, rules=rules)
         texts += decode_completions(tok, to_host(roll.tokens)[:n, ids.shape[1]:], to_host(roll.mask)[:n], stop)
     return texts
 

@@ -19,6 +19,8 @@ def _reset_jsonl(path: Path, resume_step: int | None):
     if resume_step is None:
         path.write_text("")
     elif path.exists():
+        from opd_jax.run_folder import repair_jsonl
+        repair_jsonl(path)
         kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
 

@@ -10,9 +10,11 @@ Rows per step B = len(domains) * per_domain * group_size, sequence S = max_promp
     KV cache (sampling)  = 2 * L * B * S * kv_heads * head_dim * itemsize, sharded by CACHE_AXES
     teacher outputs      = sum over teachers of B_t * N * D_t * itemsize (hidden states, full / top-k;
                            the loss applies each output matrix chunk by chunk), B * N * 4 (sampled)
-With `compile=True` the train step is also lowered and compiled for the mesh (on fake CPU devices
-when planning a TPU run on a laptop): `memory_analysis()` gives the temporary (activation) bytes and
-`cost_analysis()` the FLOPs of one step.
+With `compile=True` the run's update is also lowered and compiled for the mesh (on fake CPU devices
+when planning a TPU run on a laptop), the very executable the trainer then runs: the total becomes
+its `memory_analysis()` argument bytes (parameters, optimizer state, every batch part with the
+teachers' outputs) plus its temporary (activation) bytes plus the teachers' weights and the KV cache;
+the hand counts above stay as the printed breakdown. `cost_analysis()` gives the FLOPs of one step.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from flax import nnx
 
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
+from opd_jax.layout import RowLayout
+from opd_jax.losses.registry import estimator_for, needs_teachers
 from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
+from opd_jax.train_step import TrainState
 
 GiB = 1024 ** 3
 
@@ -101,15 +106,18 @@ def optimizer_bytes(optimizer, shapes, axes, mesh: MeshShape, rules) -> tuple[fl
     return per_dev, total
 
 
-def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: bool = False) -> dict:
+def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: bool = False, mesh=None,
+         domains=None, keep_program: bool = False) -> dict:
     """Per-device bytes of every part of a run of `cfg` on `n_devices` (default: all devices) and,
     with `compile`, the temporary bytes of the compiled step: the same scanned, rematerialised program
     the trainer runs (its attention and `train.remat`). `flops` compiles once more with the layer loop
-    unrolled, because XLA's cost analysis counts a loop body once."""
+    unrolled, because XLA's cost analysis counts a loop body once. `mesh` (a real one; default: one
+    built on the first n_devices devices) and `domains` (default `RowLayout.from_config`) are the
+    trainer's; `keep_program` keeps the compiled update under "program" for the trainer to run."""
     from opd_jax.optim import make_optimizer
 
-    n_devices = n_devices or jax.device_count()
-    mesh = mesh_shape(cfg.mesh, n_devices)
+    n_devices = n_devices or (mesh.devices.size if mesh is not None else jax.device_count())
+    real_mesh, mesh = mesh, mesh_shape(cfg.mesh, n_devices)
     rules, trules = shd.rules_named(cfg.mesh.rules), shd.rules_named(cfg.mesh.teacher_rules)
     scfg = model_config(cfg.student).replace(attention=cfg.student.attention, remat=cfg.train.remat)
     shapes, axes = abstract_params(scfg)
@@ -117,24 +125,21 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     optimizer = make_optimizer(cfg.optim, cfg.train.steps, shapes)
     o_dev, o_total = optimizer_bytes(optimizer, shapes, axes, mesh, rules)
 
-    teachers, t_dev, tcfgs = {}, 0.0, {}
-    used = set(cfg.routing.values())
-    for t in cfg.teachers:
-        if t.name not in used:
-            continue
-        tcfgs[t.name] = tcfg = model_config(t, scfg)
+    rl = RowLayout.from_config(cfg, domains)
+    teachers, t_dev = {}, 0.0
+    tcfgs = teacher_configs(cfg, scfg, rl)
+    for name, tcfg in tcfgs.items():
         tb, tn = tree_bytes(*abstract_params(tcfg), mesh, trules)
-        teachers[t.name] = {"params": tn, "bytes_per_device": tb}
+        teachers[name] = {"params": tn, "bytes_per_device": tb}
         t_dev += tb
 
-    dc, lc = cfg.data, cfg.loss
-    routes = plan_routes(cfg)
-    rows = len(routes) * dc.per_domain * (dc.group_size if lc.lam > 0 else 1)
+    dc = cfg.data
+    rows = rl.rows("on" if "on" in rl.parts else "off")
     seq = dc.max_prompt_len + dc.max_new_tokens
     cache_shape = (scfg.num_layers, rows, seq, scfg.num_kv_heads, scfg.head_dim)
     cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(CACHE_AXES, cache_shape, mesh, rules), mesh)
     tout_dev = sum(shard_bytes(x.shape, x.dtype, shd.rows_spec(x.shape[0], x.ndim, mesh, rules), mesh)
-                   for x in jax.tree.leaves(teacher_outputs(lc, routes, rows, dc.max_new_tokens, tcfgs)))
+                   for x in jax.tree.leaves(teacher_outputs(cfg.loss, rl, rows, dc.max_new_tokens, tcfgs)))
 
     out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
            "student_params": n_params, "student_bytes_per_device": p_dev,
@@ -146,75 +151,94 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     if compile or flops:
         if cfg.train.micro_batch == "auto":
             raise OpdError("plan(): resolve train.micro_batch=auto first (fit_micro_batch)")
-        mem = compile_step(cfg, scfg, optimizer, shapes, rows, n_devices)
-        mem.pop("flops_per_step_per_device")  # the scanned program counts one layer body only
+        mem, program = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh)
         out.update(mem)
-        out["total_bytes_per_device"] += out["activation_bytes_per_device"]
+        # the compiled update's own figures: its arguments (parameters, optimizer state, every batch part
+        # with the teachers' outputs, the output matrices) and temporaries, plus what lives beside it
+        out["total_bytes_per_device"] = (mem["compiled_argument_bytes_per_device"] + mem["activation_bytes_per_device"]
+                                         + t_dev + cache_dev)
+        if keep_program:
+            out["program"] = program
     if flops:
-        out["flops_per_step_per_device"] = compile_step(cfg, scfg, optimizer, shapes, rows, n_devices,
-                                                        unroll=True)["flops_per_step_per_device"]
+        _, unrolled = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh, unroll=True)
+        out["flops_per_step_per_device"] = unrolled.flops()
     return out
 
 
-def plan_routes(cfg) -> tuple:
-    """The teacher of each domain's block of rows, as the trainer routes them (a JSONL source: one
-    block per routed domain)."""
-    domains = list(cfg.data.domains) or list(cfg.routing) or ["data"]
-    return tuple(cfg.routing.get(d, "") for d in domains)
+def teacher_configs(cfg, scfg, rl: RowLayout) -> dict:
+    """name -> ModelConfig of every teacher the run loads (none for pure reward RL)."""
+    if not needs_teachers(cfg.loss):
+        return {}
+    used = set(rl.teachers())
+    return {t.name: model_config(t, scfg) for t in cfg.teachers if t.name in used}
 
 
-def teacher_outputs(lc, routes: tuple, rows: int, n_new: int, tcfgs: dict):
-    """Abstract teacher outputs of one batch part (jax.ShapeDtypeStruct): hidden states
-    {name: [its rows, N, D_t]} in the teacher's compute dtype (full / top-k), or [B, N] log-probs."""
-    from opd_jax.train_step import teacher_groups, teacher_output_kind
-
-    if teacher_output_kind(lc) != "hidden" or not tcfgs:
+def teacher_outputs(lc, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
+    """Abstract teacher hand-over of one batch part of `rows` rows (`Estimator.teacher_shape`): hidden
+    states {name: [its rows, N, D_t]} in the teacher's compute dtype, or [B, N] float32 log-probs
+    (also the zeros a run without teachers feeds)."""
+    est = estimator_for(lc)
+    if est.teacher_output != "hidden" or not tcfgs:
         return jax.ShapeDtypeStruct((rows, n_new), jnp.float32)
-    return {n: jax.ShapeDtypeStruct((len(idx), n_new, tcfgs[n].hidden_size), tcfgs[n].dtype)
-            for n, idx in teacher_groups(routes, rows).items()}
+    return {n: est.teacher_shape(len(idx), n_new, tcfgs[n].hidden_size, tcfgs[n].dtype)
+            for n, idx in rl.groups(rows).items()}
 
 
-def compile_step(cfg, scfg, optimizer, shapes, rows: int, n_devices: int, unroll: bool = False) -> dict:
-    """Lower and compile the train step for the mesh on `n_devices` real (or fake CPU) devices: XLA's
-    temporary bytes (activations) and FLOPs (a loop body counted once unless `unroll`)."""
-    from opd_jax.train_step import sharded_train_step  # the trainer's own jitted step
+def abstract_batch(cfg, rl: RowLayout, tcfgs: dict) -> dict:
+    """The update's batch as jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy)."""
+    dc = cfg.data
+    P, N = dc.max_prompt_len, dc.max_new_tokens
+    sds = jax.ShapeDtypeStruct
+    out = {}
+    for part in rl.parts:
+        b = rl.rows(part)
+        out[part] = {"tokens": sds((b, P + N), jnp.int32), "prompt_mask": sds((b, P), jnp.int32),
+                     "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg.loss, rl, b, N, tcfgs)}
+        if part == "on":
+            out[part].update(sampler_logprobs=sds((b, N), jnp.float32), rewards=sds((b,), jnp.float32))
+    return out
 
-    if jax.device_count() < n_devices:
-        raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
-                       f"{jax.device_count()} (on CPU: opd-jax plan --devices {n_devices} fakes them)")
-    mesh = shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
+
+def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: RowLayout, mesh, unroll: bool = False):
+    """Compile the run's update for `mesh` from shapes (`params`: arrays or ShapeDtypeStructs): the
+    one executable the trainer runs and the fit check measures. -> train_step.UpdateProgram."""
+    from opd_jax.train_step import compile_update
+
+    scfg = model_config(cfg.student)
+    tcfgs = teacher_configs(cfg, scfg, rl)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, shapes), jax.ShapeDtypeStruct((), jnp.int32),
+                                jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+                                jax.ShapeDtypeStruct((), jnp.int32))
+    teacher_w = None
+    if estimator_for(cfg.loss).teacher_output == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
+        trules = shd.rules_named(cfg.mesh.teacher_rules)
+        V = scfg.vocab_size
+        teacher_w = {n: jax.ShapeDtypeStruct((c.hidden_size, V), c.dtype, sharding=shd.named_sharding(
+            ("embed", "vocab"), (c.hidden_size, V), mesh, trules)) for n, c in tcfgs.items()}
+    with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
+        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs),
+                              teacher_w, mesh=mesh, rules=shd.rules_named(cfg.mesh.rules))
+
+
+def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, mesh=None, unroll: bool = False):
+    """Lower and compile the run's update for its mesh on `n_devices` real (or fake CPU) devices ->
+    (XLA's temporary bytes (activations) and argument bytes, the UpdateProgram)."""
+    from opd_jax.train_step import StepSpec
+
+    if mesh is None:
+        if jax.device_count() < n_devices:
+            raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
+                           f"{jax.device_count()} (on CPU: opd-jax plan --devices {n_devices} fakes them)")
+        mesh = shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
     rules = shd.rules_named(cfg.mesh.rules)
     model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
     param_sh = shd.param_shardings(model, mesh, rules)
-    opt_sh = shd.opt_state_shardings(optimizer, shapes, param_sh, mesh)
-    dc, lc = cfg.data, cfg.loss
-    P, N, V = dc.max_prompt_len, dc.max_new_tokens, scfg.vocab_size
-    routes = plan_routes(cfg)
-    used = set(routes)
-    tcfgs = {t.name: model_config(t, scfg) for t in cfg.teachers if t.name in used}
-    teacher = teacher_outputs(lc, routes, rows, N, tcfgs)
-    teacher_w = None
-    if isinstance(teacher, dict):  # each teacher's output matrix, placed as its weights are (teacher rules)
-        trules = shd.rules_named(cfg.mesh.teacher_rules)
-        teacher_w = {n: jax.ShapeDtypeStruct((c.hidden_size, V), c.dtype, sharding=shd.named_sharding(
-            ("embed", "vocab"), (c.hidden_size, V), mesh, trules)) for n, c in tcfgs.items()}
-    on = {"tokens": jax.ShapeDtypeStruct((rows, P + N), jnp.int32), "prompt_mask": jax.ShapeDtypeStruct((rows, P), jnp.int32),
-          "mask": jax.ShapeDtypeStruct((rows, N), jnp.int32), "sampler_logprobs": jax.ShapeDtypeStruct((rows, N), jnp.float32),
-          "rewards": jax.ShapeDtypeStruct((rows,), jnp.float32), "teacher": teacher}
-    batch = {"on": on}
-    step = sharded_train_step(nnx.graphdef(model), optimizer=optimizer, lc=lc, prompt_len=P, group_size=dc.group_size,
-                              temperature=dc.temperature, mesh=mesh, param_sh=param_sh, opt_sh=opt_sh, rules=rules,
-                              micro=cfg.train.micro_batch, routes=routes)
-    fn, _ = step.jitted(batch, teacher_w)
-    abstract_opt = jax.eval_shape(optimizer.init, shapes)
-    with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
-        compiled = fn.lower(shapes, abstract_opt, batch, teacher_w).compile()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"activation_bytes_per_device": float(getattr(mem, "temp_size_in_bytes", 0) or 0),
-            "compiled_argument_bytes_per_device": float(getattr(mem, "argument_size_in_bytes", 0) or 0),
-            "flops_per_step_per_device": float((cost or {}).get("flops", float("nan")))}
+    repl = shd.replicated(mesh)
+    state_sh = TrainState(param_sh, shd.opt_state_shardings(optimizer, shapes, param_sh, mesh), repl, repl, repl)
+    spec = StepSpec.from_config(cfg, rl.routes, cfg.train.micro_batch, shd.layout_fn(mesh, rules))
+    program = compile_update_for(cfg, spec, nnx.graphdef(model), optimizer, state_sh, shapes, rl, mesh, unroll=unroll)
+    return program.memory(), program
 
 
 def device_memory_bytes(cfg) -> float | None:
@@ -228,45 +252,43 @@ def device_memory_bytes(cfg) -> float | None:
     return float(stats["bytes_limit"]) if "bytes_limit" in stats else None
 
 
-def micro_batch_candidates(cfg, n_devices: int) -> list[int]:
+def micro_batch_candidates(cfg, n_devices: int, domains=None) -> list[int]:
     """Rows per micro-batch worth trying, largest first (0 = all rows at once): those that split every
     part's rows (and, in the hidden-state modes, every teacher's rows) exactly, keep a prompt's samples
     together and still spread over the batch mesh axes (fewer rows than batch shards would be
     replicated and save nothing)."""
-    from opd_jax.train_step import check_micro_batch
-
-    dc, lc = cfg.data, cfg.loss
-    routes = plan_routes(cfg)
-    parts = {k: len(routes) * dc.per_domain * g for k, g, used in
-             (("on", dc.group_size, lc.lam > 0), ("off", 1, lc.lam < 1)) if used}
+    rl = RowLayout.from_config(cfg, domains)
+    hidden = estimator_for(cfg.loss).teacher_output == "hidden"
     mesh = mesh_shape(cfg.mesh, n_devices)
     shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     out = [0]
-    for m in range(max(parts.values()) - 1, 0, -1):
+    for m in range(max(rl.part_rows().values()) - 1, 0, -1):
         if m % shards:
             continue
         try:
-            check_micro_batch(m, parts, lc, dc.group_size, routes)
+            rl.check_micro_batch(m, hidden, cfg.loss.baseline)
         except OpdError:
             continue
         out.append(m)
     return out
 
 
-def fit_micro_batch(cfg, n_devices: int | None = None, limit: float | None = None) -> tuple[int, dict]:
-    """train.micro_batch=auto: the largest candidate (`micro_batch_candidates`) whose compiled step
+def fit_micro_batch(cfg, n_devices: int | None = None, limit: float | None = None, *, mesh=None, domains=None,
+                    keep_program: bool = False) -> tuple[int, dict]:
+    """train.micro_batch=auto: the largest candidate (`micro_batch_candidates`) whose compiled update
     fits `limit` bytes per device (default `device_memory_bytes`; unknown: all rows at once).
     -> (micro_batch, its plan). A one-line OpdError when even the smallest does not fit."""
     import dataclasses
 
     limit = device_memory_bytes(cfg) if limit is None else limit
-    n_devices = n_devices or jax.device_count()
+    n_devices = n_devices or (mesh.devices.size if mesh is not None else jax.device_count())
     with_micro = lambda m: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=m))  # noqa: E731
     if limit is None:
-        return 0, plan(with_micro(0), n_devices=n_devices)
+        return 0, plan(with_micro(0), n_devices=n_devices, mesh=mesh, domains=domains)
     p = None
-    for m in micro_batch_candidates(cfg, n_devices):
-        p = plan(with_micro(m), n_devices=n_devices, compile=True)
+    for m in micro_batch_candidates(cfg, n_devices, domains):
+        p = plan(with_micro(m), n_devices=n_devices, compile=True, mesh=mesh, domains=domains,
+                 keep_program=keep_program)
         if p["total_bytes_per_device"] <= limit:
             return m, p
     raise OpdError(refusal(p, limit, with_micro(m)))
@@ -289,19 +311,20 @@ def refusal(p: dict, limit: float, cfg) -> str:
             "loss.estimator_type=sampled, or optim.name=sgd")
 
 
-def check_fits(cfg, n_devices: int | None = None) -> tuple[int, dict | None]:
-    """Before any weight is read: compile the step for the mesh (abstract shapes only) and raise a
-    one-line OpdError naming what to change when weights, optimizer state, teachers, KV cache,
-    teacher outputs and the step's activations exceed one device's memory. Without a known device
-    memory (CPU without mesh.device_memory_gb) nothing is checked. Resolves train.micro_batch=auto.
-    -> (rows per micro-batch, the plan or None)."""
+def check_fits(cfg, n_devices: int | None = None, *, mesh=None, domains=None) -> tuple[int, dict | None]:
+    """Before any weight is read: compile the run's update for the mesh (abstract shapes only) and
+    raise a one-line OpdError naming what to change when weights, optimizer state, teachers, KV cache,
+    teacher outputs and the update's activations exceed one device's memory. Without a known device
+    memory (CPU without mesh.device_memory_gb) nothing is compiled or checked. Resolves
+    train.micro_batch=auto. -> (rows per micro-batch, the plan with the compiled update under
+    "program", or None)."""
     limit = device_memory_bytes(cfg)
     micro = cfg.train.micro_batch
     if micro == "auto":
-        return fit_micro_batch(cfg, n_devices, limit)
+        return fit_micro_batch(cfg, n_devices, limit, mesh=mesh, domains=domains, keep_program=True)
     if limit is None:
         return micro, None
-    p = plan(cfg, n_devices=n_devices, compile=True)
+    p = plan(cfg, n_devices=n_devices, compile=True, mesh=mesh, domains=domains, keep_program=True)
     if p["total_bytes_per_device"] > limit:
         raise OpdError(refusal(p, limit, cfg))
     return micro, p
@@ -320,6 +343,8 @@ def format_plan(p: dict) -> str:
               f"  teacher outputs      {gib(p['teacher_output_bytes_per_device'])}"]
     if "activation_bytes_per_device" in p:
         lines.append(f"  activations (XLA)    {gib(p['activation_bytes_per_device'])}")
+        lines.append(f"  update arguments     {gib(p['compiled_argument_bytes_per_device'])}  (XLA: parameters, "
+                     "optimizer state, batch; the total counts these, not the hand counts above)")
         if "flops_per_step_per_device" in p:
             lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
     lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device")

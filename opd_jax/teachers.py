@@ -29,6 +29,7 @@ class Teacher:
     vocab_size: int
     mesh: object = None  # with a mesh, the forward is jitted with explicit shardings (see `teacher_forward`)
     w: object = None  # output matrix [D_t, V] in the compute dtype: the loss applies it chunk by chunk
+    rules: tuple = ()  # the teacher rules (mesh.teacher_rules) as sorted items: its parameters and activations
 
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
@@ -67,7 +68,7 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer")
         w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
-        out[name] = Teacher(name, graphdef, state, vocab, mesh, w)
+        out[name] = Teacher(name, graphdef, state, vocab, mesh, w, tuple(sorted((rules or {}).items())))
     return out
 
 
@@ -101,50 +102,51 @@ teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "te
 
 def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
     """`teacher_scores` for one teacher; on a mesh, jitted with explicit shardings: the teacher's
-    parameters as placed, tokens / mask / outputs with rows over the batch mesh axes."""
+    parameters as placed, tokens / mask / outputs with rows over the batch mesh axes, activations
+    constrained by the teacher's own rules (`mesh.teacher_rules`)."""
     if t.mesh is None:
         return teacher_scores(t.graphdef, t.state, tokens, full_mask, prompt_len=prompt_len, temperature=temperature,
                               what=what, topk=topk)
-    from opd_jax.sharding import placed, rows_sharding
+    from opd_jax.sharding import placed
 
-    rows = tokens.shape[0]
-    in_sh = rows_sharding(rows, 2, t.mesh)
-    out_sh = rows_sharding(rows, 3 if what in ("logits", "hidden") else 2, t.mesh)
-    if what == "topk":
-        out_sh = (rows_sharding(rows, 3, t.mesh),) * 2
-    state_sh, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, t.state))
-    fn = _sharded_scores(t.graphdef, treedef, tuple(state_sh), in_sh, out_sh, prompt_len, temperature, what, topk,
-                         t.mesh)
+    fn, in_sh = teacher_program(t, tokens.shape, prompt_len=prompt_len, temperature=temperature, what=what, topk=topk)
     return fn(t.state, placed(tokens, in_sh), placed(full_mask, in_sh))
 
 
+def teacher_program(t: Teacher, shape, *, prompt_len, temperature, what, topk=0):
+    """(jitted forward, token sharding) of teacher `t` on its mesh for tokens of `shape` [B, P+N]."""
+    from opd_jax.sharding import rows_sharding
+
+    rules = dict(t.rules) or None
+    rows = shape[0]
+    in_sh = rows_sharding(rows, 2, t.mesh, rules)
+    out_sh = rows_sharding(rows, 3 if what in ("logits", "hidden") else 2, t.mesh, rules)
+    if what == "topk":
+        out_sh = (rows_sharding(rows, 3, t.mesh, rules),) * 2
+    state_sh, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, t.state))
+    return _sharded_scores(t.graphdef, treedef, tuple(state_sh), in_sh, out_sh, prompt_len, temperature, what, topk,
+                           t.mesh, t.rules), in_sh
+
+
 @functools.lru_cache(maxsize=64)
-def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk, mesh):
+def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk, mesh, rules):
     """One jitted teacher forward per (architecture, placement, settings): teachers of one shape (and
-    a rebuilt trainer) share the compiled program."""
+    a rebuilt run) share the compiled program."""
     from opd_jax.sharding import layout_fn
 
     return jax.jit(functools.partial(_scores, graphdef, prompt_len=prompt_len, temperature=temperature, what=what,
-                                     topk=topk, layout=layout_fn(mesh)),
+                                     topk=topk, layout=layout_fn(mesh, dict(rules) or None)),
                    in_shardings=(jax.tree.unflatten(treedef, state_sh), in_sh, in_sh), out_shardings=out_sh)
 
 
-def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str], per_domain_rows: int, tokens,
-                full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
-    """Score a domain-grouped batch: rows [i*R, (i+1)*R) belong to domains[i] and go to its teacher.
-    Each teacher runs once per call, on all of its rows gathered (domain order), however many
-    domains it serves.
+def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], tokens, full_mask, *, prompt_len: int,
+                temperature: float, what: str, topk: int = 0):
+    """Score a batch whose rows are routed by `groups` (teacher name -> row indices,
+    `RowLayout.groups`): each teacher runs once, on all of its rows.
 
-    Returns the scores in batch row order (same layout as `teacher_scores`) and name -> row slices;
-    for what="hidden" the scores are name -> [rows of that teacher, N, D_t] (its rows in domain order),
-    because teachers may differ in width.
+    what="hidden": {name: [rows of that teacher, N, D_t]} (its rows in `groups` order; teachers may
+    differ in width). Otherwise the scores in batch row order (the layout of `teacher_scores`).
     """
-    groups: dict[str, list[int]] = {}
-    rows: dict[str, list[slice]] = {}
-    for i, d in enumerate(domains):
-        name = teachers[routing[d]].name
-        groups.setdefault(name, []).extend(range(i * per_domain_rows, (i + 1) * per_domain_rows))
-        rows.setdefault(name, []).append(slice(i * per_domain_rows, (i + 1) * per_domain_rows))
     outs = {}
     for name, idx in groups.items():
         whole = idx == list(range(tokens.shape[0]))
@@ -152,9 +154,9 @@ def score_batch(teachers: dict[str, Teacher], routing: dict, domains: list[str],
         outs[name] = teacher_forward(teachers[name], take(tokens), take(full_mask), prompt_len=prompt_len,
                                      temperature=temperature, what=what, topk=topk)
     if what == "hidden":
-        return outs, rows
+        return outs
     inverse = np.argsort(np.concatenate([groups[n] for n in outs]))  # back to batch row order
     back = (lambda x: x) if len(outs) == 1 else (lambda x: x[inverse])
     if what == "topk":
-        return tuple(back(jnp.concatenate([o[k] for o in outs.values()])) for k in (0, 1)), rows
-    return back(jnp.concatenate(list(outs.values()))), rows
+        return tuple(back(jnp.concatenate([o[k] for o in outs.values()])) for k in (0, 1))
+    return back(jnp.concatenate(list(outs.values())))

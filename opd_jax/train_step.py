@@ -1,19 +1,23 @@
-"""The jitted student update: recompute the student on the rollout, take the configured loss, step optax.
+"""The update: `update(state, batch) -> (state, metrics)`, pure and jitted.
 
-A batch is a dict of arrays, grouped by domain, with
+It recomputes the student on the rollout, takes the configured estimator's loss
+(`opd_jax.losses.registry`) and steps optax. The batch is {"on": part, "off": part} (GKD: `on` from
+the student's samples, `off` from dataset answers; either may be absent when loss.lam is 1 or 0; the
+loss is lam * L(on) + (1 - lam) * L(off)), each part a dict of arrays with rows grouped by domain
+(`opd_jax.layout.RowLayout`):
   tokens [B, P+N], prompt_mask [B, P], mask [B, N] (1 on generated tokens incl. EOS),
-  sampler_logprobs [B, N], rewards [B], and the teachers' outputs at the completion positions:
-  "full" / "topk": teacher = {name: [rows routed to it, N, D_t] final hidden states}, with the
-  teachers' output matrices `teacher_w` = {name: [D_t, V]} given beside the batch, so the loss forms
-  logits chunk by chunk and no [B, N, V] array exists; "sampled": teacher = [B, N] log-probs.
-  Rows are grouped by domain: `routes[i]` names the teacher of the i-th block of B / len(routes) rows.
-GKD: `on` is such a batch from the student's samples, `off` the same from dataset answers; the
-loss is lam * L(on) + (1 - lam) * L(off) and either may be absent when lam is 1 or 0.
+  sampler_logprobs [B, N] (on-policy), rewards [B] (on-policy), and the teachers' hand-over at the
+  completion positions: hidden-state estimators: teacher = {name: [rows routed to it, N, D_t]} with
+  the teachers' output matrices `teacher_w` = {name: [D_t, V]} beside the batch (the loss forms
+  logits chunk by chunk; no [B, N, V] array exists); log-prob estimators: teacher = [B, N].
+Everything static about the update is one hashable `StepSpec`; the state is one `TrainState`.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,110 +26,84 @@ import optax
 from flax import nnx
 
 from opd_jax import losses as L
-from opd_jax.errors import OpdError
+from opd_jax.layout import row_groups
+from opd_jax.losses.registry import estimator_for
 from opd_jax.models.transformer import activation_layout
 
-ESTIMATOR_TYPES = ("full", "sampled", "topk")
-HIDDEN_MODES = ("full", "topk")  # the teachers hand over hidden states; the loss applies their output matrices
+TRACES = {"update": 0}  # times the update was traced (= compiled programs; tests count them)
 
 
-def uses_rl(lc) -> bool:
-    return lc.rl_alpha < 1.0 or lc.rl_mode == "replace"
+class TrainState(NamedTuple):
+    """Everything a run carries from step to step, and exactly what a checkpoint holds.
+    params / opt_state: the student's pure-dict parameters and optax state; step: updates taken;
+    rng: the run's base key data (uint32; step s samples with fold_in(key, s)); data_position: prompt
+    batches consumed (batch s of the prompt source is read at position s)."""
+
+    params: dict
+    opt_state: object
+    step: jax.Array
+    rng: jax.Array
+    data_position: jax.Array
+
+    def key(self):
+        return jax.random.wrap_key_data(self.rng)
 
 
-def teacher_output_kind(lc) -> str:
-    """What the teachers must return for this loss config."""
-    return "hidden" if lc.estimator_type in HIDDEN_MODES else "logprobs"
+def new_state(params, opt_state, key) -> TrainState:
+    """The state at step 0 (step, rng and data position as host numpy values)."""
+    return TrainState(params, opt_state, np.zeros((), np.int32), np.asarray(jax.random.key_data(key)),
+                      np.zeros((), np.int32))
 
 
-def check_loss_config(lc):
-    if lc.estimator_type not in ESTIMATOR_TYPES:
-        raise OpdError(f"loss.estimator_type must be one of {ESTIMATOR_TYPES}, got {lc.estimator_type!r}")
-    if uses_rl(lc) and lc.estimator_type != "sampled":
-        raise OpdError("RL + OPD (loss.rl_alpha < 1 or rl_mode=replace) needs loss.estimator_type=sampled")
-    if not 0.0 <= lc.lam <= 1.0:
-        raise OpdError(f"loss.lam must be in [0, 1], got {lc.lam}")
-    L.get_fdiv(lc.kind, beta=lc.beta, alpha=lc.alpha_div)
+@dataclass(frozen=True)
+class StepSpec:
+    """What is static about a run's update (hashable: one compiled program per spec and batch layout).
+    layout(x, logical_axes) (optional, on a mesh) keeps rows on the batch mesh axes; groups: teacher
+    name -> row indices for a part of that many rows (`RowLayout.groups`), as a tuple of
+    (rows, ((name, indices), ...)); micro: rows per micro-batch (0 = all); max_update_ratio: skip an
+    update that multiplies the parameters' norm by more (0 = off)."""
+
+    lc: object
+    prompt_len: int
+    group_size: int
+    temperature: float
+    routes: tuple = ()
+    micro: int = 0
+    max_update_ratio: float = 0.0
+    layout: Callable | None = None
+
+    def groups(self, rows: int) -> dict:
+        return row_groups(self.routes, rows)
+
+    @classmethod
+    def from_config(cls, cfg, routes: tuple, micro: int = 0, layout=None) -> "StepSpec":
+        dc = cfg.data
+        return cls(cfg.loss, dc.max_prompt_len, dc.group_size, dc.temperature, tuple(routes), micro,
+                   cfg.train.max_update_ratio, layout)
 
 
-def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None, teacher_w=None):
-    """(loss, metrics) of one batch under the loss config `lc`. `layout(x, logical_axes)` (optional,
+def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None, teacher=None,
+                teacher_w=None):
+    """(loss, metrics) of one part against one teacher's hand-over `teacher` (its output matrix
+    `teacher_w` in the hidden-state estimators; without it: full logits [B, N, V] or top-k
+    (log-probs, ids), for small models and hand-built batches). `layout(x, logical_axes)` (optional,
     on a mesh) pins the hidden states' rows to the batch axes and gathers the output matrix's width
-    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch.
-    "full" / "topk": b["teacher"] is the one teacher's hidden states [B, N, D_t] and `teacher_w` its
-    output matrix [D_t, V] (without `teacher_w`: full-vocabulary logits [B, N, V], or top-k
-    (log-probs, ids) [B, N, k], for small models and hand-built batches)."""
-    tokens, mask = b["tokens"], b["mask"]
-    full_mask = jnp.concatenate([b["prompt_mask"], mask], axis=1)
-    h = model.completion_hidden(tokens, full_mask, prompt_len)
+    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch."""
+    mask = b["mask"]
+    h = model.completion_hidden(b["tokens"], jnp.concatenate([b["prompt_mask"], mask], axis=1), prompt_len)
     w = model.output_matrix()
-    th = b["teacher"]
     if layout is not None:
         h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
         if teacher_w is not None:
-            th, teacher_w = layout(th, ("batch", None, None)), layout(teacher_w, (None, "vocab"))
-    comp = tokens[:, prompt_len:]
-    slp = L.chunked_token_logprobs(h, w, comp, temperature=temperature, seq_chunk=lc.seq_chunk)
-    div = dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
-    if lc.estimator_type == "full":
-        teacher = dict(teacher_hidden=th, teacher_w=teacher_w) if teacher_w is not None else dict(teacher_logits=th)
-        loss, m = L.chunked_divergence_loss(h, w, mask, temperature=temperature, normalize=lc.normalize,
-                                            seq_chunk=lc.seq_chunk, **teacher, **div)
-    elif lc.estimator_type == "topk" and teacher_w is not None:
-        loss, m = L.chunked_topk_loss(h, w, th, teacher_w, mask, lc.topk, temperature=temperature,
-                                      normalize=lc.normalize, seq_chunk=lc.seq_chunk, **div)
-    elif lc.estimator_type == "topk":
-        logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-        loss, m = L.topk_distill_loss(logits, th[0], th[1], mask, temperature=temperature,
-                                      normalize=lc.normalize, **div)
-    elif uses_rl(lc):
-        loss, m = L.rl_opd_surrogate(slp, b["teacher"], b["rewards"], mask, group_size=group_size, alpha=lc.rl_alpha,
-                                     mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator, beta=lc.beta,
-                                     div_alpha=lc.alpha_div, sampler_logprobs=b.get("sampler_logprobs"),
-                                     clip_eps=lc.clip_eps, normalize=lc.normalize)
-    else:
-        loss, m = L.sampled_surrogate(slp, b["teacher"], mask, estimator=lc.estimator, level=lc.level,
-                                      baseline=lc.baseline,
-                                      sampler_logprobs=b.get("sampler_logprobs"), clip_eps=lc.clip_eps,
-                                      normalize=lc.normalize, **div)
-    if "sampler_logprobs" in b:
-        m["logprob_mismatch"] = jax.lax.stop_gradient(
-            L.masked_mean(jnp.abs(slp - b["sampler_logprobs"]), mask))
-    m["student_logprob"] = jax.lax.stop_gradient(L.masked_mean(slp, mask))
+            teacher, teacher_w = layout(teacher, ("batch", None, None)), layout(teacher_w, (None, "vocab"))
+    loss, m = estimator_for(lc).loss(h, w, b, teacher, teacher_w, lc, group_size=group_size, temperature=temperature)
+    slp = m.pop("token_logprob")
+    if "sampler_logprobs" in b and "logprob_mismatch" not in m:
+        m["logprob_mismatch"] = L.masked_mean(jnp.abs(slp - b["sampler_logprobs"]), mask)
+    m["student_logprob"] = L.masked_mean(slp, mask)
     per_tok = m.pop("per_token_divergence")
     m["row_divergence"] = jnp.sum(L.clean(per_tok, mask), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
     return loss, m
-
-
-def teacher_groups(routes: tuple, rows: int) -> dict[str, list[int]]:
-    """Teacher name -> its row indices, for a batch of `rows` rows in len(routes) equal domain blocks."""
-    r = rows // len(routes)
-    return {n: [i for d, m in enumerate(routes) if m == n for i in range(d * r, (d + 1) * r)]
-            for n in sorted(set(routes))}
-
-
-def check_micro_batch(micro: int, rows: dict, lc, group_size: int, routes: tuple = ()):
-    """Clear errors for a `train.micro_batch` that cannot split the step's rows exactly.
-    rows: part ("on" / "off") -> rows per step. In the hidden-state modes each teacher's rows are a
-    separate forward/backward (its own output matrix), so `micro` must also divide those."""
-    if micro < 0:
-        raise OpdError(f"train.micro_batch must be >= 0 (0 = all rows at once), got {micro}")
-    if not micro or all(micro >= r for r in rows.values()):
-        return
-    for part, r in rows.items():
-        if micro < r and r % micro:
-            raise OpdError(f"train.micro_batch={micro} does not divide the {r} {part}-policy rows per step")
-        if lc.estimator_type in HIDDEN_MODES and len(set(routes)) > 1:
-            for name, idx in teacher_groups(routes, r).items():
-                if micro < len(idx) and len(idx) % micro:
-                    raise OpdError(f"train.micro_batch={micro} does not divide the {len(idx)} {part}-policy rows "
-                                   f"routed to teacher {name!r}")
-    if "on" in rows and micro < rows["on"] and micro % group_size:
-        raise OpdError(f"train.micro_batch={micro} must be a multiple of data.group_size={group_size} "
-                       "(a prompt's samples stay in one micro-batch)")
-    if lc.baseline == "loo":
-        raise OpdError("loss.baseline=loo averages over the whole batch, so it cannot be split: "
-                       "set train.micro_batch=0 or loss.baseline=none")
 
 
 def _normaliser(mask, normalize: str):
@@ -157,30 +135,26 @@ def _take_rows(x, idx: list[int]):
     return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
 
 
-def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, layout=None,
-                        teacher_w=None, routes=()):
-    """((loss, metrics), grads) of one batch (one GKD part).
+def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
+    """((loss, metrics), grads) of one batch part.
 
-    Hidden-state modes (`teacher_w` = {name: [D_t, V]}, b["teacher"] = {name: hidden}): the rows of
-    each teacher (`teacher_groups(routes)`) go through their own forward/backward against that
-    teacher's output matrix, and grads = sum_g w_g grad L_g with w_g the group's share of the
-    normaliser (per-row metrics put back in row order). Each group, or the whole batch, may be cut
-    into micro-batches (`micro_value_and_grad`)."""
-    kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
-              layout=layout)
+    Hidden-state estimators (`teacher_w` = {name: [D_t, V]}, b["teacher"] = {name: hidden}): the rows
+    of each teacher (`spec.groups`) go through their own forward/backward against that teacher's
+    output matrix, and grads = sum_g w_g grad L_g with w_g the group's share of the normaliser
+    (per-row metrics put back in row order). Each group, or the whole batch, may be cut into
+    micro-batches (`micro_value_and_grad`)."""
     if teacher_w is None:
-        return micro_value_and_grad(graphdef, params, b, **kw)
-    groups = teacher_groups(routes, b["tokens"].shape[0])
+        return micro_value_and_grad(graphdef, params, b, spec)
+    groups = spec.groups(b["tokens"].shape[0])
     if len(groups) == 1:
         (name,) = groups
-        return micro_value_and_grad(graphdef, params, {**b, "teacher": b["teacher"][name]},
-                                    teacher_w=teacher_w[name], **kw)
+        return micro_value_and_grad(graphdef, params, {**b, "teacher": b["teacher"][name]}, spec, teacher_w[name])
     outs, counts = [], []
     for name, idx in groups.items():
         sub = {k: _take_rows(v, idx) for k, v in b.items() if k != "teacher"}
-        outs.append(micro_value_and_grad(graphdef, params, {**sub, "teacher": b["teacher"][name]},
-                                         teacher_w=teacher_w[name], **kw))
-        counts.append(_normaliser(sub["mask"], lc.normalize))
+        outs.append(micro_value_and_grad(graphdef, params, {**sub, "teacher": b["teacher"][name]}, spec,
+                                         teacher_w[name]))
+        counts.append(_normaliser(sub["mask"], spec.lc.normalize))
     w = _shares(jnp.stack(counts))
     order = np.argsort(np.concatenate([idx for idx in groups.values()]))
     ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1] if k != "row_divergence"}
@@ -191,29 +165,29 @@ def part_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temp
     return (loss, metrics), grads
 
 
-def micro_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, temperature, micro=0, layout=None,
-                         teacher_w=None):
-    """((loss, metrics), grads) of one batch against one teacher, optionally in micro-batches of `micro` rows.
+def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
+    """((loss, metrics), grads) of one batch against one teacher, in micro-batches of `spec.micro` rows.
 
     With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
     grads = sum_i w_i grad L_i (w: each micro-batch's share of the normaliser), equal to the whole
     batch's gradient; scalar metrics are the same weighted means ("tokens" is summed), per-row
-    metrics are concatenated. `layout(x, logical_axes)` (optional, on a mesh; `sharding.layout_fn`)
-    keeps rows on the batch mesh axes: in every layer, in the loss, and within each micro-batch."""
+    metrics are concatenated. `spec.layout` (on a mesh; `sharding.layout_fn`) keeps rows on the batch
+    mesh axes: in every layer, in the loss, and within each micro-batch."""
+    layout = spec.layout
 
     def loss_of(p, bb):
         with activation_layout(layout):
-            return policy_loss(nnx.merge(graphdef, p), bb, lc, prompt_len, group_size, temperature, layout,
-                               teacher_w)
+            return policy_loss(nnx.merge(graphdef, p), bb, spec.lc, spec.prompt_len, spec.group_size,
+                               spec.temperature, layout, bb["teacher"], teacher_w)
 
-    rows = b["tokens"].shape[0]
+    rows, micro = b["tokens"].shape[0], spec.micro
     if not micro or micro >= rows:
         return jax.value_and_grad(loss_of, has_aux=True)(params, b)
     n = rows // micro
     mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
-    w = _shares(_normaliser(mbs["mask"], lc.normalize))
+    w = _shares(_normaliser(mbs["mask"], spec.lc.normalize))
 
     def body(acc, xs):
         bb, wi = xs
@@ -228,86 +202,101 @@ def micro_value_and_grad(graphdef, params, b, *, lc, prompt_len, group_size, tem
     return _combine(w, losses, ms, row_div), grads
 
 
-def _update(graphdef, params, opt_state, batch, teacher_w=None, *, optimizer, lc, prompt_len, group_size,
-            temperature, micro=0, layout=None, routes=()):
-    """One optax update. params: pure dict of the student's parameters; teacher_w: name -> output
-    matrix (hidden-state modes). -> (params, opt_state, loss, metrics).
-    GKD: grads = lam * grad L(on) + (1 - lam) * grad L(off), each part possibly in micro-batches."""
-    kw = dict(lc=lc, prompt_len=prompt_len, group_size=group_size, temperature=temperature, micro=micro,
-              layout=layout, teacher_w=teacher_w, routes=routes)
-    parts = {k: part_value_and_grad(graphdef, params, batch[k], **kw) for k in ("on", "off") if k in batch}
+def update(graphdef, optimizer, spec: StepSpec, state: TrainState, batch: dict, teacher_w=None):
+    """One optax update -> (state, metrics). GKD: grads = lam * grad L(on) + (1 - lam) * grad L(off),
+    each part possibly in micro-batches. metrics holds "loss", "grad_norm", "update_ratio" (the
+    parameters' global norm after / before) and "skipped": a non-finite loss, gradient or update, or
+    an update that multiplies the parameters' norm by more than `spec.max_update_ratio`, is skipped on
+    device (no host round-trip): parameters and optimizer state stay as they were. step and
+    data_position advance either way (the batch was consumed)."""
+    TRACES["update"] += 1
+    lc, params = spec.lc, state.params
+    parts = {k: part_value_and_grad(graphdef, params, batch[k], spec, teacher_w) for k in ("on", "off") if k in batch}
     if len(parts) == 2:
         loss, metrics = L.gkd_loss(parts["on"][0], parts["off"][0], lc.lam)
         grads = jax.tree.map(lambda a, b: lc.lam * a + (1.0 - lc.lam) * b, parts["on"][1], parts["off"][1])
     else:
         (key, ((loss, m), grads)), = parts.items()
-        metrics = {f"{'on' if key == 'on' else 'off'}_policy/{k}": v for k, v in m.items()}
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        metrics = {f"{key}_policy/{k}": v for k, v in m.items()}
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, params)
     new_params = optax.apply_updates(params, updates)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["loss"] = loss
-    # a non-finite loss or gradient skips the update on device (no host round-trip): parameters and
-    # optimizer state stay as they were, and the step is flagged for the trainer to count
-    ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+    old_norm, new_norm = optax.tree.norm(params), optax.tree.norm(new_params)
+    metrics["update_ratio"] = new_norm / jnp.maximum(old_norm, 1e-30)
+    ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & jnp.isfinite(new_norm)
+    if spec.max_update_ratio:
+        ok = ok & (new_norm <= spec.max_update_ratio * old_norm)
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-    return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, opt_state), loss, metrics
+    return TrainState(jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, state.opt_state),
+                      state.step + 1, state.rng, state.data_position + 1), metrics
 
 
-_STATIC = ("graphdef", "optimizer", "lc", "prompt_len", "group_size", "temperature", "micro", "layout", "routes")
-# Shardings follow the (committed) inputs; the trainer uses `sharded_train_step` instead.
-train_step = jax.jit(_update, static_argnames=_STATIC, donate_argnums=(1, 2))
+# Shardings follow the (committed) inputs; a run uses `compile_update` instead.
+train_step = jax.jit(update, static_argnums=(0, 1, 2), donate_argnums=(3,))
 
 
-def sharded_train_step(graphdef, *, optimizer, lc, prompt_len: int, group_size: int, temperature: float, mesh,
-                       param_sh, opt_sh, rules=None, micro: int = 0, routes: tuple = ()):
-    """`_update` under `jax.jit` with explicit shardings at the boundary: params and optimizer state
-    in and out as `param_sh` / `opt_sh` (donated), every batch array's rows over the batch mesh axes,
-    the teachers' output matrices as they are placed, loss and metrics replicated. One executable per
-    batch layout (the trainer has one).
-    Returns step(params, opt_state, batch, teacher_w=None) -> (params, opt_state, loss, metrics)."""
-    from opd_jax.sharding import layout_fn, placed, replicated, rows_sharding
-
-    repl = replicated(mesh)
-    layout = layout_fn(mesh, rules)
-    compiled = {}
-
-    def jitted(batch, teacher_w=None):
-        """(jitted step, batch shardings) for a batch's layout (arrays or jax.ShapeDtypeStruct; the
-        output matrices carry their shardings)."""
-        tw_sh = jax.tree.map(lambda x: x.sharding, teacher_w)
-        key = (jax.tree.structure(batch), tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)),
-               jax.tree.structure(teacher_w), tuple(jax.tree.leaves(tw_sh)))
-        if key not in compiled:
-            bsh = jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
-            fn = jax.jit(functools.partial(_update, graphdef, optimizer=optimizer, lc=lc, prompt_len=prompt_len,
-                                           group_size=group_size, temperature=temperature, micro=micro,
-                                           layout=layout, routes=routes),
-                         in_shardings=(param_sh, opt_sh, bsh, tw_sh), out_shardings=(param_sh, opt_sh, repl, repl),
-                         donate_argnums=(0, 1))
-            compiled[key] = (fn, bsh)
-        return compiled[key]
-
-    def step(params, opt_state, batch, teacher_w=None):
-        fn, bsh = jitted(batch, teacher_w)
-        return fn(params, opt_state, jax.tree.map(placed, batch, bsh), teacher_w)
-
-    step.compiled, step.jitted = compiled, jitted
-    return step
+def batch_shardings(batch, mesh, rules=None):
+    """Every batch array's rows over the batch mesh axes (arrays or jax.ShapeDtypeStruct)."""
+    from opd_jax.sharding import rows_sharding
+    return jax.tree.map(lambda x: rows_sharding(x.shape[0], len(x.shape), mesh, rules), batch)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "lc", "prompt_len", "temperature", "routes"))
-def probe_divergence(graphdef, params, batch, teacher_w, *, lc, prompt_len, temperature, routes):
-    """Exact token-mean divergence D_f(teacher || student) (full vocabulary, kind from `lc`) on a
+def compile_update(graphdef, optimizer, spec: StepSpec, state_sh: TrainState, abstract_state: TrainState, batch,
+                   teacher_w=None, *, mesh, rules=None):
+    """`update` compiled ahead of time with explicit shardings at the boundary: the state in and out as
+    `state_sh` (donated), every batch array's rows over the batch mesh axes, the teachers' output
+    matrices as placed (`teacher_w`: ShapeDtypeStructs with shardings), metrics replicated.
+    batch: ShapeDtypeStructs. -> `UpdateProgram` (call it as step(state, batch, teacher_w))."""
+    from opd_jax.sharding import replicated
+
+    bsh = batch_shardings(batch, mesh, rules)
+    tw_sh = jax.tree.map(lambda x: x.sharding, teacher_w)
+    fn = jax.jit(functools.partial(update, graphdef, optimizer, spec), in_shardings=(state_sh, bsh, tw_sh),
+                 out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, state_sh)
+    return UpdateProgram(fn.lower(abstract, batch, teacher_w).compile(), bsh, tw_sh)
+
+
+@dataclass(frozen=True)
+class UpdateProgram:
+    """A compiled update, its batch shardings and the teachers' output-matrix shardings it expects;
+    host or differently placed batch arrays are put on the batch shardings before the call."""
+
+    compiled: object
+    batch_sh: object
+    teacher_w_sh: object = None
+
+    def __call__(self, state, batch, teacher_w=None):
+        from opd_jax.sharding import placed
+        return self.compiled(state, jax.tree.map(placed, batch, self.batch_sh), teacher_w)
+
+    def memory(self) -> dict:
+        mem = self.compiled.memory_analysis()
+        return {"activation_bytes_per_device": float(getattr(mem, "temp_size_in_bytes", 0) or 0),
+                "compiled_argument_bytes_per_device": float(getattr(mem, "argument_size_in_bytes", 0) or 0)}
+
+    def flops(self) -> float:
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float((cost or {}).get("flops", float("nan")))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
+def probe_divergence(graphdef, params, batch, teacher_w, *, spec: StepSpec):
+    """Exact token-mean divergence D_f(teacher || student) (full vocabulary, kind from `spec.lc`) on a
     fixed batch: tokens [B, P+N], prompt_mask [B, P], mask [B, N], teacher {name: hidden [rows, N, D_t]}
-    routed by `routes` as in the step, teacher_w {name: [D_t, V]}. -> scalar."""
+    routed as in the update, teacher_w {name: [D_t, V]}. -> scalar."""
+    lc = spec.lc
     model = nnx.merge(graphdef, params)
     tokens, mask = batch["tokens"], batch["mask"]
-    h = model.completion_hidden(tokens, jnp.concatenate([batch["prompt_mask"], mask], 1), prompt_len)
+    h = model.completion_hidden(tokens, jnp.concatenate([batch["prompt_mask"], mask], 1), spec.prompt_len)
     total = 0.0
-    for name, idx in teacher_groups(routes, tokens.shape[0]).items():
+    for name, idx in spec.groups(tokens.shape[0]).items():
         d, _ = L.chunked_divergence(_take_rows(h, idx), model.output_matrix(), lc.kind,
                                     teacher_hidden=batch["teacher"][name], teacher_w=teacher_w[name],
-                                    temperature=temperature, beta=lc.beta, alpha=lc.alpha_div, seq_chunk=lc.seq_chunk)
+                                    temperature=spec.temperature, beta=lc.beta, alpha=lc.alpha_div,
+                                    seq_chunk=lc.seq_chunk)
         total = total + jnp.sum(L.clean(d, _take_rows(mask, idx)))
     return total / jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)

@@ -38,7 +38,9 @@ def main():
     from opd_jax.config import load_config
     from opd_jax.demo import DOMAINS, STUDENT, TEACHER
     from opd_jax.tasks import PromptSource, build_char_tokenizer
-    from opd_jax.train import Trainer
+    from opd_jax.hooks import Logger, SkipCounter
+    from opd_jax.run import build_run
+    from opd_jax.train import train_loop
 
     work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
     tok = build_char_tokenizer(work / "tok")
@@ -64,19 +66,23 @@ def main():
           "loss.estimator_type=full", "loss.kind=forward_kl", f"train.steps={total + 1}", "train.progress=false",
           "train.eval_every=100000", "train.checkpoint_every=100000", f"train.out_dir={work / 'opd_run'}",
           "optim.lr=1e-4", "optim.clip_norm=1.0", f"train.log_every={args.log_every}"]
-    trainer = Trainer(load_config(None, ov))
-    trainer.run(stop_after=args.warmup)
-    trainer.resume = False
+    run = build_run(load_config(None, ov))
+    logger = Logger(run)
+    state = train_loop(run, run.init, [SkipCounter(run.cfg.train.max_skipped)], start=0, end=args.warmup)
     # steady state: steps are dispatched asynchronously and only log steps read back from the device,
     # so the clock stops once the last step's parameters exist; train.steps is one past the last timed
     # step, so the final step's evaluation is not timed
-    t0 = time.perf_counter()
     logged = []
-    for step in range(args.warmup, total):
-        rec = trainer._one_step(step, _NullWriter(), None)
-        if rec:
-            logged.append(rec)
-    jax.block_until_ready(trainer.params)
+
+    class Keep:  # every log step's record
+        def after_step(self, ctx):
+            if ctx.log:
+                logged.append(dict(ctx.record))
+
+    t0 = time.perf_counter()
+    state = train_loop(run, state, [SkipCounter(run.cfg.train.max_skipped), logger, Keep()], start=args.warmup,
+                       end=total)
+    jax.block_until_ready(state)
     ours = time.perf_counter() - t0
     if logged:
         phases = {k: round(sum(r[k] for r in logged) / len(logged) * 1e3, 1) for k in logged[0] if k.startswith("time/")}
@@ -114,11 +120,6 @@ def main():
     print(f"opd_jax: {tokens / ours:9.1f} tokens/s ({ours / args.steps * 1e3:.1f} ms/step)")
     print(f"TRL:     {tokens / theirs:9.1f} tokens/s ({theirs / args.steps * 1e3:.1f} ms/step)")
     print(f"ratio opd_jax / TRL: {theirs / ours:.2f}x")
-
-
-class _NullWriter:
-    def write(self, step, record):
-        pass
 
 
 if __name__ == "__main__":

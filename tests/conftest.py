@@ -57,3 +57,78 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(folder)
         out[fam] = (folder, model)
     return out
+
+
+# ------------------------------------------------------------------ tiny training runs (shared helpers)
+
+TINY = ("{vocab_size: 64, hidden_size: 32, intermediate_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 1, "
+        "head_dim: 16, max_position_embeddings: 64}")
+
+
+def tiny_overrides(out, **extra):
+    """Dotted overrides of a 3-step run of a tiny fresh student against its own frozen snapshot."""
+    base = {"train.out_dir": str(out), "train.steps": 3, "train.eval_every": 3, "train.eval_per_domain": 4,
+            "train.checkpoint_every": 3, "train.progress": "false", "student.init": TINY,
+            "teachers": "[{name: snap, path: self}]", "routing": "{addition: snap, reverse: snap, sort: snap}",
+            "data.per_domain": 2, "data.group_size": 2, "data.max_new_tokens": 6}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def random_teacher(folder) -> dict:
+    """Overrides routing every domain to a tiny random teacher saved under `folder` (unlike `self`,
+    it disagrees with the student, so the loss and its gradient are far from 0)."""
+    import yaml
+
+    from opd_jax.models import ModelConfig, init_model, save_model
+
+    teacher = save_model(init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11), folder / "teacher")
+    return {"teachers": f"[{{name: t, path: {teacher}}}]", "routing": "{addition: t, reverse: t, sort: t}"}
+
+
+def char_tokenizer_dir(folder):
+    """The built-in character tokenizer saved under `folder` (for model folders saved without one)."""
+    from opd_jax.tasks import build_char_tokenizer
+
+    build_char_tokenizer(folder)
+    return folder
+
+
+def run_steps(run, n: int, state=None):
+    """n steps of a built run through the library's own loop, with no run folder -> (state, the last
+    log record). The first step donates `run.init`'s buffers."""
+    from opd_jax.hooks import Logger, SkipCounter
+    from opd_jax.train import train_loop
+
+    logger = Logger(run)
+    state = train_loop(run, run.init if state is None else state, [SkipCounter(run.cfg.train.max_skipped), logger],
+                       start=0, end=n)
+    return state, logger.last
+
+
+def host(tree):
+    import jax
+    import numpy as np
+
+    return jax.tree.map(lambda x: np.asarray(x).copy(), tree)
+
+
+def rigged_model(table: dict[int, int], vocab=64, margin=10.0):
+    """A one-layer model whose greedy next token is table[current token] (a bigram lookup): attention and
+    MLP outputs are zeroed, the embedding is the identity, and the head puts `margin` on the table's entry."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from opd_jax.models import ModelConfig, init_model
+
+    cfg = ModelConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, max_position_embeddings=128)
+    model = init_model(cfg, seed=0)
+    model.layers.wo[...] = jnp.zeros_like(model.layers.wo[...])
+    model.layers.w_down[...] = jnp.zeros_like(model.layers.w_down[...])
+    model.embed[...] = jnp.eye(vocab)
+    head = np.zeros((vocab, vocab), np.float32)
+    for src, dst in table.items():
+        head[src, dst] = margin
+    model.lm_head[...] = jnp.asarray(head)
+    return model

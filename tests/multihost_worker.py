@@ -15,7 +15,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 
 from opd_jax.config import load_config  # noqa: E402
-from opd_jax.train import Trainer  # noqa: E402
+from opd_jax.train import train  # noqa: E402
 
 
 def main():
@@ -23,12 +23,12 @@ def main():
     os.environ.update(OPD_JAX_COORDINATOR=f"127.0.0.1:{port}", OPD_JAX_NUM_PROCESSES="2", OPD_JAX_PROCESS_ID=str(pid))
     cfg = load_config(None, overrides + [f"train.out_dir={out}"])
     if sys.argv[5:] == ["preempt"]:  # one run that the test interrupts with SIGTERM
-        Trainer(cfg).run()
+        train(cfg)
         print(json.dumps({"process": pid, "done": True}), flush=True)
         return
-    Trainer(cfg).run(stop_after=2)
+    train(cfg, stop_after=2)
     assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
-    last = Trainer(cfg, resume=True).run()
+    last = train(cfg, resume=True)
     print(json.dumps({"process": pid, "loss": last["loss"]}), flush=True)
 
 

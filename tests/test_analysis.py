@@ -82,7 +82,7 @@ def test_analyze_cli_on_real_checkpoints(tmp_path):
     from opd_jax.cli import main
     from opd_jax.config import load_config
     from opd_jax.train import train
-    from test_train import tiny_overrides
+    from conftest import tiny_overrides
 
     run = tmp_path / "run"
     train(load_config(None, tiny_overrides(run, **{"train.steps": 4, "train.checkpoint_every": 1,

@@ -15,7 +15,7 @@ import pytest
 
 from opd_jax.config import load_config
 from opd_jax.train import restore_run_params, train
-from test_train import random_teacher, tiny_overrides
+from conftest import random_teacher, tiny_overrides
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
 

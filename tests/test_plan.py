@@ -5,7 +5,7 @@ import pytest
 from opd_jax import OpdError
 from opd_jax.config import load_config
 from opd_jax.plan import GiB, plan
-from test_train import TINY, tiny_overrides
+from conftest import TINY, tiny_overrides
 
 # Qwen3-8B's shape (config.json of the released model): nothing of this size is allocated here
 QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32,
@@ -60,12 +60,12 @@ def test_compiled_plan_reports_activations_and_flops_that_scale_with_the_batch()
 
 
 def test_trainer_refuses_a_run_that_cannot_fit(tmp_path):
-    from opd_jax.train import Trainer
+    from opd_jax.train import train
 
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"mesh.device_memory_gb": 1e-6}))
     with pytest.raises(OpdError, match=r"needs about .* GiB per device \(.*activations [0-9.]+\).*train\.remat.*"
                                        r"train\.micro_batch.*loss\.seq_chunk.*shard wider") as e:
-        Trainer(cfg)
+        train(cfg)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "r").exists()  # refused before writing anything
 
@@ -75,7 +75,7 @@ def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
     multiples of 8 (one row per device at least) and of the group size 2 that divide 48: 24, 16, 8.
     With a device memory between the plans of 24 and 16 rows, auto picks 16, and the trainer runs it."""
     from opd_jax.plan import fit_micro_batch, micro_batch_candidates
-    from opd_jax.train import Trainer
+    from opd_jax.run import build_run
 
     over = {"data.per_domain": 8, "data.max_new_tokens": 24, "train.remat": "none", "student.init": TINY.replace(
         "num_layers: 2", "num_layers: 4")}
@@ -89,7 +89,7 @@ def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
                                                                          "mesh.device_memory_gb": gb}))
     micro, p = fit_micro_batch(auto, 8)
     assert micro == 16 and p["total_bytes_per_device"] == need[16]
-    assert Trainer(auto).micro == 16
+    assert build_run(auto).micro == 16
     tight = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
                                                                           "mesh.device_memory_gb": need[8] / 2 / GiB}))
     with pytest.raises(OpdError, match=r"train\.micro_batch \(now 8 of 48 rows"):
@@ -118,3 +118,39 @@ def test_micro_batches_and_remat_lower_the_compiled_activations():
     whole = act(**{"train.remat": "none"})
     assert act(**{"train.remat": "none", "train.micro_batch": 16}) < 0.8 * whole  # 2 rows a device, not 6
     assert act(**{"train.remat": "full"}) < whole
+
+
+def test_the_fit_check_measures_and_the_trainer_runs_one_compiled_update(tmp_path):
+    """With a known device memory the run's fit check compiles the update from shapes; the loop then
+    runs that very executable: the update is traced once in all (build and three steps), and the fit
+    check's bytes equal `opd-jax plan --compile`'s."""
+    from opd_jax import train_step
+    from opd_jax.run import build_run
+    from conftest import run_steps
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"mesh.device_memory_gb": 64}))
+    want = plan(cfg, n_devices=8, compile=True)
+    traces = train_step.TRACES["update"]
+    run = build_run(cfg)
+    assert train_step.TRACES["update"] - traces == 1
+    run_steps(run, 3)
+    assert train_step.TRACES["update"] - traces == 1
+    for k in ("total_bytes_per_device", "activation_bytes_per_device", "compiled_argument_bytes_per_device"):
+        assert run.plan[k] == want[k], k
+    # the compiled total is the update's own arguments + temporaries (+ teachers, KV cache), not a hand count
+    assert want["total_bytes_per_device"] == (want["compiled_argument_bytes_per_device"] + want[
+        "activation_bytes_per_device"] + want["teacher_bytes_per_device"] + want["kv_cache_bytes_per_device"])
+
+
+def test_a_gkd_run_is_planned_with_both_of_its_parts(tmp_path):
+    """loss.lam < 1 feeds the update on-policy samples and dataset answers: both parts are compiled, so
+    the arguments grow by the off-policy rows (tokens, masks, teacher outputs) and the temporaries by
+    their second forward/backward."""
+    on = plan(load_config(None, tiny_overrides(tmp_path / "r")), n_devices=8, compile=True)
+    both = plan(load_config(None, tiny_overrides(tmp_path / "r", **{"loss.lam": 0.5})), n_devices=8, compile=True)
+    assert both["compiled_argument_bytes_per_device"] > on["compiled_argument_bytes_per_device"]
+    assert both["activation_bytes_per_device"] >= on["activation_bytes_per_device"]
+    # pure reward RL loads no teacher: none is planned
+    grpo = plan(load_config(None, tiny_overrides(tmp_path / "r", **{
+        "loss.estimator_type": "sampled", "loss.rl_alpha": 0.0})), n_devices=8)
+    assert grpo["teachers"] == {} and grpo["teacher_bytes_per_device"] == 0

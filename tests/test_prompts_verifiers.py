@@ -15,8 +15,8 @@ from opd_jax.config import load_config
 from opd_jax.tasks import Example, Prompter, get_verifier, load_records
 from opd_jax.tiny_chat import CHAT_TEMPLATE as TEMPLATE
 from opd_jax.tiny_chat import build_chat_tokenizer
-from opd_jax.train import Trainer
-from conftest import make_hf_model
+from opd_jax.run import build_run
+from conftest import make_hf_model, rigged_model
 
 QUESTIONS = ["What is 2+3?", "Compute 1/2 + 1/4.", "What is 7*6?", "Is 0.5 equal to 1/2?"]
 
@@ -218,11 +218,11 @@ def test_rollouts_stop_at_either_stop_id_and_padding_never_counts(tmp_path, qwen
     """Qwen's pad token <|endoftext|> is also a stop id: rows end at the first <|im_end|> or <|endoftext|>
     (the stop token counts in the mask), everything after it is padding outside the mask."""
     data = parquet_of_messages(tmp_path / "math.parquet")
-    tr = Trainer(load_config(None, chat_overrides(tmp_path, qwen_folders, data, **{"data.per_domain": 16})))
+    tr = build_run(load_config(None, chat_overrides(tmp_path, qwen_folders, data, **{"data.per_domain": 16})))
     stops = qwen_folders["stops"]
-    assert tr.stop == tuple(sorted(stops)) and tr.tokenizer.pad_token_id == stops[1]
-    batch, _, _ = tr.on_policy_batch(0, tr.source.batch(0, 16))
-    comp = np.asarray(batch["tokens"])[:, tr.prompt_len:]
+    assert tr.rollouts.stop == tuple(sorted(stops)) and tr.tokenizer.pad_token_id == stops[1]
+    batch = tr.rollouts.on_policy(tr.init.params, tr.source.batch(0, 16), tr.init.key())[0]
+    comp = np.asarray(batch["tokens"])[:, tr.cfg.data.max_prompt_len:]
     mask = np.asarray(batch["mask"])
     ended = {s: 0 for s in stops}
     for row, m in zip(comp, mask):
@@ -265,7 +265,6 @@ def test_eval_cli_on_a_data_file_with_the_configs_verifiers_and_pass_at_k(tmp_pa
     With the config's math verifier, "4.0" is right; pass@8 finds the '7' that greedy never writes."""
     from opd_jax.models import save_model
     from opd_jax.tasks import build_char_tokenizer
-    from test_train_modes import rigged_model
 
     tok = build_char_tokenizer(None)
     i = tok.convert_tokens_to_ids

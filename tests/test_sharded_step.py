@@ -10,7 +10,7 @@ from flax import nnx
 from opd_jax.config import LossConfig
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.sharding import batch_sharding, make_mesh, param_shardings
-from opd_jax.train_step import train_step
+from opd_jax.train_step import StepSpec, TrainState, train_step
 
 CFG = ModelConfig.for_family("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
                              num_kv_heads=2, head_dim=8, max_position_embeddings=64)
@@ -42,15 +42,16 @@ def _run(mesh):
         params = jax.device_put(params, param_shardings(model, mesh))
     opt_state = jax.jit(opt.init)(params)
     initial = jax.tree.map(np.asarray, params)
+    state = TrainState(params, opt_state, jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(0)),
+                       jnp.zeros((), jnp.int32))
+    spec = StepSpec(LossConfig(estimator_type="full", kind="jsd"), prompt_len=P, group_size=1, temperature=1.0)
     losses = []
     for batch in _batches():
         if mesh is not None:
             batch = jax.tree.map(lambda x: jax.device_put(x, batch_sharding(x, mesh)), batch)
-        params, opt_state, loss, _ = train_step(graphdef, params, opt_state, batch, optimizer=opt,
-                                                lc=LossConfig(estimator_type="full", kind="jsd"), prompt_len=P,
-                                                group_size=1, temperature=1.0)
-        losses.append(float(loss))
-    return losses, jax.tree.map(np.asarray, params), params, initial
+        state, metrics = train_step(graphdef, opt, spec, state, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.tree.map(np.asarray, state.params), state.params, initial
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
@@ -67,32 +68,35 @@ def test_three_steps_on_a_mesh_equal_one_device(shape):
 
 
 def test_trainer_step_has_explicit_shardings_and_compiles_once(tmp_path):
-    """The trainer's jitted step keeps params / optimizer state on their rule-given shardings, compiles
-    once for the run, and the teacher forward is placed the same way."""
+    """The run's update keeps params / optimizer state on their rule-given shardings, is traced and
+    compiled once for the run (ahead of time; the loop runs that executable), and the teacher forward
+    is placed the same way and compiled once."""
+    from opd_jax import teachers as T
+    from opd_jax import train_step as step_mod
     from opd_jax.config import load_config
+    from opd_jax.run import build_run
     from opd_jax.sharding import DEFAULT_RULES, logical_to_spec
-    from opd_jax.train import Trainer
-    from test_train import tiny_overrides
+    from conftest import run_steps, tiny_overrides
 
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
                                                                "data.per_domain": 4, "train.steps": 3}))
-    tr = Trainer(cfg)
-    from opd_jax import teachers as T
-
+    traces = step_mod.TRACES["update"]
+    run = build_run(cfg)
     misses = T._sharded_scores.cache_info().misses
-    tr.run()
-    assert len(tr.step_fn.compiled) == 1
+    state, _ = run_steps(run, 3)
+    assert step_mod.TRACES["update"] - traces == 1
     assert T._sharded_scores.cache_info().misses - misses <= 1  # one teacher program, reused every step
-    assert dict(tr.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    embed = tr.params["embed"]
-    assert embed.sharding.spec == logical_to_spec(("vocab", "embed"), embed.shape, tr.mesh, DEFAULT_RULES)
+    assert dict(run.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    embed = state.params["embed"]
+    assert embed.sharding.spec == logical_to_spec(("vocab", "embed"), embed.shape, run.mesh, DEFAULT_RULES)
     assert embed.sharding.spec != ()  # really split (vocab 64 over tensor, width 32 over fsdp)
-    for p, s in zip(jax.tree.leaves(tr.params), jax.tree.leaves(tr.param_sh)):
+    for p, s in zip(jax.tree.leaves(state.params), jax.tree.leaves(run.state_sh.params)):
         assert p.sharding == s
-    mu = [x for x in jax.tree.leaves(tr.opt_state) if x.shape == embed.shape]
+    mu = [x for x in jax.tree.leaves(state.opt_state) if x.shape == embed.shape]
     assert mu and all(x.sharding == embed.sharding for x in mu)  # optimizer moments sharded like their params
-    (teacher,) = tr.teachers.values()
+    (teacher,) = run.teachers.values()
     assert len(jax.tree.leaves(teacher.state)[0].sharding.device_set) == 8
+    assert int(state.step) == int(state.data_position) == 3
 
 
 def test_student_is_read_straight_onto_its_shardings(tmp_path):
@@ -101,7 +105,7 @@ def test_student_is_read_straight_onto_its_shardings(tmp_path):
     from opd_jax.config import ModelSpec
     from opd_jax.models import save_model
     from opd_jax.sharding import named_sharding
-    from opd_jax.train import build_student
+    from opd_jax.run import build_student
 
     folder = save_model(init_model(CFG, seed=5), tmp_path / "student")
     mesh = make_mesh((1, 4, 2))

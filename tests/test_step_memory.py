@@ -15,7 +15,8 @@ from flax import nnx
 from opd_jax.config import LossConfig
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.teachers import teacher_scores
-from opd_jax.train_step import teacher_output_kind, train_step
+from opd_jax.losses.registry import estimator_for
+from opd_jax.train_step import StepSpec, TrainState, train_step
 
 B, P, N, V = 6, 8, 40, 1000  # B*N*V = 240,000 elements; the largest other array is the 32,000-entry embedding
 CFG = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
@@ -45,7 +46,7 @@ def test_shape_scanner_sees_a_full_logits_array():
 @pytest.mark.parametrize("estimator", ["full", "topk"])
 def test_no_rows_by_tokens_by_vocabulary_array_in_the_step(estimator):
     lc = LossConfig(estimator_type=estimator, kind="reverse_kl", topk=4, seq_chunk=8)
-    assert teacher_output_kind(lc) == "hidden"
+    assert estimator_for(lc).teacher_output == "hidden"
     student = init_model(ModelConfig(**CFG), seed=0)
     graphdef, state = nnx.split(student)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
@@ -58,12 +59,14 @@ def test_no_rows_by_tokens_by_vocabulary_array_in_the_step(estimator):
     batch = {"on": {"tokens": sds((B, P + N), jnp.int32), "prompt_mask": sds((B, P), jnp.int32),
                     "mask": sds((B, N), jnp.int32), "sampler_logprobs": sds((B, N), jnp.float32),
                     "rewards": sds((B,), jnp.float32), "teacher": teacher}}
-    lowered = train_step.lower(graphdef, params, jax.eval_shape(opt.init, params), batch, teacher_w, optimizer=opt,
-                               lc=lc, prompt_len=P, group_size=1, temperature=0.8, routes=routes)
+    state = TrainState(params, jax.eval_shape(opt.init, params), sds((), jnp.int32), sds((2,), jnp.uint32),
+                       sds((), jnp.int32))
+    spec = StepSpec(lc, prompt_len=P, group_size=1, temperature=0.8, routes=routes)
+    lowered = train_step.lower(graphdef, opt, spec, state, batch, teacher_w)
     for text in (lowered.as_text(), lowered.compile().as_text()):
         assert largest(text) < B * N * V / 4  # per-chunk logits are [rows, 8, V]
     # the teacher side: its forward returns hidden states, not logits
     tg, tstate = nnx.split(init_model(ModelConfig(**CFG), seed=1))
     scored = teacher_scores.lower(tg, tstate, sds((B, P + N), jnp.int32), sds((B, P + N), jnp.int32), prompt_len=P,
-                                  temperature=0.8, what=teacher_output_kind(lc))
+                                  temperature=0.8, what=estimator_for(lc).teacher_output)
     assert largest(scored.compile().as_text()) < B * N * V / 4

@@ -34,9 +34,15 @@ def _recipe(path: Path, tmp_path: Path) -> Path:
     return out
 
 
-def test_every_recipe_is_checked():
+def test_every_recipe_is_a_valid_config_that_names_its_chips(tmp_path):
+    """Every recipe in configs/recipes (each one is then planned below) passes the config's validation
+    and names its mesh sizes and chip memory, which the fit check needs."""
     assert {p.name for p in RECIPES} >= {"qwen3_1p7b_from_8b.yaml", "qwen3_1p7b_from_8b_full.yaml",
                                          "mopd_4_teachers.yaml"}
+    for recipe in RECIPES:
+        cfg = load_config(_recipe(recipe, tmp_path))
+        assert cfg.mesh.device_memory_gb and min(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) >= 1, recipe.name
+        assert cfg.teachers and set(cfg.routing.values()) <= {t.name for t in cfg.teachers}, recipe.name
 
 
 @pytest.mark.slow

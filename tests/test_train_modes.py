@@ -21,9 +21,10 @@ import opd_jax
 from opd_jax import losses as L
 from opd_jax.config import load_config
 from opd_jax.models import ModelConfig, init_model, save_model
-from opd_jax.train import Trainer
+from opd_jax.run import build_run
 
-from test_train import TINY, tiny_overrides
+from conftest import TINY, char_tokenizer_dir, host, rigged_model, tiny_overrides
+from conftest import run_steps as loop_steps
 
 DOMAINS = ("addition", "reverse", "sort")
 
@@ -44,6 +45,7 @@ def teachers(tmp_path_factory):
     root = tmp_path_factory.mktemp("mode_models")
     out = {name: random_model(root / name, seed) for name, seed in (("student", 10), ("t1", 11))}
     out["wide"] = random_model(root / "wide", 12, hidden_size=64, intermediate_size=96)
+    out["tokenizer"] = char_tokenizer_dir(root / "tokenizer")  # the folders are saved without one
     return out
 
 
@@ -56,15 +58,11 @@ def teacher_models(teachers):
 def make_trainer(tmp_path, teachers, routing=None, **extra):
     routing = routing or {d: "t1" for d in DOMAINS}
     used = sorted(set(routing.values()))
-    over = {"student.path": str(teachers["student"]), "train.steps": 4, "train.eval_every": 100, "train.checkpoint_every": 100,
+    over = {"student.path": str(teachers["student"]), "data.tokenizer": str(teachers["tokenizer"]), "train.steps": 4, "train.eval_every": 100, "train.checkpoint_every": 100,
             "optim.name": "sgd", "optim.lr": 1.0, "optim.momentum": 0.0, "optim.clip_norm": 0.0,
             "teachers": "[" + ", ".join(f"{{name: {n}, path: {teachers[n]}}}" for n in used) + "]",
             "routing": "{" + ", ".join(f"{d}: {t}" for d, t in routing.items()) + "}", **extra}
-    return Trainer(load_config(None, tiny_overrides(tmp_path / "run", **over)))
-
-
-def host(tree):
-    return jax.tree.map(lambda x: np.asarray(x).copy(), tree)
+    return build_run(load_config(None, tiny_overrides(tmp_path / "run", **over)))
 
 
 def completion_logits(model, tokens, full_mask, prompt_len):
@@ -141,8 +139,8 @@ class Ref:
 def on_policy_rows(tr, step):
     """The trainer's own rollout for `step` on host, and each row's domain (from the examples)."""
     examples = tr.source.batch(step, tr.cfg.data.per_domain)
-    rep = [e for e in examples for _ in range(tr.cfg.data.group_size)]
-    batch, _, rewards = tr.on_policy_batch(step, examples)
+    key = jax.random.fold_in(tr.init.key(), step)
+    batch, rep, _, rewards = tr.rollouts.on_policy(tr.init.params, examples, key)
     b = {k: np.asarray(batch[k]) for k in ("tokens", "prompt_mask", "mask", "sampler_logprobs")}
     b["full_mask"] = np.concatenate([b["prompt_mask"], b["mask"]], 1)
     b["rewards"] = np.asarray(rewards, np.float32)
@@ -151,10 +149,10 @@ def on_policy_rows(tr, step):
 
 
 def run_steps(tr, n):
-    """n steps through the trainer's own loop -> (params before, params after, last record)."""
-    p0 = host(tr.params)
-    rec = tr.run(stop_after=n)
-    return p0, host(tr.params), rec
+    """n steps through the library's own loop -> (params before, params after, last record)."""
+    p0 = host(tr.init.params)
+    state, rec = loop_steps(tr, n)
+    return p0, host(state.params), rec
 
 
 def assert_step_is_gradient(p0, p1, grads, lr=1.0):
@@ -292,10 +290,10 @@ def test_micro_batch_sizes_that_cannot_split_the_rows_are_refused(tmp_path, teac
 @pytest.mark.parametrize("mode", ["mix", "replace"])
 def test_rl_plus_opd_step_uses_rewards_and_the_opd_advantage(tmp_path, teachers, teacher_models, monkeypatch, mode):
     """Rewards are fixed per row (a random student earns none), so the GRPO part is not zero."""
-    import opd_jax.train as train_mod
+    import opd_jax.rollouts as rollouts_mod
 
     fixed = lambda examples, texts, verifiers=None: np.array([float(i % 3 == 0) for i in range(len(examples))], np.float32)  # noqa: E731
-    monkeypatch.setattr(train_mod, "rewards_for", fixed)
+    monkeypatch.setattr(rollouts_mod, "rewards_for", fixed)
     tr = make_trainer(tmp_path, teachers, **{"loss.estimator_type": "sampled", "loss.kind": "reverse_kl",
                                              "loss.rl_alpha": 0.4, "loss.rl_mode": mode})
     ref = Ref(tr, teacher_models)
@@ -396,40 +394,27 @@ def test_effopd_guard_keeps_a_jump_that_lowers_the_probe_divergence(tmp_path, te
 
     from opd_jax.optim import find_state
 
+    from opd_jax.train import restore_run_params, train
+
     common = {"loss.estimator_type": "full", "loss.kind": "forward_kl", "optim.lr": 0.05, "optim.effopd_window": 1,
-              "optim.effopd_alpha_max": 1.0, "optim.effopd_min_cos": -1.0, "optim.effopd_probe_per_domain": 2}
-    plain = make_trainer(tmp_path / "effopd", teachers, **common)
-    plain.run(stop_after=3)
+              "optim.effopd_alpha_max": 1.0, "optim.effopd_min_cos": -1.0, "optim.effopd_probe_per_domain": 2,
+              "train.steps": 3, "train.checkpoint_every": 3}
+    plain, _ = loop_steps(make_trainer(tmp_path / "effopd", teachers, **common), 3)
     assert float(find_state(plain.opt_state).alpha) > 0.5  # the transform really extrapolated
-    guarded = make_trainer(tmp_path / "guarded", teachers, **common, **{"optim.effopd_guard": "true"})
-    guarded.run(stop_after=3)
+    guarded = make_trainer(tmp_path / "guarded", teachers, **common, **{"optim.effopd_guard": "true"}).cfg
+    train(guarded)
     recs = [json.loads(x) for x in (tmp_path / "guarded" / "run" / "metrics.jsonl").read_text().splitlines()]
     jumps = [r for r in recs if "effopd/rolled_back" in r]
     assert [r["step"] for r in jumps] == [2, 3]
     for r in jumps:
         assert r["effopd/alpha"] > 0.5 and r["effopd/rolled_back"] == 0.0
         assert r["effopd/probe_after"] < r["effopd/probe_before"]
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(host(plain.params)), jax.tree.leaves(host(guarded.params))):
+    after = restore_run_params(guarded.train.out_dir)[1]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(host(plain.params)), jax.tree.leaves(host(after))):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 # ------------------------------------------------------------------------------------------ known answers
-
-def rigged_model(table: dict[int, int], vocab=64, margin=10.0):
-    """A one-layer model whose greedy next token is table[current token] (a bigram lookup): attention and
-    MLP outputs are zeroed, the embedding is the identity, and the head puts `margin` on the table's entry."""
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=vocab, intermediate_size=32, num_layers=1, num_heads=2,
-                      num_kv_heads=1, head_dim=16, max_position_embeddings=128)
-    model = init_model(cfg, seed=0)
-    model.layers.wo[...] = jnp.zeros_like(model.layers.wo[...])
-    model.layers.w_down[...] = jnp.zeros_like(model.layers.w_down[...])
-    model.embed[...] = jnp.eye(vocab)
-    head = np.zeros((vocab, vocab), np.float32)
-    for src, dst in table.items():
-        head[src, dst] = margin
-    model.lm_head[...] = jnp.asarray(head)
-    return model
-
 
 @pytest.fixture(scope="module")
 def answer_42(tmp_path_factory):
@@ -486,17 +471,18 @@ def test_trainer_rewards_and_evaluation_on_a_rigged_student(tmp_path, teachers, 
     data.write_text("\n".join(json.dumps(r) for r in [{"prompt": "add:40+2=", "domain": "right", "answer": "42"},
                                                        {"prompt": "x=", "domain": "wrong", "answer": "7"},
                                                        {"prompt": "y=", "domain": "mathy", "answer": "42.0"}]))
-    tr = Trainer(load_config(None, tiny_overrides(tmp_path / "run", **{
+    tr = build_run(load_config(None, tiny_overrides(tmp_path / "run", **{
         "student.path": str(student), "student.init": "{}", "data.path": str(data), "data.domains": "[]",
+        "data.tokenizer": str(char_tokenizer_dir(tmp_path / "tok")),
         "teachers": f"[{{name: t, path: {student}}}]", "routing": "{right: t, wrong: t, mathy: t}",
         "train.eval_per_domain": 3, "data.max_new_tokens": 5, "data.verifiers": "{mathy: math}"})))
     examples = tr.source.batch(0, tr.cfg.data.per_domain)
-    _, _, rewards = tr.on_policy_batch(0, examples)
+    rewards = tr.rollouts.on_policy(tr.init.params, examples, jax.random.key(0))[3]
     # "42" vs "42.0" is right only by the math verifier the config names for that domain
     want = [0.0 if e.domain == "wrong" else 1.0 for e in examples for _ in range(tr.cfg.data.group_size)]
     np.testing.assert_array_equal(rewards, want)
-    assert tr.evaluate()[0] == {"eval/mathy/accuracy": 1.0, "eval/right/accuracy": 1.0, "eval/wrong/accuracy": 0.0,
-                                "eval/mean/accuracy": 2 / 3}
+    assert tr.rollouts.evaluate(tr.init.params, tr.eval_examples)[0] == {"mathy": 1.0, "right": 1.0, "wrong": 0.0,
+                                                                         "mean": 2 / 3}
 
 
 def test_the_model_folders_generation_config_stop_ids_end_completions(tmp_path):
@@ -514,22 +500,28 @@ def test_the_model_folders_generation_config_stop_ids_end_completions(tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text(json.dumps({"prompt": "add:40+2=", "domain": "math", "answer": "42"}))
 
+    tok_dir = char_tokenizer_dir(tmp_path / "tok")
+
     def trainer(run):
-        return Trainer(load_config(None, tiny_overrides(tmp_path / run, **{
+        return build_run(load_config(None, tiny_overrides(tmp_path / run, **{
             "student.path": str(student), "student.init": "{}", "data.path": str(data), "data.domains": "[]",
+            "data.tokenizer": str(tok_dir),
             "teachers": f"[{{name: t, path: {student}}}]", "routing": "{math: t}", "train.eval_per_domain": 2,
             "data.max_new_tokens": 6})))
 
     def rewards(tr):
-        return tr.on_policy_batch(0, tr.source.batch(0, tr.cfg.data.per_domain))[2]
+        return tr.rollouts.on_policy(tr.init.params, tr.source.batch(0, tr.cfg.data.per_domain), jax.random.key(0))[3]
+
+    def accuracy(tr):
+        return tr.rollouts.evaluate(tr.init.params, tr.eval_examples)[0]["math"]
 
     plain = trainer("plain")
-    assert plain.stop == (tok.eos_token_id,)
-    assert not rewards(plain).any() and plain.evaluate()[0]["eval/math/accuracy"] == 0.0
+    assert plain.rollouts.stop == (tok.eos_token_id,)
+    assert not rewards(plain).any() and accuracy(plain) == 0.0
     (student / "generation_config.json").write_text(json.dumps({"eos_token_id": [i("z"), tok.eos_token_id]}))
     tr = trainer("stops")
-    assert tr.stop == tuple(sorted({i("z"), tok.eos_token_id}))
-    assert rewards(tr).all() and tr.evaluate()[0]["eval/math/accuracy"] == 1.0
+    assert tr.rollouts.stop == tuple(sorted({i("z"), tok.eos_token_id}))
+    assert rewards(tr).all() and accuracy(tr) == 1.0
     for bad, msg in (("{not json", "is not a JSON object"), ('{"eos_token_id": "x"}', "eos_token_id must be")):
         (student / "generation_config.json").write_text(bad)
         with pytest.raises(opd_jax.OpdError, match=msg):

@@ -36,11 +36,28 @@ def run_series(run_dir: str | Path):
     return [(s, restore_run_params(run_dir, s)[1]) for s in steps]
 
 
+def check_same_shapes(p0, p1, before, after):
+    """One-line refusal of two snapshots that are not the same model (names or shapes differ)."""
+    import jax
+
+    a = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(p0)}
+    b = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(p1)}
+    if a.keys() != b.keys():
+        diff = sorted(set(a) ^ set(b))
+        raise OpdError(f"{before} and {after} are different models: {len(diff)} parameter(s) in only one of them, "
+                       f"e.g. {diff[0]}")
+    for name, shape in a.items():
+        if b[name] != shape:
+            raise OpdError(f"{before} and {after} are different models: {name} is {shape} in one and {b[name]} "
+                           "in the other")
+
+
 def analyze(before, after, out: str | Path, *, series: str | None = None, k: int = 8) -> dict:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     p0, p1 = load_params(before), load_params(after)
+    check_same_shapes(p0, p1, before, after)
     report = analyze_update(p0, p1, k=k)
+    out.mkdir(parents=True, exist_ok=True)
     if series:
         snaps = run_series(series)
         report["alignment"] = [{"step": s, **a} for (s, _), a in

@@ -28,13 +28,15 @@ def _logits_fn(hidden, w, temperature):
 
 
 def chunked_divergence(student_hidden, student_w, kind="reverse_kl", *, teacher_hidden=None, teacher_w=None,
-                       teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0, seq_chunk=128, vocab_chunk=None):
+                       teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0, seq_chunk=128, vocab_chunk=None,
+                       ids=None):
     """Exact per-position divergence and argmax agreement, chunk by chunk -> (d [B, T], agree [B, T]).
 
     student_hidden [B, T, D], student_w [D, V]; the teacher as teacher_hidden [B, T, D'] with
     teacher_w [D', V], or as teacher_logits [B, T, V] (any dtype; sliced chunk by chunk).
     d_t = sum_y pi_t(y) f(q_t(y) / pi_t(y)) (differentiable in the student), agree_t = 1 when both
-    argmaxes are equal. Every position is computed; the caller masks.
+    argmaxes are equal. Every position is computed; the caller masks. With `ids` [B, T] also
+    log pi_t(ids_t) [B, T] from the same pass (no gradient): -> (d, agree, token_logprob).
     """
     fd = get_fdiv(kind, beta=beta, alpha=alpha)
     b, t, _ = student_hidden.shape
@@ -49,6 +51,7 @@ def chunked_divergence(student_hidden, student_w, kind="reverse_kl", *, teacher_
         teacher = (_chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c),)
         teacher_w = jax.lax.stop_gradient(teacher_w)
 
+    idc = _chunks(_pad_axis(jnp.zeros((b, t), jnp.int32) if ids is None else ids, 1, c), 1, c)
     if vocab_chunk is None or vocab_chunk >= v:
         def chunk(_, xs):
             s_log = _logits_fn(xs[0], student_w, temperature)
@@ -57,13 +60,14 @@ def chunked_divergence(student_hidden, student_w, kind="reverse_kl", *, teacher_
             lp, lq = jax.nn.log_softmax(s_log, -1), jax.nn.log_softmax(t_log, -1)
             d = jnp.sum(fd.perspective(lp, lq), -1)
             agree = (jnp.argmax(s_log, -1) == jnp.argmax(t_log, -1)).astype(jnp.float32)
-            return None, (d, agree)
+            return None, (d, agree, jnp.take_along_axis(lp, xs[2][..., None], -1)[..., 0])
     else:
         chunk = _vocab_chunked_body(fd, student_w, teacher_w, teacher_logits is not None, v, vocab_chunk,
                                     temperature)
 
-    _, (d, agree) = jax.lax.scan(jax.checkpoint(chunk), None, (sh,) + teacher)
-    return _unchunk(d, b, t), _unchunk(agree, b, t)
+    _, (d, agree, tok) = jax.lax.scan(jax.checkpoint(chunk), None, (sh,) + teacher + (idc,))
+    out = _unchunk(d, b, t), _unchunk(agree, b, t)
+    return out if ids is None else out + (jax.lax.stop_gradient(_unchunk(tok, b, t)),)
 
 
 def _unchunk(x, b, t):
@@ -73,55 +77,67 @@ def _unchunk(x, b, t):
 
 def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", *, teacher_hidden=None,
                             teacher_w=None, teacher_logits=None, beta=0.5, alpha=0.5, temperature=1.0,
-                            normalize="token", seq_chunk=128, vocab_chunk=None):
+                            normalize="token", seq_chunk=128, vocab_chunk=None, ids=None):
     """Masked mean of `chunked_divergence` over mask [B, T] -> (loss, metrics).
 
     Equal in value and gradient to `full_vocab_loss(h @ W, h' @ W', ...)` without any [B, T, V]
-    array. Metrics: divergence, per_token_divergence, top1_agreement, tokens.
+    array. Metrics: divergence, per_token_divergence, top1_agreement, tokens (and token_logprob
+    [B, T], log pi(ids_t), when the sampled `ids` [B, T] are given).
     """
-    d, agree = chunked_divergence(student_hidden, student_w, kind, teacher_hidden=teacher_hidden,
-                                  teacher_w=teacher_w, teacher_logits=teacher_logits, beta=beta, alpha=alpha,
-                                  temperature=temperature, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk)
+    out = chunked_divergence(student_hidden, student_w, kind, teacher_hidden=teacher_hidden,
+                             teacher_w=teacher_w, teacher_logits=teacher_logits, beta=beta, alpha=alpha,
+                             temperature=temperature, seq_chunk=seq_chunk, vocab_chunk=vocab_chunk, ids=ids)
+    d, agree = out[:2]
     loss = masked_mean(d, mask, normalize)
-    return loss, {"divergence": jax.lax.stop_gradient(loss),
-                  "per_token_divergence": jax.lax.stop_gradient(d),
-                  "top1_agreement": jax.lax.stop_gradient(masked_mean(agree, mask)),
-                  "tokens": jnp.sum(mask.astype(jnp.float32))}
+    m = {"divergence": jax.lax.stop_gradient(loss),
+         "per_token_divergence": jax.lax.stop_gradient(d),
+         "top1_agreement": jax.lax.stop_gradient(masked_mean(agree, mask)),
+         "tokens": jnp.sum(mask.astype(jnp.float32))}
+    if ids is not None:
+        m["token_logprob"] = out[2]
+    return loss, m
 
 
 def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask, k, kind="reverse_kl", *,
-                      beta=0.5, alpha=0.5, temperature=1.0, normalize="token", seq_chunk=128):
+                      beta=0.5, alpha=0.5, temperature=1.0, normalize="token", seq_chunk=128, ids=None):
     """`topk_distill_loss` from hidden states, chunk by chunk, so neither model's [B, T, V] logits exist.
 
     Per chunk of positions: q = log_softmax(h' W' / T), its top k (ids i_1..i_k); pi = log_softmax(h W / T);
     both collapsed to k+1 buckets (the k ids and the tail 1 - sum p(i_j)) and
     d_t = sum_b pi_b f(q_b / pi_b) over the buckets. student_hidden [B, T, D], student_w [D, V],
     teacher_hidden [B, T, D'], teacher_w [D', V], mask [B, T] -> (loss, metrics: divergence,
-    per_token_divergence, tail_mass (teacher), student_tail_mass, top1_agreement, tokens).
+    per_token_divergence, tail_mass (teacher), student_tail_mass, top1_agreement, tokens; with the
+    sampled `ids` [B, T] also token_logprob [B, T] = log pi(ids_t), from the same pass).
     """
     fd = get_fdiv(kind, beta=beta, alpha=alpha)
     b, t, _ = student_hidden.shape
     c = min(seq_chunk, t)
     sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)
     th = _chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c)
+    idc = _chunks(_pad_axis(jnp.zeros((b, t), jnp.int32) if ids is None else ids, 1, c), 1, c)
     teacher_w = jax.lax.stop_gradient(teacher_w)
 
     def chunk(_, xs):
         s_log = _logits_fn(xs[0], student_w, temperature)
-        t_lp, ids = jax.lax.top_k(jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1), k)
-        s_at = jnp.take_along_axis(jax.nn.log_softmax(s_log, -1), ids, -1)
+        t_lp, top = jax.lax.top_k(jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1), k)
+        s_lp = jax.nn.log_softmax(s_log, -1)
+        s_at = jnp.take_along_axis(s_lp, top, -1)
         s_b, t_b = topk_buckets(s_at), topk_buckets(t_lp)
         d = jnp.sum(fd.perspective(s_b, t_b), -1)
-        agree = (jnp.argmax(s_log, -1) == ids[..., 0]).astype(jnp.float32)
-        return None, (d, agree, jnp.exp(t_b[..., -1]), jnp.exp(s_b[..., -1]))
+        agree = (jnp.argmax(s_log, -1) == top[..., 0]).astype(jnp.float32)
+        picked = jnp.take_along_axis(s_lp, xs[2][..., None], -1)[..., 0]
+        return None, (d, agree, jnp.exp(t_b[..., -1]), jnp.exp(s_b[..., -1]), picked)
 
-    _, outs = jax.lax.scan(jax.checkpoint(chunk), None, (sh, th))
-    d, agree, t_tail, s_tail = (_unchunk(x, b, t) for x in outs)
+    _, outs = jax.lax.scan(jax.checkpoint(chunk), None, (sh, th, idc))
+    d, agree, t_tail, s_tail, picked = (_unchunk(x, b, t) for x in outs)
     loss = masked_mean(d, mask, normalize)
     sg = jax.lax.stop_gradient
-    return loss, {"divergence": sg(loss), "per_token_divergence": sg(d),
-                  "tail_mass": sg(masked_mean(t_tail, mask)), "student_tail_mass": sg(masked_mean(s_tail, mask)),
-                  "top1_agreement": sg(masked_mean(agree, mask)), "tokens": jnp.sum(mask.astype(jnp.float32))}
+    m = {"divergence": sg(loss), "per_token_divergence": sg(d),
+         "tail_mass": sg(masked_mean(t_tail, mask)), "student_tail_mass": sg(masked_mean(s_tail, mask)),
+         "top1_agreement": sg(masked_mean(agree, mask)), "tokens": jnp.sum(mask.astype(jnp.float32))}
+    if ids is not None:
+        m["token_logprob"] = sg(picked)
+    return loss, m
 
 
 def _vocab_chunked_body(fd, student_w, teacher_w, teacher_is_logits, v, vc, temperature):
@@ -141,7 +157,7 @@ def _vocab_chunked_body(fd, student_w, teacher_w, teacher_is_logits, v, vc, temp
         return s, tt
 
     def body(_, xs):
-        sh, th = xs
+        sh, th, idc = xs
         bc = sh.shape[:2]
 
         def stats(carry, j):  # running log-sum-exp and argmax of both models over vocab slices
@@ -163,7 +179,9 @@ def _vocab_chunked_body(fd, student_w, teacher_w, teacher_is_logits, v, vc, temp
             return total + jnp.sum(fd.perspective(s - s_lse[..., None], tt - t_lse[..., None]), -1), None
 
         d, _ = jax.lax.scan(jax.checkpoint(accumulate), jnp.zeros(bc, jnp.float32), jnp.arange(n_v))
-        return None, (d, (s_arg == t_arg).astype(jnp.float32))
+        picked = jnp.einsum("bcd,dbc->bc", sh, jnp.take(student_w, idc, axis=1),
+                            preferred_element_type=jnp.float32) / temperature - s_lse
+        return None, (d, (s_arg == t_arg).astype(jnp.float32), picked)
 
     return body
 

@@ -49,15 +49,14 @@ def encode_prompts(tokenizer, prompts: list, max_len: int):
 
 
 def encode_pairs(prompter, prompts: list, completions: list[str], max_prompt_len: int, max_new: int):
-    """Prompt + completion token rows [B, P+N] (jax), the prompt mask [B, P] and completion mask [B, N].
-    prompter: a `Prompter` (or a tokenizer: raw prompts); prompts: strings or Examples."""
-    import jax.numpy as jnp
-
+    """Prompt + completion token rows [B, P+N], the prompt mask [B, P] and completion mask [B, N]
+    (numpy int32, on the host: the caller places them). prompter: a `Prompter` (or a tokenizer: raw
+    prompts); prompts: strings or Examples."""
     prompter = prompter if isinstance(prompter, Prompter) else Prompter(prompter)
     tok = prompter.tokenizer
     ids, pmask = prompter.encode(prompts, max_prompt_len)
     ans, amask = encode_answers(tok, completions, max_new, tok.eos_token_id)
-    return jnp.asarray(np.concatenate([ids, ans], 1)), jnp.asarray(pmask), jnp.asarray(amask)
+    return np.concatenate([ids, ans], 1).astype(np.int32), pmask.astype(np.int32), amask
 
 
 def encode_answers(tokenizer, answers: list[str], max_new: int, eos_id: int):

@@ -59,12 +59,15 @@ def _read_arrow(path: Path) -> list:
                 ds = next(iter(ds.values()))
         else:
             import tempfile
+
+            import pyarrow.parquet as pq
+            pq.read_schema(str(path))  # an unreadable file fails here, once, before datasets logs about it
             with tempfile.TemporaryDirectory(prefix="opd-parquet-") as cache:
                 ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True, cache_dir=cache)
     except OpdError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets / pyarrow raise many types for unreadable files
-        raise OpdError(f"{path} could not be read by datasets: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise OpdError(f"{path} could not be read as a dataset: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
     return list(ds)
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from opd_jax.demo import opd_config
-from opd_jax.train import Trainer
+from flax import nnx
+
+from opd_jax.export import restore_run_params
+from opd_jax.train import train
 
 
 def run_arm(prep, out_dir, *, steps: int, seed: int, **sections) -> dict:
@@ -25,10 +28,10 @@ def run_arm(prep, out_dir, *, steps: int, seed: int, **sections) -> dict:
     sections = {"train": {"progress": False, "eval_every": max(steps // 6, 1), "log_every": 1, **sections.get("train", {})},
                 **{k: v for k, v in sections.items() if k != "train"}}
     cfg = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
-    trainer = Trainer(cfg)
-    trainer.run()
+    train(cfg)
+    graphdef, params, _ = restore_run_params(out_dir)
     recs = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"trainer": trainer, "accuracy": prep["accuracy"](trainer.model()),
+    return {"params": params, "accuracy": prep["accuracy"](nnx.merge(graphdef, params)),
             "divergence": [r.get("on_policy/divergence", np.nan) for r in recs],
             "reward": [r.get("reward", np.nan) for r in recs],
             "eval": [(r["step"], r["eval/mean/accuracy"]) for r in recs if "eval/mean/accuracy" in r],

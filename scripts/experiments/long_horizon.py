@@ -41,7 +41,8 @@ from opd_jax.evaluate import greedy_accuracy
 from opd_jax.models import ModelConfig, init_model, load_model, save_model
 from opd_jax.sft import sft_train
 from opd_jax.tasks import PromptSource, build_char_tokenizer, verifiers_for
-from opd_jax.train import Trainer
+from opd_jax.export import load_run_model
+from opd_jax.train import train
 
 DOMAIN = "carry"
 TEACHER = dict(vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -163,9 +164,8 @@ def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float, warm
                   lr=lr, max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, warmup=warmup)
         return model, time.time() - t0
     cfg = config(prep, out_dir, steps=steps, seed=seed, lr=lr, loss=ARMS[arm], warmup=warmup)
-    trainer = Trainer(cfg)
-    trainer.run()
-    return trainer.model(), time.time() - t0
+    train(cfg)
+    return load_run_model(out_dir), time.time() - t0
 
 
 def diagnose(prep, model, n: int = 256, seed: int = 5) -> dict:

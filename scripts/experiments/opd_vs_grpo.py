@@ -76,7 +76,7 @@ def main():
             optim = {"lr": args.grpo_lr} if arm in ("grpo", "opd_same_lr") else {}
             r = run_arm(prep, work / f"{arm}_s{seed}", steps=args.steps, seed=seed, optim=optim,
                         train={"checkpoint_every": every, "keep_checkpoints": 11}, **sections)
-            p1 = r["trainer"].params
+            p1 = r["params"]
             rep = analyze_update(p0, p1)
             rep_bf16 = analyze_update(p0, p1, dtype="bfloat16")
             series = run_series(work / f"{arm}_s{seed}")

@@ -101,7 +101,7 @@ def part_sparse(prep, work, steps, seeds, res, name="sparse", student=None, opti
     p0 = jax.tree.map(np.asarray, load_params(prep["student"]))  # the start every arm shares
     for seed in seeds:
         full = run_arm(prep, work / f"{name}_full_s{seed}", steps=steps, seed=seed, **base)
-        p1 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), full["trainer"].params)
+        p1 = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), full["params"])
         delta = jax.tree.map(lambda a, b: b.astype(np.float32) - a.astype(b.dtype).astype(np.float32), p0, p1)
         full_gain = full["accuracy"]["mean"] - before
         div0 = float(np.mean(full["divergence"][:5]))

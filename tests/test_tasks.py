@@ -1,4 +1,4 @@
-"""Tasks, prompt files, tokenizer and the config tree."""
+"""Built-in tasks, prompt files and the character tokenizer."""
 
 import re
 
@@ -6,7 +6,6 @@ import pytest
 import transformers
 
 from opd_jax import OpdError
-from opd_jax.config import load_config
 from opd_jax.tasks import (DOMAINS, PromptSource, build_char_tokenizer, encode_prompts, load_records, load_tokenizer,
                            reward)
 
@@ -64,49 +63,6 @@ def test_tokenizer_round_trips_through_transformers(tmp_path):
     assert out.shape == (2, 12) and mask[0].tolist() == [0] * 3 + [1] * 9 and out[0, 3] == 1
     with pytest.raises(OpdError, match="exceeds data.max_prompt_len=5"):
         encode_prompts(tok, ["add:1+2="], 5)
-
-
-def test_config_yaml_overrides_and_errors(tmp_path):
-    y = tmp_path / "c.yaml"
-    y.write_text("optim:\n  lr: 0.01\n  name: sgd\ndata:\n  domains: [addition, sort]\nrouting: {addition: t}\n"
-                 "teachers:\n  - {name: t, path: self}\n")
-    cfg = load_config(y, ["optim.lr=3e-4", "train.steps=7", "train.progress=false"])
-    assert cfg.optim.lr == 3e-4 and cfg.optim.name == "sgd" and cfg.train.steps == 7 and cfg.train.progress is False
-    assert cfg.data.domains == ("addition", "sort") and cfg.teachers[0].path == "self"
-    with pytest.raises(OpdError, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?"):
-        load_config(y, ["optim.lrr=1"])
-    with pytest.raises(OpdError, match="did you mean 'train'"):
-        load_config(None, ["trian.steps=1"])
-    with pytest.raises(OpdError, match="train.steps: expected int"):
-        load_config(None, ["train.steps=many"])
-    with pytest.raises(OpdError, match="does not exist"):
-        load_config(tmp_path / "missing.yaml")
-    with pytest.raises(OpdError, match=r"teachers\[0\].pth"):
-        load_config(None, ["teachers=[{name: a, pth: b}]"])
-
-
-def test_train_cli_multihost_flags_fill_the_distributed_section(monkeypatch):
-    import opd_jax.train
-    from opd_jax.cli import main
-
-    seen = {}
-    monkeypatch.setattr(opd_jax.train, "train", lambda cfg, resume=False: seen.setdefault("cfg", cfg) and {})
-    assert main(["train", "--coordinator", "10.0.0.2:1234", "--num-processes", "4", "--process-id", "3",
-                 "train.steps=5"]) == 0
-    d = seen["cfg"].distributed
-    assert (d.coordinator, d.num_processes, d.process_id, seen["cfg"].train.steps) == ("10.0.0.2:1234", 4, 3, 5)
-
-
-def test_distributed_start_needs_all_three_settings(monkeypatch):
-    from opd_jax import OpdError
-    from opd_jax.config import DistributedConfig
-    from opd_jax.distributed import initialize
-
-    for k in ("OPD_JAX_COORDINATOR", "OPD_JAX_NUM_PROCESSES", "OPD_JAX_PROCESS_ID"):
-        monkeypatch.delenv(k, raising=False)
-    with pytest.raises(OpdError, match="num_processes and distributed.process_id"):
-        initialize(DistributedConfig(coordinator="127.0.0.1:1"))
-    assert initialize(DistributedConfig()) is False  # one process, not on a TPU VM: nothing to start
 
 
 def test_carry_domain_writes_every_digit_step_and_scores_the_final_sum():

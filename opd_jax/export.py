@@ -1,0 +1,93 @@
+"""A run's checkpoint out of the run folder: its parameters, or the student as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from opd_jax import checkpoint as ckpt
+from opd_jax.errors import OpdError
+
+
+def _run_config(run_dir: Path):
+    from opd_jax.config import load_config
+
+    if not run_dir.exists():
+        raise OpdError(f"run folder {run_dir} does not exist")
+    if not (run_dir / "config.yaml").exists():
+        raise OpdError(f"{run_dir} is not a run folder (no config.yaml)")
+    return load_config(run_dir / "config.yaml")
+
+
+def restore_run_params(run_dir: str | Path, step: int | None = None):
+    """(model graphdef, pure-dict params, step) of a run's checkpoint (the newest readable one when
+    step is None)."""
+    from opd_jax.optim import make_optimizer
+    from opd_jax.run import build_student
+    from opd_jax.train_step import new_state
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    student = build_student(cfg.student, cfg.train.seed)
+    graphdef, state = nnx.split(student)
+    params = nnx.to_pure_dict(state)
+    if not (run_dir / "checkpoints").is_dir():
+        raise OpdError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    mgr = ckpt.manager(run_dir / "checkpoints")
+    opt = make_optimizer(cfg.optim, cfg.train.steps, params)
+    like = new_state(params, opt.init(params), jax.random.key(cfg.train.seed))._asdict()
+    restored = ckpt.restore_latest(mgr, like, step=step)
+    if restored is None:
+        raise OpdError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    return graphdef, restored[1]["params"], int(restored[0])
+
+
+def _protected(run_dir: Path, cfg) -> list[Path]:
+    """Folders an export must never write into: the run folder and the run's own inputs."""
+    paths = [run_dir, cfg.student.path, cfg.data.tokenizer] + [t.path for t in cfg.teachers if t.path != "self"]
+    return [Path(p).resolve() for p in paths if p]
+
+
+def check_export_target(out: Path, run_dir: Path, cfg, force: bool):
+    """One-line refusals: `out` is a file, one of the run's own folders (even with force), or an
+    existing non-empty folder (unless force)."""
+    target = out.resolve()
+    for p in _protected(run_dir, cfg) + [(run_dir / "checkpoints").resolve()]:
+        if target == p or (p.name == "checkpoints" and target.is_relative_to(p)):
+            raise OpdError(f"--out {out} is one of the run's own folders ({p}); export to a new folder")
+    if out.exists() and not out.is_dir():
+        raise OpdError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OpdError(f"--out {out} already holds files; pass --force to overwrite them or choose a new folder")
+
+
+def export_student(run_dir: str | Path, out: str | Path, *, step: int | None = None, force: bool = False) -> Path:
+    """Write a checkpoint's student (the newest readable one, or `step`) as a Hugging Face folder, with
+    the run's tokenizer and stop ids. Never overwrites an existing non-empty folder unless `force`,
+    and never the run's own folders."""
+    from opd_jax.models import save_model
+    from opd_jax.tasks import load_tokenizer
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = _run_config(run_dir)
+    check_export_target(out, run_dir, cfg, force)
+    graphdef, params, step = restore_run_params(run_dir, step)
+    path = Path(save_model(nnx.merge(graphdef, params), out))
+    student_dir = Path(cfg.student.path) if cfg.student.path else None
+    tok_dir = next((d for d in (run_dir / "tokenizer", cfg.data.tokenizer and Path(cfg.data.tokenizer), student_dir)
+                    if d and (Path(d) / "tokenizer.json").exists()), None)
+    if tok_dir is not None:  # the tokenizer the run used
+        load_tokenizer(tok_dir).save_pretrained(path)
+    if student_dir is not None and (student_dir / "generation_config.json").exists():  # its stop ids
+        (path / "generation_config.json").write_text((student_dir / "generation_config.json").read_text())
+    (path / "opd_jax_step.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+def load_run_model(run_dir: str | Path, step: int | None = None):
+    """The student of a run's checkpoint (the newest readable one, or `step`) as an nnx model."""
+    graphdef, params, _ = restore_run_params(run_dir, step)
+    return nnx.merge(graphdef, params)

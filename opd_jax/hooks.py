@@ -1,0 +1,167 @@
+"""What happens around each update, as hooks the loop calls in order after every step.
+
+A hook is an object with `after_step(ctx)` (and optionally `close()`); it reads the `StepContext`
+and may set `ctx.state` (the EffOPD guard), add to `ctx.record` (what a log step writes) or set
+`ctx.stop`. Only log steps read anything back from the devices; the other steps stay asynchronous.
+
+    SkipCounter   reads the on-device skip flags at log and checkpoint steps; stops a run after
+                  train.max_skipped skipped updates in a row
+    Logger        log steps: loss, metrics, phase times, tokens/s, rewards; eval steps: greedy
+                  accuracy and samples.jsonl; metrics.jsonl and TensorBoard
+    Progress      the progress bar
+    Checkpoints   saves the TrainState every train.checkpoint_every steps, at the end, and on SIGTERM
+                  (then stops the run cleanly)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from opd_jax import checkpoint as ckpt
+from opd_jax.errors import OpdError
+
+
+@dataclass
+class StepContext:
+    step: int  # the step just taken (0-based); done = step + 1 updates have run
+    state: object  # TrainState after the update (a hook may replace it)
+    batch: object  # rollouts.Batch
+    metrics: dict  # the update's metrics, on device
+    timer: object  # timing.PhaseTimer (records only on log steps)
+    log: bool
+    evaluating: bool
+    record: dict = field(default_factory=dict)
+    stop: bool = False
+
+    @property
+    def done(self) -> int:
+        return self.step + 1
+
+
+class SkipCounter:
+    """Skipped updates (non-finite or absurd; decided on device) counted without a host round-trip
+    per step: flags are read at log steps and before every checkpoint."""
+
+    def __init__(self, max_skipped: int):
+        self.max_skipped = max_skipped
+        self.unread = []  # (step, loss, skipped flag) on device
+        self.in_a_row = 0
+
+    def after_step(self, ctx: StepContext):
+        self.unread.append((ctx.done, ctx.metrics["loss"], ctx.metrics["skipped"], ctx.metrics["update_ratio"]))
+        if ctx.log:
+            ctx.record["skipped_steps"] = float(self.flush())
+
+    def flush(self) -> int:
+        """Read the flags since the last read (one round-trip for all); raise after max_skipped in a
+        row. -> skipped steps read."""
+        flags = [(s, float(loss), float(skip), float(ratio)) for s, loss, skip, ratio in self.unread]
+        self.unread = []
+        for s, loss, skip, ratio in flags:
+            self.in_a_row = self.in_a_row + 1 if skip else 0
+            if self.in_a_row >= self.max_skipped:
+                why = (f"loss is {loss}" if not np.isfinite(loss) else
+                       f"the update multiplied the parameters' norm by {ratio:.3g}" if np.isfinite(ratio) else
+                       "the gradient or the update is not finite")
+                raise OpdError(f"{why} at step {s} ({self.in_a_row} skipped step(s) in a row, "
+                               f"train.max_skipped={self.max_skipped}); stopped, and no such update was applied "
+                               "(the last checkpoint is intact): lower optim.lr or check the teachers' outputs")
+        return int(sum(f[2] for f in flags))
+
+
+class Logger:
+    """Log steps: one metrics.jsonl record; eval steps add greedy accuracy and write samples.jsonl.
+    Without a writer (or samples writer) the records are only kept (`last`)."""
+
+    def __init__(self, run, writer=None, samples=None):
+        self.run, self.writer, self.samples = run, writer, samples
+        self.last: dict = {}  # the last record written
+
+    def after_step(self, ctx: StepContext):
+        if not ctx.log:
+            return
+        run, rec = self.run, ctx.record
+        rec["loss"] = float(ctx.metrics["loss"])
+        rec.update(ctx.timer.record())
+        arrays = ctx.batch.arrays
+        for k, v in ctx.metrics.items():
+            v = np.asarray(v)
+            if k == "on_policy/row_divergence":
+                for name, sls in run.rows.slices(v.shape[0]).items():
+                    if name:
+                        rec[f"teacher/{name}/divergence"] = float(np.mean(np.concatenate([v[s] for s in sls])))
+            elif v.ndim == 0 and k != "skipped":
+                rec[k] = float(v)
+        rec["tokens_per_s"] = rec.get("on_policy/tokens", 0.0) / rec["time/step"] if "on" in arrays else 0.0
+        if ctx.batch.rewards is not None:
+            rec["reward"] = float(np.mean(ctx.batch.rewards))
+        if ctx.evaluating:
+            acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
+            rec.update({f"eval/{d}/accuracy": v for d, v in acc.items()})
+            # what the student wrote this step (with the teachers' divergence), else its greedy eval answers
+            if self.samples is not None and "on" in arrays:
+                self.samples.write(ctx.done, sample_rows(run.prompter, "on_policy", ctx.batch.examples, ctx.batch.texts,
+                                                         ctx.batch.rewards, ctx.metrics["on_policy/row_divergence"]))
+            elif self.samples is not None:
+                self.samples.write(ctx.done, sample_rows(run.prompter, "greedy_eval", run.eval_examples, texts, rewards))
+        if self.writer is not None:
+            self.writer.write(ctx.done, rec)
+        self.last = rec
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def sample_rows(prompter, source, examples, texts, rewards, divergence=None) -> list[dict]:
+    """samples.jsonl lines: the rendered prompt exactly as tokenized, the completion, its reward and
+    the mean per-token teacher divergence of the sample (None where no teacher scored it)."""
+    div = [None] * len(texts) if divergence is None else [float(d) for d in np.asarray(divergence)]
+    return [{"source": source, "domain": ex.domain, "prompt": prompter.text(ex), "completion": t,
+             "answer": ex.answer, "reward": float(r), "divergence": d}
+            for ex, t, r, d in zip(examples, texts, rewards, div)]
+
+
+class Progress:
+    """A tqdm bar (process 0), with loss, divergence, tokens/s, reward and accuracy at log steps."""
+
+    def __init__(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, initial=initial, desc="opd", dynamic_ncols=True)
+
+    def after_step(self, ctx: StepContext):
+        self.bar.update(1)
+        rec = ctx.record
+        if "loss" not in rec:
+            return
+        div = next((v for k, v in rec.items() if k.endswith("policy/divergence")), float("nan"))
+        post = {"loss": f"{rec['loss']:.4f}", "div": f"{div:.4f}", "tok/s": f"{rec.get('tokens_per_s', 0):.0f}"}
+        if "reward" in rec:
+            post["reward"] = f"{rec['reward']:.2f}"
+        if "eval/mean/accuracy" in rec:
+            post["acc"] = f"{rec['eval/mean/accuracy']:.2f}"
+        self.bar.set_postfix(post)
+
+    def close(self):
+        self.bar.close()
+
+
+class Checkpoints:
+    """Saves the TrainState (the checkpoint is exactly the state) every `every` steps, at the last
+    step and when `preemption` reports SIGTERM (then stops the run: the process exits 0 and
+    --resume continues bit-exactly). Skip flags are read first: a run that should have stopped is
+    never saved."""
+
+    def __init__(self, mgr, every: int, last: int, preemption, skips: SkipCounter):
+        self.mgr, self.every, self.last, self.preemption, self.skips = mgr, every, last, preemption, skips
+
+    def after_step(self, ctx: StepContext):
+        stop = self.preemption.reached(ctx.done)
+        if ctx.done % self.every == 0 or ctx.done == self.last or stop:
+            self.skips.flush()
+            ckpt.save(self.mgr, ctx.done, ctx.state._asdict())
+        if stop:
+            print(f"opd-jax: preempted (SIGTERM): saved step {ctx.done}; continue with --resume", flush=True)
+            ctx.stop = True

@@ -1,0 +1,153 @@
+"""`Rollouts.collect(step, state) -> Batch`: a step's data, sampled by the student and scored by its teachers.
+
+On-policy part: each prompt of the step repeated `group_size` times (a prompt's samples are
+contiguous), completions sampled from the current student with the per-step key
+fold_in(state.rng, step), rewards from the domains' verifiers when anything reads them, then each
+teacher scores its rows (`RowLayout.groups`) and hands over what the estimator needs (hidden states
+or sampled-token log-probs). Off-policy part (GKD, loss.lam < 1): the dataset answers, scored the
+same way. The EffOPD probe and evaluation sample through the same object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import distributed as dist
+from opd_jax import sharding as shd
+from opd_jax.errors import OpdError
+from opd_jax.evaluate import decode_completions, per_domain, rewards_for, sample_completions
+from opd_jax.layout import RowLayout
+from opd_jax.sampling import generate
+from opd_jax.tasks import encode_pairs
+from opd_jax.teachers import score_batch
+from opd_jax.timing import NO_TIMER, PhaseTimer
+
+PROBE_STREAM, EVAL_STREAM = 2, 1  # prompt streams held out from training (stream 0)
+
+
+@dataclass
+class Batch:
+    """arrays: {"on": part, "off": part} for the update (`train_step` docstring); examples: the
+    on-policy rows' prompts (repeated per sample); texts / rewards: their decoded completions and
+    verifier rewards (None when nothing read them this step)."""
+
+    arrays: dict
+    examples: list = field(default_factory=list)
+    texts: list | None = None
+    rewards: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    cfg: object
+    graphdef: object
+    mesh: object
+    rules: dict
+    rows: RowLayout
+    prompter: object
+    stop: tuple
+    verifiers: dict
+    teachers: dict
+    estimator: object
+    source: object
+
+    # ---------------------------------------------------------------- pieces
+    def _global(self, x):
+        """Host data (every process knows all of it) -> a global array with rows over the batch axes."""
+        x = np.asarray(x)
+        return dist.to_global(x, shd.rows_sharding(x.shape[0], x.ndim, self.mesh, self.rules))
+
+    def sample(self, params, ids, pmask, key, *, temperature=None):
+        """Completions of encoded prompts ids / pmask [B, P] from `params` (data settings; temperature
+        0 is greedy). -> sampling.Rollout."""
+        from flax import nnx
+
+        dc = self.cfg.data
+        t = dc.temperature if temperature is None else temperature
+        return generate(nnx.merge(self.graphdef, params), ids, pmask, key=key, max_new_tokens=dc.max_new_tokens,
+                        temperature=t, top_k=dc.top_k if t else 0, top_p=dc.top_p if t else 1.0,
+                        eos_id=list(self.stop), pad_id=self.prompter.tokenizer.pad_token_id or 0, mesh=self.mesh,
+                        rules=self.rules)
+
+    def score(self, tokens, prompt_mask, mask, what=None):
+        """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N])."""
+        what = what or self.estimator.teacher_output
+        full_mask = jnp.concatenate([prompt_mask, mask], 1)
+        return score_batch(self.teachers, self.rows.groups(tokens.shape[0]), tokens, full_mask,
+                           prompt_len=self.cfg.data.max_prompt_len, temperature=self.cfg.data.temperature, what=what,
+                           topk=self.cfg.loss.topk)
+
+    def decode(self, tokens, mask) -> list[str]:
+        return decode_completions(self.prompter.tokenizer, dist.to_host(tokens)[:, self.cfg.data.max_prompt_len:],
+                                  dist.to_host(mask), self.stop)
+
+    # ---------------------------------------------------------------- parts
+    def on_policy(self, params, examples, key, *, decode: bool = True, timer: PhaseTimer = NO_TIMER):
+        """The sampled part for `examples` (one per prompt; each repeated group_size times). decode:
+        bring the completions to the host and score them with the verifiers; otherwise texts and
+        rewards are None and nothing waits for the sampler. -> (part, repeated examples, texts, rewards)."""
+        rep = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
+        ids, pmask = self.prompter.encode(rep, self.cfg.data.max_prompt_len)
+        timer.mark("host")
+        roll = timer.mark("sample", self.sample(params, ids, pmask, key))
+        texts = rewards = None
+        if decode:
+            texts = self.decode(roll.tokens, roll.mask)
+            rewards = rewards_for(rep, texts, self.verifiers)
+        pmask = self._global(pmask)
+        part = {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask, "sampler_logprobs": roll.logprobs,
+                "rewards": self._global(np.zeros(len(rep), np.float32) if rewards is None else rewards)}
+        timer.mark("host")
+        part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask)) if self.teachers
+                           else self._global(np.zeros(roll.mask.shape, np.float32)))
+        return part, rep, texts, rewards
+
+    def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER) -> dict:
+        """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers."""
+        if any(e.answer is None for e in examples):
+            raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
+        dc = self.cfg.data
+        tokens, pmask, amask = (self._global(x) for x in encode_pairs(
+            self.prompter, examples, [e.answer for e in examples], dc.max_prompt_len, dc.max_new_tokens))
+        timer.mark("host")
+        teacher = timer.mark("teacher", self.score(tokens, pmask, amask))
+        return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
+
+    def collect(self, step: int, state, *, decode: bool = False, timer: PhaseTimer = NO_TIMER) -> Batch:
+        """Step `step`'s batch for the update: its prompts (data position `step`), sampled from
+        state.params with fold_in(state.rng, step), scored by the teachers."""
+        examples = self.source.batch(step, self.cfg.data.per_domain)
+        batch = Batch({})
+        if "on" in self.rows.parts:
+            key = jax.random.fold_in(state.key(), step)
+            batch.arrays["on"], batch.examples, batch.texts, batch.rewards = self.on_policy(
+                state.params, examples, key, decode=decode, timer=timer)
+        if "off" in self.rows.parts:
+            batch.arrays["off"] = self.off_policy(examples, timer=timer)
+        return batch
+
+    # ---------------------------------------------------------------- probe and evaluation
+    def probe_batch(self, params, examples, key) -> dict:
+        """Completions of `examples` (one each) sampled from `params` with `key`, with the teachers'
+        hidden states: the fixed batch the EffOPD guard scores candidate parameters on."""
+        ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
+        roll = self.sample(params, ids, pmask, key)
+        pmask = self._global(pmask)
+        return {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask,
+                "teacher": self.score(roll.tokens, pmask, roll.mask, what="hidden")}
+
+    def evaluate(self, params, examples):
+        """Greedy completions of `examples`, scored by the verifiers -> ({domain: accuracy, "mean"},
+        texts, rewards)."""
+        from flax import nnx
+
+        dc = self.cfg.data
+        texts = sample_completions(nnx.merge(self.graphdef, params), self.prompter, examples,
+                                   max_prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
+                                   mesh=self.mesh, rules=self.rules, stop=self.stop)
+        rewards = rewards_for(examples, texts, self.verifiers)
+        return per_domain(examples, rewards), texts, rewards

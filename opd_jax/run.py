@@ -1,0 +1,160 @@
+"""`build_run(cfg) -> Run`: everything a training run holds fixed, built once, checked before compute.
+
+    Run = mesh and rules (student, teachers) + data (prompt source, tokenizer, prompter, verifiers,
+          eval prompts) + the row layout + models (student graphdef, teachers) + the optimizer +
+          the state's shardings + the compiled update (the very executable the fit check measured)
+          + the rollouts (`opd_jax.rollouts.Rollouts`) + the step-0 `TrainState`.
+
+Order: config and loss checks, distributed runtime, mesh, prompts (template and length errors), the
+fit check (compiles the update from shapes, before any weight is read), then the models. Nothing is
+written to the run folder here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from opd_jax import distributed as dist
+from opd_jax import sharding as shd
+from opd_jax.config import Config, validate
+from opd_jax.errors import OpdError
+from opd_jax.layout import RowLayout
+from opd_jax.losses.registry import estimator_for, needs_teachers
+from opd_jax.models import ModelConfig, init_model, load_model
+from opd_jax.models.transformer import with_runtime
+from opd_jax.optim import make_optimizer
+from opd_jax.rollouts import Rollouts
+from opd_jax.tasks import Prompter, PromptSource, build_char_tokenizer, load_tokenizer, stop_ids, verifiers_for
+from opd_jax.teachers import build_teachers
+from opd_jax.train_step import StepSpec, TrainState, new_state
+
+
+@dataclass(frozen=True)
+class Run:
+    cfg: Config
+    mesh: object
+    rules: dict
+    source: PromptSource
+    rows: RowLayout
+    tokenizer: object
+    prompter: Prompter
+    eval_examples: list
+    graphdef: object
+    teachers: dict
+    teacher_w: dict | None  # hidden-state estimators: each teacher's output matrix, placed as the update expects
+    optimizer: object
+    state_sh: TrainState  # shardings of the TrainState
+    spec: StepSpec
+    update: object  # compiled `update(state, batch, teacher_w) -> (state, metrics)` (train_step.UpdateProgram)
+    rollouts: Rollouts
+    init: TrainState  # the state at step 0 (its buffers are donated to the first update)
+    plan: dict | None  # the fit check's plan (None when the device memory is unknown)
+
+    @property
+    def micro(self) -> int:
+        return self.spec.micro
+
+
+def build_student(spec, seed: int, remat: str = "none", mesh=None, rules=None):
+    """The student model: read from its HF folder (with a mesh, each device receives only its own
+    shard: no full copy on one device) or initialised from `spec.init`."""
+    if spec.path:
+        model = load_model(spec.path, dtype=spec.dtype, mesh=mesh, rules=rules)
+    else:
+        try:
+            cfg = ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **spec.init})
+        except TypeError as e:
+            raise OpdError(f"student.init: {e}") from None
+        model = init_model(cfg, seed)
+    return with_runtime(model, attention=spec.attention, remat=remat)
+
+
+def check_model_folder(path, what: str):
+    """One-line errors for a model path that is missing or is a file."""
+    p = Path(path)
+    if not p.exists():
+        raise OpdError(f"{what} {p} does not exist")
+    if not p.is_dir():
+        raise OpdError(f"{what} {p} is a file; it must be a Hugging Face model folder (config.json + safetensors)")
+
+
+def get_tokenizer(cfg: Config):
+    """data.tokenizer, else the student folder's own tokenizer; the built-in character tokenizer only
+    for a student initialised from `student.init` (never guessed for a model folder)."""
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    if cfg.student.path:
+        folder = Path(cfg.student.path)
+        if not ((folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()):
+            raise OpdError(f"the student folder {folder} has no tokenizer (tokenizer.json); set data.tokenizer to "
+                           "the folder of the tokenizer it was trained with")
+        return load_tokenizer(folder)
+    return build_char_tokenizer(None)
+
+
+def _state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
+    repl = shd.replicated(mesh)
+    return TrainState(param_sh, shd.opt_state_shardings(optimizer, params, param_sh, mesh), repl, repl, repl)
+
+
+def build_run(cfg: Config) -> Run:
+    """Check, build and compile everything a run of `cfg` needs (see the module docstring)."""
+    from opd_jax.plan import check_fits, compile_update_for
+
+    from opd_jax.guard import check_guard
+
+    validate(cfg)
+    est = estimator_for(cfg.loss)
+    check_guard(cfg.optim, needs_teachers(cfg.loss))
+    if cfg.student.path:
+        check_model_folder(cfg.student.path, "student.path")
+    dist.initialize(cfg.distributed)
+    mesh = shd.mesh_from_config(cfg.mesh)
+    rules = shd.rules_named(cfg.mesh.rules)
+    dc, tc = cfg.data, cfg.train
+    source = PromptSource(dc.domains, dc.path, seed=tc.seed)
+    rows = RowLayout.build(source.domains, cfg.routing, dc.per_domain, dc.group_size, cfg.loss.lam)
+    if tc.micro_batch != "auto":
+        rows.check_micro_batch(tc.micro_batch, est.teacher_output == "hidden", cfg.loss.baseline)
+    tokenizer = get_tokenizer(cfg)
+    prompter = Prompter(tokenizer, dc.chat_template, dc.chat_template_kwargs)
+    eval_examples = source.batch(0, tc.eval_per_domain, stream=1)
+    prompter.encode(eval_examples, dc.max_prompt_len)  # template / length errors now, before any compile
+    # the compiled update's memory from shapes only, before any weights are read (resolves micro_batch=auto)
+    micro, plan = check_fits(cfg, mesh=mesh, domains=source.domains)
+    student = build_student(cfg.student, tc.seed, tc.remat, mesh, rules)
+    if student.cfg.vocab_size < len(tokenizer):
+        raise OpdError(f"student vocabulary {student.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    teachers = (build_teachers(cfg.teachers, cfg.routing, source.domains, student, mesh=mesh,
+                               rules=shd.rules_named(cfg.mesh.teacher_rules)) if needs_teachers(cfg.loss) else {})
+    graphdef, state = nnx.split(student)
+    # explicit shardings at the update's boundary: the state in and out alike, so every step reuses one
+    # executable and nothing is resharded between steps
+    param_sh = shd.param_shardings(student, mesh, rules)
+    params = dist.put_global(nnx.to_pure_dict(state), param_sh)
+    optimizer = make_optimizer(cfg.optim, tc.steps, params)
+    state_sh = _state_shardings(optimizer, params, param_sh, mesh)
+    spec = StepSpec.from_config(cfg, rows.routes, micro, shd.layout_fn(mesh, rules))
+    program = plan.get("program") if plan else None
+    if program is None:
+        program = compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rows, mesh)
+    teacher_w = None
+    if teachers and est.teacher_output == "hidden":  # the loss applies each teacher's output matrix
+        teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) for n, t in teachers.items()}
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
+    init = new_state(params, opt_state, jax.random.key(tc.seed))  # host scalars, placed like every process does
+    init = init._replace(**dist.put_global({k: getattr(init, k) for k in ("step", "rng", "data_position")},
+                                           {k: state_sh.step for k in ("step", "rng", "data_position")}))
+    rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
+                        stop=stop_ids(tokenizer, cfg.student.path), verifiers=verifiers_for(dc.verifiers, source.domains),
+                        teachers=teachers, estimator=est, source=source)
+    if plan:
+        plan = {k: v for k, v in plan.items() if k != "program"}
+    return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,
+               eval_examples=eval_examples, graphdef=graphdef, teachers=teachers, teacher_w=teacher_w,
+               optimizer=optimizer, state_sh=state_sh, spec=spec, update=program, rollouts=rollouts, init=init,
+               plan=plan)
