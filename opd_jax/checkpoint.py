@@ -25,8 +25,33 @@ def manager(folder: str | Path, keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(folder).absolute(), options=opts)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: dict):
-    mgr.save(step, args=ocp.args.StandardSave(state))
+SCALARS = ("step", "rng", "data_position")  # saved as host numpy values, identical on every process
+
+
+def saved_form(state) -> dict:
+    """A TrainState as its checkpoint holds it: arrays as they are placed, the replicated scalars (step,
+    RNG key data, data position) as host numpy values, so a checkpoint written by several processes
+    restores on any topology."""
+    import numpy as np
+
+    out = state._asdict()
+    for k in SCALARS:
+        x = out[k]
+        out[k] = np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x)
+    return out
+
+
+def placed_state(cls, restored: dict, shardings):
+    """The TrainState of a restored checkpoint, its host scalars placed like `shardings`' (replicated)."""
+    from opd_jax.distributed import put_global
+
+    scalars = put_global({k: restored[k] for k in SCALARS}, {k: getattr(shardings, k) for k in SCALARS})
+    return cls(**{**restored, **scalars})
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state):
+    """Save a TrainState (or a dict already in `saved_form`) as checkpoint `step`, synchronously."""
+    mgr.save(step, args=ocp.args.StandardSave(state if isinstance(state, dict) else saved_form(state)))
     mgr.wait_until_finished()
 
 

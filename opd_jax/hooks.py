@@ -161,7 +161,7 @@ class Checkpoints:
         stop = self.preemption.reached(ctx.done)
         if ctx.done % self.every == 0 or ctx.done == self.last or stop:
             self.skips.flush()
-            ckpt.save(self.mgr, ctx.done, ctx.state._asdict())
+            ckpt.save(self.mgr, ctx.done, ctx.state)
         if stop:
             print(f"opd-jax: preempted (SIGTERM): saved step {ctx.done}; continue with --resume", flush=True)
             ctx.stop = True

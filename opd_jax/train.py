@@ -21,7 +21,6 @@ import threading
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from opd_jax import checkpoint as ckpt
 from opd_jax import distributed as dist
@@ -65,8 +64,10 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
 def _setup_signal():
     """During setup, SIGTERM ends the process with a one-line message (the loop then installs its
     own handler, which finishes the step in flight and saves it)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
+    from jax._src import distributed
+
+    if threading.current_thread() is not threading.main_thread() or distributed.global_state.client is not None:
+        return None  # several processes: JAX's preemption service owns SIGTERM
 
     def on_term(signum, frame):
         raise OpdError("stopped by SIGTERM during setup, before the first step; no checkpoint was written")
@@ -95,12 +96,13 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
         run = build_run(cfg)
         state, start = run.init, 0
         if resume:
-            restored = ckpt.restore_latest(mgr, run.init._asdict(), step=resume_step)
+            restored = ckpt.restore_latest(mgr, ckpt.saved_form(run.init), step=resume_step)
             start = int(restored[0])
-            state = type(run.init)(**restored[1])
             check_resume_config(out, to_dict(cfg), start)
-            if int(np.asarray(dist.to_host(state.data_position))) != start:
-                raise OpdError(f"checkpoint step {start} is at data position {int(state.data_position)}; they must agree")
+            if int(restored[1]["data_position"]) != start:
+                raise OpdError(f"checkpoint step {start} is at data position {int(restored[1]['data_position'])}; "
+                               "they must agree")
+            state = ckpt.placed_state(type(run.init), restored[1], run.state_sh)
     except BaseException:
         if lock is not None:
             lock.release()
