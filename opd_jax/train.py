@@ -82,9 +82,9 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
     check_writable(out)
     dist.initialize(cfg.distributed)
     created = not out.exists()
-    lock = RunLock(out).acquire() if dist.is_main() else None
-    previous = _setup_signal()
+    previous, lock = _setup_signal(), None
     try:
+        lock = RunLock(out).acquire() if dist.is_main() else None
         mgr = ckpt.manager(out / "checkpoints", cfg.train.keep_checkpoints) if (out / "checkpoints").exists() else None
         if not resume and mgr is not None and mgr.latest_step() is not None:
             raise OpdError(f"{out} already holds checkpoints (step {mgr.latest_step()}); pass --resume to continue "

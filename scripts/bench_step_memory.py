@@ -38,7 +38,8 @@ def main(argv=None):
         recipe.write_text(text)
         print(f"recipe {args.recipe}, {args.devices} devices, layers {args.layers or 'as released'}, "
               f"overrides {args.set or 'none'}")
-        print(f"{'new tokens':>10} {'activations GiB':>16} {'total GiB':>10} {'growth':>7} {'compile s':>9}")
+        print(f"{'new tokens':>10} {'activations GiB':>16} {'arguments GiB':>14} {'total GiB':>10} {'hand total':>10} "
+              f"{'growth':>7} {'compile s':>9}")
         prev = None
         for n in args.new:
             cfg = load_config(recipe, [*args.set, f"data.max_new_tokens={n}"])
@@ -46,8 +47,11 @@ def main(argv=None):
             p = plan(cfg, n_devices=args.devices, compile=True)
             act = p["activation_bytes_per_device"]
             growth = f"{act / prev:.2f}x" if prev else ""
-            print(f"{n:>10} {act / GiB:>16.2f} {p['total_bytes_per_device'] / GiB:>10.2f} {growth:>7} "
-                  f"{time.time() - t0:>9.0f}", flush=True)
+            hand = sum(p[k] for k in ("student_bytes_per_device", "optimizer_bytes_per_device", "teacher_bytes_per_device",
+                                      "kv_cache_bytes_per_device", "teacher_output_bytes_per_device")) + act
+            print(f"{n:>10} {act / GiB:>16.2f} {p['compiled_argument_bytes_per_device'] / GiB:>14.2f} "
+                  f"{p['total_bytes_per_device'] / GiB:>10.2f} {hand / GiB:>10.2f} {growth:>7} {time.time() - t0:>9.0f}",
+                  flush=True)
             prev = act
 
 

@@ -36,7 +36,7 @@ def test_two_processes_equal_one_process_with_eight_devices(tmp_path):
 
     overrides = [o for o in tiny_overrides(tmp_path / "unused", **extra) if not o.startswith("train.out_dir")]
     port, out = _free_port(), tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(out), json.dumps(overrides)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -75,7 +75,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path):
              "mesh.fsdp": 4, "mesh.tensor": 1, "data.per_domain": 4, **random_teacher(tmp_path)}
     overrides = [o for o in tiny_overrides(tmp_path / "unused", **extra) if not o.startswith("train.out_dir")]
     port, out = _free_port(), tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(port), str(out), json.dumps(overrides),
                                "preempt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -87,9 +87,8 @@ def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
     gb = (need[24] + need[16]) / 2 / GiB
     auto = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
                                                                          "mesh.device_memory_gb": gb}))
-    micro, p = fit_micro_batch(auto, 8)
-    assert micro == 16 and p["total_bytes_per_device"] == need[16]
-    assert build_run(auto).micro == 16
+    run = build_run(auto)  # its fit check tries all rows, 24, then 16, and runs the one that fits
+    assert run.micro == 16 and run.plan["total_bytes_per_device"] == need[16]
     tight = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
                                                                           "mesh.device_memory_gb": need[8] / 2 / GiB}))
     with pytest.raises(OpdError, match=r"train\.micro_batch \(now 8 of 48 rows"):

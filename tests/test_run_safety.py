@@ -256,15 +256,17 @@ def test_analyze_refuses_models_of_different_shapes_and_writes_nothing(tmp_path,
 
 def test_an_absurd_update_is_skipped_and_never_reaches_a_checkpoint(tmp_path):
     """optim.lr=1e30 (AdamW): the gradients are finite but the update is not, so it is skipped on device
-    like a non-finite gradient; the run stops after train.max_skipped of them and the checkpoint holds
-    the step-0 weights (before, the first update was applied and saved)."""
+    like a non-finite gradient (even with the norm-ratio check off); the run stops after
+    train.max_skipped of them and the checkpoint holds the step-0 weights (before, the first update was
+    applied and saved)."""
     from flax import nnx
 
     from opd_jax.run import build_student
 
     out = tmp_path / "r"
     cfg = load_config(None, tiny_overrides(out, **{"optim.lr": 1e30, "train.checkpoint_every": 1,
-                                                  "train.max_skipped": 2, **random_teacher(tmp_path)}))
+                                                  "train.max_skipped": 2, "train.max_update_ratio": 0,
+                                                  **random_teacher(tmp_path)}))  # the norm-ratio check off
     with pytest.raises(OpdError, match=r"the gradient or the update is not finite at step 2 \(2 skipped"):
         train(cfg)
     p0 = nnx.to_pure_dict(nnx.state(build_student(cfg.student, cfg.train.seed)))
@@ -314,3 +316,26 @@ def test_an_update_that_multiplies_the_parameter_norm_is_skipped(ratio):
         assert float(m["skipped"]) == 0.0
         assert float(m["update_ratio"]) == pytest.approx(norm(p1) / norm(p0), rel=1e-4) and norm(p1) > 2 * norm(p0)
     assert int(new.step) == 1 and int(new.data_position) == 1
+
+
+def test_sigterm_during_setup_exits_with_one_line_and_leaves_nothing(tmp_path):
+    """A preemption notice before the first step (while the run is being built): one line on stderr,
+    exit 2, and the run folder it had just created is gone again."""
+    out = tmp_path / "r"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    proc = subprocess.Popen([sys.executable, "-m", "opd_jax.cli", "train", *tiny_overrides(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / ".lock").exists():  # the run holds its folder: setup has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == ["opd-jax: error: stopped by SIGTERM during setup, before the first step; no "
+                                        "checkpoint was written"]
+    assert not out.exists()
