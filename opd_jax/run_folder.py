@@ -29,9 +29,13 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "distributed.num_processes", "distributed.process_id")
 
 
-def check_writable(out: Path):
-    """A one-line error, before anything is written, when `out` cannot become a writable folder."""
+def check_writable(out: Path, inputs=()):
+    """A one-line error, before anything is written, when `out` cannot become a writable folder or is
+    one of the run's input folders (`inputs`: model and tokenizer paths)."""
     out = Path(out)
+    for p in inputs:
+        if p and Path(p).resolve() == out.resolve():
+            raise OpdError(f"train.out_dir {out} is one of the run's inputs ({p}); write the run to a folder of its own")
     if out.exists() and not out.is_dir():
         raise OpdError(f"train.out_dir {out} is a file, not a folder")
     parent = out
@@ -159,6 +163,10 @@ def check_resume_config(out: Path, now: dict, steps_done: int):
         raise OpdError(f"cannot resume {out} with a changed config: {shown}"
                        f"{' and more' if len(changed) > 6 else ''}; only {', '.join(RESUMABLE_CHANGES[:6])} may "
                        "change on resume (start a new train.out_dir to change the rest)")
+    if "train.steps" in changed_keys(saved, now) and now["optim"]["schedule"] != "constant" and not steps_done:
+        warnings.warn(f"train.steps changed on resume ({saved['train']['steps']} -> {now['train']['steps']}): the "
+                      f"{now['optim']['schedule']} learning-rate schedule now spans the new length, so the run will "
+                      "not match one started with either length", stacklevel=2)
     if now["train"]["steps"] < steps_done:
         raise OpdError(f"train.steps={now['train']['steps']} is below the {steps_done} steps the checkpoint has "
                        "already done")

@@ -61,6 +61,10 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
     return state
 
 
+class _Terminated(BaseException):
+    """SIGTERM during setup (a BaseException, so no `except Exception` on the way can re-word it)."""
+
+
 def _setup_signal():
     """During setup, SIGTERM ends the process with a one-line message (the loop then installs its
     own handler, which finishes the step in flight and saves it)."""
@@ -70,7 +74,7 @@ def _setup_signal():
         return None  # several processes: JAX's preemption service owns SIGTERM
 
     def on_term(signum, frame):
-        raise OpdError("stopped by SIGTERM during setup, before the first step; no checkpoint was written")
+        raise _Terminated()
 
     return signal.signal(signal.SIGTERM, on_term)
 
@@ -79,7 +83,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
     """Run (or resume) training from a config; returns the last log step's record."""
     validate(cfg)
     out = Path(cfg.train.out_dir)
-    check_writable(out)
+    check_writable(out, [cfg.student.path, cfg.data.tokenizer, cfg.data.path] + [t.path for t in cfg.teachers])
     dist.initialize(cfg.distributed)
     created = not out.exists()
     previous, lock = _setup_signal(), None
@@ -103,11 +107,13 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
                 raise OpdError(f"checkpoint step {start} is at data position {int(restored[1]['data_position'])}; "
                                "they must agree")
             state = ckpt.placed_state(type(run.init), restored[1], run.state_sh)
-    except BaseException:
+    except BaseException as e:
         if lock is not None:
             lock.release()
             if created and out.exists() and not any(out.iterdir()):
                 shutil.rmtree(out, ignore_errors=True)  # a refused run leaves nothing behind
+        if isinstance(e, _Terminated):
+            raise OpdError("stopped by SIGTERM during setup, before the first step; no checkpoint was written") from None
         raise
     finally:
         if previous is not None:

@@ -8,16 +8,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # one XLA compilation cache for the whole session, shared with the CLI subprocesses the tests start:
 # many tests compile the same tiny programs (a fresh folder per session, so nothing stale is reused)
+_OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opd-jax-test-xla-cache-")
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opd-jax-test-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the session's cache goes with it (the
+        # controller made it before starting the workers, which share it)
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def tiny_hf_config(family: str, **overrides):

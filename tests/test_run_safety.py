@@ -220,6 +220,10 @@ def test_bad_paths_get_messages_that_name_the_real_problem(tmp_path, finished, c
         ["eval", "--model", str(tmp_path / "nope")], capsys)
     assert "is a run folder" in one_line_error(["eval", "--model", str(run)], capsys) and "opd-jax export" in \
         one_line_error(["eval", "--model", str(run)], capsys)
+    clash = random_teacher(tmp_path / "t")  # a teacher folder, tmp_path/t/teacher, as the run's own out_dir
+    with pytest.raises(OpdError, match="is one of the run's inputs"):
+        train(load_config(None, tiny_overrides(tmp_path / "t" / "teacher", **clash)))
+    assert sorted(p.name for p in (tmp_path / "t" / "teacher").iterdir()) == ["config.json", "model.safetensors"]
     # an out_dir whose parent is a file, or that cannot be written: refused before anything is written
     with pytest.raises(OpdError, match="cannot be created: .* is a file"):
         train(load_config(None, tiny_overrides(afile / "run")))
