@@ -48,6 +48,7 @@ class EffOPDGuard:
         self.key = jax.random.fold_in(key, PROBE_KEY)
         self.examples = rollouts.source.batch(0, oc.effopd_probe_per_domain, stream=PROBE_STREAM)
         self.mask = load_mask(oc.mask, params) if oc.mask else None
+        self.shifted = False  # a skipped update moved the window's end off the multiples of K
 
     def probe(self, params, tokens_from=None):
         """Exact teacher divergence of `params` on the probe prompts; completions sampled (fixed key)
@@ -58,10 +59,16 @@ class EffOPDGuard:
         return float(probe_divergence(self.graphdef, params, tokens_from, self.teacher_w, spec=self.spec)), tokens_from
 
     def after_step(self, ctx):
-        if ctx.done % self.oc.effopd_window:  # the transform jumps only at a window's end
+        # the transform jumps only at a window's end: read the device there, and after a skipped update
+        # (which shifts the window) every step until the shifted window closes
+        if not self.shifted and ctx.done % self.oc.effopd_window:
             return
         st = find_state(ctx.state.opt_state)
-        if st is None or not bool(jumped(st)):
+        if st is None:
+            return
+        did = bool(jumped(st))
+        self.shifted = not did and int(st.count) != 0
+        if not did:
             return
         params = ctx.state.params
         without = undo_jump(params, st, self.mask)

@@ -320,3 +320,29 @@ def test_effopd_guard_rolls_back_jumps_that_raise_the_probe_divergence(tmp_path)
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5)
     with pytest.raises(OpdError, match="effopd_window"):
         build_run(load_config(None, tiny_overrides(tmp_path / "bad", **{"optim.effopd_guard": "true"})))
+
+
+def test_the_guard_follows_a_window_shifted_by_a_skipped_update(tmp_path, monkeypatch):
+    """EffOPD window 2 with the guard: step 2's update is skipped (NaN teacher outputs), so the
+    optimizer's windows close at steps 3 and 5, not 2 and 4 (the first window never jumps: it has no
+    earlier direction); the guard must still judge the jump at step 5."""
+    from opd_jax.rollouts import Rollouts
+
+    original, calls = Rollouts.on_policy, []
+
+    def poisoned(self, *a, **k):
+        part, rep, texts, rewards = original(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            part["teacher"] = jax.tree.map(lambda x: x * jnp.nan, part["teacher"])
+        return part, rep, texts, rewards
+
+    monkeypatch.setattr(Rollouts, "on_policy", poisoned)
+    out = tmp_path / "r"
+    train(load_config(None, tiny_overrides(out, **{
+        "train.steps": 5, "train.checkpoint_every": 5, "train.eval_every": 100, "optim.name": "sgd", "optim.lr": 0.5,
+        "optim.effopd_window": 2, "optim.effopd_min_cos": -1.0, "optim.effopd_guard": "true",
+        "optim.effopd_probe_per_domain": 2, **random_teacher(tmp_path)})))
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in recs] == [0, 1, 0, 0, 0]
+    assert [r["step"] for r in recs if "effopd/rolled_back" in r] == [5]
