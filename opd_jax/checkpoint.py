@@ -42,7 +42,8 @@ def saved_form(state) -> dict:
 
 
 def placed_state(cls, restored: dict, shardings):
-    """The TrainState of a restored checkpoint, its host scalars placed like `shardings`' (replicated)."""
+    """A TrainState from a dict with host scalars (a restored checkpoint, or a fresh step-0 state), the
+    scalars placed like `shardings`' (replicated; every process fills its own copy)."""
     from opd_jax.distributed import put_global
 
     scalars = put_global({k: restored[k] for k in SCALARS}, {k: getattr(shardings, k) for k in SCALARS})

@@ -22,15 +22,15 @@ def _run_config(run_dir: Path):
     return load_config(run_dir / "config.yaml")
 
 
-def restore_run_params(run_dir: str | Path, step: int | None = None):
+def restore_run_params(run_dir: str | Path, step: int | None = None, cfg=None):
     """(model graphdef, pure-dict params, step) of a run's checkpoint (the newest readable one when
-    step is None)."""
+    step is None); `cfg`: the run's config when the caller has read it already."""
     from opd_jax.optim import make_optimizer
     from opd_jax.run import build_student
     from opd_jax.train_step import new_state
 
     run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
+    cfg = cfg or _run_config(run_dir)
     student = build_student(cfg.student, cfg.train.seed)
     graphdef, state = nnx.split(student)
     params = nnx.to_pure_dict(state)
@@ -45,19 +45,16 @@ def restore_run_params(run_dir: str | Path, step: int | None = None):
     return graphdef, restored[1]["params"], int(restored[0])
 
 
-def _protected(run_dir: Path, cfg) -> list[Path]:
-    """Folders an export must never write into: the run folder and the run's own inputs."""
-    paths = [run_dir, cfg.student.path, cfg.data.tokenizer] + [t.path for t in cfg.teachers if t.path != "self"]
-    return [Path(p).resolve() for p in paths if p]
-
-
 def check_export_target(out: Path, run_dir: Path, cfg, force: bool):
-    """One-line refusals: `out` is a file, one of the run's own folders (even with force), or an
-    existing non-empty folder (unless force)."""
-    target = out.resolve()
-    for p in _protected(run_dir, cfg) + [(run_dir / "checkpoints").resolve()]:
-        if target == p or (p.name == "checkpoints" and target.is_relative_to(p)):
-            raise OpdError(f"--out {out} is one of the run's own folders ({p}); export to a new folder")
+    """One-line refusals: `out` is the run folder, inside its checkpoints, one of the run's inputs
+    (even with force), a file, or an existing non-empty folder (unless force)."""
+    from opd_jax.run_folder import input_paths
+
+    target, checkpoints = out.resolve(), (run_dir / "checkpoints").resolve()
+    own = [run_dir.resolve()] + [Path(x).resolve() for x in input_paths(cfg)]
+    hit = next((p for p in own if target == p), checkpoints if target.is_relative_to(checkpoints) else None)
+    if hit is not None:
+        raise OpdError(f"--out {out} is one of the run's own folders ({hit}); export to a new folder")
     if out.exists() and not out.is_dir():
         raise OpdError(f"--out {out} is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -74,7 +71,7 @@ def export_student(run_dir: str | Path, out: str | Path, *, step: int | None = N
     run_dir, out = Path(run_dir), Path(out)
     cfg = _run_config(run_dir)
     check_export_target(out, run_dir, cfg, force)
-    graphdef, params, step = restore_run_params(run_dir, step)
+    graphdef, params, step = restore_run_params(run_dir, step, cfg)
     path = Path(save_model(nnx.merge(graphdef, params), out))
     student_dir = Path(cfg.student.path) if cfg.student.path else None
     tok_dir = next((d for d in (run_dir / "tokenizer", cfg.data.tokenizer and Path(cfg.data.tokenizer), student_dir)

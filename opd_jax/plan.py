@@ -35,7 +35,7 @@ from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import estimator_for, needs_teachers
 from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
-from opd_jax.train_step import TrainState
+from opd_jax.train_step import TrainState, state_shardings
 
 GiB = 1024 ** 3
 
@@ -233,9 +233,7 @@ def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, me
         mesh = shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
     rules = shd.rules_named(cfg.mesh.rules)
     model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
-    param_sh = shd.param_shardings(model, mesh, rules)
-    repl = shd.replicated(mesh)
-    state_sh = TrainState(param_sh, shd.opt_state_shardings(optimizer, shapes, param_sh, mesh), repl, repl, repl)
+    state_sh = state_shardings(optimizer, shapes, shd.param_shardings(model, mesh, rules), mesh)
     spec = StepSpec.from_config(cfg, rl.routes, cfg.train.micro_batch, shd.layout_fn(mesh, rules))
     program = compile_update_for(cfg, spec, nnx.graphdef(model), optimizer, state_sh, shapes, rl, mesh, unroll=unroll)
     return program.memory(), program

@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
+from opd_jax import checkpoint as ckpt
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.config import Config, validate
@@ -30,7 +31,7 @@ from opd_jax.optim import make_optimizer
 from opd_jax.rollouts import Rollouts
 from opd_jax.tasks import Prompter, PromptSource, build_char_tokenizer, load_tokenizer, stop_ids, verifiers_for
 from opd_jax.teachers import build_teachers
-from opd_jax.train_step import StepSpec, TrainState, new_state
+from opd_jax.train_step import StepSpec, TrainState, new_state, state_shardings
 
 
 @dataclass(frozen=True)
@@ -96,11 +97,6 @@ def get_tokenizer(cfg: Config):
     return build_char_tokenizer(None)
 
 
-def _state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
-    repl = shd.replicated(mesh)
-    return TrainState(param_sh, shd.opt_state_shardings(optimizer, params, param_sh, mesh), repl, repl, repl)
-
-
 def build_run(cfg: Config) -> Run:
     """Check, build and compile everything a run of `cfg` needs (see the module docstring)."""
     from opd_jax.plan import check_fits, compile_update_for
@@ -137,7 +133,7 @@ def build_run(cfg: Config) -> Run:
     param_sh = shd.param_shardings(student, mesh, rules)
     params = dist.put_global(nnx.to_pure_dict(state), param_sh)
     optimizer = make_optimizer(cfg.optim, tc.steps, params)
-    state_sh = _state_shardings(optimizer, params, param_sh, mesh)
+    state_sh = state_shardings(optimizer, params, param_sh, mesh)
     spec = StepSpec.from_config(cfg, rows.routes, micro, shd.layout_fn(mesh, rules))
     program = plan.get("program") if plan else None
     if program is None:
@@ -146,9 +142,8 @@ def build_run(cfg: Config) -> Run:
     if teachers and est.teacher_output == "hidden":  # the loss applies each teacher's output matrix
         teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) for n, t in teachers.items()}
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
-    init = new_state(params, opt_state, jax.random.key(tc.seed))  # host scalars, placed like every process does
-    init = init._replace(**dist.put_global({k: getattr(init, k) for k in ("step", "rng", "data_position")},
-                                           {k: state_sh.step for k in ("step", "rng", "data_position")}))
+    # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
+    init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed))._asdict(), state_sh)
     rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
                         stop=stop_ids(tokenizer, cfg.student.path), verifiers=verifiers_for(dc.verifiers, source.domains),
                         teachers=teachers, estimator=est, source=source)

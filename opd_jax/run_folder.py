@@ -147,9 +147,10 @@ def changed_keys(saved: dict, now: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if norm(a.get(k)) != norm(b.get(k)))
 
 
-def check_resume_config(out: Path, now: dict, steps_done: int):
+def check_resume_config(out: Path, now: dict):
     """Refuse, in one line naming the keys, a resume whose config differs from the run's
-    config.yaml in anything but `RESUMABLE_CHANGES`; refuse train.steps below the steps already done."""
+    config.yaml in anything but `RESUMABLE_CHANGES` (a changed train.steps under a decaying schedule
+    warns)."""
     path = Path(out) / "config.yaml"
     if not path.exists():
         raise OpdError(f"--resume given but {path} is missing: this folder was not written by opd-jax train")
@@ -157,19 +158,24 @@ def check_resume_config(out: Path, now: dict, steps_done: int):
         saved = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise OpdError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); it records the run's config") from None
-    changed = [k for k in changed_keys(saved, now) if k not in RESUMABLE_CHANGES]
+    diff = changed_keys(saved, now)
+    changed = [k for k in diff if k not in RESUMABLE_CHANGES]
     if changed:
-        shown = ", ".join(f"{k} ({_flatten(saved).get(k)!r} -> {_flatten(now).get(k)!r})" for k in changed[:6])
+        before, after = _flatten(saved), _flatten(now)
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed[:6])
         raise OpdError(f"cannot resume {out} with a changed config: {shown}"
                        f"{' and more' if len(changed) > 6 else ''}; only {', '.join(RESUMABLE_CHANGES[:6])} may "
                        "change on resume (start a new train.out_dir to change the rest)")
-    if "train.steps" in changed_keys(saved, now) and now["optim"]["schedule"] != "constant" and not steps_done:
+    if "train.steps" in diff and now["optim"]["schedule"] != "constant":
         warnings.warn(f"train.steps changed on resume ({saved['train']['steps']} -> {now['train']['steps']}): the "
                       f"{now['optim']['schedule']} learning-rate schedule now spans the new length, so the run will "
                       "not match one started with either length", stacklevel=2)
-    if now["train"]["steps"] < steps_done:
-        raise OpdError(f"train.steps={now['train']['steps']} is below the {steps_done} steps the checkpoint has "
-                       "already done")
+
+
+def input_paths(cfg) -> list[str]:
+    """The folders and files a run reads (student, tokenizer, prompts, teachers): never a place to write."""
+    return [p for p in [cfg.student.path, cfg.data.tokenizer, cfg.data.path] +
+            [t.path for t in cfg.teachers if t.path != "self"] if p]
 
 
 def write_config(out: Path, tree: dict):

@@ -33,7 +33,7 @@ from opd_jax.losses.registry import uses_rl
 from opd_jax.metrics import MetricsWriter, SamplesWriter, plot_metrics
 from opd_jax.preemption import Preemption
 from opd_jax.run import Run, build_run, build_student  # noqa: F401 - build_student: public name kept here
-from opd_jax.run_folder import RunLock, check_resume_config, check_writable, write_config
+from opd_jax.run_folder import RunLock, check_resume_config, check_writable, input_paths, write_config
 from opd_jax.timing import PhaseTimer
 
 
@@ -83,7 +83,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
     """Run (or resume) training from a config; returns the last log step's record."""
     validate(cfg)
     out = Path(cfg.train.out_dir)
-    check_writable(out, [cfg.student.path, cfg.data.tokenizer, cfg.data.path] + [t.path for t in cfg.teachers])
+    check_writable(out, input_paths(cfg))
     dist.initialize(cfg.distributed)
     created = not out.exists()
     previous, lock = _setup_signal(), None
@@ -96,13 +96,15 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
         if resume and (mgr is None or not mgr.all_steps()):
             raise OpdError(f"--resume given but {out / 'checkpoints'} holds no checkpoint")
         if resume:
-            check_resume_config(out, to_dict(cfg), 0)
+            check_resume_config(out, to_dict(cfg))
         run = build_run(cfg)
         state, start = run.init, 0
         if resume:
             restored = ckpt.restore_latest(mgr, ckpt.saved_form(run.init), step=resume_step)
             start = int(restored[0])
-            check_resume_config(out, to_dict(cfg), start)
+            if cfg.train.steps < start:
+                raise OpdError(f"train.steps={cfg.train.steps} is below the {start} steps the checkpoint has "
+                               "already done")
             if int(restored[1]["data_position"]) != start:
                 raise OpdError(f"checkpoint step {start} is at data position {int(restored[1]['data_position'])}; "
                                "they must agree")
@@ -119,13 +121,13 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     try:
-        return _train(run, state, start, out, resume, stop_after)
+        return _train(run, state, start, out, resume, stop_after, mgr)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(run: Run, state, start: int, out: Path, resume: bool, stop_after: int | None) -> dict:
+def _train(run: Run, state, start: int, out: Path, resume: bool, stop_after: int | None, mgr=None) -> dict:
     cfg, tc = run.cfg, run.cfg.train
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def _train(run: Run, state, start: int, out: Path, resume: bool, stop_after: int
         if run.tokenizer.name_or_path == "":  # the built-in tokenizer: kept with the run (export uses it)
             run.tokenizer.save_pretrained(out / "tokenizer")
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
-    mgr = ckpt.manager(out / "checkpoints", tc.keep_checkpoints)
+    mgr = mgr or ckpt.manager(out / "checkpoints", tc.keep_checkpoints)  # a new run's folder is made here
     resume_step = start if resume else None
     skips = SkipCounter(tc.max_skipped)
     hooks: list = []

@@ -49,6 +49,15 @@ class TrainState(NamedTuple):
         return jax.random.wrap_key_data(self.rng)
 
 
+def state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
+    """The TrainState's shardings: params as `param_sh`, optimizer state like its parameters, the
+    scalars replicated."""
+    from opd_jax import sharding as shd
+
+    repl = shd.replicated(mesh)
+    return TrainState(param_sh, shd.opt_state_shardings(optimizer, params, param_sh, mesh), repl, repl, repl)
+
+
 def new_state(params, opt_state, key) -> TrainState:
     """The state at step 0 (step, rng and data position as host numpy values)."""
     return TrainState(params, opt_state, np.zeros((), np.int32), np.asarray(jax.random.key_data(key)),
@@ -58,10 +67,10 @@ def new_state(params, opt_state, key) -> TrainState:
 @dataclass(frozen=True)
 class StepSpec:
     """What is static about a run's update (hashable: one compiled program per spec and batch layout).
-    layout(x, logical_axes) (optional, on a mesh) keeps rows on the batch mesh axes; groups: teacher
-    name -> row indices for a part of that many rows (`RowLayout.groups`), as a tuple of
-    (rows, ((name, indices), ...)); micro: rows per micro-batch (0 = all); max_update_ratio: skip an
-    update that multiplies the parameters' norm by more (0 = off)."""
+    routes: the teacher of each domain's block of rows (`RowLayout.routes`; `groups` derives each
+    teacher's rows from it); micro: rows per micro-batch (0 = all); max_update_ratio: skip an update
+    that multiplies the parameters' norm by more (0 = off); layout(x, logical_axes) (optional, on a
+    mesh) keeps rows on the batch mesh axes."""
 
     lc: object
     prompt_len: int

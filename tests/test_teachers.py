@@ -1,7 +1,6 @@
 """Teacher scoring: each teacher runs once on exactly its routed rows and hands back what the
 estimator needs, in the right rows; checked against plain whole-row forwards of the same models."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

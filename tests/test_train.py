@@ -109,23 +109,29 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     assert not any(p.name.isdigit() for p in (tmp_path / "late" / "checkpoints").iterdir())
 
 
+def nan_teacher_at_step(monkeypatch, step: int):
+    """Make the teachers' outputs NaN at training step `step` (1-based; on-policy rollouts are collected
+    once per step)."""
+    from opd_jax.rollouts import Rollouts
+
+    original, calls = Rollouts.on_policy, []
+
+    def poisoned(self, *a, **k):
+        part, rep, texts, rewards = original(self, *a, **k)
+        calls.append(1)
+        if len(calls) == step:
+            part["teacher"] = jax.tree.map(lambda x: x * jnp.nan, part["teacher"])
+        return part, rep, texts, rewards
+
+    monkeypatch.setattr(Rollouts, "on_policy", poisoned)
+
+
 def test_a_non_finite_step_is_skipped_on_device_and_the_run_goes_on(tmp_path, monkeypatch):
     """Step 2's teacher outputs are NaN: its update is not applied (parameters and optimizer state after
     step 2 equal those after step 1), the next log reports one skipped step, and step 3 trains again."""
     from opd_jax.train import restore_run_params
 
-    from opd_jax.rollouts import Rollouts
-
-    original, calls = Rollouts.on_policy, []
-
-    def poisoned(self, *a, **k):  # called once per step: the second call is step 2's
-        part, rep, texts, rewards = original(self, *a, **k)
-        calls.append(1)
-        if len(calls) == 2:
-            part["teacher"] = jax.tree.map(lambda x: x * jnp.nan, part["teacher"])
-        return part, rep, texts, rewards
-
-    monkeypatch.setattr(Rollouts, "on_policy", poisoned)
+    nan_teacher_at_step(monkeypatch, 2)
     out = tmp_path / "r"
     train(load_config(None, tiny_overrides(out, **{"train.steps": 3, "train.checkpoint_every": 1, "train.eval_every": 10, "train.keep_checkpoints": 3,
                                                    **random_teacher(tmp_path)})))
@@ -326,18 +332,7 @@ def test_the_guard_follows_a_window_shifted_by_a_skipped_update(tmp_path, monkey
     """EffOPD window 2 with the guard: step 2's update is skipped (NaN teacher outputs), so the
     optimizer's windows close at steps 3 and 5, not 2 and 4 (the first window never jumps: it has no
     earlier direction); the guard must still judge the jump at step 5."""
-    from opd_jax.rollouts import Rollouts
-
-    original, calls = Rollouts.on_policy, []
-
-    def poisoned(self, *a, **k):
-        part, rep, texts, rewards = original(self, *a, **k)
-        calls.append(1)
-        if len(calls) == 2:
-            part["teacher"] = jax.tree.map(lambda x: x * jnp.nan, part["teacher"])
-        return part, rep, texts, rewards
-
-    monkeypatch.setattr(Rollouts, "on_policy", poisoned)
+    nan_teacher_at_step(monkeypatch, 2)
     out = tmp_path / "r"
     train(load_config(None, tiny_overrides(out, **{
         "train.steps": 5, "train.checkpoint_every": 5, "train.eval_every": 100, "optim.name": "sgd", "optim.lr": 0.5,
