@@ -51,6 +51,8 @@ class DataConfig:
     temperature: float = 1.0  # one temperature everywhere: sampler, teacher scores and loss
     top_k: int = 0
     top_p: float = 1.0
+    rollout_slots: int = 0  # decode slots of the rollout engine (0 = one per sampled row); refilled as rows end
+    decode_steps_per_call: int = 8  # decode steps per engine dispatch (the host refills slots between calls)
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class MeshConfig:
     tensor: int = 1
     rules: str = "default"  # student parameter rules: default (fsdp + tensor) | fsdp
     teacher_rules: str = "fsdp"  # teachers keep no optimizer state: pure FSDP by default
+    rollout_rules: str = "rollout"  # the student's layout while sampling: weights whole per batch shard (split over tensor)
     device_memory_gb: float | None = None  # per-device memory for the fit check (default: what the device reports)
 
 
@@ -256,6 +259,8 @@ _LIMITS = {
                               lambda v: v > 0),
     ("data", "top_k"): ("must be >= 0 (0 = no top-k filter)", lambda v: v >= 0),
     ("data", "top_p"): ("must be in (0, 1]", lambda v: 0 < v <= 1),
+    ("data", "rollout_slots"): ("must be >= 1, or 0 for one slot per sampled row", lambda v: v >= 0),
+    ("data", "decode_steps_per_call"): _POSITIVE,
     ("loss", "topk"): _POSITIVE, ("loss", "seq_chunk"): _POSITIVE,
     ("loss", "clip_eps"): ("must be > 0", lambda v: v > 0),
     ("optim", "lr"): ("must be > 0", lambda v: v > 0),

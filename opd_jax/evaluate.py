@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from opd_jax.distributed import to_host
@@ -30,9 +29,11 @@ def rewards_for(examples, texts, verifiers: dict | None = None) -> np.ndarray:
 
 
 def sample_completions(model, prompter, examples, *, max_prompt_len: int, max_new_tokens: int, batch: int = 256,
-                       mesh=None, stop=None, temperature: float = 0.0, key=None, rules=None) -> list[str]:
-    """One completion per example (greedy at temperature 0), in batches of `batch` rows (a short last
-    batch is padded so one compiled shape serves all)."""
+                       mesh=None, stop=None, temperature: float = 0.0, key=None, rules=None, group: int = 1,
+                       slots: int | None = None) -> list[str]:
+    """`group` completions per example (greedy at temperature 0), through the rollout engine in chunks of
+    `batch` prompts (a short last chunk is padded so one compiled shape serves all); sample g of
+    example j is text j * group + g. slots: the engine's decode slots (default one per row)."""
     tok = prompter.tokenizer
     stop = (tok.eos_token_id,) if stop is None else tuple(stop)
     key = jax.random.key(0) if key is None else key
@@ -44,10 +45,12 @@ def sample_completions(model, prompter, examples, *, max_prompt_len: int, max_ne
         if n < batch and len(examples) > batch:  # keep one compiled shape
             ids = np.concatenate([ids, np.repeat(ids[-1:], batch - n, 0)])
             pmask = np.concatenate([pmask, np.repeat(pmask[-1:], batch - n, 0)])
-        roll = generate(model, jnp.asarray(ids), jnp.asarray(pmask), key=jax.random.fold_in(key, i),
-                        max_new_tokens=max_new_tokens, temperature=temperature, eos_id=list(stop),
-                        pad_id=tok.pad_token_id or 0, mesh=mesh, rules=rules)
-        texts += decode_completions(tok, to_host(roll.tokens)[:n, ids.shape[1]:], to_host(roll.mask)[:n], stop)
+        rows = ids.shape[0] * group
+        roll = generate(model, ids, pmask, key=jax.random.fold_in(key, i), max_new_tokens=max_new_tokens,
+                        temperature=temperature, eos_id=list(stop), pad_id=tok.pad_token_id or 0, mesh=mesh,
+                        rules=rules, group=group, slots=min(slots or rows, rows))
+        keep = n * group
+        texts += decode_completions(tok, to_host(roll.tokens)[:keep, ids.shape[1]:], to_host(roll.mask)[:keep], stop)
     return texts
 
 
@@ -79,7 +82,8 @@ def pass_at_k(model, prompter, examples, k: int, *, temperature: float, max_prom
     """{domain: pass@k}: the fraction of prompts with at least one of k sampled completions that its
     verifier scores > 0 (reward 1 counts as solved; partial rewards count when positive)."""
     rep = [ex for ex in examples for _ in range(k)]
-    texts = sample_completions(model, prompter, rep, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
-                               batch=batch, mesh=mesh, stop=stop, temperature=temperature, key=jax.random.key(seed))
+    texts = sample_completions(model, prompter, examples, max_prompt_len=max_prompt_len, max_new_tokens=max_new_tokens,
+                               batch=max(1, batch // k), mesh=mesh, stop=stop, temperature=temperature,
+                               key=jax.random.key(seed), group=k)
     solved = rewards_for(rep, texts, verifiers).reshape(len(examples), k).max(1) > 0
     return per_domain(examples, solved)

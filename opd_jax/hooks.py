@@ -97,6 +97,9 @@ class Logger:
         rec["tokens_per_s"] = rec.get("on_policy/tokens", 0.0) / rec["time/step"] if "on" in arrays else 0.0
         if ctx.batch.rewards is not None:
             rec["reward"] = float(np.mean(ctx.batch.rewards))
+        if ctx.batch.engine is not None:  # the share of decode slot-steps that produced a token
+            rec["rollout/occupancy"] = ctx.batch.engine.occupancy
+            rec["rollout/decode_steps"] = ctx.batch.engine.decode_steps
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
             rec.update({f"eval/{d}/accuracy": v for d, v in acc.items()})

@@ -19,9 +19,9 @@ import numpy as np
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
-from opd_jax.evaluate import decode_completions, per_domain, rewards_for, sample_completions
+from opd_jax.engine import Engine, EngineSpec
+from opd_jax.evaluate import decode_completions, per_domain, rewards_for
 from opd_jax.layout import RowLayout
-from opd_jax.sampling import generate
 from opd_jax.tasks import encode_pairs
 from opd_jax.teachers import score_batch
 from opd_jax.timing import NO_TIMER, PhaseTimer
@@ -33,12 +33,13 @@ PROBE_STREAM, EVAL_STREAM = 2, 1  # prompt streams held out from training (strea
 class Batch:
     """arrays: {"on": part, "off": part} for the update (`train_step` docstring); examples: the
     on-policy rows' prompts (repeated per sample); texts / rewards: their decoded completions and
-    verifier rewards (None when nothing read them this step)."""
+    verifier rewards (None when nothing read them this step); engine: the rollout engine's statistics."""
 
     arrays: dict
     examples: list = field(default_factory=list)
     texts: list | None = None
     rewards: np.ndarray | None = None
+    engine: object = None  # the on-policy rollout's engine.EngineStats (occupancy, decode steps)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class Rollouts:
     teachers: dict
     estimator: object
     source: object
+    model_cfg: object = None  # the student's ModelConfig (context length, vocabulary)
+    rollout_rules: dict | None = None  # the layout the engine places the weights in (mesh.rollout_rules)
 
     # ---------------------------------------------------------------- pieces
     def _global(self, x):
@@ -61,17 +64,22 @@ class Rollouts:
         x = np.asarray(x)
         return dist.to_global(x, shd.rows_sharding(x.shape[0], x.ndim, self.mesh, self.rules))
 
-    def sample(self, params, ids, pmask, key, *, temperature=None):
-        """Completions of encoded prompts ids / pmask [B, P] from `params` (data settings; temperature
-        0 is greedy). -> sampling.Rollout."""
-        from flax import nnx
-
+    def engine(self, n_seq: int, temperature: float) -> Engine:
+        """The rollout engine for `n_seq` sequences: data.rollout_slots slots (0 = one per sequence; at
+        most n_seq), data settings, the rollout layout."""
         dc = self.cfg.data
-        t = dc.temperature if temperature is None else temperature
-        return generate(nnx.merge(self.graphdef, params), ids, pmask, key=key, max_new_tokens=dc.max_new_tokens,
-                        temperature=t, top_k=dc.top_k if t else 0, top_p=dc.top_p if t else 1.0,
-                        eos_id=list(self.stop), pad_id=self.prompter.tokenizer.pad_token_id or 0, mesh=self.mesh,
-                        rules=self.rules)
+        spec = EngineSpec(prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
+                          slots=min(dc.rollout_slots or n_seq, n_seq), temperature=float(temperature),
+                          top_k=dc.top_k if temperature else 0, top_p=dc.top_p if temperature else 1.0,
+                          stop=tuple(sorted(self.stop)), pad_id=self.prompter.tokenizer.pad_token_id or 0,
+                          steps_per_call=dc.decode_steps_per_call)
+        return Engine(self.graphdef, self.model_cfg, spec, self.mesh, self.rollout_rules)
+
+    def sample(self, params, ids, pmask, key, *, group: int = 1, temperature=None):
+        """`group` completions of each encoded prompt ids / pmask [n, P] from `params` (data settings;
+        temperature 0 is greedy), one prefill per prompt. -> (sampling.Rollout, engine.EngineStats)."""
+        t = self.cfg.data.temperature if temperature is None else temperature
+        return self.engine(ids.shape[0] * group, t).run(params, ids, pmask, key, group=group)
 
     def score(self, tokens, prompt_mask, mask, what=None):
         """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N])."""
@@ -87,13 +95,16 @@ class Rollouts:
 
     # ---------------------------------------------------------------- parts
     def on_policy(self, params, examples, key, *, decode: bool = True, timer: PhaseTimer = NO_TIMER):
-        """The sampled part for `examples` (one per prompt; each repeated group_size times). decode:
-        bring the completions to the host and score them with the verifiers; otherwise texts and
-        rewards are None and nothing waits for the sampler. -> (part, repeated examples, texts, rewards)."""
-        rep = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
-        ids, pmask = self.prompter.encode(rep, self.cfg.data.max_prompt_len)
+        """The sampled part for `examples` (one per prompt, group_size samples each, one prefill per
+        prompt). decode: bring the completions to the host and score them with the verifiers;
+        otherwise texts and rewards are None. -> (part, repeated examples, texts, rewards, EngineStats)."""
+        g = self.cfg.data.group_size
+        rep = [ex for ex in examples for _ in range(g)]
+        ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
         timer.mark("host")
-        roll = timer.mark("sample", self.sample(params, ids, pmask, key))
+        roll, stats = self.sample(params, ids, pmask, key, group=g)
+        timer.mark("sample", roll)
+        pmask = np.repeat(pmask, g, 0)
         texts = rewards = None
         if decode:
             texts = self.decode(roll.tokens, roll.mask)
@@ -104,7 +115,7 @@ class Rollouts:
         timer.mark("host")
         part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask)) if self.teachers
                            else self._global(np.zeros(roll.mask.shape, np.float32)))
-        return part, rep, texts, rewards
+        return part, rep, texts, rewards, stats
 
     def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER) -> dict:
         """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers."""
@@ -124,7 +135,7 @@ class Rollouts:
         batch = Batch({})
         if "on" in self.rows.parts:
             key = jax.random.fold_in(state.key(), step)
-            batch.arrays["on"], batch.examples, batch.texts, batch.rewards = self.on_policy(
+            batch.arrays["on"], batch.examples, batch.texts, batch.rewards, batch.engine = self.on_policy(
                 state.params, examples, key, decode=decode, timer=timer)
         if "off" in self.rows.parts:
             batch.arrays["off"] = self.off_policy(examples, timer=timer)
@@ -135,7 +146,7 @@ class Rollouts:
         """Completions of `examples` (one each) sampled from `params` with `key`, with the teachers'
         hidden states: the fixed batch the EffOPD guard scores candidate parameters on."""
         ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
-        roll = self.sample(params, ids, pmask, key)
+        roll, _ = self.sample(params, ids, pmask, key)
         pmask = self._global(pmask)
         return {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask,
                 "teacher": self.score(roll.tokens, pmask, roll.mask, what="hidden")}
@@ -143,11 +154,8 @@ class Rollouts:
     def evaluate(self, params, examples):
         """Greedy completions of `examples`, scored by the verifiers -> ({domain: accuracy, "mean"},
         texts, rewards)."""
-        from flax import nnx
-
-        dc = self.cfg.data
-        texts = sample_completions(nnx.merge(self.graphdef, params), self.prompter, examples,
-                                   max_prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
-                                   mesh=self.mesh, rules=self.rules, stop=self.stop)
+        ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
+        roll, _ = self.sample(params, ids, pmask, jax.random.key(0), temperature=0.0)
+        texts = self.decode(roll.tokens, roll.mask)
         rewards = rewards_for(examples, texts, self.verifiers)
         return per_domain(examples, rewards), texts, rewards

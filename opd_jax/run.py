@@ -114,6 +114,10 @@ def build_run(cfg: Config) -> Run:
     dc, tc = cfg.data, cfg.train
     source = PromptSource(dc.domains, dc.path, seed=tc.seed)
     rows = RowLayout.build(source.domains, cfg.routing, dc.per_domain, dc.group_size, cfg.loss.lam)
+    shd.rules_named(cfg.mesh.rollout_rules)
+    if "on" in rows.parts and dc.rollout_slots > rows.rows("on"):
+        raise OpdError(f"config data.rollout_slots {dc.rollout_slots} exceeds the {rows.rows('on')} rows sampled per "
+                       f"step (prompts x group_size {dc.group_size}); use at most {rows.rows('on')}, or 0 for one each")
     if tc.micro_batch != "auto":
         rows.check_micro_batch(tc.micro_batch, est.teacher_output == "hidden", cfg.loss.baseline)
     tokenizer = get_tokenizer(cfg)
@@ -146,7 +150,8 @@ def build_run(cfg: Config) -> Run:
     init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed))._asdict(), state_sh)
     rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
                         stop=stop_ids(tokenizer, cfg.student.path), verifiers=verifiers_for(dc.verifiers, source.domains),
-                        teachers=teachers, estimator=est, source=source)
+                        teachers=teachers, estimator=est, source=source, model_cfg=student.cfg,
+                        rollout_rules=shd.rules_named(cfg.mesh.rollout_rules))
     if plan:
         plan = {k: v for k, v in plan.items() if k != "program"}
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,

@@ -26,7 +26,8 @@ from opd_jax.errors import OpdError
 # keys a resumed run may change: how long it runs and how often it logs, evaluates and saves
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.out_dir", "train.progress", "distributed.coordinator",
-                     "distributed.num_processes", "distributed.process_id")
+                     "distributed.num_processes", "distributed.process_id", "data.rollout_slots",
+                     "data.decode_steps_per_call", "mesh.rollout_rules")  # the last three never change a sampled token
 
 
 def check_writable(out: Path, inputs=()):

@@ -130,7 +130,11 @@ def batch_sharding(x, mesh: Mesh, rules=None) -> NamedSharding:
     return rows_sharding(x.shape[0], x.ndim, mesh, rules)
 
 
-RULE_SETS = {"default": DEFAULT_RULES, "fsdp": FSDP_RULES}
+# The rollout layout: weights whole on every batch shard (split over `tensor` only, where a replica does
+# not fit a chip), rows and KV over the batch axes. A decode step then moves activations, not weights.
+ROLLOUT_RULES: dict[str, object] = {**DEFAULT_RULES, "embed": None}
+
+RULE_SETS = {"default": DEFAULT_RULES, "fsdp": FSDP_RULES, "rollout": ROLLOUT_RULES}
 
 
 def rules_named(name: str) -> dict:

@@ -117,11 +117,11 @@ def nan_teacher_at_step(monkeypatch, step: int):
     original, calls = Rollouts.on_policy, []
 
     def poisoned(self, *a, **k):
-        part, rep, texts, rewards = original(self, *a, **k)
+        part, *rest = original(self, *a, **k)
         calls.append(1)
         if len(calls) == step:
             part["teacher"] = jax.tree.map(lambda x: x * jnp.nan, part["teacher"])
-        return part, rep, texts, rewards
+        return part, *rest
 
     monkeypatch.setattr(Rollouts, "on_policy", poisoned)
 

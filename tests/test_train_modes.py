@@ -140,7 +140,7 @@ def on_policy_rows(tr, step):
     """The trainer's own rollout for `step` on host, and each row's domain (from the examples)."""
     examples = tr.source.batch(step, tr.cfg.data.per_domain)
     key = jax.random.fold_in(tr.init.key(), step)
-    batch, rep, _, rewards = tr.rollouts.on_policy(tr.init.params, examples, key)
+    batch, rep, _, rewards, _ = tr.rollouts.on_policy(tr.init.params, examples, key)
     b = {k: np.asarray(batch[k]) for k in ("tokens", "prompt_mask", "mask", "sampler_logprobs")}
     b["full_mask"] = np.concatenate([b["prompt_mask"], b["mask"]], 1)
     b["rewards"] = np.asarray(rewards, np.float32)
@@ -156,11 +156,12 @@ def run_steps(tr, n):
 
 
 def assert_step_is_gradient(p0, p1, grads, lr=1.0):
-    """(p0 - p1) / lr equals the reference gradient to 1e-5, and to 1e-4 of its largest entry, leaf by leaf."""
+    """(p0 - p1) / lr equals the reference gradient leaf by leaf: to 1e-5 absolute (1e-4 of its largest
+    entry if that is smaller) plus 1e-4 relative (float32 sums of sequence-level terms near 0.5)."""
     scale = max(float(np.max(np.abs(np.asarray(g)))) for g in jax.tree.leaves(grads))
     assert scale > 1e-3  # the teacher differs from the student: a real update, not rounding noise
     for (path, a), b, g in zip(jax.tree_util.tree_leaves_with_path(p0), jax.tree.leaves(p1), jax.tree.leaves(grads)):
-        np.testing.assert_allclose((a - b) / lr, np.asarray(g), atol=min(1e-5, 1e-4 * scale), rtol=0,
+        np.testing.assert_allclose((a - b) / lr, np.asarray(g), atol=min(1e-5, 1e-4 * scale), rtol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
 
 

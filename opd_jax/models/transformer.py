@@ -113,7 +113,8 @@ class Transformer(nnx.Module):
         input_ids [B, T], positions [B, T] (RoPE positions), q_slots [T] (cache slot of each
         query), key_valid [B, S] (which slots hold real tokens). With `cache=(k, v)` each of shape
         [L, B, S, K, Dh], the new keys/values are written at slots write_index..write_index+T-1
-        and attention runs over all S slots; without a cache S = T.
+        (or, with write_index [B] and T = 1, each row at its own slot) and attention runs over all S
+        slots; without a cache S = T.
         Returns (final normed hidden [B, T, D], new cache or None).
         """
         cfg = self.cfg
@@ -145,9 +146,14 @@ class Transformer(nnx.Module):
             k = L.apply_rope(k, positions, inv_freq)
             if cache is not None:  # write this layer's new keys/values in place, attend over all slots
                 ck, cv = cache
-                at = (i, 0, write_index, 0, 0)
-                ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-                cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                if jnp.ndim(write_index) == 1:  # one slot per row (T = 1): the rollout engine's decode step
+                    rows = jnp.arange(k.shape[0])
+                    ck = ck.at[i, rows, write_index].set(k[:, 0].astype(ck.dtype), mode="drop")
+                    cv = cv.at[i, rows, write_index].set(v[:, 0].astype(cv.dtype), mode="drop")
+                else:
+                    at = (i, 0, write_index, 0, 0)
+                    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
+                    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
                 cache = (ck, cv)
             if cache is not None and decoding:  # read only the filled part of the cache
                 o = decode_attention(q, ck, cv, i, q_slots, key_valid)
