@@ -121,7 +121,7 @@ def _plan(args) -> int:
         micro, p = fit_micro_batch(cfg, args.devices)
         print(f"train.micro_batch=auto -> {micro or 'all'} rows per micro-batch")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=micro))
-    p = plan(cfg, n_devices=args.devices, compile=args.compile, flops=args.flops)
+    p = plan(cfg, n_devices=args.devices, compile=args.compile, flops=args.flops, roofline=args.roofline)
     print(format_plan(p))
     limit = device_memory_bytes(cfg)
     if limit is not None:
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--devices", type=int, default=None, help="plan for this many devices (faked on CPU)")
     pl.add_argument("--compile", action="store_true", help="also compile the train step (as the trainer runs it): activations")
     pl.add_argument("--flops", action="store_true", help="also compile it with the layer loop unrolled: FLOPs per step")
+    pl.add_argument("--roofline", default=None, metavar="CHIP", help="also estimate the step's time on a TPU chip "
+                    "(v5e, v5p, v6e) from the compiled programs' FLOPs, HBM and collective bytes")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON too")
     pl.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=8 student.dtype=bfloat16")
     pl.set_defaults(func=_plan)

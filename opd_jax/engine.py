@@ -2,7 +2,7 @@
 
 Three jitted programs and a small host loop:
 
-    prefill(params, ids [n, P], pmask [n, P]) -> store: the prompts' KV [L, n, P, K, Dh] and next-token
+    prefill(params, ids [n, P], pmask [n, P]) -> store: the prompts' KV [n, L, P, K, Dh] and next-token
         logits [n, V]; one row per *prompt*: its G samples share it
     insert(slots, store, take [S], src [S], seq [S], cap [S]) -> slots: slot s (where take[s]) receives
         prompt src[s]'s KV and logits and starts sequence seq[s] with length cap cap[s]
@@ -82,7 +82,7 @@ class EngineSpec:
 
 
 class Slots(NamedTuple):
-    """The engine's device state. k, v [L, S, C, K, Dh] (C = P + N); valid [S, C] bool (real keys);
+    """The engine's device state. k, v [S, L, C, K, Dh] (C = P + N); valid [S, C] bool (real keys);
     pos [S] RoPE position of the next token; gen [S] tokens generated; seq [S] sequence id (-1: never
     used); live [S] bool; cap [S] length cap; logits [S, V] float32 next-token logits; tokens [S, N]
     int32 and logprobs [S, N] float32: the sequence so far."""
@@ -153,7 +153,7 @@ def _empty(*, cfg, spec, mesh, rules):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "rules"))
 def _prefill(graphdef, params, ids, pmask, *, mesh, rules):
-    """-> (k, v [L, n, P, K, Dh], logits [n, V] float32, pmask [n, P])."""
+    """-> (k, v [n, L, P, K, Dh], logits [n, V] float32, pmask [n, P])."""
     TRACES["prefill"] += 1
     put, layout = _constrain(mesh, rules)
     model = nnx.merge(graphdef, params)
@@ -173,10 +173,11 @@ def _insert(slots: Slots, store, take, src, seq, cap, *, spec, mesh, rules):
     p, n = spec.prompt_len, spec.max_new_tokens
     rows = lambda x: jnp.where(take.reshape((-1,) + (1,) * (x.ndim - 1)), x, getattr(slots, name))  # noqa: E731
 
-    def prompt_kv(cache, stored):  # slot s's [0, P) <- stored prompt src[s] where take[s]
-        got = jnp.take(stored, src, axis=1)
-        head = jnp.where(take[None, :, None, None, None], got, cache[:, :, :p])
-        return put(jax.lax.dynamic_update_slice(cache, head.astype(cache.dtype), (0, 0, 0, 0, 0)), CACHE_AXES)
+    def prompt_kv(cache, stored):  # slot s's [0, P) <- stored prompt src[s] where take[s], row by row in place
+        def one(row, j, t):
+            head = jnp.where(t, stored[j], row[:, :p]).astype(row.dtype)
+            return jax.lax.dynamic_update_slice(row, head, (0, 0, 0, 0))
+        return put(jax.vmap(one)(cache, src, take), CACHE_AXES)
 
     pm = jnp.take(spm, src, axis=0).astype(bool)
     new = dict(valid=jnp.concatenate([pm, jnp.zeros((pm.shape[0], n), bool)], 1),
@@ -197,7 +198,6 @@ def _decode(graphdef, params, slots: Slots, key, *, spec, mesh, rules):
     model = nnx.merge(graphdef, params)
     p, n = spec.prompt_len, spec.max_new_tokens
     c = p + n
-    rows = jnp.arange(slots.live.shape[0])
     stop = jnp.asarray(spec.stop or (-1,), jnp.int32)
 
     def cond(carry):
@@ -210,12 +210,12 @@ def _decode(graphdef, params, slots: Slots, key, *, spec, mesh, rules):
         tok, lp = sample_rows(s.logits, keys, spec.temperature, spec.top_k, spec.top_p)
         live = s.live
         tok = jnp.where(live, tok, spec.pad_id)
-        at = jnp.where(live, s.gen, n)  # out of range for ended slots: the write is dropped
-        tokens = s.tokens.at[rows, at].set(tok, mode="drop")
-        logprobs = s.logprobs.at[rows, at].set(lp, mode="drop")
+        at = jnp.minimum(s.gen, n - 1)  # an ended slot rewrites what it holds there
+        tokens = _set_rows(s.tokens, at, tok, live)
+        logprobs = _set_rows(s.logprobs, at, lp, live)
         ended = live & ((jnp.isin(tok, stop) if spec.stop else False) | (s.gen + 1 >= s.cap))
         w = jnp.minimum(p + s.gen, c - 1)  # this token's cache slot
-        valid = s.valid.at[rows, w].set(s.valid[rows, w] | live)
+        valid = _set_rows(s.valid, w, jnp.ones_like(live), live)
         reach = jnp.max(jnp.where(live, w, 0))[None]  # attention reads up to the furthest live slot
         with activation_layout(layout):
             h, (k, v) = model.run(tok[:, None], s.pos[:, None], reach, valid, (s.k, s.v), w)
@@ -226,6 +226,14 @@ def _decode(graphdef, params, slots: Slots, key, *, spec, mesh, rules):
 
     steps, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), slots))
     return slots, steps
+
+
+def _set_rows(buf, at, values, where):
+    """buf [S, M] with buf[s, at[s]] = values[s] where `where[s]` (else unchanged): a per-row update
+    (vmap of dynamic_update_slice), partitioned row by row with no collective."""
+    def one(row, j, x, w):
+        return jax.lax.dynamic_update_slice(row, jnp.where(w, x, row[j]).astype(row.dtype)[None], (j,))
+    return jax.vmap(one)(buf, at, values, where)
 
 
 @jax.jit

@@ -35,6 +35,7 @@ from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import estimator_for, needs_teachers
 from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
+from opd_jax.rollout_plan import compile_rollout
 from opd_jax.train_step import TrainState, state_shardings
 
 GiB = 1024 ** 3
@@ -107,13 +108,15 @@ def optimizer_bytes(optimizer, shapes, axes, mesh: MeshShape, rules) -> tuple[fl
 
 
 def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: bool = False, mesh=None,
-         domains=None, keep_program: bool = False) -> dict:
+         domains=None, keep_program: bool = False, roofline: str | None = None) -> dict:
     """Per-device bytes of every part of a run of `cfg` on `n_devices` (default: all devices) and,
     with `compile`, the temporary bytes of the compiled step: the same scanned, rematerialised program
     the trainer runs (its attention and `train.remat`). `flops` compiles once more with the layer loop
     unrolled, because XLA's cost analysis counts a loop body once. `mesh` (a real one; default: one
     built on the first n_devices devices) and `domains` (default `RowLayout.from_config`) are the
-    trainer's; `keep_program` keeps the compiled update under "program" for the trainer to run."""
+    trainer's; `keep_program` keeps the compiled update under "program" for the trainer to run.
+    `roofline` (a chip name, `roofline.CHIPS`) adds a roofline estimate of the step's time on it."""
+    compile = compile or bool(roofline)
     from opd_jax.optim import make_optimizer
 
     n_devices = n_devices or (mesh.devices.size if mesh is not None else jax.device_count())
@@ -136,12 +139,15 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     dc = cfg.data
     rows = rl.rows("on" if "on" in rl.parts else "off")
     seq = dc.max_prompt_len + dc.max_new_tokens
-    cache_shape = (scfg.num_layers, rows, seq, scfg.num_kv_heads, scfg.head_dim)
-    cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(CACHE_AXES, cache_shape, mesh, rules), mesh)
+    slots = min(dc.rollout_slots or rows, rows) if "on" in rl.parts else 0  # the engine's KV lives per slot
+    cache_shape = (slots, scfg.num_layers, seq, scfg.num_kv_heads, scfg.head_dim)
+    cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(
+        CACHE_AXES, cache_shape, mesh, shd.rules_named(cfg.mesh.rollout_rules)), mesh)
     tout_dev = sum(shard_bytes(x.shape, x.dtype, shd.rows_spec(x.shape[0], x.ndim, mesh, rules), mesh)
                    for x in jax.tree.leaves(teacher_outputs(cfg.loss, rl, rows, dc.max_new_tokens, tcfgs)))
 
     out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
+           "student_weight_bytes": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)),
            "student_params": n_params, "student_bytes_per_device": p_dev,
            "optimizer_bytes_per_device": o_dev, "optimizer_bytes_total": o_total,
            "teachers": teachers, "teacher_bytes_per_device": t_dev,
@@ -151,17 +157,68 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     if compile or flops:
         if cfg.train.micro_batch == "auto":
             raise OpdError("plan(): resolve train.micro_batch=auto first (fit_micro_batch)")
+        real_mesh = real_mesh or target_mesh(cfg, n_devices)
         mem, program = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh)
         out.update(mem)
         # the compiled update's own figures: its arguments (parameters, optimizer state, every batch part
-        # with the teachers' outputs, the output matrices) and temporaries, plus what lives beside it
-        out["total_bytes_per_device"] = (mem["compiled_argument_bytes_per_device"] + mem["activation_bytes_per_device"]
-                                         + t_dev + cache_dev)
+        # with the teachers' outputs, the output matrices) and temporaries
+        out["update_phase_bytes_per_device"] = mem["compiled_argument_bytes_per_device"] + mem["activation_bytes_per_device"]
+        out["rollout_phase_bytes_per_device"] = 0.0
+        if "on" in rl.parts:  # the rollout: the engine's programs in the rollout layout beside the training state
+            ro = compile_rollout(cfg, scfg, rows, rows // dc.group_size, real_mesh)
+            out.update({k: v for k, v in ro.items() if k != "programs"})
+            out["kv_cache_bytes_per_device"] = cache_dev = ro["slot_bytes_per_device"]
+            out["rollout_phase_bytes_per_device"] = (p_dev + o_dev + ro["rollout_weight_bytes_per_device"] + cache_dev
+                                                     + ro["prompt_store_bytes_per_device"]
+                                                     + ro["rollout_temp_bytes_per_device"])
+        # the two phases never overlap: the rollout copy and the slots are freed before the update
+        out["total_bytes_per_device"] = t_dev + max(out["update_phase_bytes_per_device"],
+                                                    out["rollout_phase_bytes_per_device"])
         if keep_program:
             out["program"] = program
-    if flops:
+    if flops or roofline:
         _, unrolled = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh, unroll=True)
         out["flops_per_step_per_device"] = unrolled.flops()
+    if roofline:
+        out["roofline"] = step_roofline(cfg, scfg, rl, tcfgs, unrolled, real_mesh or target_mesh(cfg, n_devices),
+                                        n_devices, roofline)
+    return out
+
+
+def target_mesh(cfg, n_devices: int):
+    """The run's mesh on the first n_devices devices of this process (fake CPU devices when planning)."""
+    if jax.device_count() < n_devices:
+        raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
+                       f"{jax.device_count()} (on CPU: opd-jax plan --devices {n_devices} fakes them)")
+    return shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
+
+
+def step_roofline(cfg, scfg, rl: RowLayout, tcfgs: dict, update, mesh, n_devices: int, chip_name: str) -> dict:
+    """Roofline seconds of one step on `chip_name` (`opd_jax.roofline`): the engine's programs compiled
+    with the layers unrolled, the update, and the teachers' forward passes (a hand count: 2 x teacher
+    parameters x tokens FLOPs, compute-bound). Decode steps are counted as if every sequence ran to
+    max_new_tokens, in ceil(rows / slots) waves: an upper bound for a long-tailed mix."""
+    from opd_jax.roofline import Estimate, chip, estimate
+
+    ch = chip(chip_name)
+    dc = cfg.data
+    out = {"chip": ch.name}
+    if "on" not in rl.parts:
+        return out
+    rows = rl.rows("on")
+    ro = compile_rollout(cfg, scfg, rows, rows // dc.group_size, mesh, unroll=True)
+    est = {n: estimate(p, ch) for n, p in ro["programs"].items()}
+    est["update"] = estimate(update.compiled, ch)
+    tokens = rows * (dc.max_prompt_len + dc.max_new_tokens)
+    t_flops = sum(2.0 * tree_bytes(*abstract_params(c), MeshShape({}), {})[1] * tokens for c in tcfgs.values())
+    est["teachers"] = Estimate(t_flops / n_devices, 0.0, 0.0, ch)
+    waves = math.ceil(rows / ro["rollout_slots"])
+    calls = {"prefill": 1, "insert": waves, "decode": waves * dc.max_new_tokens, "update": 1, "teachers": 1}
+    for name, e in est.items():
+        out[name] = {"seconds_per_call": e.seconds, "bound": e.bound, "calls": calls[name], "flops": e.flops,
+                     "hbm_bytes": e.hbm_bytes, "collective_bytes": e.collective_bytes}
+    out["step_seconds"] = sum(out[n]["seconds_per_call"] * calls[n] for n in est)
+    out["new_tokens_per_s_per_chip"] = rows * dc.max_new_tokens / out["step_seconds"] / n_devices
     return out
 
 
@@ -226,11 +283,7 @@ def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, me
     (XLA's temporary bytes (activations) and argument bytes, the UpdateProgram)."""
     from opd_jax.train_step import StepSpec
 
-    if mesh is None:
-        if jax.device_count() < n_devices:
-            raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
-                           f"{jax.device_count()} (on CPU: opd-jax plan --devices {n_devices} fakes them)")
-        mesh = shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
+    mesh = mesh or target_mesh(cfg, n_devices)
     rules = shd.rules_named(cfg.mesh.rules)
     model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
     state_sh = state_shardings(optimizer, shapes, shd.param_shardings(model, mesh, rules), mesh)
@@ -300,6 +353,16 @@ def refusal(p: dict, limit: float, cfg) -> str:
     have = ", ".join(f"{name} {p[key] / GiB:.2f}" for name, key in parts if key in p)
     when = "" if "activation_bytes_per_device" in p else " before activations"
     m = cfg.train.micro_batch
+    if p.get("rollout_phase_bytes_per_device", 0) > p.get("update_phase_bytes_per_device", float("inf")):
+        from opd_jax.rollout_plan import slots_that_fit
+        mc = p["mesh"]
+        fit = slots_that_fit(p, limit, mc.get("data", 1) * mc.get("fsdp", 1))
+        return (f"this run's rollout needs about {p['total_bytes_per_device'] / GiB:.2f} GiB per device (KV of "
+                f"{p['rollout_slots']} slots {p['kv_cache_bytes_per_device'] / GiB:.2f}, rollout weights "
+                f"{p['rollout_weight_bytes_per_device'] / GiB:.2f}, training state and teachers "
+                f"{(p['student_bytes_per_device'] + p['optimizer_bytes_per_device'] + p['teacher_bytes_per_device']) / GiB:.2f})"
+                f" but a device has {limit / GiB:.2f} GiB: set data.rollout_slots to {fit} or fewer"
+                + (" (none fit: shard wider or shorten data.max_new_tokens)" if fit == 0 else ""))
     return (f"this run needs about {p['total_bytes_per_device'] / GiB:.2f} GiB per device{when} ({have}) but a device "
             f"has {limit / GiB:.2f} GiB: lower the activations with train.remat=full (now {cfg.train.remat}), "
             f"a smaller train.micro_batch (now {m or 'all'} of {p['rows_per_step']} rows at once; auto picks the "
@@ -337,15 +400,37 @@ def format_plan(p: dict) -> str:
              f"  optimizer state      {gib(p['optimizer_bytes_per_device'])}"]
     for name, t in p["teachers"].items():
         lines.append(f"  teacher {name:<12} {gib(t['bytes_per_device'])}  ({t['params'] / 1e9:.3f} B params)")
-    lines += [f"  KV cache (sampling)  {gib(p['kv_cache_bytes_per_device'])}",
+    lines += [f"  KV cache (slots)     {gib(p['kv_cache_bytes_per_device'])}",
               f"  teacher outputs      {gib(p['teacher_output_bytes_per_device'])}"]
     if "activation_bytes_per_device" in p:
         lines.append(f"  activations (XLA)    {gib(p['activation_bytes_per_device'])}")
         lines.append(f"  update arguments     {gib(p['compiled_argument_bytes_per_device'])}  (XLA: parameters, "
                      "optimizer state, batch; the total counts these, not the hand counts above)")
-        if "flops_per_step_per_device" in p:
-            lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
-    lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device")
+        lines.append(f"  update phase         {gib(p['update_phase_bytes_per_device'])}  (arguments + activations)")
+    if "rollout_slots" in p:
+        w = p["rollout_weight_bytes_per_device"]
+        lines += [f"  rollout weights      {gib(w)}  (rollout layout; made before each rollout, freed after it)",
+                  f"  rollout prompts      {gib(p['prompt_store_bytes_per_device'])}  ({p['rollout_prompts']} "
+                  f"prompts, one prefill each)",
+                  f"  rollout temporaries  {gib(p['rollout_temp_bytes_per_device'])}",
+                  f"  rollout phase        {gib(p['rollout_phase_bytes_per_device'])}  (training state + the four "
+                  f"above + KV of {p['rollout_slots']} slots)",
+                  f"  decode step moves    {p['decode_collective_bytes_per_step'] / 1e6:9.3f} MB between chips "
+                  f"({p['decode_collective_bytes_per_step'] / max(1.0, p['student_weight_bytes']):.2%} of the "
+                  "student's weights)"]
+    if "flops_per_step_per_device" in p:
+        lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
+    total = "teachers + the larger phase" if "update_phase_bytes_per_device" in p else "hand count"
+    lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device ({total})")
+    if "roofline" in p and "step_seconds" in p["roofline"]:
+        r = p["roofline"]
+        lines.append(f"  roofline on {r['chip']} (peak rates; decode counted to max_new_tokens):")
+        for name in ("prefill", "insert", "decode", "teachers", "update"):
+            e = r[name]
+            lines.append(f"    {name:<9} {e['seconds_per_call'] * 1e3:10.3f} ms x {e['calls']:>6} calls  "
+                         f"({e['bound']}-bound)")
+        lines.append(f"    step      {r['step_seconds']:10.3f} s;  {r['new_tokens_per_s_per_chip']:.1f} new tokens/s "
+                     "per chip")
     return "\n".join(lines)
 
 

@@ -42,10 +42,11 @@ def test_greedy_generation_matches_transformers_generate(hf_checkpoints, family)
     with torch.no_grad():
         ref = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
                                    max_new_tokens=16, min_new_tokens=16, eos_token_id=None, pad_token_id=0)
-    roll = opd_jax.generate(model, jnp.asarray(ids), jnp.asarray(mask), key=jax.random.key(0),
-                            max_new_tokens=16, temperature=0.0, eos_id=None)
-    np.testing.assert_array_equal(np.asarray(roll.tokens), ref.numpy())
-    assert np.asarray(roll.mask).sum() == 3 * 16
+    for slots in (None, 2):  # one slot per row, and two slots with the third row refilled into one
+        roll = opd_jax.generate(model, jnp.asarray(ids), jnp.asarray(mask), key=jax.random.key(0),
+                                max_new_tokens=16, temperature=0.0, eos_id=None, slots=slots, steps_per_call=4)
+        np.testing.assert_array_equal(np.asarray(roll.tokens), ref.numpy())
+        assert np.asarray(roll.mask).sum() == 3 * 16
     assert len(set(ref.numpy()[:, 12:].ravel().tolist())) > 3  # a non-degenerate continuation
 
 

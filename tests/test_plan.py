@@ -136,9 +136,14 @@ def test_the_fit_check_measures_and_the_trainer_runs_one_compiled_update(tmp_pat
     assert train_step.TRACES["update"] - traces == 1
     for k in ("total_bytes_per_device", "activation_bytes_per_device", "compiled_argument_bytes_per_device"):
         assert run.plan[k] == want[k], k
-    # the compiled total is the update's own arguments + temporaries (+ teachers, KV cache), not a hand count
-    assert want["total_bytes_per_device"] == (want["compiled_argument_bytes_per_device"] + want[
-        "activation_bytes_per_device"] + want["teacher_bytes_per_device"] + want["kv_cache_bytes_per_device"])
+    # the compiled total: the teachers + the larger of the two phases, which never overlap: the update's own
+    # arguments + temporaries, or the rollout's (training state, rollout weight copy, slots, prompts, temporaries)
+    update = want["compiled_argument_bytes_per_device"] + want["activation_bytes_per_device"]
+    rollout = (want["student_bytes_per_device"] + want["optimizer_bytes_per_device"]
+               + want["rollout_weight_bytes_per_device"] + want["kv_cache_bytes_per_device"]
+               + want["prompt_store_bytes_per_device"] + want["rollout_temp_bytes_per_device"])
+    assert want["total_bytes_per_device"] == want["teacher_bytes_per_device"] + max(update, rollout)
+    assert want["rollout_weight_bytes_per_device"] == pytest.approx(8 * want["student_bytes_per_device"], rel=0.05)
 
 
 def test_a_gkd_run_is_planned_with_both_of_its_parts(tmp_path):

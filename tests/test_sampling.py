@@ -21,8 +21,8 @@ def _prompts(seed=0, b=4, p=7, vocab=128):
     return jnp.asarray(np.where(mask == 1, ids, 0)), jnp.asarray(mask)
 
 
-@pytest.mark.parametrize("new", [10, 240])  # 240: the cache outgrows the first read lengths (128, 240 + 7 slots)
-def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints, new):
+@pytest.mark.parametrize("new,slots", [(10, None), (240, None), (10, 3)])  # 240: the cache outgrows the first
+def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints, new, slots):  # read lengths
     """Decode steps read only the filled part of the cache (a length chosen on device per step); the
     log-probs still equal transformers' forward over the whole rollout."""
     from opd_jax.models.attention import cache_buckets
@@ -33,7 +33,7 @@ def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints,
     assert len(cache_buckets(ids.shape[1] + new)) == (1 if new == 10 else 2)
     temp = 0.7
     roll = opd_jax.generate(model, ids, mask, key=jax.random.key(3), max_new_tokens=new, temperature=temp,
-                            eos_id=None)
+                            eos_id=[5, 9], slots=slots)  # 3 slots: rows ended by a stop id are refilled
     full_mask = np.concatenate([np.asarray(mask), np.asarray(roll.mask)], 1)
     with torch.no_grad():
         logits = torch_model(torch.tensor(np.asarray(roll.tokens)), attention_mask=torch.tensor(full_mask)).logits
@@ -41,7 +41,8 @@ def test_sampled_logprobs_match_a_torch_forward_over_the_rollout(hf_checkpoints,
     p = ids.shape[1]
     new = np.asarray(roll.tokens)[:, p:]
     ref = np.take_along_axis(logp[:, p - 1:-1], new[..., None], -1)[..., 0]
-    np.testing.assert_allclose(np.asarray(roll.logprobs), ref, atol=1e-4)
+    m = np.asarray(roll.mask)
+    np.testing.assert_allclose(np.asarray(roll.logprobs) * m, ref * m, atol=1e-4)
 
 
 def test_cache_read_lengths():

@@ -260,19 +260,34 @@ def cache_buckets(s: int, smallest: int = 128, most: int = 16) -> tuple[int, ...
     return tuple(range(step, s, step)) + (s,)
 
 
+def from_cache(x, dtype):
+    """Cache entries as `dtype`: a 16-bit float cache is stored as its uint16 bit pattern
+    (`transformer.cache_dtype`), so it is bit-cast back; otherwise converted."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jax.lax.bitcast_convert_type(x, dtype)
+    return x.astype(dtype)
+
+
+def to_cache(x, cache_dtype):
+    """The inverse of `from_cache`: values of x (in the compute dtype) as stored in the cache."""
+    if jnp.issubdtype(cache_dtype, jnp.integer):
+        return jax.lax.bitcast_convert_type(x, cache_dtype)
+    return x.astype(cache_dtype)
+
+
 def decode_attention(q, cache_k, cache_v, layer, q_slots, key_valid):
     """Attention of new queries over the filled part of a KV cache only, so a decode step costs what
     the cache holds, not its capacity: the shortest length in `cache_buckets(S)` that covers slot
     q_slots[-1] is chosen on device (`lax.switch` over static lengths) and the plain path runs over
     those slots; later slots are invisible to these queries anyway, so the result is the plain path's.
-    q [B, T, H, Dh]; cache_k / cache_v [L, B, S, K, Dh] (this call reads layer `layer`); q_slots [T];
+    q [B, T, H, Dh]; cache_k / cache_v [B, L, S, K, Dh] (this call reads layer `layer`); q_slots [T];
     key_valid [B, S]. -> [B, T, H, Dh]."""
-    _, b, s, kv, dh = cache_k.shape
+    b, _, s, kv, dh = cache_k.shape
     sizes = cache_buckets(s)
 
     def over(n):
         def run(q, cache_k, cache_v, key_valid):
-            k, v = (jax.lax.dynamic_slice(c, (layer, 0, 0, 0, 0), (1, b, n, kv, dh))[0].astype(q.dtype)
+            k, v = (from_cache(jax.lax.dynamic_slice(c, (0, layer, 0, 0, 0), (b, 1, n, kv, dh))[:, 0], q.dtype)
                     for c in (cache_k, cache_v))
             return naive_attention(q, k, v, q_slots, key_valid[:, :n])
         return run

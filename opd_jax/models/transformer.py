@@ -19,7 +19,7 @@ from flax import nnx
 
 from opd_jax.models.config import ModelConfig
 from opd_jax.models import layers as L
-from opd_jax.models.attention import attention, decode_attention
+from opd_jax.models.attention import attention, decode_attention, from_cache, to_cache
 
 # name -> (shape builder, logical axes, init kind); shapes include the leading layers axis.
 def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
@@ -112,7 +112,7 @@ class Transformer(nnx.Module):
 
         input_ids [B, T], positions [B, T] (RoPE positions), q_slots [T] (cache slot of each
         query), key_valid [B, S] (which slots hold real tokens). With `cache=(k, v)` each of shape
-        [L, B, S, K, Dh], the new keys/values are written at slots write_index..write_index+T-1
+        [B, L, S, K, Dh], the new keys/values are written at slots write_index..write_index+T-1
         (or, with write_index [B] and T = 1, each row at its own slot) and attention runs over all S
         slots; without a cache S = T.
         Returns (final normed hidden [B, T, D], new cache or None).
@@ -147,20 +147,21 @@ class Transformer(nnx.Module):
             if cache is not None:  # write this layer's new keys/values in place, attend over all slots
                 ck, cv = cache
                 if jnp.ndim(write_index) == 1:  # one slot per row (T = 1): the rollout engine's decode step
-                    rows = jnp.arange(k.shape[0])
-                    ck = ck.at[i, rows, write_index].set(k[:, 0].astype(ck.dtype), mode="drop")
-                    cv = cv.at[i, rows, write_index].set(v[:, 0].astype(cv.dtype), mode="drop")
+                    # a per-row update over the leading batch axis: in place, and partitioned row by row
+                    # (no collective on a batch-sharded cache)
+                    put = jax.vmap(lambda c, x, j: jax.lax.dynamic_update_slice(c, x[None], (i, j, 0, 0)))
+                    ck, cv = put(ck, to_cache(k, ck.dtype), write_index), put(cv, to_cache(v, cv.dtype), write_index)
                 else:
-                    at = (i, 0, write_index, 0, 0)
-                    ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), at)
-                    cv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), at)
+                    at = (0, i, write_index, 0, 0)
+                    ck = jax.lax.dynamic_update_slice(ck, to_cache(k[:, None], ck.dtype), at)
+                    cv = jax.lax.dynamic_update_slice(cv, to_cache(v[:, None], cv.dtype), at)
                 cache = (ck, cv)
             if cache is not None and decoding:  # read only the filled part of the cache
                 o = decode_attention(q, ck, cv, i, q_slots, key_valid)
             else:
                 if cache is not None:
-                    k = jax.lax.dynamic_index_in_dim(ck, i, keepdims=False).astype(dt)
-                    v = jax.lax.dynamic_index_in_dim(cv, i, keepdims=False).astype(dt)
+                    k = from_cache(jax.lax.dynamic_index_in_dim(ck, i, axis=1, keepdims=False), dt)
+                    v = from_cache(jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False), dt)
                 o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block,
                               cached=cache is not None, layout=layout)
             h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
@@ -232,14 +233,22 @@ def positions_from_mask(mask):
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
-    """Zeroed KV cache (k, v), each [L, B, S, K, Dh]; logical axes in `CACHE_AXES`."""
-    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    dt = jnp.dtype(dtype or cfg.dtype)
-    return jnp.zeros(shape, dt), jnp.zeros(shape, dt)
+def cache_dtype(cfg: ModelConfig):
+    """The KV cache's storage dtype: a 16-bit compute dtype is stored as its uint16 bit pattern (the
+    same bytes; a backend that lacks 16-bit float updates, XLA:CPU, would otherwise widen the whole
+    cache to float32 around every in-place write), float32 as itself."""
+    dt = jnp.dtype(cfg.dtype)
+    return jnp.dtype(jnp.uint16) if dt.itemsize == 2 else dt
 
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+def init_cache(cfg: ModelConfig, batch: int, length: int):
+    """Zeroed KV cache (k, v), each [B, L, S, K, Dh] (rows first: a row's update is one slice, in
+    place) in `cache_dtype`; logical axes in `CACHE_AXES`."""
+    shape = (batch, cfg.num_layers, length, cfg.num_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, cache_dtype(cfg)), jnp.zeros(shape, cache_dtype(cfg))
+
+
+CACHE_AXES = ("batch", "layers", "cache_seq", "kv_heads", "head_dim")
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
