@@ -116,10 +116,18 @@ class EngineStats:
     dispatches: int = 0
     prefill_rows: int = 0
     handed_back: list = field(default_factory=list)
+    queued_steps: int = 0  # decode steps of calls made while sequences were still waiting for a slot
+    queued_generated: int = 0  # tokens those calls produced
 
     @property
     def occupancy(self) -> float:
         return self.generated / max(1, self.slots * self.decode_steps)
+
+    @property
+    def occupancy_while_queued(self) -> float:
+        """Occupancy of the calls made while sequences waited for a slot: what refilling achieves; the
+        rest is the drain at the end, when no sequence is left to start (bounded by the longest one)."""
+        return self.queued_generated / max(1, self.slots * self.queued_steps)
 
 
 # ----------------------------------------------------------------------------- the three programs
@@ -315,6 +323,7 @@ class Engine:
         out_lp = np.zeros((n_seq, n), np.float32)
         out_mask = np.zeros((n_seq, n), np.int32)
         held = np.full(spec.slots, -1)  # sequence id per slot on the host; -1 = free
+        seen = np.zeros(spec.slots, np.int64)  # tokens of each slot's sequence already counted
         nxt = 0
         while True:
             free = np.flatnonzero(held < 0)
@@ -326,15 +335,22 @@ class Engine:
                 seq = np.zeros(spec.slots, np.int32)
                 seq[into] = np.arange(nxt, nxt + take_n)
                 held[into] = seq[into]
+                seen[into] = 0
                 nxt += take_n
                 slots = _insert(slots, store, self._put(take), self._put(seq // group), self._put(seq),
                                 self._put(np.where(take, caps[seq], 0).astype(np.int32)), spec=spec, **st)
             if not (held >= 0).any():
                 break
+            queued = nxt < n_seq
             slots, ran = _decode(self.graphdef, params, slots, key, spec=spec, **st)
             stats.dispatches += 1
             live, gen = (dist.to_host(x) for x in (slots.live, slots.gen))
-            stats.decode_steps += int(dist.to_host(ran))
+            ran = int(dist.to_host(ran))
+            stats.decode_steps += ran
+            if queued:
+                stats.queued_steps += ran
+                stats.queued_generated += int(np.where(held >= 0, gen - seen, 0).sum())
+            seen = np.where(held >= 0, gen, seen)
             done = np.flatnonzero((held >= 0) & ~live)
             if done.size:
                 width = min(spec.slots, 1 << int(np.ceil(np.log2(done.size))))  # few compiled sizes
