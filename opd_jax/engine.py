@@ -175,11 +175,11 @@ def _prefill(graphdef, params, ids, pmask, *, mesh, rules):
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "rules"), donate_argnums=(0,))
 def _insert(slots: Slots, store, take, src, seq, cap, *, spec, mesh, rules):
+    """Slot s (where take[s]) starts sequence seq[s] (length cap cap[s]) from stored prompt src[s]."""
     TRACES["insert"] += 1
     put, _ = _constrain(mesh, rules)
     sk, sv, slog, spm = store
     p, n = spec.prompt_len, spec.max_new_tokens
-    rows = lambda x: jnp.where(take.reshape((-1,) + (1,) * (x.ndim - 1)), x, getattr(slots, name))  # noqa: E731
 
     def prompt_kv(cache, stored):  # slot s's [0, P) <- stored prompt src[s] where take[s], row by row in place
         def one(row, j, t):
@@ -192,9 +192,11 @@ def _insert(slots: Slots, store, take, src, seq, cap, *, spec, mesh, rules):
                pos=pm.sum(1).astype(jnp.int32), gen=jnp.zeros_like(src), seq=seq, live=jnp.ones_like(take),
                cap=cap, logits=jnp.take(slog, src, axis=0), tokens=jnp.full(slots.tokens.shape, spec.pad_id, jnp.int32),
                logprobs=jnp.zeros(slots.logprobs.shape, jnp.float32))
-    out = {}
-    for name, x in new.items():
-        out[name] = put(rows(x), getattr(SLOT_AXES, name))
+    def where_taken(name, x):  # the new value in taken slots, the old one elsewhere
+        old = getattr(slots, name)
+        return put(jnp.where(take.reshape((-1,) + (1,) * (x.ndim - 1)), x, old), getattr(SLOT_AXES, name))
+
+    out = {name: where_taken(name, x) for name, x in new.items()}
     return slots._replace(k=prompt_kv(slots.k, sk), v=prompt_kv(slots.v, sv), **out)
 
 
