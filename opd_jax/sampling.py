@@ -28,8 +28,8 @@ class Rollout(NamedTuple):
     """tokens [B, P+N] (prompt then completion, `pad_id` after a row's EOS);
     logprobs [B, N] float32, log-probability of each sampled token under the sampling distribution
     (after temperature / top-k / top-p; for greedy decoding, under the temperature-1 model), 0 where
-    masked; mask [B, N] int32, 1 up to and including the first EOS; steps: decode steps run
-    (< N when every row finished early)."""
+    masked; mask [B, N] int32, 1 up to and including the first EOS; steps: decode steps the engine
+    ran (each over all its slots: at most N with one slot per row, more when slots refill)."""
 
     tokens: jax.Array
     logprobs: jax.Array
