@@ -289,8 +289,7 @@ class Engine:
         if self.mesh is None:
             return params
         model = nnx.merge(self.graphdef, params)
-        sh = shd.param_shardings(model, self.mesh, self.rules)
-        return jax.jit(lambda x: x, out_shardings=sh)(params)
+        return jax.device_put(params, shd.param_shardings(model, self.mesh, self.rules))  # one cached transfer
 
     def run(self, params, ids, pmask, key, *, group: int = 1, caps=None) -> tuple[Rollout, EngineStats]:
         """Sample `group` sequences per prompt. ids / pmask [n, P] host or device (left-padded); key: a
