@@ -32,11 +32,13 @@ from conftest import random_teacher, tiny_overrides
 def test_self_teacher_scores_zero_divergence_at_the_first_step(tmp_path, mode):
     """At step 1 the student equals its frozen snapshot, so every estimator must see divergence 0:
     a check that teacher scores line up with the student's positions and tokens."""
-    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.steps": 1, **mode}))
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"train.steps": 1, "data.rollout_slots": 5, **mode}))
     last = train(cfg)
     assert abs(last["on_policy/divergence"]) < 1e-5
-    assert last["on_policy/logprob_mismatch"] < 1e-4  # sampler and trainer agree on log-probs
+    assert last["on_policy/logprob_mismatch"] < 1e-4  # sampler (5 slots refilled for 12 rows) and trainer agree
     assert last["on_policy/tokens"] > 0
+    # the logged occupancy: the step's sampled tokens over 5 slots x the decode steps the engine ran
+    assert last["rollout/occupancy"] == pytest.approx(last["on_policy/tokens"] / (5 * last["rollout/decode_steps"]))
 
 
 def test_run_writes_metrics_checkpoints_plots_tensorboard_and_exports(tmp_path):
