@@ -129,6 +129,9 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     o_dev, o_total = optimizer_bytes(optimizer, shapes, axes, mesh, rules)
 
     rl = RowLayout.from_config(cfg, domains)
+    if needs_teachers(cfg.loss):  # the trainer's routing errors, before any compile
+        from opd_jax.teachers import check_routing
+        check_routing(cfg.teachers, cfg.routing, rl.domains)
     teachers, t_dev = {}, 0.0
     tcfgs = teacher_configs(cfg, scfg, rl)
     for name, tcfg in tcfgs.items():

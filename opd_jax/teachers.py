@@ -32,13 +32,9 @@ class Teacher:
     rules: tuple = ()  # the teacher rules (mesh.teacher_rules) as sorted items: its parameters and activations
 
 
-def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
-    """Load every teacher named in `specs`; check routing and vocabularies before any compute.
-
-    specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
-    missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
-    clear error. Returns name -> Teacher for the teachers that some domain uses.
-    """
+def check_routing(specs, routing: dict, domains) -> dict:
+    """One-line errors for a domain without a teacher or routed to an unknown one (before anything is
+    read or compiled). -> name -> TeacherSpec."""
     names = {t.name: t for t in specs}
     for d in domains:
         if d not in routing:
@@ -46,6 +42,17 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
         if routing[d] not in names:
             raise OpdError(f"routing sends domain {d!r} to teacher {routing[d]!r}, which is not in teachers "
                            f"({', '.join(names) or 'none'})")
+    return names
+
+
+def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
+    """Load every teacher named in `specs`; check routing and vocabularies before any compute.
+
+    specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
+    missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
+    clear error. Returns name -> Teacher for the teachers that some domain uses.
+    """
+    names = check_routing(specs, routing, domains)
     out = {}
     for name in sorted({routing[d] for d in domains}):
         spec = names[name]

@@ -158,3 +158,12 @@ def test_a_gkd_run_is_planned_with_both_of_its_parts(tmp_path):
     grpo = plan(load_config(None, tiny_overrides(tmp_path / "r", **{
         "loss.estimator_type": "sampled", "loss.rl_alpha": 0.0})), n_devices=8)
     assert grpo["teachers"] == {} and grpo["teacher_bytes_per_device"] == 0
+
+
+def test_plan_refuses_a_run_without_teachers_in_one_line():
+    """A distillation config whose domains have no teacher gets the trainer's routing error from the
+    planner too (it crashed inside the compile before)."""
+    from opd_jax.errors import OpdError
+
+    with pytest.raises(OpdError, match="domain 'addition' has no teacher in routing"):
+        plan(load_config(None, ["student.init.vocab_size=64"]), n_devices=8, compile=True)
