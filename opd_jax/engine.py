@@ -64,6 +64,16 @@ class EngineSpec:
     pad_id: int = 0
     steps_per_call: int = 8
 
+    @classmethod
+    def for_data(cls, dc, n_seq: int, temperature: float, *, stop=(), pad_id: int = 0,
+                 steps_per_call: int | None = None) -> "EngineSpec":
+        """The engine settings of a run's `data` config for `n_seq` sequences: data.rollout_slots slots
+        (0 = one per sequence; at most n_seq); temperature 0 (greedy) drops top-k / top-p."""
+        return cls(prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
+                   slots=min(dc.rollout_slots or n_seq, n_seq), temperature=float(temperature),
+                   top_k=dc.top_k if temperature else 0, top_p=dc.top_p if temperature else 1.0,
+                   stop=tuple(sorted(stop)), pad_id=pad_id, steps_per_call=steps_per_call or dc.decode_steps_per_call)
+
     def check(self, context: int):
         if self.slots < 1:
             raise OpdError(f"rollout slots must be >= 1, got {self.slots}")
@@ -134,13 +144,12 @@ class EngineStats:
 
 
 def _constrain(mesh, rules):
-    rules = dict(rules) if rules is not None else None
-
-    def put(x, axes):
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, shd.named_sharding(axes, x.shape, mesh, rules))
-    return put, (shd.layout_fn(mesh, rules) if mesh is not None else None)
+    """(put(x, logical_axes), layout) inside a program: `sharding.layout_fn` on a mesh; without one,
+    put leaves x as it is and layout is None."""
+    if mesh is None:
+        return (lambda x, axes: x), None
+    layout = shd.layout_fn(mesh, dict(rules) if rules is not None else None)
+    return layout, layout
 
 
 def empty_slots(cfg, spec: EngineSpec) -> Slots:
@@ -252,11 +261,6 @@ def _gather(tokens, logprobs, idx):
 
 
 # ----------------------------------------------------------------------------- the host loop
-
-
-def rollout_rules(mesh_cfg=None) -> dict:
-    """The rules the engine places the student with (config `mesh.rollout_rules`)."""
-    return shd.rules_named(getattr(mesh_cfg, "rollout_rules", "rollout") if mesh_cfg is not None else "rollout")
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,6 @@ from opd_jax.engine import SLOT_AXES, EngineSpec, _decode, _insert, _prefill, em
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
 
 
-def rollout_spec(cfg, rows: int, steps_per_call: int | None = None) -> EngineSpec:
-    """The trainer's engine settings for `rows` sampled rows (slots: data.rollout_slots, 0 = rows)."""
-    dc = cfg.data
-    return EngineSpec(prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
-                      slots=min(dc.rollout_slots or rows, rows), temperature=float(dc.temperature), top_k=dc.top_k,
-                      top_p=dc.top_p, stop=(0,), steps_per_call=steps_per_call or dc.decode_steps_per_call)
-
-
 def _sds(tree, axes, mesh, rules):
     return jax.tree.map(lambda x, ax: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.named_sharding(
         ax, x.shape, mesh, rules)), tree, axes, is_leaf=lambda a: isinstance(a, tuple) and all(
@@ -59,7 +51,8 @@ def compile_rollout(cfg, scfg, rows: int, prompts: int, mesh, *, unroll: bool = 
 
     rules = shd.rules_named(cfg.mesh.rollout_rules)
     rt = tuple(sorted(rules.items()))
-    spec = rollout_spec(cfg, rows, steps_per_call=1)
+    # the trainer's settings (one step per call: the decode program's text is then one step)
+    spec = EngineSpec.for_data(cfg.data, rows, cfg.data.temperature, stop=(0,), steps_per_call=1)
     model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)

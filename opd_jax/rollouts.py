@@ -67,12 +67,8 @@ class Rollouts:
     def engine(self, n_seq: int, temperature: float) -> Engine:
         """The rollout engine for `n_seq` sequences: data.rollout_slots slots (0 = one per sequence; at
         most n_seq), data settings, the rollout layout."""
-        dc = self.cfg.data
-        spec = EngineSpec(prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
-                          slots=min(dc.rollout_slots or n_seq, n_seq), temperature=float(temperature),
-                          top_k=dc.top_k if temperature else 0, top_p=dc.top_p if temperature else 1.0,
-                          stop=tuple(sorted(self.stop)), pad_id=self.prompter.tokenizer.pad_token_id or 0,
-                          steps_per_call=dc.decode_steps_per_call)
+        spec = EngineSpec.for_data(self.cfg.data, n_seq, temperature, stop=self.stop,
+                                   pad_id=self.prompter.tokenizer.pad_token_id or 0)
         return Engine(self.graphdef, self.model_cfg, spec, self.mesh, self.rollout_rules)
 
     def sample(self, params, ids, pmask, key, *, group: int = 1, temperature=None):
