@@ -71,6 +71,9 @@ class LossConfig:
     rl_alpha: float = 1.0  # weight of OPD vs GRPO reward (1 = pure OPD); used when < 1 or rl_mode=replace
     rl_mode: str = "mix"
     clip_eps: float = 0.2
+    # truncated importance weight cap for the sampled-token and RL terms when train.max_staleness >= 1
+    # (tokens drawn by an older policy: iw = min(pi_theta / pi_sampler, is_cap)); unused when synchronous
+    is_cap: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,9 @@ class TrainConfig:
     # rows per forward/backward inside the step (gradients accumulated); 0 = all rows; "auto" = the
     # largest that fits the device memory (the planner compiles the step for each candidate)
     micro_batch: int | str = 0
+    # asynchronous OPD: the sampler runs up to this many policy versions behind the learner (0 = synchronous:
+    # sample, score, update, one after the other); sequences older than this are dropped (opd_jax.pipeline)
+    max_staleness: int = 0
     remat: str = "full"  # recompute each layer body in the backward pass: full | dots (keep matmuls) | none
 
 
@@ -263,6 +269,8 @@ _LIMITS = {
     ("data", "decode_steps_per_call"): _POSITIVE,
     ("loss", "topk"): _POSITIVE, ("loss", "seq_chunk"): _POSITIVE,
     ("loss", "clip_eps"): ("must be > 0", lambda v: v > 0),
+    ("loss", "is_cap"): ("must be >= 1 (a cap below 1 would shrink every on-policy token)", lambda v: v >= 1),
+    ("train", "max_staleness"): ("must be >= 0 (0 = synchronous)", lambda v: v >= 0),
     ("optim", "lr"): ("must be > 0", lambda v: v > 0),
     ("optim", "warmup_steps"): ("must be >= 0", lambda v: v >= 0),
     ("optim", "weight_decay"): ("must be >= 0", lambda v: v >= 0),

@@ -6,7 +6,7 @@ Three jitted programs and a small host loop:
         logits [n, V]; one row per *prompt*: its G samples share it
     insert(slots, store, take [S], src [S], seq [S], cap [S]) -> slots: slot s (where take[s]) receives
         prompt src[s]'s KV and logits and starts sequence seq[s] with length cap cap[s]
-    decode(params, slots, key) -> slots: up to `steps_per_call` decode steps over all S slots, in one
+    decode(params, slots) -> slots: up to `steps_per_call` decode steps over all S slots, in one
         dispatch (the host stays out of the loop); stops early once no slot is live
 
     host: prefill every prompt once; fill free slots from the queue of sequence ids; decode; read back
@@ -16,7 +16,9 @@ Slot layout: each slot's cache holds its prompt at [0, P) (left-padded) and its 
 P + i, so every slot has its own filled length; `valid [S, C]` marks the real keys and attention reads
 only the shortest static length that covers every live slot (`attention.decode_attention`).
 
-Randomness: token i of sequence q is drawn with fold_in(fold_in(key, q), i). A sequence's tokens
+Randomness: token i of sequence q is drawn with fold_in(fold_in(key, q), i) (each slot carries its
+sequence's base key fold_in(key, q), so slots may hold sequences of different keys: the asynchronous
+pipeline's batches). A sequence's tokens
 therefore depend only on its prompt, its id and the key: not on the slot that ran it, on when it
 started, or on how many slots there are.
 
@@ -95,7 +97,7 @@ class Slots(NamedTuple):
     """The engine's device state. k, v [S, L, C, K, Dh] (C = P + N); valid [S, C] bool (real keys);
     pos [S] RoPE position of the next token; gen [S] tokens generated; seq [S] sequence id (-1: never
     used); live [S] bool; cap [S] length cap; logits [S, V] float32 next-token logits; tokens [S, N]
-    int32 and logprobs [S, N] float32: the sequence so far."""
+    int32 and logprobs [S, N] float32: the sequence so far; base [S, 2] uint32 the sequence's key data."""
 
     k: jax.Array
     v: jax.Array
@@ -108,10 +110,11 @@ class Slots(NamedTuple):
     logits: jax.Array
     tokens: jax.Array
     logprobs: jax.Array
+    base: jax.Array  # [S, 2] uint32: the key data of each slot's sequence (token i draws with fold_in(base, i))
 
 
 SLOT_AXES = Slots(CACHE_AXES, CACHE_AXES, ("batch", None), ("batch",), ("batch",), ("batch",), ("batch",),
-                  ("batch",), ("batch", None), ("batch", None), ("batch", None))
+                  ("batch",), ("batch", None), ("batch", None), ("batch", None), ("batch", None))
 
 
 @dataclass
@@ -159,7 +162,18 @@ def empty_slots(cfg, spec: EngineSpec) -> Slots:
     zi = jnp.zeros((s,), jnp.int32)
     return Slots(k, v, jnp.zeros((s, spec.prompt_len + n), bool), zi, zi, zi - 1, jnp.zeros((s,), bool), zi,
                  jnp.zeros((s, cfg.vocab_size), jnp.float32), jnp.full((s, n), spec.pad_id, jnp.int32),
-                 jnp.zeros((s, n), jnp.float32))
+                 jnp.zeros((s, n), jnp.float32), jnp.zeros((s,) + _KEY_SHAPE, jnp.uint32))
+
+
+_KEY_SHAPE = jax.random.key_data(jax.random.key(0)).shape
+
+
+def sequence_keys(key, seq) -> np.ndarray:
+    """Key data [n, 2] of sequences `seq` [n] under `key`: fold_in(key, q), the base every token of
+    sequence q draws from (token i: fold_in(base, i))."""
+    seq = jnp.asarray(np.asarray(seq, np.int32))
+    key = jax.random.wrap_key_data(jnp.asarray(dist.to_host(jax.random.key_data(key))))  # a host copy
+    return np.asarray(jax.random.key_data(jax.vmap(lambda q: jax.random.fold_in(key, q))(seq)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "mesh", "rules"))
@@ -183,8 +197,9 @@ def _prefill(graphdef, params, ids, pmask, *, mesh, rules):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "mesh", "rules"), donate_argnums=(0,))
-def _insert(slots: Slots, store, take, src, seq, cap, *, spec, mesh, rules):
-    """Slot s (where take[s]) starts sequence seq[s] (length cap cap[s]) from stored prompt src[s]."""
+def _insert(slots: Slots, store, take, src, seq, cap, base, *, spec, mesh, rules):
+    """Slot s (where take[s]) starts sequence seq[s] (length cap cap[s], key data base[s] [S, 2]) from
+    stored prompt src[s]."""
     TRACES["insert"] += 1
     put, _ = _constrain(mesh, rules)
     sk, sv, slog, spm = store
@@ -200,7 +215,8 @@ def _insert(slots: Slots, store, take, src, seq, cap, *, spec, mesh, rules):
     new = dict(valid=jnp.concatenate([pm, jnp.zeros((pm.shape[0], n), bool)], 1),
                pos=pm.sum(1).astype(jnp.int32), gen=jnp.zeros_like(src), seq=seq, live=jnp.ones_like(take),
                cap=cap, logits=jnp.take(slog, src, axis=0), tokens=jnp.full(slots.tokens.shape, spec.pad_id, jnp.int32),
-               logprobs=jnp.zeros(slots.logprobs.shape, jnp.float32))
+               logprobs=jnp.zeros(slots.logprobs.shape, jnp.float32), base=base)
+
     def where_taken(name, x):  # the new value in taken slots, the old one elsewhere
         old = getattr(slots, name)
         return put(jnp.where(take.reshape((-1,) + (1,) * (x.ndim - 1)), x, old), getattr(SLOT_AXES, name))
@@ -210,7 +226,7 @@ def _insert(slots: Slots, store, take, src, seq, cap, *, spec, mesh, rules):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh", "rules"), donate_argnums=(2,))
-def _decode(graphdef, params, slots: Slots, key, *, spec, mesh, rules):
+def _decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
     """Up to spec.steps_per_call decode steps over all slots -> (slots, steps run)."""
     TRACES["decode"] += 1
     put, layout = _constrain(mesh, rules)
@@ -225,7 +241,7 @@ def _decode(graphdef, params, slots: Slots, key, *, spec, mesh, rules):
 
     def body(carry):
         i, s = carry
-        keys = jax.vmap(lambda q, g: jax.random.fold_in(jax.random.fold_in(key, q), g))(s.seq, s.gen)
+        keys = jax.vmap(lambda b, g: jax.random.fold_in(jax.random.wrap_key_data(b), g))(s.base, s.gen)
         tok, lp = sample_rows(s.logits, keys, spec.temperature, spec.top_k, spec.top_p)
         live = s.live
         tok = jnp.where(live, tok, spec.pad_id)
@@ -240,7 +256,7 @@ def _decode(graphdef, params, slots: Slots, key, *, spec, mesh, rules):
             h, (k, v) = model.run(tok[:, None], s.pos[:, None], reach, valid, (s.k, s.v), w)
         step = live.astype(jnp.int32)
         s = Slots(put(k, CACHE_AXES), put(v, CACHE_AXES), valid, s.pos + step, s.gen + step, s.seq,
-                  live & ~ended, s.cap, model.logits(h)[:, 0], tokens, logprobs)
+                  live & ~ended, s.cap, model.logits(h)[:, 0], tokens, logprobs, s.base)
         return i + 1, Slots(*(put(x, ax) for x, ax in zip(s, SLOT_AXES)))
 
     steps, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), slots))
@@ -319,8 +335,7 @@ class Engine:
         params = self.place(params)
         rows = lambda a: None if self.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.mesh, self.rules)  # noqa: E731
         store = _prefill(self.graphdef, params, self._put(ids, rows(ids)), self._put(pmask, rows(pmask)), **st)
-        if self.mesh is not None:
-            key = jax.random.wrap_key_data(self._put(jax.random.key_data(key)))
+        bases = sequence_keys(key, np.arange(n_seq))
         slots = _empty(cfg=self.model_cfg, spec=spec, **st)
         stats = EngineStats(spec.slots, prefill_rows=ids.shape[0])
         n = spec.max_new_tokens
@@ -343,11 +358,12 @@ class Engine:
                 seen[into] = 0
                 nxt += take_n
                 slots = _insert(slots, store, self._put(take), self._put(seq // group), self._put(seq),
-                                self._put(np.where(take, caps[seq], 0).astype(np.int32)), spec=spec, **st)
+                                self._put(np.where(take, caps[seq], 0).astype(np.int32)),
+                                self._put(bases[seq], rows(bases[seq])), spec=spec, **st)
             if not (held >= 0).any():
                 break
             queued = nxt < n_seq
-            slots, ran = _decode(self.graphdef, params, slots, key, spec=spec, **st)
+            slots, ran = _decode(self.graphdef, params, slots, spec=spec, **st)
             stats.dispatches += 1
             live, gen = (dist.to_host(x) for x in (slots.live, slots.gen))
             ran = int(dist.to_host(ran))

@@ -100,6 +100,7 @@ class Logger:
         if ctx.batch.engine is not None:  # the share of decode slot-steps that produced a token
             rec["rollout/occupancy"] = ctx.batch.engine.occupancy
             rec["rollout/decode_steps"] = ctx.batch.engine.decode_steps
+        rec.update(ctx.batch.async_metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
             rec.update({f"eval/{d}/accuracy": v for d, v in acc.items()})

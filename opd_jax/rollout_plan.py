@@ -63,16 +63,16 @@ def compile_rollout(cfg, scfg, rows: int, prompts: int, mesh, *, unroll: bool = 
     rows_sh = shd.rows_sharding(prompts, 2, mesh, rules)
     ids = jax.ShapeDtypeStruct((prompts, P), jnp.int32, sharding=rows_sh)
     repl = shd.replicated(mesh)
-    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=repl)
     vec = lambda dt: jax.ShapeDtypeStruct((spec.slots,), dt, sharding=repl)  # noqa: E731
     static = dict(mesh=mesh, rules=rt)
     with unrolled_layers() if unroll else contextlib.nullcontext():
         prefill = _prefill.lower(graphdef, params, ids, ids, **static).compile()
         store_shapes = jax.eval_shape(lambda p, i: _prefill(graphdef, p, i, i, **static), params, ids)
         store = _sds(store_shapes, (CACHE_AXES, CACHE_AXES, ("batch", None), ("batch", None)), mesh, rules)
-        insert = _insert.lower(slots, store, vec(bool), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32), spec=spec,
-                               **static).compile()
-        decode = _decode.lower(graphdef, params, slots, key, spec=spec, **static).compile()
+        insert = _insert.lower(slots, store, vec(bool), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32),
+                               jax.ShapeDtypeStruct(slots.base.shape, slots.base.dtype, sharding=slots.base.sharding),
+                               spec=spec, **static).compile()
+        decode = _decode.lower(graphdef, params, slots, spec=spec, **static).compile()
     temps = {name: float(p.memory_analysis().temp_size_in_bytes) for name, p in
              (("prefill", prefill), ("insert", insert), ("decode", decode))}
     return {"rollout_slots": spec.slots, "rollout_prompts": prompts,

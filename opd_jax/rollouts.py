@@ -40,6 +40,8 @@ class Batch:
     texts: list | None = None
     rewards: np.ndarray | None = None
     engine: object = None  # the on-policy rollout's engine.EngineStats (occupancy, decode steps)
+    async_metrics: dict = field(default_factory=dict)  # asynchronous runs: staleness, drops, waits (opd_jax.pipeline)
+    versions: np.ndarray | None = None  # asynchronous runs: the policy version of every sampled token [B, N]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,13 @@ class Rollouts:
         timer.mark("host")
         roll, stats = self.sample(params, ids, pmask, key, group=g)
         timer.mark("sample", roll)
-        pmask = np.repeat(pmask, g, 0)
+        part, texts, rewards = self.complete(roll, np.repeat(pmask, g, 0), rep, decode=decode, timer=timer)
+        return part, rep, texts, rewards, stats
+
+    def complete(self, roll, pmask, rep, *, decode: bool = True, timer: PhaseTimer = NO_TIMER):
+        """The on-policy part from a finished rollout: pmask [B, P] (host, one row per sample), rep the
+        examples per row; with `decode`, the completions' texts and verifier rewards; then the teachers'
+        scores. -> (part, texts, rewards)."""
         texts = rewards = None
         if decode:
             texts = self.decode(roll.tokens, roll.mask)
@@ -111,7 +119,7 @@ class Rollouts:
         timer.mark("host")
         part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask)) if self.teachers
                            else self._global(np.zeros(roll.mask.shape, np.float32)))
-        return part, rep, texts, rewards, stats
+        return part, texts, rewards
 
     def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER) -> dict:
         """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers."""

@@ -105,7 +105,9 @@ def build_run(cfg: Config) -> Run:
 
     validate(cfg)
     est = estimator_for(cfg.loss)
-    check_guard(cfg.optim, needs_teachers(cfg.loss))
+    if check_guard(cfg.optim, needs_teachers(cfg.loss)) and cfg.train.max_staleness:
+        raise OpdError("the EffOPD guard / line search (optim.effopd_guard, effopd_line_search) needs synchronous "
+                       "training; set train.max_staleness 0")
     if cfg.student.path:
         check_model_folder(cfg.student.path, "student.path")
     dist.initialize(cfg.distributed)

@@ -4,6 +4,8 @@
     state = run.init (or the checkpoint's TrainState)
     for step in range(start, end):
         batch = run.rollouts.collect(step, state)          # opd_jax.rollouts: sample, score, reward
+                                                           # (train.max_staleness >= 1: taken from the
+                                                           # sampler thread, opd_jax.pipeline)
         state, metrics = run.update(state, batch.arrays)   # opd_jax.train_step: pure, jitted
         for hook in hooks: hook.after_step(ctx)            # opd_jax.hooks / opd_jax.guard
 
@@ -30,6 +32,7 @@ from opd_jax.export import export_student, restore_run_params  # noqa: F401 - pu
 from opd_jax.guard import EffOPDGuard, check_guard
 from opd_jax.hooks import Checkpoints, Logger, Progress, SkipCounter, StepContext
 from opd_jax.losses.registry import uses_rl
+from opd_jax.pipeline import Pipeline
 from opd_jax.metrics import MetricsWriter, SamplesWriter, plot_metrics
 from opd_jax.preemption import Preemption
 from opd_jax.run import Run, build_run, build_student  # noqa: F401 - build_student: public name kept here
@@ -43,21 +46,32 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
     dispatched asynchronously."""
     tc = run.cfg.train
     decode_always = uses_rl(run.cfg.loss)  # rewards need the completions on the host
-    for step in range(start, end):
-        done = step + 1
-        evaluating = done % tc.eval_every == 0 or done == tc.steps
-        log = evaluating or done % tc.log_every == 0 or done == end
-        if log:  # earlier steps' queued work is not this step's phases
-            jax.block_until_ready(state)
-        timer = PhaseTimer(sync=log)
-        batch = run.rollouts.collect(step, state, decode=evaluating or decode_always, timer=timer)
-        state, metrics = timer.mark("update", *run.update(state, batch.arrays, run.teacher_w))
-        ctx = StepContext(step, state, batch, metrics, timer, log, evaluating)
-        for hook in hooks:
-            hook.after_step(ctx)
-        state = ctx.state
-        if ctx.stop:
-            break
+    pipe = Pipeline(run, state, start=start, end=end) if tc.max_staleness else None  # asynchronous OPD
+    try:
+        for step in range(start, end):
+            done = step + 1
+            evaluating = done % tc.eval_every == 0 or done == tc.steps
+            log = evaluating or done % tc.log_every == 0 or done == end
+            if log:  # earlier steps' queued work is not this step's phases
+                jax.block_until_ready(state)
+            timer = PhaseTimer(sync=log)
+            if pipe is None:
+                batch = run.rollouts.collect(step, state, decode=evaluating or decode_always, timer=timer)
+            else:  # sampled (and scored) by the sampler thread while the previous update ran
+                batch = pipe.take(step)
+                timer.mark("rollout_wait")
+            state, metrics = timer.mark("update", *run.update(state, batch.arrays, run.teacher_w))
+            if pipe is not None:
+                pipe.publish(done, state.params)  # before the next update donates them
+            ctx = StepContext(step, state, batch, metrics, timer, log, evaluating)
+            for hook in hooks:
+                hook.after_step(ctx)
+            state = ctx.state
+            if ctx.stop:
+                break
+    finally:
+        if pipe is not None:
+            pipe.close()
     return state
 
 

@@ -80,19 +80,21 @@ class StepSpec:
     micro: int = 0
     max_update_ratio: float = 0.0
     layout: Callable | None = None
+    is_cap: float = 0.0  # > 0: asynchronous, sampled-token / RL terms weighted by min(pi / pi_sampler, is_cap)
 
     def groups(self, rows: int) -> dict:
         return row_groups(self.routes, rows)
 
     @classmethod
     def from_config(cls, cfg, routes: tuple, micro: int = 0, layout=None) -> "StepSpec":
+        """Synchronous runs (train.max_staleness 0) never apply importance weights (is_cap 0)."""
         dc = cfg.data
         return cls(cfg.loss, dc.max_prompt_len, dc.group_size, dc.temperature, tuple(routes), micro,
-                   cfg.train.max_update_ratio, layout)
+                   cfg.train.max_update_ratio, layout, cfg.loss.is_cap if cfg.train.max_staleness else 0.0)
 
 
 def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None, teacher=None,
-                teacher_w=None):
+                teacher_w=None, is_cap: float = 0.0):
     """(loss, metrics) of one part against one teacher's hand-over `teacher` (its output matrix
     `teacher_w` in the hidden-state estimators; without it: full logits [B, N, V] or top-k
     (log-probs, ids), for small models and hand-built batches). `layout(x, logical_axes)` (optional,
@@ -105,7 +107,8 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
         h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
         if teacher_w is not None:
             teacher, teacher_w = layout(teacher, ("batch", None, None)), layout(teacher_w, (None, "vocab"))
-    loss, m = estimator_for(lc).loss(h, w, b, teacher, teacher_w, lc, group_size=group_size, temperature=temperature)
+    loss, m = estimator_for(lc).loss(h, w, b, teacher, teacher_w, lc, group_size=group_size, temperature=temperature,
+                                     is_cap=is_cap)
     slp = m.pop("token_logprob")
     if "sampler_logprobs" in b and "logprob_mismatch" not in m:
         m["logprob_mismatch"] = L.masked_mean(jnp.abs(slp - b["sampler_logprobs"]), mask)
@@ -187,7 +190,7 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     def loss_of(p, bb):
         with activation_layout(layout):
             return policy_loss(nnx.merge(graphdef, p), bb, spec.lc, spec.prompt_len, spec.group_size,
-                               spec.temperature, layout, bb["teacher"], teacher_w)
+                               spec.temperature, layout, bb["teacher"], teacher_w, spec.is_cap)
 
     rows, micro = b["tokens"].shape[0], spec.micro
     if not micro or micro >= rows:

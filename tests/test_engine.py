@@ -120,7 +120,7 @@ def _decode_collectives(model, rules_name):
     params = engine.place(nnx.to_pure_dict(state))
     rt = tuple(sorted(rules.items()))
     slots = _empty(cfg=model.cfg, spec=spec, mesh=mesh, rules=rt)
-    text = _decode.lower(graphdef, params, slots, jax.random.key(0), spec=spec, mesh=mesh, rules=rt).compile().as_text()
+    text = _decode.lower(graphdef, params, slots, spec=spec, mesh=mesh, rules=rt).compile().as_text()
     return collective_bytes(text), sum(x.nbytes for x in jax.tree.leaves(params)), text
 
 

@@ -10,6 +10,9 @@ RL+OPD:  per-token advantage  A_t = (1 - alpha) * A_grpo(x) + alpha * (-w_t)    
          OPD weight of `sampled.opd_weights` (so -w_t plays the role of a per-token reward), and
          L = masked mean of  -min(A_t rho_t, A_t clip(rho_t, 1-eps, 1+eps)),
          rho_t = pi_theta(y_t) / pi_old(y_t)  (rho = exp(logp - sg(logp)) when no sampler log-probs).
+         Asynchronous training (is_cap > 0): pi_old is the current policy (rho's value is 1, its
+         gradient grad log pi) and each token is weighted by the truncated importance weight
+         min(pi_theta / mu, is_cap) against the sampler mu (`sampled.importance_weights`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 
 from opd_jax.errors import OpdError
 from opd_jax.losses.masking import clean, masked_mean
-from opd_jax.losses.sampled import opd_weights
+from opd_jax.losses.sampled import importance_weights, opd_weights
 
 
 def gkd_loss(on_policy, off_policy, lam: float):
@@ -52,7 +55,8 @@ def group_advantages(rewards, group_size: int, *, scale: bool = True, eps: float
 
 def rl_opd_surrogate(student_logprobs, teacher_logprobs, rewards, mask, *, group_size: int, alpha: float = 0.5,
                      mode: str = "mix", kind: str = "reverse_kl", estimator: str = "opd_plus", beta=0.5,
-                     div_alpha=0.5, sampler_logprobs=None, clip_eps: float = 0.2, normalize: str = "token"):
+                     div_alpha=0.5, sampler_logprobs=None, clip_eps: float = 0.2, normalize: str = "token",
+                     is_cap: float = 0.0):
     """Policy gradient on a verifiable reward plus (or replaced by) the OPD term -> (loss, metrics).
 
     student_logprobs, teacher_logprobs, mask [B, T]; rewards [B]. alpha is the weight of the OPD
@@ -77,13 +81,19 @@ def rl_opd_surrogate(student_logprobs, teacher_logprobs, rewards, mask, *, group
         adv = (1.0 - alpha) * a_rl + alpha * a_opd
     adv = jax.lax.stop_gradient(adv)
     slp = clean(student_logprobs, mask)
-    old = jax.lax.stop_gradient(slp if sampler_logprobs is None else clean(sampler_logprobs, mask))
+    stale = is_cap > 0 and sampler_logprobs is not None
+    old = jax.lax.stop_gradient(slp if sampler_logprobs is None or stale else clean(sampler_logprobs, mask))
     rho = jnp.exp(slp - old)
     per_token = -jnp.minimum(adv * rho, adv * jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps))
+    iw_metrics = {}
+    if stale:
+        iw, iw_metrics = importance_weights(slp, sampler_logprobs, mask, is_cap)
+        per_token = iw * per_token
     metrics = {"reward": jnp.mean(rewards.astype(jnp.float32)), "divergence": masked_mean(f_r, mask),
                "per_token_divergence": f_r,
                "advantage": masked_mean(adv, mask),
                "clip_fraction": masked_mean((jnp.abs(rho - 1.0) > clip_eps).astype(jnp.float32), mask)}
-    if sampler_logprobs is not None:
+    if sampler_logprobs is not None and not stale:
         metrics["logprob_mismatch"] = masked_mean(jnp.abs(jax.lax.stop_gradient(slp) - old), mask)
+    metrics.update(iw_metrics)
     return masked_mean(per_token, mask, normalize), metrics

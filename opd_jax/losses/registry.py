@@ -35,7 +35,8 @@ from opd_jax.losses.sampled import sampled_surrogate
 class Estimator:
     """name; `teacher_output`: "hidden" (final hidden states, the loss applies the teacher's output
     matrix chunk by chunk) or "logprobs" (the sampled tokens' log-probs); `loss(h, w, batch, teacher,
-    teacher_w, lc, *, group_size, temperature)` -> (loss, metrics)."""
+    teacher_w, lc, *, group_size, temperature, is_cap=0.0)` -> (loss, metrics); is_cap > 0 (asynchronous
+    runs) weights the sampled-token and RL terms by truncated importance weights."""
 
     name: str
     teacher_output: str
@@ -52,14 +53,14 @@ def _div(lc) -> dict:
     return dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
 
 
-def _full(h, w, b, teacher, teacher_w, lc, *, group_size, temperature):
+def _full(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
     """Exact D_f per position; without `teacher_w`, `teacher` is full logits [B, N, V] (small models)."""
     t = dict(teacher_hidden=teacher, teacher_w=teacher_w) if teacher_w is not None else dict(teacher_logits=teacher)
     return chunked_divergence_loss(h, w, b["mask"], temperature=temperature, normalize=lc.normalize,
                                    seq_chunk=lc.seq_chunk, ids=b["tokens"][:, -b["mask"].shape[1]:], **t, **_div(lc))
 
 
-def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature):
+def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
     """Teacher top-k + tail bucket; without `teacher_w`, `teacher` is (log-probs, ids) [B, N, k]."""
     comp = b["tokens"][:, -b["mask"].shape[1]:]
     if teacher_w is not None:
@@ -78,21 +79,21 @@ def _student_logprobs(h, w, b, lc, temperature):
                                   seq_chunk=lc.seq_chunk)
 
 
-def _sampled(h, w, b, teacher, teacher_w, lc, *, group_size, temperature):
+def _sampled(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
     slp = _student_logprobs(h, w, b, lc, temperature)
     loss, m = sampled_surrogate(slp, teacher, b["mask"], estimator=lc.estimator, level=lc.level,
                                 baseline=lc.baseline, sampler_logprobs=b.get("sampler_logprobs"),
-                                clip_eps=lc.clip_eps, normalize=lc.normalize, **_div(lc))
+                                clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap, **_div(lc))
     m["token_logprob"] = jax.lax.stop_gradient(slp)
     return loss, m
 
 
-def _rl(h, w, b, teacher, teacher_w, lc, *, group_size, temperature):
+def _rl(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
     slp = _student_logprobs(h, w, b, lc, temperature)
     loss, m = rl_opd_surrogate(slp, teacher, b["rewards"], b["mask"], group_size=group_size, alpha=lc.rl_alpha,
                                mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator, beta=lc.beta,
                                div_alpha=lc.alpha_div, sampler_logprobs=b.get("sampler_logprobs"),
-                               clip_eps=lc.clip_eps, normalize=lc.normalize)
+                               clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap)
     m["token_logprob"] = jax.lax.stop_gradient(slp)
     return loss, m
 

@@ -19,6 +19,14 @@ whose gradient is the estimator. The weight w_t:
 Stale rollouts: with `sampler_logprobs` (log-probs of the policy that sampled y), the term becomes
 the PPO-clipped  max(w_t rho_t, w_t clip(rho_t, 1-eps, 1+eps)),  rho_t = pi_theta(y_t)/pi_old(y_t),
 whose gradient at rho = 1 equals the plain surrogate's.
+
+Asynchronous training (`is_cap` > 0, train.max_staleness >= 1): y was drawn by an older policy
+mu (the sampler's log-probs), so each token is reweighted by the truncated importance weight
+    iw_t = min(pi_theta(y_t) / mu(y_t), is_cap)   (no gradient)
+and L = mean_t iw_t sg(w_t) pi_theta(y_t) / sg(pi_theta(y_t)) (value mean iw w, gradient
+mean iw w grad log pi). Without the truncation E_mu[iw w grad log pi] =
+E_pi[w grad log pi]: the synchronous estimator's expectation (per token, contexts fixed); the cap
+bounds the variance at the cost of a bias on the tokens it clips (reported as is_clip_fraction).
 """
 
 from __future__ import annotations
@@ -56,6 +64,18 @@ def loo_baseline(w, mask):
     return jnp.where(others > 0, (jnp.sum(wm) - row_sum) / jnp.maximum(others, 1.0), 0.0)
 
 
+def importance_weights(student_logprobs, sampler_logprobs, mask, cap: float):
+    """Truncated importance weights iw_t = min(exp(log pi_theta - log mu), cap) [B, T] (no gradient) and
+    their metrics: is_weight (mean iw), is_clip_fraction (share of tokens with ratio > cap),
+    logprob_mismatch (mean |log pi_theta - log mu|), sampler_kl (mean log mu - log pi_theta)."""
+    diff = jax.lax.stop_gradient(clean(student_logprobs, mask) - clean(sampler_logprobs, mask))
+    ratio = jnp.exp(diff)
+    iw = clean(jnp.minimum(ratio, cap), mask)
+    return iw, {"is_weight": masked_mean(iw, mask),
+                "is_clip_fraction": masked_mean((ratio > cap).astype(jnp.float32), mask),
+                "logprob_mismatch": masked_mean(jnp.abs(diff), mask), "sampler_kl": masked_mean(-diff, mask)}
+
+
 def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="opd_plus", level="token",
                 beta=0.5, alpha=0.5, baseline="none"):
     """Per-token weights w_t [B, T] (no gradient) and the per-token divergence samples f(r_t).
@@ -81,7 +101,7 @@ def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="op
 
 def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl", *, estimator="opd_plus",
                       level="token", beta=0.5, alpha=0.5, sampler_logprobs=None, clip_eps=0.2,
-                      normalize="token", baseline="none"):
+                      normalize="token", baseline="none", is_cap=0.0):
     """The sampled-token OPD surrogate -> (loss, metrics).
 
     student_logprobs [B, T]: log pi_theta(y_t | c_t) of the sampled tokens, differentiable (the
@@ -101,6 +121,11 @@ def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl
                "tokens": jnp.sum(mask.astype(jnp.float32))}
     if sampler_logprobs is None:
         per_token = w * slp
+    elif is_cap > 0:
+        old = jax.lax.stop_gradient(clean(sampler_logprobs, mask))
+        iw, m = importance_weights(slp, old, mask, is_cap)
+        metrics.update(m)
+        per_token = iw * w * jnp.exp(slp - jax.lax.stop_gradient(slp))  # value iw w, gradient iw w grad log pi
     else:
         old = jax.lax.stop_gradient(clean(sampler_logprobs, mask))
         rho = jnp.exp(slp - old)

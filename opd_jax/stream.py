@@ -1,0 +1,166 @@
+"""The rollout engine with slots that persist across batches, and a policy version on every token.
+
+`Engine.run` samples one batch and returns when its last sequence ends, so its last calls run with
+most slots empty. A `Stream` keeps its slots between batches: batch b+1's sequences take the slots
+that batch b's early finishers free, and a sequence still running when its batch's turn is over
+simply continues (a partial rollout), under whatever weights the stream holds by then.
+
+    stream = Stream(engine, group)
+    stream.set_params(params, version)          # the weights that sample from now on (a weight sync)
+    stream.add(b, ids, pmask, key)              # batch b: prefill its prompts, queue its sequences
+    finished = stream.advance()                 # refill free slots, one decode call; -> batches done
+    rollout, versions, stats = stream.take(b)   # a finished batch, in sequence order
+
+Versions: token i of a sequence carries the version of the weights whose forward pass produced the
+logits it was drawn from (the prefill's for the first token, then each decode call's), so the
+sampler's log-probs and the version tags always agree. versions [n, N] int32, -1 past the end.
+
+Keys: sequence q of batch b draws token i with fold_in(fold_in(key_b, q), i), exactly as
+`Engine.run(key=key_b)` does; with the same weights a stream reproduces the synchronous tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import jax.numpy as jnp
+import numpy as np
+
+from opd_jax import distributed as dist
+from opd_jax import sharding as shd
+from opd_jax.engine import Engine, EngineStats, _decode, _empty, _gather, _insert, _prefill, sequence_keys
+from opd_jax.errors import OpdError
+from opd_jax.sampling import Rollout
+
+
+class _Batch:
+    def __init__(self, ids, pmask, store, bases, n_seq, n_new, pad_id):
+        self.ids, self.pmask, self.store, self.bases = ids, pmask, store, bases
+        self.tokens = np.full((n_seq, n_new), pad_id, np.int32)
+        self.logprobs = np.zeros((n_seq, n_new), np.float32)
+        self.mask = np.zeros((n_seq, n_new), np.int32)
+        self.versions = np.full((n_seq, n_new), -1, np.int32)
+        self.left = n_seq
+
+
+class Stream:
+    """Persistent decode slots over batches of `group` samples per prompt (see the module docstring)."""
+
+    def __init__(self, engine: Engine, group: int = 1):
+        self.engine, self.group, self.spec = engine, group, engine.spec
+        self.st = engine._static()
+        self.slots = _empty(cfg=engine.model_cfg, spec=self.spec, **self.st)
+        s, n = self.spec.slots, self.spec.max_new_tokens
+        self.held = np.full((s, 2), -1)  # (batch, sequence) per slot; -1 = free
+        self.seen = np.zeros(s, np.int64)  # tokens of the slot's sequence already tagged
+        self.logit_version = np.full(s, -1, np.int32)  # version that produced the slot's next-token logits
+        self.tags = np.full((s, n), -1, np.int32)  # version of each token of the slot's sequence
+        self.queue: deque = deque()  # (batch, sequence) not yet in a slot
+        self.batches: dict = {}
+        self.params = self.version = None
+        self.stats = EngineStats(s)
+
+    def _rows(self, a):
+        return None if self.engine.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.engine.mesh,
+                                                                       self.engine.rules)
+
+    def set_params(self, params, version: int):
+        """Sample with `params` (any layout; placed in the rollout layout here) from the next call on."""
+        self.params, self.version = self.engine.place(params), int(version)
+
+    def add(self, b: int, ids, pmask, key):
+        """Batch `b`: `group` samples of each prompt ids / pmask [n, P] with key `key` (prefilled now, with
+        the current weights; its sequences wait in the queue for free slots)."""
+        if self.params is None:
+            raise OpdError("Stream.add before set_params: the stream has no weights to sample with")
+        if b in self.batches:
+            raise OpdError(f"batch {b} was already added to the stream")
+        ids, pmask = dist.to_host(ids).astype(np.int32), dist.to_host(pmask).astype(np.int32)
+        if ids.shape[1] != self.spec.prompt_len:
+            raise OpdError(f"prompts are {ids.shape[1]} tokens long; this engine was built for {self.spec.prompt_len}")
+        put = self.engine._put
+        store = _prefill(self.engine.graphdef, self.params, put(ids, self._rows(ids)), put(pmask, self._rows(pmask)),
+                         **self.st)
+        n_seq = ids.shape[0] * self.group
+        self.batches[b] = _Batch(ids, pmask, store, sequence_keys(key, np.arange(n_seq)), n_seq,
+                                 self.spec.max_new_tokens, self.spec.pad_id)
+        self.batches[b].prefill_version = self.version
+        self.stats.prefill_rows += ids.shape[0]
+        self.queue.extend((b, q) for q in range(n_seq))
+
+    @property
+    def live(self) -> int:
+        """Sequences in slots."""
+        return int((self.held[:, 0] >= 0).sum())
+
+    def _refill(self):
+        free = np.flatnonzero(self.held[:, 0] < 0)
+        spec, put, s = self.spec, self.engine._put, self.spec.slots
+        by_batch: dict = {}
+        for slot in free[:len(self.queue)]:
+            b, q = self.queue.popleft()
+            by_batch.setdefault(b, []).append((slot, q))
+        for b, pairs in by_batch.items():  # one insert per batch (each has its own prompt store)
+            bat = self.batches[b]
+            take, src, seq = np.zeros(s, bool), np.zeros(s, np.int32), np.zeros(s, np.int32)
+            cap, base = np.zeros(s, np.int32), np.zeros((s,) + bat.bases.shape[1:], np.uint32)
+            for slot, q in pairs:
+                take[slot], src[slot], seq[slot] = True, q // self.group, q
+                cap[slot], base[slot] = spec.max_new_tokens, bat.bases[q]
+                self.held[slot] = (b, q)
+                self.seen[slot], self.tags[slot] = 0, -1
+                self.logit_version[slot] = bat.prefill_version
+            self.slots = _insert(self.slots, bat.store, put(take), put(src), put(seq), put(cap),
+                                 put(base, self._rows(base)), spec=spec, **self.st)
+
+    def advance(self) -> list[int]:
+        """Refill free slots from the queue, run one decode call, hand finished rows back. -> the batches
+        whose last sequence finished in this call."""
+        self._refill()
+        if not self.live:
+            return []
+        queued = bool(self.queue)
+        self.slots, ran = _decode(self.engine.graphdef, self.params, self.slots, spec=self.spec, **self.st)
+        live, gen = (dist.to_host(x) for x in (self.slots.live, self.slots.gen))
+        ran = int(dist.to_host(ran))
+        st, busy = self.stats, self.held[:, 0] >= 0
+        st.dispatches += 1
+        st.decode_steps += ran
+        if queued:
+            st.queued_steps += ran
+            st.queued_generated += int(np.where(busy, gen - self.seen, 0).sum())
+        for slot in np.flatnonzero(busy & (gen > self.seen)):  # tag this call's tokens
+            a, z = int(self.seen[slot]), int(gen[slot])
+            self.tags[slot, a] = self.logit_version[slot]  # drawn from the logits the slot held on entry
+            self.tags[slot, a + 1:z] = self.version
+            self.logit_version[slot] = self.version
+        self.seen = np.where(busy, gen, self.seen)
+        done = np.flatnonzero(busy & ~live)
+        finished = []
+        if done.size:
+            width = min(self.spec.slots, 1 << int(np.ceil(np.log2(done.size))))  # few compiled sizes
+            idx = np.concatenate([done, np.repeat(done[-1:], width - done.size)])
+            tok, lp = (dist.to_host(x)[:done.size] for x in _gather(self.slots.tokens, self.slots.logprobs,
+                                                                    self.engine._put(idx)))
+            for j, slot in enumerate(done):
+                (b, q), g = self.held[slot], int(gen[slot])
+                bat = self.batches[b]
+                bat.tokens[q], bat.logprobs[q], bat.mask[q, :g], bat.versions[q] = tok[j], lp[j], 1, self.tags[slot]
+                st.generated += g
+                st.handed_back.append((int(b), int(q)))
+                bat.left -= 1
+                if bat.left == 0:
+                    finished.append(int(b))
+            self.held[done] = -1
+        return finished
+
+    def take(self, b: int):
+        """Finished batch `b` -> (Rollout (tokens [n, P+N], logprobs, mask [n, N], on the rows sharding),
+        versions [n, N] int32 host array, -1 past each sequence's end)."""
+        bat = self.batches.pop(b)
+        if bat.left:
+            raise OpdError(f"batch {b} still has {bat.left} sequences running")
+        tokens = np.concatenate([np.repeat(bat.ids, self.group, 0), bat.tokens], 1)
+        place = lambda a: self.engine._put(a, self._rows(a))  # noqa: E731
+        roll = Rollout(place(tokens), place(bat.logprobs), place(bat.mask), jnp.int32(self.stats.decode_steps))
+        return roll, bat.versions, np.repeat(bat.pmask, self.group, 0)
