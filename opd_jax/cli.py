@@ -132,6 +132,36 @@ def _plan(args) -> int:
     return 0
 
 
+def _serve_teacher(args) -> int:
+    import signal
+    import threading
+
+    from opd_jax.models import load_model
+    from opd_jax.run import check_model_folder
+    from opd_jax.serving import serve
+
+    check_model_folder(args.model, "--model")
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = None
+    if (Path(args.model) / "tokenizer.json").exists():
+        from opd_jax.tasks import load_tokenizer
+        tokenizer = load_tokenizer(args.model)
+    try:
+        server = serve(model, args.port, args.host, args.name, tokenizer)
+    except OSError as e:
+        raise OpdError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    print(f"opd-jax: serving {args.model} as {args.name!r} on http://{args.host}:{server.server_address[1]} "
+          "(POST /v1/completions with prompt_logprobs; Ctrl-C stops)", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opd-jax", description="On-policy distillation in JAX.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -191,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON too")
     pl.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=8 student.dtype=bfloat16")
     pl.set_defaults(func=_plan)
+
+    st = sub.add_parser("serve-teacher", help="serve a teacher folder over HTTP (OpenAI completions + prompt_logprobs)")
+    st.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors)")
+    st.add_argument("--port", type=int, default=8000)
+    st.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    st.add_argument("--name", default="teacher", help="the model name the server answers to")
+    st.add_argument("--dtype", default="float32")
+    st.set_defaults(func=_serve_teacher)
 
     return parser
 

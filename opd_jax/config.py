@@ -34,6 +34,12 @@ class TeacherSpec:
     path: str | None = None  # an HF folder, or "self" for the frozen snapshot of the student at step 0
     dtype: str = "float32"
     attention: str = "auto"
+    # a teacher behind a server (instead of path): http://host:port of an OpenAI-compatible completions
+    # endpoint with vLLM's prompt_logprobs (vLLM, SGLang, or `opd-jax serve-teacher`); opd_jax.serving
+    url: str | None = None
+    model: str = "teacher"  # the model name sent to the server
+    timeout: float = 60.0  # seconds per request
+    retries: int = 4  # retries (exponential backoff from 0.5 s) before the run stops
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,9 @@ class Logger:
         if ctx.batch.engine is not None:  # the share of decode slot-steps that produced a token
             rec["rollout/occupancy"] = ctx.batch.engine.occupancy
             rec["rollout/decode_steps"] = ctx.batch.engine.decode_steps
+        for name, t in run.teachers.items():  # served teachers: what crossed the wire per scored token
+            if hasattr(t, "bytes_per_token"):
+                rec[f"teacher/{name}/payload_bytes_per_token"] = t.bytes_per_token
         rec.update(ctx.batch.async_metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)

@@ -32,7 +32,7 @@ from flax import nnx
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.layout import RowLayout
-from opd_jax.losses.registry import estimator_for, needs_teachers
+from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
 from opd_jax.rollout_plan import compile_rollout
@@ -147,7 +147,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     cache_dev = 2 * shard_bytes(cache_shape, scfg.dtype, shd.logical_to_spec(
         CACHE_AXES, cache_shape, mesh, shd.rules_named(cfg.mesh.rollout_rules)), mesh)
     tout_dev = sum(shard_bytes(x.shape, x.dtype, shd.rows_spec(x.shape[0], x.ndim, mesh, rules), mesh)
-                   for x in jax.tree.leaves(teacher_outputs(cfg.loss, rl, rows, dc.max_new_tokens, tcfgs)))
+                   for x in jax.tree.leaves(teacher_outputs(cfg, rl, rows, dc.max_new_tokens, tcfgs)))
 
     out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
            "student_weight_bytes": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)),
@@ -230,15 +230,21 @@ def teacher_configs(cfg, scfg, rl: RowLayout) -> dict:
     if not needs_teachers(cfg.loss):
         return {}
     used = set(rl.teachers())
-    return {t.name: model_config(t, scfg) for t in cfg.teachers if t.name in used}
+    return {t.name: model_config(t, scfg) for t in cfg.teachers if t.name in used and not t.url}  # served: elsewhere
 
 
-def teacher_outputs(lc, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
+def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
     """Abstract teacher hand-over of one batch part of `rows` rows (`Estimator.teacher_shape`): hidden
-    states {name: [its rows, N, D_t]} in the teacher's compute dtype, or [B, N] float32 log-probs
-    (also the zeros a run without teachers feeds)."""
+    states {name: [its rows, N, D_t]} in the teacher's compute dtype, top-k (log-probs, ids)
+    [B, N, k] (served teachers), or [B, N] float32 log-probs (also the zeros a run without teachers
+    feeds)."""
+    lc = cfg.loss
     est = estimator_for(lc)
-    if est.teacher_output != "hidden" or not tcfgs:
+    what = handover(cfg) if needs_teachers(lc) else "logprobs"
+    if what == "topk":
+        return (jax.ShapeDtypeStruct((rows, n_new, lc.topk), jnp.float32),
+                jax.ShapeDtypeStruct((rows, n_new, lc.topk), jnp.int32))
+    if what != "hidden" or not tcfgs:
         return jax.ShapeDtypeStruct((rows, n_new), jnp.float32)
     return {n: est.teacher_shape(len(idx), n_new, tcfgs[n].hidden_size, tcfgs[n].dtype)
             for n, idx in rl.groups(rows).items()}
@@ -253,7 +259,7 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict) -> dict:
     for part in rl.parts:
         b = rl.rows(part)
         out[part] = {"tokens": sds((b, P + N), jnp.int32), "prompt_mask": sds((b, P), jnp.int32),
-                     "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg.loss, rl, b, N, tcfgs)}
+                     "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg, rl, b, N, tcfgs)}
         if part == "on":
             out[part].update(sampler_logprobs=sds((b, N), jnp.float32), rewards=sds((b,), jnp.float32))
     return out
@@ -271,7 +277,7 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
                                 jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
                                 jax.ShapeDtypeStruct((), jnp.int32))
     teacher_w = None
-    if estimator_for(cfg.loss).teacher_output == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
+    if needs_teachers(cfg.loss) and handover(cfg) == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
         trules = shd.rules_named(cfg.mesh.teacher_rules)
         V = scfg.vocab_size
         teacher_w = {n: jax.ShapeDtypeStruct((c.hidden_size, V), c.dtype, sharding=shd.named_sharding(
@@ -312,7 +318,7 @@ def micro_batch_candidates(cfg, n_devices: int, domains=None) -> list[int]:
     together and still spread over the batch mesh axes (fewer rows than batch shards would be
     replicated and save nothing)."""
     rl = RowLayout.from_config(cfg, domains)
-    hidden = estimator_for(cfg.loss).teacher_output == "hidden"
+    hidden = needs_teachers(cfg.loss) and handover(cfg) == "hidden"
     mesh = mesh_shape(cfg.mesh, n_devices)
     shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     out = [0]

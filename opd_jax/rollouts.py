@@ -59,6 +59,7 @@ class Rollouts:
     source: object
     model_cfg: object = None  # the student's ModelConfig (context length, vocabulary)
     rollout_rules: dict | None = None  # the layout the engine places the weights in (mesh.rollout_rules)
+    handover: str | None = None  # what the teachers hand over (losses.registry.handover); None: the estimator's
 
     # ---------------------------------------------------------------- pieces
     def _global(self, x):
@@ -81,7 +82,7 @@ class Rollouts:
 
     def score(self, tokens, prompt_mask, mask, what=None):
         """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N])."""
-        what = what or self.estimator.teacher_output
+        what = what or self.handover or self.estimator.teacher_output
         full_mask = jnp.concatenate([prompt_mask, mask], 1)
         return score_batch(self.teachers, self.rows.groups(tokens.shape[0]), tokens, full_mask,
                            prompt_len=self.cfg.data.max_prompt_len, temperature=self.cfg.data.temperature, what=what,

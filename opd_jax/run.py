@@ -24,7 +24,7 @@ from opd_jax import sharding as shd
 from opd_jax.config import Config, validate
 from opd_jax.errors import OpdError
 from opd_jax.layout import RowLayout
-from opd_jax.losses.registry import estimator_for, needs_teachers
+from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
 from opd_jax.models.transformer import with_runtime
 from opd_jax.optim import make_optimizer
@@ -121,7 +121,8 @@ def build_run(cfg: Config) -> Run:
         raise OpdError(f"config data.rollout_slots {dc.rollout_slots} exceeds the {rows.rows('on')} rows sampled per "
                        f"step (prompts x group_size {dc.group_size}); use at most {rows.rows('on')}, or 0 for one each")
     if tc.micro_batch != "auto":
-        rows.check_micro_batch(tc.micro_batch, est.teacher_output == "hidden", cfg.loss.baseline)
+        rows.check_micro_batch(tc.micro_batch, needs_teachers(cfg.loss) and handover(cfg) == "hidden",
+                               cfg.loss.baseline)
     tokenizer = get_tokenizer(cfg)
     prompter = Prompter(tokenizer, dc.chat_template, dc.chat_template_kwargs)
     eval_examples = source.batch(0, tc.eval_per_domain, stream=1)
@@ -132,7 +133,8 @@ def build_run(cfg: Config) -> Run:
     if student.cfg.vocab_size < len(tokenizer):
         raise OpdError(f"student vocabulary {student.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     teachers = (build_teachers(cfg.teachers, cfg.routing, source.domains, student, mesh=mesh,
-                               rules=shd.rules_named(cfg.mesh.teacher_rules)) if needs_teachers(cfg.loss) else {})
+                               rules=shd.rules_named(cfg.mesh.teacher_rules), tokenizer=tokenizer)
+                if needs_teachers(cfg.loss) else {})
     graphdef, state = nnx.split(student)
     # explicit shardings at the update's boundary: the state in and out alike, so every step reuses one
     # executable and nothing is resharded between steps
@@ -145,14 +147,15 @@ def build_run(cfg: Config) -> Run:
     if program is None:
         program = compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rows, mesh)
     teacher_w = None
-    if teachers and est.teacher_output == "hidden":  # the loss applies each teacher's output matrix
+    if teachers and handover(cfg) == "hidden":  # the loss applies each teacher's output matrix
         teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) for n, t in teachers.items()}
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
     # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
     init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed))._asdict(), state_sh)
     rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
                         stop=stop_ids(tokenizer, cfg.student.path), verifiers=verifiers_for(dc.verifiers, source.domains),
-                        teachers=teachers, estimator=est, source=source, model_cfg=student.cfg,
+                        teachers=teachers, estimator=est, source=source,
+                        handover=handover(cfg) if needs_teachers(cfg.loss) else "logprobs", model_cfg=student.cfg,
                         rollout_rules=shd.rules_named(cfg.mesh.rollout_rules))
     if plan:
         plan = {k: v for k, v in plan.items() if k != "program"}

@@ -45,7 +45,8 @@ def check_routing(specs, routing: dict, domains) -> dict:
     return names
 
 
-def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None) -> dict[str, Teacher]:
+def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None,
+                   tokenizer=None) -> dict[str, Teacher]:
     """Load every teacher named in `specs`; check routing and vocabularies before any compute.
 
     specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
@@ -56,6 +57,14 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
     out = {}
     for name in sorted({routing[d] for d in domains}):
         spec = names[name]
+        if spec.url:  # behind a server: checked now (reachable, same vocabulary), scored over HTTP
+            if spec.path:
+                raise OpdError(f"teacher {name!r} has both a path and a url; give one")
+            from opd_jax.serving import ServedTeacher
+            served = ServedTeacher(name, spec.url, spec.model, spec.timeout, spec.retries)
+            served.check(student.cfg.vocab_size, tokenizer)
+            out[name] = served
+            continue
         if spec.path == "self":
             graphdef, state = nnx.split(student)
             state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
@@ -111,6 +120,11 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
     """`teacher_scores` for one teacher; on a mesh, jitted with explicit shardings: the teacher's
     parameters as placed, tokens / mask / outputs with rows over the batch mesh axes, activations
     constrained by the teacher's own rules (`mesh.teacher_rules`)."""
+    if not isinstance(t, Teacher):  # a served teacher (opd_jax.serving.ServedTeacher): host arrays over HTTP
+        from opd_jax.distributed import to_host
+        out = t.score(to_host(tokens), to_host(full_mask), prompt_len=prompt_len, temperature=temperature, what=what,
+                      topk=topk)
+        return jax.tree.map(jnp.asarray, out)
     if t.mesh is None:
         return teacher_scores(t.graphdef, t.state, tokens, full_mask, prompt_len=prompt_len, temperature=temperature,
                               what=what, topk=topk)

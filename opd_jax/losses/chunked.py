@@ -99,7 +99,8 @@ def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", 
 
 
 def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask, k, kind="reverse_kl", *,
-                      beta=0.5, alpha=0.5, temperature=1.0, normalize="token", seq_chunk=128, ids=None):
+                      beta=0.5, alpha=0.5, temperature=1.0, normalize="token", seq_chunk=128, ids=None,
+                      teacher_topk=None):
     """`topk_distill_loss` from hidden states, chunk by chunk, so neither model's [B, T, V] logits exist.
 
     Per chunk of positions: q = log_softmax(h' W' / T), its top k (ids i_1..i_k); pi = log_softmax(h W / T);
@@ -108,18 +109,27 @@ def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask
     teacher_hidden [B, T, D'], teacher_w [D', V], mask [B, T] -> (loss, metrics: divergence,
     per_token_divergence, tail_mass (teacher), student_tail_mass, top1_agreement, tokens; with the
     sampled `ids` [B, T] also token_logprob [B, T] = log pi(ids_t), from the same pass).
+    teacher_topk = (log-probs [B, T, k], ids [B, T, k]) instead of teacher_hidden / teacher_w: the
+    teacher's top k already formed (a served teacher's hand-over).
     """
     fd = get_fdiv(kind, beta=beta, alpha=alpha)
     b, t, _ = student_hidden.shape
     c = min(seq_chunk, t)
     sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)
-    th = _chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c)
+    given = teacher_topk is not None
+    if given:
+        th = tuple(_chunks(_pad_axis(jax.lax.stop_gradient(x), 1, c), 1, c) for x in teacher_topk)
+    else:
+        th = _chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c)
+        teacher_w = jax.lax.stop_gradient(teacher_w)
     idc = _chunks(_pad_axis(jnp.zeros((b, t), jnp.int32) if ids is None else ids, 1, c), 1, c)
-    teacher_w = jax.lax.stop_gradient(teacher_w)
 
     def chunk(_, xs):
         s_log = _logits_fn(xs[0], student_w, temperature)
-        t_lp, top = jax.lax.top_k(jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1), k)
+        if given:
+            t_lp, top = xs[1][0].astype(jnp.float32), xs[1][1]
+        else:
+            t_lp, top = jax.lax.top_k(jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1), k)
         s_lp = jax.nn.log_softmax(s_log, -1)
         s_at = jnp.take_along_axis(s_lp, top, -1)
         s_b, t_b = topk_buckets(s_at), topk_buckets(t_lp)

@@ -66,6 +66,10 @@ def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.
     if teacher_w is not None:
         return chunked_topk_loss(h, w, teacher, teacher_w, b["mask"], lc.topk, temperature=temperature,
                                  normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, **_div(lc))
+    if teacher[0].shape[-1] == lc.topk:  # a served (or in-process "topk") hand-over: chunked, no [B, N, V]
+        return chunked_topk_loss(h, w, None, None, b["mask"], lc.topk, temperature=temperature,
+                                 normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, teacher_topk=teacher,
+                                 **_div(lc))
     logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
     loss, m = topk_distill_loss(logits, teacher[0], teacher[1], b["mask"], temperature=temperature,
                                 normalize=lc.normalize, **_div(lc))
@@ -122,6 +126,21 @@ def check_loss_config(lc):
     if not 0.0 <= lc.lam <= 1.0:
         raise OpdError(f"loss.lam must be in [0, 1], got {lc.lam}")
     get_fdiv(lc.kind, beta=lc.beta, alpha=lc.alpha_div)
+
+
+def handover(cfg) -> str:
+    """What the run's teachers hand the update: "hidden" (final hidden states + output matrices),
+    "topk" (log-probs and ids of the teacher's top loss.topk, in batch row order) or "logprobs" (the
+    sampled tokens'). A teacher behind a server (teachers[].url) sends top-k or log-probs, so with one
+    the topk estimator takes "topk" from every teacher and the exact full-vocabulary one is refused."""
+    out = estimator_for(cfg.loss).teacher_output
+    served = [t.name for t in cfg.teachers if getattr(t, "url", None)]
+    if served and out == "hidden":
+        if cfg.loss.estimator_type != "topk":
+            raise OpdError(f"teacher {served[0]!r} is served (url): a server hands over top-k or sampled-token "
+                           "log-probs, not hidden states; use loss.estimator_type topk or sampled")
+        return "topk"
+    return out
 
 
 def estimator_for(lc) -> Estimator:
