@@ -138,6 +138,9 @@ class MeshConfig:
     rules: str = "default"  # student parameter rules: default (fsdp + tensor) | fsdp
     teacher_rules: str = "fsdp"  # teachers keep no optimizer state: pure FSDP by default
     rollout_rules: str = "rollout"  # the student's layout while sampling: weights whole per batch shard (split over tensor)
+    # devices of each role: {learner: "0-3", sampler: "0-3", <teacher name>: "4-7"}; a role not listed
+    # shares the learner's devices (the default: everything on every device)
+    roles: dict = field(default_factory=dict)
     device_memory_gb: float | None = None  # per-device memory for the fit check (default: what the device reports)
 
 

@@ -59,6 +59,7 @@ class Rollouts:
     source: object
     model_cfg: object = None  # the student's ModelConfig (context length, vocabulary)
     rollout_rules: dict | None = None  # the layout the engine places the weights in (mesh.rollout_rules)
+    sampler_mesh: object = None  # the sampler's devices (mesh.roles.sampler); None: the learner's mesh
     handover: str | None = None  # what the teachers hand over (losses.registry.handover); None: the estimator's
 
     # ---------------------------------------------------------------- pieces
@@ -72,7 +73,7 @@ class Rollouts:
         most n_seq), data settings, the rollout layout."""
         spec = EngineSpec.for_data(self.cfg.data, n_seq, temperature, stop=self.stop,
                                    pad_id=self.prompter.tokenizer.pad_token_id or 0)
-        return Engine(self.graphdef, self.model_cfg, spec, self.mesh, self.rollout_rules)
+        return Engine(self.graphdef, self.model_cfg, spec, self.sampler_mesh or self.mesh, self.rollout_rules)
 
     def sample(self, params, ids, pmask, key, *, group: int = 1, temperature=None):
         """`group` completions of each encoded prompt ids / pmask [n, P] from `params` (data settings;
@@ -110,6 +111,10 @@ class Rollouts:
         """The on-policy part from a finished rollout: pmask [B, P] (host, one row per sample), rep the
         examples per row; with `decode`, the completions' texts and verifier rewards; then the teachers'
         scores. -> (part, texts, rewards)."""
+        if self.sampler_mesh is not None:  # sampled on the sampler's devices: the batch moves to the learner's
+            roll = roll._replace(**{f: shd.placed(getattr(roll, f), shd.rows_sharding(
+                getattr(roll, f).shape[0], getattr(roll, f).ndim, self.mesh, self.rules))
+                for f in ("tokens", "logprobs", "mask")})
         texts = rewards = None
         if decode:
             texts = self.decode(roll.tokens, roll.mask)

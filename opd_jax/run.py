@@ -111,6 +111,11 @@ def build_run(cfg: Config) -> Run:
     if cfg.student.path:
         check_model_folder(cfg.student.path, "student.path")
     dist.initialize(cfg.distributed)
+    roles = ("learner", "sampler") + tuple(t.name for t in cfg.teachers)
+    for role in cfg.mesh.roles:
+        if role not in roles:
+            raise OpdError(f"mesh.roles names {role!r}, which is not a role; roles are {', '.join(roles)}")
+        shd.role_devices(cfg.mesh, role)
     mesh = shd.mesh_from_config(cfg.mesh)
     rules = shd.rules_named(cfg.mesh.rules)
     dc, tc = cfg.data, cfg.train
@@ -133,7 +138,8 @@ def build_run(cfg: Config) -> Run:
     if student.cfg.vocab_size < len(tokenizer):
         raise OpdError(f"student vocabulary {student.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     teachers = (build_teachers(cfg.teachers, cfg.routing, source.domains, student, mesh=mesh,
-                               rules=shd.rules_named(cfg.mesh.teacher_rules), tokenizer=tokenizer)
+                               rules=shd.rules_named(cfg.mesh.teacher_rules), tokenizer=tokenizer,
+                               roles=cfg.mesh)
                 if needs_teachers(cfg.loss) else {})
     graphdef, state = nnx.split(student)
     # explicit shardings at the update's boundary: the state in and out alike, so every step reuses one
@@ -156,7 +162,9 @@ def build_run(cfg: Config) -> Run:
                         stop=stop_ids(tokenizer, cfg.student.path), verifiers=verifiers_for(dc.verifiers, source.domains),
                         teachers=teachers, estimator=est, source=source,
                         handover=handover(cfg) if needs_teachers(cfg.loss) else "logprobs", model_cfg=student.cfg,
-                        rollout_rules=shd.rules_named(cfg.mesh.rollout_rules))
+                        rollout_rules=shd.rules_named(cfg.mesh.rollout_rules),
+                        sampler_mesh=(shd.mesh_from_config(cfg.mesh, "sampler") if "sampler" in cfg.mesh.roles
+                                      else None))
     if plan:
         plan = {k: v for k, v in plan.items() if k != "program"}
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,

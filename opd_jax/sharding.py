@@ -144,13 +144,43 @@ def rules_named(name: str) -> dict:
     return RULE_SETS[name]
 
 
-def mesh_from_config(mc) -> Mesh:
-    """The mesh of a MeshConfig (data, fsdp, tensor sizes) over all devices of all processes."""
+def role_devices(mc, role: str):
+    """The devices of `role` ("learner", "sampler" or a teacher's name) from mesh.roles: a list of
+    device indices or ranges ("0-3", "4-7,12", [0, 1]); None when the role is not listed (it shares
+    every device, the default)."""
     from opd_jax.errors import OpdError
+
+    spec = (getattr(mc, "roles", None) or {}).get(role)
+    if spec is None:
+        return None
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    idx = []
     try:
-        return make_mesh((mc.data, mc.fsdp, mc.tensor))
+        for item in items:
+            a, _, b = str(item).strip().partition("-")
+            idx += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise OpdError(f"mesh.roles.{role}: expected device indices like '0-3' or [0, 1], got {spec!r}") from None
+    devices = jax.devices()
+    bad = [i for i in idx if not 0 <= i < len(devices)]
+    if bad or not idx or len(set(idx)) != len(idx):
+        raise OpdError(f"mesh.roles.{role}: devices {spec!r} must be distinct indices in [0, {len(devices) - 1}]")
+    return [devices[i] for i in idx]
+
+
+def mesh_from_config(mc, role: str = "learner") -> Mesh:
+    """The mesh of a MeshConfig for `role`: the learner's (data, fsdp, tensor sizes) over its devices
+    (mesh.roles.learner, default every device of every process); a teacher or the sampler with
+    devices of its own gets a pure (1, n, 1) mesh over them, one sharing the learner's gets its mesh."""
+    from opd_jax.errors import OpdError
+
+    own = role_devices(mc, role)
+    try:
+        if role != "learner" and own is not None:
+            return make_mesh((1, -1, 1), own)
+        return make_mesh((mc.data, mc.fsdp, mc.tensor), role_devices(mc, "learner"))
     except ValueError as e:
-        raise OpdError(f"mesh: {e}") from None
+        raise OpdError(f"mesh{'.roles.' + role if own else ''}: {e}") from None
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -46,12 +46,14 @@ def check_routing(specs, routing: dict, domains) -> dict:
 
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None,
-                   tokenizer=None) -> dict[str, Teacher]:
+                   tokenizer=None, roles=None) -> dict[str, Teacher]:
     """Load every teacher named in `specs`; check routing and vocabularies before any compute.
 
     specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
     missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
-    clear error. Returns name -> Teacher for the teachers that some domain uses.
+    clear error. roles: the MeshConfig whose mesh.roles may give a teacher devices of its own (its
+    outputs then move to the learner's devices at the update). Returns name -> Teacher (or
+    serving.ServedTeacher) for the teachers that some domain uses.
     """
     names = check_routing(specs, routing, domains)
     out = {}
@@ -65,18 +67,22 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             served.check(student.cfg.vocab_size, tokenizer)
             out[name] = served
             continue
+        tmesh = mesh
+        if mesh is not None and roles is not None:  # mesh.roles: a teacher on devices of its own
+            from opd_jax.sharding import mesh_from_config
+            tmesh = mesh_from_config(roles, name)
         if spec.path == "self":
             graphdef, state = nnx.split(student)
             state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
             if mesh is not None:
                 from opd_jax.distributed import put_global
                 from opd_jax.sharding import state_shardings
-                state = put_global(state, state_shardings(state, mesh, rules))
+                state = put_global(state, state_shardings(state, tmesh, rules))
             vocab = student.cfg.vocab_size
         else:
             if not spec.path:
                 raise OpdError(f"teacher {name!r} needs a path (a Hugging Face folder) or path: self")
-            model = load_model(spec.path, dtype=spec.dtype, mesh=mesh, rules=rules)
+            model = load_model(spec.path, dtype=spec.dtype, mesh=tmesh, rules=rules)
             with_runtime(model, attention=spec.attention, remat="none")
             graphdef, state = nnx.split(model)
             vocab = model.cfg.vocab_size
@@ -84,7 +90,7 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer")
         w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
-        out[name] = Teacher(name, graphdef, state, vocab, mesh, w, tuple(sorted((rules or {}).items())))
+        out[name] = Teacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())))
     return out
 
 
