@@ -78,7 +78,8 @@ class LossConfig:
     rl_mode: str = "mix"
     clip_eps: float = 0.2
     # truncated importance weight cap for the sampled-token and RL terms when train.max_staleness >= 1
-    # (tokens drawn by an older policy: iw = min(pi_theta / pi_sampler, is_cap)); unused when synchronous
+    # (tokens drawn by an older policy: iw = min(pi_theta / pi_sampler, is_cap)); unused when synchronous;
+    # 0 = off (the PPO-clipped ratio against the sampler, as in synchronous runs)
     is_cap: float = 2.0
 
 
@@ -278,7 +279,8 @@ _LIMITS = {
     ("data", "decode_steps_per_call"): _POSITIVE,
     ("loss", "topk"): _POSITIVE, ("loss", "seq_chunk"): _POSITIVE,
     ("loss", "clip_eps"): ("must be > 0", lambda v: v > 0),
-    ("loss", "is_cap"): ("must be >= 1 (a cap below 1 would shrink every on-policy token)", lambda v: v >= 1),
+    ("loss", "is_cap"): ("must be 0 (no importance weights) or >= 1 (a cap below 1 would shrink every on-policy "
+                         "token)", lambda v: v == 0 or v >= 1),
     ("train", "max_staleness"): ("must be >= 0 (0 = synchronous)", lambda v: v >= 0),
     ("optim", "lr"): ("must be > 0", lambda v: v > 0),
     ("optim", "warmup_steps"): ("must be >= 0", lambda v: v >= 0),

@@ -120,6 +120,9 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     from opd_jax.optim import make_optimizer
 
     n_devices = n_devices or (mesh.devices.size if mesh is not None else jax.device_count())
+    n_total = n_devices  # mesh.roles: the learner's share of them
+    if mesh is None and shd.role_devices(cfg.mesh, "learner") is not None:
+        n_devices = len(shd.role_devices(cfg.mesh, "learner"))
     real_mesh, mesh = mesh, mesh_shape(cfg.mesh, n_devices)
     rules, trules = shd.rules_named(cfg.mesh.rules), shd.rules_named(cfg.mesh.teacher_rules)
     scfg = model_config(cfg.student).replace(attention=cfg.student.attention, remat=cfg.train.remat)
@@ -134,7 +137,10 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
         check_routing(cfg.teachers, cfg.routing, rl.domains)
     teachers, t_dev = {}, 0.0
     tcfgs = teacher_configs(cfg, scfg, rl)
+    own = {n for n in tcfgs if n in cfg.mesh.roles}  # teachers on devices of their own (role_plan)
     for name, tcfg in tcfgs.items():
+        if name in own:
+            continue
         tb, tn = tree_bytes(*abstract_params(tcfg), mesh, trules)
         teachers[name] = {"params": tn, "bytes_per_device": tb}
         t_dev += tb
@@ -177,6 +183,14 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
         # the two phases never overlap: the rollout copy and the slots are freed before the update
         out["total_bytes_per_device"] = t_dev + max(out["update_phase_bytes_per_device"],
                                                     out["rollout_phase_bytes_per_device"])
+        if cfg.mesh.roles:  # roles on devices of their own: each device's load, role by role (compiled)
+            from opd_jax.role_plan import plan_roles
+            what = handover(cfg) if needs_teachers(cfg.loss) else "logprobs"
+            rp = plan_roles(cfg, {**out, "update_phase_bytes_per_device": t_dev + out["update_phase_bytes_per_device"],
+                                  "rollout_phase_bytes_per_device": t_dev + out["rollout_phase_bytes_per_device"]},
+                            scfg, {n: tcfgs[n] for n in own}, rows, rows // dc.group_size, what, n_total)
+            out["roles"], out["devices_total"] = rp["roles"], rp["devices_used"]
+            out["total_bytes_per_device"] = rp["per_device_max"]
         if keep_program:
             out["program"] = program
     if flops or roofline:
@@ -193,7 +207,8 @@ def target_mesh(cfg, n_devices: int):
     if jax.device_count() < n_devices:
         raise OpdError(f"compiling for {n_devices} devices needs that many devices; this process has "
                        f"{jax.device_count()} (on CPU: opd-jax plan --devices {n_devices} fakes them)")
-    return shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), jax.devices()[:n_devices])
+    learner = shd.role_devices(cfg.mesh, "learner")
+    return shd.make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), learner or jax.devices()[:n_devices])
 
 
 def step_roofline(cfg, scfg, rl: RowLayout, tcfgs: dict, update, mesh, n_devices: int, chip_name: str) -> dict:
@@ -372,13 +387,14 @@ def refusal(p: dict, limit: float, cfg) -> str:
                 f"{(p['student_bytes_per_device'] + p['optimizer_bytes_per_device'] + p['teacher_bytes_per_device']) / GiB:.2f})"
                 f" but a device has {limit / GiB:.2f} GiB: set data.rollout_slots to {fit} or fewer"
                 + (" (none fit: shard wider or shorten data.max_new_tokens)" if fit == 0 else ""))
+    from opd_jax.role_plan import teacher_layout_hint
     return (f"this run needs about {p['total_bytes_per_device'] / GiB:.2f} GiB per device{when} ({have}) but a device "
             f"has {limit / GiB:.2f} GiB: lower the activations with train.remat=full (now {cfg.train.remat}), "
             f"a smaller train.micro_batch (now {m or 'all'} of {p['rows_per_step']} rows at once; auto picks the "
             f"largest that fits) or a smaller loss.seq_chunk (now {cfg.loss.seq_chunk}); or shard wider (mesh "
             f"{p['mesh']} on {p['devices']} devices: more devices or a larger mesh.fsdp), use bfloat16 "
             "(student.dtype / teachers[].dtype), fewer rows per step (data.per_domain, data.group_size), "
-            "loss.estimator_type=sampled, or optim.name=sgd")
+            "loss.estimator_type=sampled, or optim.name=sgd" + teacher_layout_hint(p, limit, cfg))
 
 
 def check_fits(cfg, n_devices: int | None = None, *, mesh=None, domains=None) -> tuple[int, dict | None]:
@@ -429,7 +445,18 @@ def format_plan(p: dict) -> str:
                   "student's weights)"]
     if "flops_per_step_per_device" in p:
         lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
-    total = "teachers + the larger phase" if "update_phase_bytes_per_device" in p else "hand count"
+    for role, r in p.get("roles", {}).items():
+        if role == "learner":
+            lines.append(f"  role learner         {r['devices']} devices (the figures above)")
+        elif role == "sampler":
+            lines.append(f"  role sampler         {gib(r['rollout_bytes_per_device'])}  on {r['devices']} devices of its "
+                         "own (rollout copy + slots + prompts + temporaries)")
+        else:
+            lines.append(f"  role {role:<15} {gib(r['weight_bytes_per_device'] + r['forward_temp_bytes_per_device'])}"
+                         f"  on {r['devices']} devices of its own (weights {r['weight_bytes_per_device'] / GiB:.3f} + "
+                         f"compiled forward {r['forward_temp_bytes_per_device'] / GiB:.3f})")
+    total = ("the largest device over every role" if "roles" in p else
+             "teachers + the larger phase" if "update_phase_bytes_per_device" in p else "hand count")
     lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device ({total})")
     if "roofline" in p and "step_seconds" in p["roofline"]:
         r = p["roofline"]

@@ -20,6 +20,8 @@ QWEN3 = {
                      tie_word_embeddings=True),
     "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
                      tie_word_embeddings=False),
+    "Qwen3-32B": dict(hidden_size=5120, intermediate_size=25600, num_layers=64, num_heads=64, num_kv_heads=8,
+                      tie_word_embeddings=False),
 }
 
 
