@@ -162,10 +162,8 @@ def empty_slots(cfg, spec: EngineSpec) -> Slots:
     zi = jnp.zeros((s,), jnp.int32)
     return Slots(k, v, jnp.zeros((s, spec.prompt_len + n), bool), zi, zi, zi - 1, jnp.zeros((s,), bool), zi,
                  jnp.zeros((s, cfg.vocab_size), jnp.float32), jnp.full((s, n), spec.pad_id, jnp.int32),
-                 jnp.zeros((s, n), jnp.float32), jnp.zeros((s,) + _KEY_SHAPE, jnp.uint32))
-
-
-_KEY_SHAPE = jax.random.key_data(jax.random.key(0)).shape
+                 jnp.zeros((s, n), jnp.float32),
+                 jnp.zeros((s,) + jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape, jnp.uint32))
 
 
 def sequence_keys(key, seq) -> np.ndarray:

@@ -87,6 +87,7 @@ class Pipeline:
         self.error: BaseException | None = None
         self.stopping = False
         self.sync_s = self.learner_wait_s = 0.0
+        self.timeline: list = []  # (event, batch or version, perf_counter): started / ready / taken / published
         self.publish(start, state.params)
         self.thread = threading.Thread(target=self._loop, name="opd-sampler", daemon=True)
         self.thread.start()
@@ -102,6 +103,7 @@ class Pipeline:
         self.sync_s = time.perf_counter() - t0
         with self.cv:
             self.versions[version] = copy
+            self.timeline.append(("published", version, time.perf_counter()))
             self.cv.notify_all()
 
     def take(self, step: int) -> Batch:
@@ -113,7 +115,9 @@ class Pipeline:
             if self.error is not None:
                 raise self.error
             batch = self.ready.pop(step)
+            self.timeline.append(("taken", step, time.perf_counter()))
             self.cv.notify_all()
+        batch.timeline = self.timeline  # the whole run's, shared (tests and benchmarks read the overlap)
         batch.async_metrics["time/rollout_wait"] = time.perf_counter() - t0
         batch.async_metrics["time/weight_sync"] = self.sync_s
         batch.async_metrics["time/learner_wait"], self.learner_wait_s = self.learner_wait_s, 0.0
@@ -171,6 +175,7 @@ class Pipeline:
                 examples = self.ro.source.batch(nxt, self.run.cfg.data.per_domain)
                 ids, pmask = self.ro.prompter.encode(examples, self.run.cfg.data.max_prompt_len)
                 stream.add(nxt, ids, pmask, jax.random.fold_in(self.key, nxt))
+                self.timeline.append(("started", nxt, time.perf_counter()))
                 stream.batches[nxt].examples = examples
                 nxt += 1
                 continue
@@ -204,4 +209,5 @@ class Pipeline:
         with self.cv:
             self.finished.add(b)
             self.ready[b] = batch
+            self.timeline.append(("ready", b, time.perf_counter()))
             self.cv.notify_all()

@@ -42,6 +42,7 @@ class Batch:
     engine: object = None  # the on-policy rollout's engine.EngineStats (occupancy, decode steps)
     async_metrics: dict = field(default_factory=dict)  # asynchronous runs: staleness, drops, waits (opd_jax.pipeline)
     versions: np.ndarray | None = None  # asynchronous runs: the policy version of every sampled token [B, N]
+    timeline: list | None = None  # asynchronous runs: (event, batch / version, time) of the pipeline so far
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ def build_run(cfg: Config) -> Run:
     if cfg.student.path:
         check_model_folder(cfg.student.path, "student.path")
     dist.initialize(cfg.distributed)
+    if cfg.train.max_staleness and jax.process_count() > 1:
+        raise OpdError("train.max_staleness >= 1 runs on one host for now: the sampler thread's collectives "
+                       "are not ordered with the learner's across processes; set train.max_staleness 0")
     roles = ("learner", "sampler") + tuple(t.name for t in cfg.teachers)
     for role in cfg.mesh.roles:
         if role not in roles:

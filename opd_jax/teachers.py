@@ -101,7 +101,7 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     dtype (the loss applies the output matrix `Teacher.w` and the temperature chunk by chunk, so no
     [B, N, V] array exists); "logits": [B, N, V] float32 raw logits (small models and tests only);
     "logprobs": [B, N] log q_T(y_t) of the sampled tokens at the temperature; "topk": (log-probs
-    [B, N, k], ids [B, N, k]) at the temperature.
+    [B, N, k], ids [B, N, k]) at the temperature; both formed 128 positions at a time.
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
     with activation_layout(layout):  # on a mesh: rows stay on the batch axes through every layer
@@ -110,13 +110,14 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
         h = layout(h, ("batch", None, None))
     if what == "hidden":
         return h
-    logits = model.logits(h)
     if what == "logits":
-        return logits
-    lp = jax.nn.log_softmax(logits / temperature, -1)
+        return model.logits(h)
+    # chunk by chunk over the completion (`losses.chunked`): no [B, N, V] log-softmax is formed
+    from opd_jax.losses.chunked import chunked_token_logprobs, chunked_topk
+
     if what == "logprobs":
-        return jnp.take_along_axis(lp, tokens[:, prompt_len:, None], -1)[..., 0]
-    return tuple(jax.lax.top_k(lp, topk))
+        return chunked_token_logprobs(h, model.output_matrix(), tokens[:, prompt_len:], temperature=temperature)
+    return chunked_topk(h, model.output_matrix(), topk, temperature=temperature)
 
 
 teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))

@@ -155,6 +155,13 @@ def test_one_step_stale_pipeline_tags_weights_and_drops_nothing(tmp_path):
         r = rec.records[step]
         assert r["rollout/dropped"] == 0 and r["rollout/staleness_%d" % min(step, 1)] == m.shape[0]
         assert "on_policy/is_clip_fraction" in r and r["time/weight_sync"] >= 0
+    # overlap, from the pipeline's timestamps (sampler thread and learner in one process): rollout t+1
+    # starts before update t has finished (its weights published), and update t starts (batch t taken)
+    # before rollout t+1 is ready: the update never waits for the next rollout
+    at = {(e, i): t for e, i, t in rec.batches[-1].timeline}
+    for t in range(1, 3):
+        assert at[("started", t + 1)] < at[("published", t + 1)]
+        assert at[("taken", t)] < at[("ready", t + 1)]
 
 
 def test_sequences_older_than_k_are_dropped(tmp_path, monkeypatch):

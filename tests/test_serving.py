@@ -182,3 +182,29 @@ def test_a_server_killed_mid_run_stops_the_run_and_the_checkpoint_resumes(teache
     finally:
         again.shutdown()
     assert ckpt.manager(tmp_path / "k" / "checkpoints", 2).latest_step() == 4 and np.isfinite(last["loss"])
+
+
+def test_serve_teacher_cli_serves_until_sigterm(teacher):
+    """`opd-jax serve-teacher --model DIR --port 0` prints its address, answers the protocol, stops on
+    SIGTERM with exit code 0; a missing folder is a one-line error."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    _, path, _ = teacher
+    proc = subprocess.Popen([sys.executable, "-m", "opd_jax.cli", "serve-teacher", "--model", str(path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", line).group(1)
+        client = ServedTeacher("t", url)
+        client.check(64)
+        tokens, mask = _batch()
+        assert client.score(tokens, mask, prompt_len=6, temperature=1.0, what="logprobs").shape == (5, 7)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    bad = subprocess.run([sys.executable, "-m", "opd_jax.cli", "serve-teacher", "--model", "/nonexistent/x"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "opd-jax: error: --model /nonexistent/x does not exist"

@@ -56,17 +56,24 @@ def test_recipes_fit_their_chips_with_activations(tmp_path, recipe):
     mc = cfg.mesh
     assert mc.device_memory_gb, f"{recipe.name} must name its chip's memory (mesh.device_memory_gb)"
     assert -1 not in (mc.data, mc.fsdp, mc.tensor), f"{recipe.name} must name its chip count (mesh sizes)"
-    devices = mc.data * mc.fsdp * mc.tensor
-    run = subprocess.run([sys.executable, "-c", PLAN, str(path), str(devices)], capture_output=True, text=True,
+    devices = mc.data * mc.fsdp * mc.tensor  # the learner's
+    chips = devices  # the slice: with roles on devices of their own, all of them are planned
+    if mc.roles:
+        chips = max(int(str(r).split("-")[-1]) for r in mc.roles.values()) + 1
+    run = subprocess.run([sys.executable, "-c", PLAN, str(path), str(chips)], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-2000:]
     p = json.loads(run.stdout.strip().splitlines()[-1])
     student = re.search(r"student: \{path: /mnt/shared/models/([\w.\-]+)", recipe.read_text()).group(1)
     assert p["student_params"] == PUBLISHED[student]
-    assert all(t["params"] == 8_190_735_360 for t in p["teachers"].values())  # the 8B teachers
+    # the 8B teachers (exact) and the 32B one (Qwen3-32B's card: 32.8B; 31.2B without the embeddings)
+    assert all(t["params"] == 8_190_735_360 for t in p["teachers"].values())
+    for name, r in p.get("roles", {}).items():
+        if name not in ("learner", "sampler"):
+            assert r["devices"] == 16 and r["weight_bytes_per_device"] * 16 / 2 == pytest.approx(32.8e9, rel=2e-3)
     assert p["activation_bytes_per_device"] > 0  # the compiled step's temporaries are counted
     assert p["total_bytes_per_device"] <= 0.8 * mc.device_memory_gb * GiB
-    one = plan(load_config(path, ["mesh.fsdp=1"]), n_devices=1)  # shapes only, one chip
+    one = plan(load_config(path, ["mesh.fsdp=1", "mesh.roles={}"]), n_devices=1)  # shapes only, one chip
     # sharding divides what is sharded: the update's arguments and the slots' KV (the rollout weight copy is
     # whole on every chip by design: a decode step then moves no weights)
     assert p["compiled_argument_bytes_per_device"] < one["total_bytes_per_device"] / (devices / 2)

@@ -213,3 +213,21 @@ def chunked_token_logprobs(hidden, w, ids, *, temperature=1.0, seq_chunk=128):
 
     _, lp = jax.lax.scan(jax.checkpoint(body), None, (hs, idc))
     return _unchunk(lp, b, t)
+
+
+def chunked_topk(hidden, w, k: int, *, temperature=1.0, seq_chunk=128):
+    """The top k of log softmax(h_t W / T) at every position, chunk by chunk (no gradient).
+
+    hidden [B, T, D], w [D, V] -> (log-probs [B, T, k] float32, ids [B, T, k] int32), without a
+    [B, T, V] array.
+    """
+    b, t, _ = hidden.shape
+    c = min(seq_chunk, t)
+    hs = _chunks(_pad_axis(jax.lax.stop_gradient(hidden), 1, c), 1, c)
+
+    def body(_, x):
+        return None, jax.lax.top_k(jax.nn.log_softmax(_logits_fn(x, w, temperature), -1), k)
+
+    _, (lp, ids) = jax.lax.scan(body, None, hs)
+    back = lambda x: jnp.moveaxis(x, 0, 1).reshape((b, -1, k))[:, :t]  # noqa: E731
+    return back(lp), back(ids)
