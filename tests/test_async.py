@@ -86,26 +86,33 @@ def test_staleness_counts_from_the_oldest_real_token():
 
 
 def test_truncated_importance_weights_equal_a_numpy_reference():
-    """iw = min(pi / mu, cap) and the surrogate's gradient in log pi equals iw * w / tokens, w the
-    stop-gradient reverse-KL weight -log(q / pi)."""
+    """iw = min(pi / mu, cap); the stale surrogate max(w rho~, w clip(rho~, 1-eps, 1+eps)) with rho~ the
+    ratio truncated at the cap has, per token, the gradient in log pi that numpy gives by cases:
+    w min(rho, cap) where the first branch is the larger, w rho inside the clip band otherwise, else 0
+    (w = -log(q / pi), the stop-gradient reverse-KL weight; divided by the token count)."""
     rng = np.random.RandomState(0)
-    s, t, mu = (rng.uniform(-3, -0.1, (3, 5)).astype(np.float32) for _ in range(3))
-    mu[0, :2] = s[0, :2] - 1.5  # pi / mu = e^1.5 > 2: truncated
-    mask = (rng.rand(3, 5) > 0.2).astype(np.int32)
-    iw, m = importance_weights(jnp.asarray(s), jnp.asarray(mu), jnp.asarray(mask), 2.0)
-    ref = np.where(mask > 0, np.minimum(np.exp(s - mu), 2.0), 0.0)
-    np.testing.assert_allclose(np.asarray(iw), ref, rtol=1e-6)
-    np.testing.assert_allclose(float(m["is_clip_fraction"]), ((np.exp(s - mu) > 2) & (mask > 0)).sum() / mask.sum(),
-                               rtol=1e-6)
+    s, t = (rng.uniform(-3, -0.1, (4, 6)).astype(np.float32) for _ in range(2))
+    mu = (s - rng.uniform(-1.5, 1.7, (4, 6))).astype(np.float32)  # ratios from 0.2 to 5.5: every case
+    mask = (rng.rand(4, 6) > 0.2).astype(np.int32)
+    cap, eps = 2.0, 0.2
+    iw, m = importance_weights(jnp.asarray(s), jnp.asarray(mu), jnp.asarray(mask), cap)
+    rho = np.exp(s.astype(np.float64) - mu)
+    ref = np.where(mask > 0, np.minimum(rho, cap), 0.0)
+    np.testing.assert_allclose(np.asarray(iw), ref, rtol=1e-5)
+    np.testing.assert_allclose(float(m["is_clip_fraction"]), ((rho > cap) & (mask > 0)).sum() / mask.sum(), rtol=1e-6)
 
     def loss(slp):
         return sampled_surrogate(slp, jnp.asarray(t), jnp.asarray(mask), "reverse_kl", estimator="stop_grad",
-                                 sampler_logprobs=jnp.asarray(mu), is_cap=2.0)[0]
+                                 sampler_logprobs=jnp.asarray(mu), is_cap=cap, clip_eps=eps)[0]
 
     grad = np.asarray(jax.grad(loss)(jnp.asarray(s)))
-    w = -(t - s)
-    np.testing.assert_allclose(grad, np.where(mask > 0, ref * w / mask.sum(), 0.0), rtol=1e-5, atol=1e-7)
-    assert float(m["is_clip_fraction"]) > 0
+    w = -(t - s).astype(np.float64)
+    first, second = w * np.minimum(rho, cap), w * np.clip(rho, 1 - eps, 1 + eps)
+    inside = (rho > 1 - eps) & (rho < 1 + eps)
+    g = np.where(first >= second, w * np.minimum(rho, cap), np.where(inside, w * rho, 0.0))
+    expect = np.where(mask > 0, g / mask.sum(), 0.0)
+    np.testing.assert_allclose(grad, expect, rtol=1e-4, atol=1e-7)
+    assert float(m["is_clip_fraction"]) > 0 and (expect == 0).sum() > (mask == 0).sum()  # both cuts happen
 
 
 def _cfg(tmp_path, name, **extra):

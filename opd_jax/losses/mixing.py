@@ -10,9 +10,8 @@ RL+OPD:  per-token advantage  A_t = (1 - alpha) * A_grpo(x) + alpha * (-w_t)    
          OPD weight of `sampled.opd_weights` (so -w_t plays the role of a per-token reward), and
          L = masked mean of  -min(A_t rho_t, A_t clip(rho_t, 1-eps, 1+eps)),
          rho_t = pi_theta(y_t) / pi_old(y_t)  (rho = exp(logp - sg(logp)) when no sampler log-probs).
-         Asynchronous training (is_cap > 0): pi_old is the current policy (rho's value is 1, its
-         gradient grad log pi) and each token is weighted by the truncated importance weight
-         min(pi_theta / mu, is_cap) against the sampler mu (`sampled.importance_weights`).
+         Asynchronous training (is_cap > 0): rho, against the sampler mu, is truncated at is_cap
+         (`sampled.truncated_ratio`: value and gradient weight min(rho, is_cap)).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 
 from opd_jax.errors import OpdError
 from opd_jax.losses.masking import clean, masked_mean
-from opd_jax.losses.sampled import importance_weights, opd_weights
+from opd_jax.losses.sampled import importance_weights, opd_weights, truncated_ratio
 
 
 def gkd_loss(on_policy, off_policy, lam: float):
@@ -82,18 +81,17 @@ def rl_opd_surrogate(student_logprobs, teacher_logprobs, rewards, mask, *, group
     adv = jax.lax.stop_gradient(adv)
     slp = clean(student_logprobs, mask)
     stale = is_cap > 0 and sampler_logprobs is not None
-    old = jax.lax.stop_gradient(slp if sampler_logprobs is None or stale else clean(sampler_logprobs, mask))
-    rho = jnp.exp(slp - old)
+    old = jax.lax.stop_gradient(slp if sampler_logprobs is None else clean(sampler_logprobs, mask))
+    rho = truncated_ratio(slp, old, is_cap) if stale else jnp.exp(slp - old)
     per_token = -jnp.minimum(adv * rho, adv * jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps))
     iw_metrics = {}
     if stale:
-        iw, iw_metrics = importance_weights(slp, sampler_logprobs, mask, is_cap)
-        per_token = iw * per_token
+        _, iw_metrics = importance_weights(slp, old, mask, is_cap)
     metrics = {"reward": jnp.mean(rewards.astype(jnp.float32)), "divergence": masked_mean(f_r, mask),
                "per_token_divergence": f_r,
                "advantage": masked_mean(adv, mask),
                "clip_fraction": masked_mean((jnp.abs(rho - 1.0) > clip_eps).astype(jnp.float32), mask)}
-    if sampler_logprobs is not None and not stale:
+    if sampler_logprobs is not None:
         metrics["logprob_mismatch"] = masked_mean(jnp.abs(jax.lax.stop_gradient(slp) - old), mask)
     metrics.update(iw_metrics)
     return masked_mean(per_token, mask, normalize), metrics

@@ -21,12 +21,12 @@ the PPO-clipped  max(w_t rho_t, w_t clip(rho_t, 1-eps, 1+eps)),  rho_t = pi_thet
 whose gradient at rho = 1 equals the plain surrogate's.
 
 Asynchronous training (`is_cap` > 0, train.max_staleness >= 1): y was drawn by an older policy
-mu (the sampler's log-probs), so each token is reweighted by the truncated importance weight
-    iw_t = min(pi_theta(y_t) / mu(y_t), is_cap)   (no gradient)
-and L = mean_t iw_t sg(w_t) pi_theta(y_t) / sg(pi_theta(y_t)) (value mean iw w, gradient
-mean iw w grad log pi). Without the truncation E_mu[iw w grad log pi] =
-E_pi[w grad log pi]: the synchronous estimator's expectation (per token, contexts fixed); the cap
-bounds the variance at the cost of a bias on the tokens it clips (reported as is_clip_fraction).
+mu (the sampler's log-probs) and rho = pi_theta / mu is an importance weight. The PPO-clipped term
+above is kept with rho truncated at is_cap (`truncated_ratio`: value min(rho, is_cap), gradient
+min(rho, is_cap) grad log pi). Where the clip is inactive the gradient is min(rho, C) w grad log pi;
+untruncated, E_mu[rho w grad log pi] = E_pi[w grad log pi], the synchronous estimator's expectation
+(per token, contexts fixed). The cap bounds the variance (tokens over it: is_clip_fraction) and the
+clip keeps one update within the trust region, each at the cost of a bias on the tokens it touches.
 """
 
 from __future__ import annotations
@@ -76,6 +76,13 @@ def importance_weights(student_logprobs, sampler_logprobs, mask, cap: float):
                 "logprob_mismatch": masked_mean(jnp.abs(diff), mask), "sampler_kl": masked_mean(-diff, mask)}
 
 
+def truncated_ratio(student_logprobs, sampler_logprobs, cap: float):
+    """rho = pi_theta / mu truncated at `cap`: value min(rho, cap), gradient min(rho, cap) grad log pi
+    (the ratio's own gradient rescaled by sg(min(rho, cap) / rho)). [B, T] -> [B, T]."""
+    rho = jnp.exp(student_logprobs - jax.lax.stop_gradient(sampler_logprobs))
+    return rho * jax.lax.stop_gradient(jnp.minimum(rho, cap) / rho)
+
+
 def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="opd_plus", level="token",
                 beta=0.5, alpha=0.5, baseline="none"):
     """Per-token weights w_t [B, T] (no gradient) and the per-token divergence samples f(r_t).
@@ -121,11 +128,12 @@ def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl
                "tokens": jnp.sum(mask.astype(jnp.float32))}
     if sampler_logprobs is None:
         per_token = w * slp
-    elif is_cap > 0:
+    elif is_cap > 0:  # PPO-clipped against the sampler, with the ratio truncated at is_cap
         old = jax.lax.stop_gradient(clean(sampler_logprobs, mask))
-        iw, m = importance_weights(slp, old, mask, is_cap)
-        metrics.update(m)
-        per_token = iw * w * jnp.exp(slp - jax.lax.stop_gradient(slp))  # value iw w, gradient iw w grad log pi
+        rho = truncated_ratio(slp, old, is_cap)
+        per_token = jnp.maximum(w * rho, w * jnp.clip(rho, 1.0 - clip_eps, 1.0 + clip_eps))
+        _, m = importance_weights(slp, old, mask, is_cap)
+        metrics.update(m, clip_fraction=masked_mean((jnp.abs(rho - 1.0) > clip_eps).astype(jnp.float32), mask))
     else:
         old = jax.lax.stop_gradient(clean(sampler_logprobs, mask))
         rho = jnp.exp(slp - old)
