@@ -68,9 +68,10 @@ class Stream:
         """Sample with `params` (any layout; placed in the rollout layout here) from the next call on."""
         self.params, self.version = self.engine.place(params), int(version)
 
-    def add(self, b: int, ids, pmask, key):
+    def add(self, b: int, ids, pmask, key, caps=None):
         """Batch `b`: `group` samples of each prompt ids / pmask [n, P] with key `key` (prefilled now, with
-        the current weights; its sequences wait in the queue for free slots)."""
+        the current weights; its sequences wait in the queue for free slots); caps [n * group] optional
+        per-sequence length caps (default max_new_tokens)."""
         if self.params is None:
             raise OpdError("Stream.add before set_params: the stream has no weights to sample with")
         if b in self.batches:
@@ -85,6 +86,8 @@ class Stream:
         self.batches[b] = _Batch(ids, pmask, store, sequence_keys(key, np.arange(n_seq)), n_seq,
                                  self.spec.max_new_tokens, self.spec.pad_id)
         self.batches[b].prefill_version = self.version
+        self.batches[b].caps = (np.full(n_seq, self.spec.max_new_tokens, np.int32) if caps is None
+                                else np.asarray(caps, np.int32))
         self.stats.prefill_rows += ids.shape[0]
         self.queue.extend((b, q) for q in range(n_seq))
 
@@ -106,7 +109,7 @@ class Stream:
             cap, base = np.zeros(s, np.int32), np.zeros((s,) + bat.bases.shape[1:], np.uint32)
             for slot, q in pairs:
                 take[slot], src[slot], seq[slot] = True, q // self.group, q
-                cap[slot], base[slot] = spec.max_new_tokens, bat.bases[q]
+                cap[slot], base[slot] = bat.caps[q], bat.bases[q]
                 self.held[slot] = (b, q)
                 self.seen[slot], self.tags[slot] = 0, -1
                 self.logit_version[slot] = bat.prefill_version

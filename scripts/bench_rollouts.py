@@ -77,6 +77,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--batches", type=int, default=4, help="batches back to back for the stream (slots kept)")
     ap.add_argument("--no-collectives", action="store_true", help="skip the 16-device compile of Qwen3-1.7B")
     args = ap.parse_args(argv)
     if args.rows % args.group:
@@ -126,6 +127,37 @@ def main(argv=None):
     same = np.array_equal(results["static"]["tokens"], results["engine"]["tokens"])
     print(f"  same tokens on both sides: {same}")
 
+    # asynchronous steady state: --batches batches (fresh lengths each) through one Stream, whose slots
+    # persist, so batch b+1 fills what batch b's early finishers free (the sampler never waiting for
+    # weights: the upper bound of train.max_staleness >= 1); against the engine run batch by batch
+    from opd_jax.stream import Stream
+    spec = EngineSpec(prompt_len=args.prompt, max_new_tokens=args.cap, slots=args.slots, temperature=1.0, stop=(),
+                      steps_per_call=args.steps_per_call)
+    draws = [draw_lengths(args.rows, args.median, args.p99, args.cap, args.seed + 1 + b) for b in range(args.batches)]
+    engine = Engine(graphdef, cfg, spec)
+    t, steps = time.perf_counter(), 0
+    for b, caps in enumerate(draws):
+        roll, stats = engine.run(params, ids, mask, jax.random.key(10 + b), group=args.group, caps=caps)
+        steps += stats.decode_steps
+    jax.block_until_ready(roll.tokens)
+    per_batch = dict(occupancy=sum(map(int, map(np.sum, draws))) / (args.slots * steps), secs=time.perf_counter() - t)
+    stream = Stream(engine, args.group)
+    stream.set_params(params, 0)
+    t = time.perf_counter()
+    for b, caps in enumerate(draws):
+        stream.add(b, ids, mask, jax.random.key(10 + b), caps=caps)
+    while stream.live or stream.queue:
+        stream.advance()
+    kept = [stream.take(b)[0] for b in range(args.batches)]
+    jax.block_until_ready(kept[-1].tokens)
+    total = sum(int(np.sum(c)) for c in draws)
+    st = stream.stats
+    results["stream"] = dict(occupancy=st.occupancy, secs=time.perf_counter() - t)
+    print(f"  {args.batches} batches, {args.slots} slots: engine batch by batch {steps} decode steps, occupancy "
+          f"{per_batch['occupancy']:.3f}, {total / per_batch['secs']:.1f} tokens/s; stream (slots kept across "
+          f"batches) {st.decode_steps} steps, occupancy {st.occupancy:.3f}, {total / results['stream']['secs']:.1f} "
+          "tokens/s")
+
     if not args.no_collectives:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
         run = subprocess.run([sys.executable, "-c", COLLECTIVES, "8192"], capture_output=True, text=True, env=env)
@@ -137,7 +169,8 @@ def main(argv=None):
               f"training layout {c['default'] / 1e9:.3f} GB ({c['default'] / w:.2f}x the weights' {w / 1e9:.2f} GB), "
               f"rollout layout {c['rollout']:.0f} bytes ({c['rollout'] / w:.2e}x)")
     s, e = results["static"], results["engine"]
-    print(f"occupancy: static {s['occupancy']:.2f}, engine {e['occupancy']:.2f}")
+    print(f"occupancy: static {s['occupancy']:.2f}, engine {e['occupancy']:.2f}, stream over {args.batches} batches "
+          f"{results['stream']['occupancy']:.2f}")
     print(f"tokens/s: static {s['tps']:.1f}, engine {e['tps']:.1f}, ratio {e['tps'] / s['tps']:.2f}x")
 
 
