@@ -103,7 +103,9 @@ class Rollouts:
         rep = [ex for ex in examples for _ in range(g)]
         ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
         timer.mark("host")
-        roll, stats = self.sample(params, ids, pmask, key, group=g)
+        engine = self.engine(ids.shape[0] * g, self.cfg.data.temperature)
+        placed = timer.mark("weight_sync", engine.place(params))  # learner -> sampler layout (and devices)
+        roll, stats = engine.run(placed, ids, pmask, key, group=g)
         timer.mark("sample", roll)
         part, texts, rewards = self.complete(roll, np.repeat(pmask, g, 0), rep, decode=decode, timer=timer)
         return part, rep, texts, rewards, stats

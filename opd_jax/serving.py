@@ -116,7 +116,7 @@ class ServedTeacher:
             keep = full_mask[i] > 0
             rows.append([int(t) for t in tokens[i][keep]])
             firsts.append(int(keep[:prompt_len].sum()))  # index of the first completion token in the row
-        k = max(topk, 1)
+        k = max(topk, 1) if what == "topk" else 1  # log-probs only: the sampled token comes with any k
         reply = self._call("/v1/completions", {"model": self.model, "prompt": rows, "max_tokens": 1,
                                                "prompt_logprobs": k, "temperature": temperature})
         choices = sorted(reply.get("choices") or [], key=lambda c: c.get("index", 0))
