@@ -125,6 +125,11 @@ class TrainConfig:
     # rows per forward/backward inside the step (gradients accumulated); 0 = all rows; "auto" = the
     # largest that fits the device memory (the planner compiles the step for each candidate)
     micro_batch: int | str = 0
+    # stop-rate guard: at log steps, the share of completions that end with a stop id (rollout/eos_rate);
+    # below min_eos_rate it warns once, and after eos_patience log steps in a row below it the run stops
+    # with a one-line error (a student that has lost the ability to stop); 0 = off
+    min_eos_rate: float = 0.0
+    eos_patience: int = 3
     # asynchronous OPD: the sampler runs up to this many policy versions behind the learner (0 = synchronous:
     # sample, score, update, one after the other); sequences older than this are dropped (opd_jax.pipeline)
     max_staleness: int = 0
@@ -282,6 +287,8 @@ _LIMITS = {
     ("loss", "is_cap"): ("must be 0 (no importance weights) or >= 1 (a cap below 1 would shrink every on-policy "
                          "token)", lambda v: v == 0 or v >= 1),
     ("train", "max_staleness"): ("must be >= 0 (0 = synchronous)", lambda v: v >= 0),
+    ("train", "min_eos_rate"): ("must be in [0, 1] (0 = off)", lambda v: 0 <= v <= 1),
+    ("train", "eos_patience"): _POSITIVE,
     ("optim", "lr"): ("must be > 0", lambda v: v > 0),
     ("optim", "warmup_steps"): ("must be >= 0", lambda v: v >= 0),
     ("optim", "weight_decay"): ("must be >= 0", lambda v: v >= 0),

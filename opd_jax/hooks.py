@@ -6,8 +6,9 @@ and may set `ctx.state` (the EffOPD guard), add to `ctx.record` (what a log step
 
     SkipCounter   reads the on-device skip flags at log and checkpoint steps; stops a run after
                   train.max_skipped skipped updates in a row
-    Logger        log steps: loss, metrics, phase times, tokens/s, rewards; eval steps: greedy
-                  accuracy and samples.jsonl; metrics.jsonl and TensorBoard
+    Logger        log steps: loss, metrics, phase times, tokens/s, rewards, stop rate; eval steps:
+                  greedy accuracy and samples.jsonl; metrics.jsonl and TensorBoard
+    StopRateGuard stops a run whose completions no longer end with a stop id (train.min_eos_rate)
     Progress      the progress bar
     Checkpoints   saves the TrainState every train.checkpoint_every steps, at the end, and on SIGTERM
                   (then stops the run cleanly)
@@ -103,6 +104,8 @@ class Logger:
         for name, t in run.teachers.items():  # served teachers: what crossed the wire per scored token
             if hasattr(t, "bytes_per_token"):
                 rec[f"teacher/{name}/payload_bytes_per_token"] = t.bytes_per_token
+        if "on" in arrays:
+            rec.update(stop_metrics(arrays["on"]["tokens"], arrays["on"]["mask"], run.rollouts.stop))
         rec.update(ctx.batch.async_metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
@@ -120,6 +123,48 @@ class Logger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def stop_metrics(tokens, mask, stop) -> dict:
+    """rollout/eos_rate: the share of completions whose last token is a stop id (they ended by
+    themselves, not at the length cap); rollout/mean_length: mean completion tokens. tokens [B, P+N],
+    mask [B, N] (host or device)."""
+    from opd_jax.distributed import to_host
+
+    mask = to_host(mask)
+    comp = to_host(tokens)[:, -mask.shape[1]:]
+    length = mask.sum(1)
+    last = comp[np.arange(len(length)), np.maximum(length - 1, 0)]
+    ended = (length > 0) & np.isin(last, np.asarray(stop or (-1,)))
+    return {"rollout/eos_rate": float(ended.mean()), "rollout/mean_length": float(length.mean())}
+
+
+class StopRateGuard:
+    """train.min_eos_rate: warns the first time rollout/eos_rate (log steps) falls below the threshold,
+    and stops the run with a one-line error once it has stayed below for `patience` log steps in a row
+    (checkpoints already written stay; the last one resumes). Runs after the Logger."""
+
+    def __init__(self, threshold: float, patience: int):
+        self.threshold, self.patience, self.below, self.warned = threshold, patience, 0, False
+
+    def after_step(self, ctx: StepContext):
+        rate = ctx.record.get("rollout/eos_rate")
+        if rate is None:
+            return
+        if rate >= self.threshold:
+            self.below = 0
+            return
+        self.below += 1
+        if not self.warned:
+            self.warned = True
+            print(f"opd-jax: warning: at step {ctx.done} only {rate:.2f} of completions end with a stop id "
+                  f"(train.min_eos_rate {self.threshold}); the student may be losing the ability to stop", flush=True)
+        if self.below >= self.patience:
+            raise OpdError(f"at step {ctx.done} rollout/eos_rate {rate:.2f} has been below train.min_eos_rate "
+                           f"{self.threshold} for {self.below} log steps (mean completion length "
+                           f"{ctx.record.get('rollout/mean_length', float('nan')):.1f}): the student has stopped "
+                           "ending its answers; stopped, the last checkpoint is intact (lower optim.lr, or check "
+                           "the stop ids)")
 
 
 def sample_rows(prompter, source, examples, texts, rewards, divergence=None) -> list[dict]:
