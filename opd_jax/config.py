@@ -59,6 +59,10 @@ class DataConfig:
     top_p: float = 1.0
     rollout_slots: int = 0  # decode slots of the rollout engine (0 = one per sampled row); refilled as rows end
     decode_steps_per_call: int = 8  # decode steps per engine dispatch (the host refills slots between calls)
+    # rollout horizon (opd_jax.horizon): sample, score and train on the first h new tokens only; a fraction
+    # of max_new_tokens in (0, 1] or a token count >= 2; schedule fixed, or linear (to the whole length)
+    horizon: float = 1.0
+    horizon_schedule: str = "fixed"
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ import numpy as np
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
+from opd_jax.horizon import truncate
 from opd_jax.rollouts import Batch
 from opd_jax.stream import Stream
 
@@ -174,7 +175,9 @@ class Pipeline:
                     stream.set_params(params, v)
                 examples = self.ro.source.batch(nxt, self.run.cfg.data.per_domain)
                 ids, pmask = self.ro.prompter.encode(examples, self.run.cfg.data.max_prompt_len)
-                stream.add(nxt, ids, pmask, jax.random.fold_in(self.key, nxt))
+                h = self.ro.horizon(nxt)
+                stream.add(nxt, ids, pmask, jax.random.fold_in(self.key, nxt),
+                           caps=None if h is None else np.full(ids.shape[0] * self.group, h, np.int32))
                 self.timeline.append(("started", nxt, time.perf_counter()))
                 stream.batches[nxt].examples = examples
                 nxt += 1
@@ -191,6 +194,9 @@ class Pipeline:
     def _finish(self, stream: Stream, b: int):
         examples = stream.batches[b].examples
         roll, versions, pmask = stream.take(b)
+        h = self.ro.horizon(b)
+        if h is not None:  # a rollout horizon: the batch is cut to it (opd_jax.horizon)
+            roll, versions = truncate(roll, self.run.cfg.data.max_prompt_len, h), versions[:, :h]
         mask = dist.to_host(roll.mask)
         stale = staleness(versions, mask, b)
         drop = stale > self.k

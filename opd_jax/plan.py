@@ -265,14 +265,16 @@ def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
             for n, idx in rl.groups(rows).items()}
 
 
-def abstract_batch(cfg, rl: RowLayout, tcfgs: dict) -> dict:
-    """The update's batch as jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy)."""
+def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> dict:
+    """The update's batch as jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy);
+    n_on: the on-policy part's completion length (a rollout horizon, `opd_jax.horizon`; default N)."""
     dc = cfg.data
-    P, N = dc.max_prompt_len, dc.max_new_tokens
+    P = dc.max_prompt_len
     sds = jax.ShapeDtypeStruct
     out = {}
     for part in rl.parts:
         b = rl.rows(part)
+        N = n_on if part == "on" and n_on else dc.max_new_tokens
         out[part] = {"tokens": sds((b, P + N), jnp.int32), "prompt_mask": sds((b, P), jnp.int32),
                      "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg, rl, b, N, tcfgs)}
         if part == "on":
@@ -280,7 +282,8 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict) -> dict:
     return out
 
 
-def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: RowLayout, mesh, unroll: bool = False):
+def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: RowLayout, mesh, unroll: bool = False,
+                       n_on: int | None = None):
     """Compile the run's update for `mesh` from shapes (`params`: arrays or ShapeDtypeStructs): the
     one executable the trainer runs and the fit check measures. -> train_step.UpdateProgram."""
     from opd_jax.train_step import compile_update
@@ -298,7 +301,7 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
         teacher_w = {n: jax.ShapeDtypeStruct((c.hidden_size, V), c.dtype, sharding=shd.named_sharding(
             ("embed", "vocab"), (c.hidden_size, V), mesh, trules)) for n, c in tcfgs.items()}
     with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
-        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs),
+        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, n_on),
                               teacher_w, mesh=mesh, rules=shd.rules_named(cfg.mesh.rules))
 
 

@@ -21,6 +21,7 @@ from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.engine import Engine, EngineSpec
 from opd_jax.evaluate import decode_completions, per_domain, rewards_for
+from opd_jax.horizon import horizon_tokens, truncate
 from opd_jax.layout import RowLayout
 from opd_jax.tasks import encode_pairs
 from opd_jax.teachers import score_batch
@@ -90,22 +91,32 @@ class Rollouts:
                            prompt_len=self.cfg.data.max_prompt_len, temperature=self.cfg.data.temperature, what=what,
                            topk=self.cfg.loss.topk)
 
+    def horizon(self, step: int) -> int | None:
+        """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`); None: the whole max_new_tokens."""
+        h = horizon_tokens(self.cfg.data, step, self.cfg.train.steps)
+        return None if h == self.cfg.data.max_new_tokens else h
+
     def decode(self, tokens, mask) -> list[str]:
         return decode_completions(self.prompter.tokenizer, dist.to_host(tokens)[:, self.cfg.data.max_prompt_len:],
                                   dist.to_host(mask), self.stop)
 
     # ---------------------------------------------------------------- parts
-    def on_policy(self, params, examples, key, *, decode: bool = True, timer: PhaseTimer = NO_TIMER):
+    def on_policy(self, params, examples, key, *, decode: bool = True, timer: PhaseTimer = NO_TIMER,
+                  horizon: int | None = None):
         """The sampled part for `examples` (one per prompt, group_size samples each, one prefill per
         prompt). decode: bring the completions to the host and score them with the verifiers;
-        otherwise texts and rewards are None. -> (part, repeated examples, texts, rewards, EngineStats)."""
+        otherwise texts and rewards are None. horizon: end every sequence at this many new tokens and
+        cut the part to them (`opd_jax.horizon`). -> (part, repeated examples, texts, rewards, EngineStats)."""
         g = self.cfg.data.group_size
         rep = [ex for ex in examples for _ in range(g)]
         ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
         timer.mark("host")
         engine = self.engine(ids.shape[0] * g, self.cfg.data.temperature)
         placed = timer.mark("weight_sync", engine.place(params))  # learner -> sampler layout (and devices)
-        roll, stats = engine.run(placed, ids, pmask, key, group=g)
+        caps = None if horizon is None else np.full(ids.shape[0] * g, horizon, np.int32)
+        roll, stats = engine.run(placed, ids, pmask, key, group=g, caps=caps)
+        if horizon is not None:
+            roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
         timer.mark("sample", roll)
         part, texts, rewards = self.complete(roll, np.repeat(pmask, g, 0), rep, decode=decode, timer=timer)
         return part, rep, texts, rewards, stats
@@ -149,7 +160,7 @@ class Rollouts:
         if "on" in self.rows.parts:
             key = jax.random.fold_in(state.key(), step)
             batch.arrays["on"], batch.examples, batch.texts, batch.rewards, batch.engine = self.on_policy(
-                state.params, examples, key, decode=decode, timer=timer)
+                state.params, examples, key, decode=decode, timer=timer, horizon=self.horizon(step))
         if "off" in self.rows.parts:
             batch.arrays["off"] = self.off_policy(examples, timer=timer)
         return batch

@@ -23,6 +23,7 @@ from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.config import Config, validate
 from opd_jax.errors import OpdError
+from opd_jax.horizon import UpdatePrograms, check_horizon
 from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
@@ -105,6 +106,7 @@ def build_run(cfg: Config) -> Run:
 
     validate(cfg)
     est = estimator_for(cfg.loss)
+    check_horizon(cfg)
     if check_guard(cfg.optim, needs_teachers(cfg.loss)) and cfg.train.max_staleness:
         raise OpdError("the EffOPD guard / line search (optim.effopd_guard, effopd_line_search) needs synchronous "
                        "training; set train.max_staleness 0")
@@ -155,6 +157,9 @@ def build_run(cfg: Config) -> Run:
     program = plan.get("program") if plan else None
     if program is None:
         program = compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rows, mesh)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)  # params are donated later
+    program = UpdatePrograms(program, dc.max_new_tokens, lambda h: compile_update_for(  # shorter horizons
+        cfg, spec, graphdef, optimizer, state_sh, shapes, rows, mesh, n_on=h))
     teacher_w = None
     if teachers and handover(cfg) == "hidden":  # the loss applies each teacher's output matrix
         teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) for n, t in teachers.items()}

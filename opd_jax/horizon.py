@@ -1,0 +1,88 @@
+"""Rollout-horizon control: sample (and score, and train on) only the first h tokens of each completion.
+
+    data.horizon           a fraction of data.max_new_tokens in (0, 1], or a token count >= 2
+    data.horizon_schedule  fixed: h from data.horizon at every step
+                           linear: from data.horizon at step 0 to the whole max_new_tokens at the last step
+
+h is rounded up to one of at most 8 lengths, ceil(N * j / 8) for j = 1..8 (N = max_new_tokens), so at
+most 8 update programs are ever compiled (`UpdatePrograms`: one per length, compiled when first used;
+the fit check compiled the longest). The engine ends every sequence at h (its length cap), so
+decoding stops there; the batch is cut to [B, P + h] before the teachers score it.
+
+A truncated row has no ending: the loss covers its sampled prefix only. Token-level estimators are
+unchanged. Sequence-level ones (reward-to-go over the prefix) estimate the divergence of the first h
+tokens' joint distribution, a well-defined objective. Verifier rewards have no meaning on an
+unfinished answer, so RL terms with h < N are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+from opd_jax.errors import OpdError
+
+SCHEDULES = ("fixed", "linear")
+MAX_BUCKETS = 8
+
+
+def buckets(n_new: int) -> tuple[int, ...]:
+    """The static completion lengths a horizon may take: ceil(N j / 8), j = 1..8 (at most 8)."""
+    return tuple(sorted({math.ceil(n_new * j / MAX_BUCKETS) for j in range(1, MAX_BUCKETS + 1)}))
+
+
+def _raw(value: float, n_new: int) -> int:
+    return math.ceil(value * n_new) if value <= 1 else int(value)
+
+
+def check_horizon(cfg):
+    """One-line errors for a horizon no run can honour (before anything is read)."""
+    dc = cfg.data
+    h = dc.horizon
+    if not (0 < h <= 1 or (h >= 2 and float(h).is_integer())):
+        raise OpdError(f"config data.horizon must be a fraction in (0, 1] of max_new_tokens or a token count >= 2, "
+                       f"got {h!r}")
+    if h > 1 and h > dc.max_new_tokens:
+        raise OpdError(f"config data.horizon {int(h)} exceeds data.max_new_tokens {dc.max_new_tokens}")
+    if dc.horizon_schedule not in SCHEDULES:
+        raise OpdError(f"config data.horizon_schedule must be one of {SCHEDULES}, got {dc.horizon_schedule!r}")
+    from opd_jax.losses.registry import uses_rl
+
+    truncating = _raw(h, dc.max_new_tokens) < dc.max_new_tokens
+    if truncating and uses_rl(cfg.loss):
+        raise OpdError("data.horizon < max_new_tokens cuts answers before they end, so verifier rewards "
+                       "(loss.rl_alpha < 1 or rl_mode=replace) have nothing to judge; use the whole horizon")
+
+
+def horizon_tokens(dc, step: int, steps: int) -> int:
+    """h for `step` of `steps`: the schedule's value rounded up to a bucket (N when no horizon is set)."""
+    n = dc.max_new_tokens
+    start = _raw(dc.horizon, n)
+    if dc.horizon_schedule == "linear" and steps > 1:
+        start = start + (n - start) * step / (steps - 1)
+    return next(b for b in buckets(n) if b >= min(math.ceil(start), n))
+
+
+def truncate(roll, prompt_len: int, h: int):
+    """A rollout (tokens [B, P+N], logprobs, mask [B, N]) cut to its first h completion tokens."""
+    if roll.mask.shape[1] == h:
+        return roll
+    return roll._replace(tokens=roll.tokens[:, :prompt_len + h], logprobs=roll.logprobs[:, :h], mask=roll.mask[:, :h])
+
+
+class UpdatePrograms:
+    """The update, one compiled program per completion length of the on-policy part: `full` (the fit
+    check's, for max_new_tokens) and others compiled by `compile_for(h)` when a horizon first uses
+    them. Called like an `UpdateProgram`."""
+
+    def __init__(self, full, n_new: int, compile_for):
+        self.programs = {n_new: full}
+        self.full, self.compile_for = full, compile_for
+
+    def __getattr__(self, name):  # batch_sh, teacher_w_sh, memory(), flops(): the full program's
+        return getattr(self.full, name)
+
+    def __call__(self, state, batch, teacher_w=None):
+        n = batch["on"]["mask"].shape[1] if "on" in batch else None
+        if n is not None and n not in self.programs:
+            self.programs[n] = self.compile_for(n)
+        return (self.programs[n] if n is not None else self.full)(state, batch, teacher_w)

@@ -1,0 +1,97 @@
+"""Rollout-horizon control (data.horizon): the cut step equals a full-length step with a prefix mask,
+decoding stops at the horizon, one update program per length bucket (at most 8), one-line errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax.config import LossConfig, load_config
+from opd_jax.errors import OpdError
+from opd_jax.horizon import buckets, horizon_tokens
+from opd_jax.models import ModelConfig, init_model
+from opd_jax.run import build_run
+from opd_jax.train_step import TRACES, StepSpec, part_value_and_grad
+
+from conftest import run_steps, tiny_overrides
+
+
+def test_horizon_lengths_are_at_most_8_buckets():
+    assert buckets(8) == (1, 2, 3, 4, 5, 6, 7, 8)
+    assert buckets(100) == (13, 25, 38, 50, 63, 75, 88, 100)
+    assert buckets(3) == (1, 2, 3)
+    cfg = load_config(None, ["data.max_new_tokens=100", "data.horizon=0.1"])
+    assert horizon_tokens(cfg.data, 0, 50) == 13  # 10 tokens, rounded up to a bucket
+    lin = load_config(None, ["data.max_new_tokens=100", "data.horizon=0.25", "data.horizon_schedule=linear"])
+    assert [horizon_tokens(lin.data, s, 5) for s in range(5)] == [25, 50, 63, 88, 100]  # 25, 43.75, 62.5, 81.25, 100
+
+
+@pytest.mark.parametrize("lc", [LossConfig(estimator_type="full", kind="forward_kl"),
+                                LossConfig(estimator_type="sampled", kind="reverse_kl", level="sequence")],
+                         ids=["full", "sampled-sequence"])
+def test_the_cut_step_equals_a_full_length_step_with_a_prefix_mask(lc):
+    """Loss and gradient of rows cut to their first h = 3 new tokens equal those of the whole rows
+    (N = 7) with the mask zeroed from h on: later positions never reach earlier ones."""
+    model = init_model(ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                   num_kv_heads=1, head_dim=16, max_position_embeddings=32), seed=4)
+    graphdef, params = nnx.split(model)
+    params = nnx.to_pure_dict(params)
+    rng = np.random.RandomState(1)
+    B, P, N, h = 4, 5, 7, 3
+    tokens = jnp.asarray(rng.randint(3, 48, (B, P + N)), jnp.int32)
+    pmask = jnp.ones((B, P), jnp.int32)
+    mask = jnp.asarray(np.arange(N)[None] < rng.randint(2, N + 1, (B, 1)), jnp.int32)
+    teacher = (jnp.asarray(rng.randn(B, N, 48), jnp.float32) if lc.estimator_type == "full"
+               else jnp.asarray(-rng.rand(B, N) * 3, jnp.float32))
+    slp = jnp.asarray(-rng.rand(B, N), jnp.float32)
+    spec = StepSpec(lc, prompt_len=P, group_size=1, temperature=1.0)
+    full = {"tokens": tokens, "prompt_mask": pmask, "mask": mask * (jnp.arange(N)[None] < h),
+            "teacher": teacher, "sampler_logprobs": slp, "rewards": jnp.zeros(B)}
+    cut = {"tokens": tokens[:, :P + h], "prompt_mask": pmask, "mask": mask[:, :h], "teacher": teacher[:, :h],
+           "sampler_logprobs": slp[:, :h], "rewards": jnp.zeros(B)}
+    (l_full, _), g_full = part_value_and_grad(graphdef, params, full, spec)
+    (l_cut, _), g_cut = part_value_and_grad(graphdef, params, cut, spec)
+    np.testing.assert_allclose(float(l_cut), float(l_full), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_cut, g_full)
+
+
+def test_decoding_stops_at_the_horizon_and_each_length_compiles_once(tmp_path):
+    """N = 8 with a linear horizon from 1/8 over 4 steps: each step samples, scores and trains on its
+    h new tokens (the logged horizon and decode steps), and the update is compiled once per distinct
+    h below N (counted), never more than the 8 buckets."""
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{
+        "data.max_new_tokens": 8, "data.horizon": 0.125, "data.horizon_schedule": "linear", "train.steps": 5,
+        "loss.estimator_type": "sampled", "train.eval_every": 100}))
+    run = build_run(cfg)
+    before = TRACES["update"]
+    hs = [horizon_tokens(cfg.data, s, 5) for s in range(5)]
+    assert hs == [1, 3, 5, 7, 8]  # 1, 2.75, 4.5, 6.25, 8
+    records = []
+
+    class Keep:
+        def after_step(self, ctx):
+            records.append(dict(ctx.record))
+            assert ctx.batch.arrays["on"]["mask"].shape[1] == hs[ctx.step]
+
+    from opd_jax.hooks import Logger
+    from opd_jax.train import train_loop
+    train_loop(run, run.init, [Logger(run), Keep()], start=0, end=5)
+    assert [r["rollout/horizon"] for r in records] == hs
+    assert all(r["rollout/decode_steps"] <= h for r, h in zip(records, hs))
+    assert TRACES["update"] - before == len(set(hs) - {8})
+    assert set(run.update.programs) == set(hs)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"data.horizon": 0}, "data.horizon must be a fraction in \\(0, 1\\]"),
+    ({"data.horizon": 2.5}, "data.horizon must be a fraction"),
+    ({"data.horizon": 40}, "data.horizon 40 exceeds data.max_new_tokens 6"),
+    ({"data.horizon_schedule": "cosine"}, "data.horizon_schedule must be one of"),
+    ({"data.horizon": 0.5, "loss.rl_alpha": 0.5, "loss.estimator_type": "sampled"},
+     "cuts answers before they end, so verifier rewards"),
+])
+def test_bad_horizons_are_one_line_errors(tmp_path, extra, message):
+    with pytest.raises(OpdError, match=message):
+        build_run(load_config(None, tiny_overrides(tmp_path / "x", **extra)))
+    assert not (tmp_path / "x").exists()
