@@ -81,9 +81,8 @@ class LossConfig:
     rl_alpha: float = 1.0  # weight of OPD vs GRPO reward (1 = pure OPD); used when < 1 or rl_mode=replace
     rl_mode: str = "mix"
     clip_eps: float = 0.2
-    # truncated importance weight cap for the sampled-token and RL terms when train.max_staleness >= 1
-    # (tokens drawn by an older policy: iw = min(pi_theta / pi_sampler, is_cap)); unused when synchronous;
-    # 0 = off (the PPO-clipped ratio against the sampler, as in synchronous runs)
+    # cap on the importance ratio pi_theta / pi_sampler inside the PPO-clipped sampled-token and RL terms
+    # when train.max_staleness >= 1 (tokens drawn by an older policy); unused when synchronous; 0 = no cap
     is_cap: float = 2.0
 
 

@@ -22,9 +22,9 @@ by the step numbers alone, not by timing: a run is reproducible, and with k = 0 
 synchronous loop (the trainer keeps k = 0 on `Rollouts.collect`). At the update, a sequence whose
 oldest token is more than k versions old is dropped (its mask zeroed, counted in
 rollout/dropped); the schedule above never produces one, so a non-zero count means a bug or a
-sampler driven by hand. Sampled-token and RL terms are reweighted by truncated importance weights
-against the sampler's log-probs (`loss.is_cap`); the exact and top-k divergences are recomputed under
-the current student at every position (docs/math.md, "Stale rollouts").
+sampler driven by hand. Sampled-token and RL terms keep their PPO clip against the sampler's log-probs
+with the ratio truncated at `loss.is_cap`; the exact and top-k divergences are recomputed under the
+current student at every position (docs/math.md, "Asynchronous training").
 
 Resuming: the checkpoint is the learner's state; batches in flight are not saved, so the first k
 batches after a resume are sampled by the resumed version (fresher than in the uninterrupted run).
