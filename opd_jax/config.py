@@ -60,9 +60,11 @@ class DataConfig:
     rollout_slots: int = 0  # decode slots of the rollout engine (0 = one per sampled row); refilled as rows end
     decode_steps_per_call: int = 8  # decode steps per engine dispatch (the host refills slots between calls)
     # rollout horizon (opd_jax.horizon): sample, score and train on the first h new tokens only; a fraction
-    # of max_new_tokens in (0, 1] or a token count >= 2; schedule fixed, or linear (to the whole length)
+    # of max_new_tokens in (0, 1] or a token count >= 2; schedule fixed, linear (to the whole length), or
+    # progressive (one bucket longer when the teacher divergence over the last horizon_window steps stops falling)
     horizon: float = 1.0
     horizon_schedule: str = "fixed"
+    horizon_window: int = 5
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class LossConfig:
     beta: float = 0.5
     alpha_div: float = 0.5
     topk: int = 8
+    topk_from: str = "teacher"  # topk: whose top k ids form the buckets, teacher | student (+ a tail bucket either way)
     normalize: str = "token"
     seq_chunk: int = 128
     lam: float = 1.0  # GKD: fraction of on-policy data (1 = pure OPD, 0 = supervised KD on answers)

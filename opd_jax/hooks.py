@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from opd_jax import checkpoint as ckpt
+from opd_jax import distributed as dist
 from opd_jax.errors import OpdError
 
 
@@ -199,6 +200,34 @@ class Progress:
 
     def close(self):
         self.bar.close()
+
+
+class HorizonTrace:
+    """data.horizon_schedule=progressive: feeds each step's teacher divergence to the schedule
+    (`horizon.ProgressiveHorizon`) and appends {"step", "h", "divergence"} to horizon.jsonl, from
+    which a resumed run replays the schedule's state (lines after the resume step are dropped)."""
+
+    def __init__(self, ctl, out, resume_step: int | None):
+        import json
+        from pathlib import Path
+
+        from opd_jax.metrics import _reset_jsonl
+
+        self.ctl, self.path = ctl, Path(out) / "horizon.jsonl"
+        if dist.is_main():
+            _reset_jsonl(self.path, resume_step)
+        if resume_step is not None and self.path.exists():
+            ctl.replay([json.loads(x) for x in self.path.read_text().splitlines() if x])
+
+    def after_step(self, ctx: StepContext):
+        import json
+
+        h = int(ctx.batch.arrays["on"]["mask"].shape[1])
+        d = float(ctx.metrics["on_policy/divergence"])  # one host read per step: the next step's length needs it
+        if dist.is_main():
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": ctx.done, "h": h, "divergence": d}) + "\n")
+        self.ctl.observe(d)
 
 
 class Checkpoints:

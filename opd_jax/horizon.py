@@ -3,6 +3,9 @@
     data.horizon           a fraction of data.max_new_tokens in (0, 1], or a token count >= 2
     data.horizon_schedule  fixed: h from data.horizon at every step
                            linear: from data.horizon at step 0 to the whole max_new_tokens at the last step
+                           progressive: from data.horizon, one bucket longer whenever the teacher divergence
+                           stops falling (the POPD rule; `ProgressiveHorizon` below)
+    data.horizon_window    progressive: steps per comparison window (w)
 
 h is rounded up to one of at most 8 lengths, ceil(N * j / 8) for j = 1..8 (N = max_new_tokens), so at
 most 8 update programs are ever compiled (`UpdatePrograms`: one per length, compiled when first used;
@@ -21,7 +24,7 @@ import math
 
 from opd_jax.errors import OpdError
 
-SCHEDULES = ("fixed", "linear")
+SCHEDULES = ("fixed", "linear", "progressive")
 MAX_BUCKETS = 8
 
 
@@ -48,6 +51,12 @@ def check_horizon(cfg):
     from opd_jax.losses.registry import uses_rl
 
     truncating = _raw(h, dc.max_new_tokens) < dc.max_new_tokens
+    if dc.horizon_schedule == "progressive":
+        if dc.horizon_window < 1:
+            raise OpdError(f"config data.horizon_window must be >= 1, got {dc.horizon_window}")
+        if cfg.train.max_staleness:
+            raise OpdError("data.horizon_schedule=progressive needs synchronous training (train.max_staleness: 0): "
+                           "its next horizon depends on the step just trained, which a pipelined sampler has not seen")
     if truncating and uses_rl(cfg.loss):
         raise OpdError("data.horizon < max_new_tokens cuts answers before they end, so verifier rewards "
                        "(loss.rl_alpha < 1 or rl_mode=replace) have nothing to judge; use the whole horizon")
@@ -60,6 +69,45 @@ def horizon_tokens(dc, step: int, steps: int) -> int:
     if dc.horizon_schedule == "linear" and steps > 1:
         start = start + (n - start) * step / (steps - 1)
     return next(b for b in buckets(n) if b >= min(math.ceil(start), n))
+
+
+class ProgressiveHorizon:
+    """The progressive schedule (POPD's rule, made exact): start at data.horizon's bucket; after each step
+    record d_s, the token-mean teacher divergence of that step's batch (``on_policy/divergence``). The
+    batch is the student's fresh samples of prompts it has not trained on, scored before the update
+    uses them, so d_s is a held-out measurement of the current student at the current horizon. Once at
+    least 2w steps ran at the current length, compare the means of the last w and the w before them:
+
+        mean(d[-w:]) >= mean(d[-2w:-w])   (the divergence stopped falling)  ->  next bucket, history cleared
+
+    The divergence is compared only within one length (a longer horizon adds later, harder tokens, so
+    its level is not comparable). The full length is the last bucket. Deterministic given the steps'
+    divergences, so a resumed run replays its trace (`trace` lines: {"step", "h", "divergence"})."""
+
+    def __init__(self, dc):
+        self.levels = buckets(dc.max_new_tokens)
+        start = _raw(dc.horizon, dc.max_new_tokens)
+        self.level = next(i for i, b in enumerate(self.levels) if b >= min(start, dc.max_new_tokens))
+        self.window = dc.horizon_window
+        self.history: list[float] = []
+
+    @property
+    def h(self) -> int:
+        return self.levels[self.level]
+
+    def observe(self, divergence: float) -> bool:
+        """Record one step's divergence at the current length; True when the horizon grows."""
+        self.history.append(float(divergence))
+        w, d = self.window, self.history
+        if self.level + 1 < len(self.levels) and len(d) >= 2 * w and sum(d[-w:]) >= sum(d[-2 * w:-w]):
+            self.level, self.history = self.level + 1, []
+            return True
+        return False
+
+    def replay(self, trace: list[dict]):
+        """Rebuild the state from a run's trace (steps already trained, in order)."""
+        for rec in trace:
+            self.observe(rec["divergence"])
 
 
 def truncate(roll, prompt_len: int, h: int):

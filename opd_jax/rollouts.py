@@ -63,6 +63,7 @@ class Rollouts:
     rollout_rules: dict | None = None  # the layout the engine places the weights in (mesh.rollout_rules)
     sampler_mesh: object = None  # the sampler's devices (mesh.roles.sampler); None: the learner's mesh
     handover: str | None = None  # what the teachers hand over (losses.registry.handover); None: the estimator's
+    progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (stateful)
 
     # ---------------------------------------------------------------- pieces
     def _global(self, x):
@@ -93,7 +94,8 @@ class Rollouts:
 
     def horizon(self, step: int) -> int | None:
         """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`); None: the whole max_new_tokens."""
-        h = horizon_tokens(self.cfg.data, step, self.cfg.train.steps)
+        h = self.progressive.h if self.progressive is not None else horizon_tokens(self.cfg.data, step,
+                                                                                   self.cfg.train.steps)
         return None if h == self.cfg.data.max_new_tokens else h
 
     def decode(self, tokens, mask) -> list[str]:

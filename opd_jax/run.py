@@ -23,7 +23,7 @@ from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.config import Config, validate
 from opd_jax.errors import OpdError
-from opd_jax.horizon import UpdatePrograms, check_horizon
+from opd_jax.horizon import ProgressiveHorizon, UpdatePrograms, check_horizon
 from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
@@ -172,7 +172,8 @@ def build_run(cfg: Config) -> Run:
                         handover=handover(cfg) if needs_teachers(cfg.loss) else "logprobs", model_cfg=student.cfg,
                         rollout_rules=shd.rules_named(cfg.mesh.rollout_rules),
                         sampler_mesh=(shd.mesh_from_config(cfg.mesh, "sampler") if "sampler" in cfg.mesh.roles
-                                      else None))
+                                      else None),
+                        progressive=ProgressiveHorizon(dc) if dc.horizon_schedule == "progressive" else None)
     if plan:
         plan = {k: v for k, v in plan.items() if k != "program"}
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,

@@ -30,7 +30,7 @@ from opd_jax.config import Config, to_dict, validate
 from opd_jax.errors import OpdError
 from opd_jax.export import export_student, restore_run_params  # noqa: F401 - public names kept here too
 from opd_jax.guard import EffOPDGuard, check_guard
-from opd_jax.hooks import Checkpoints, Logger, Progress, SkipCounter, StepContext, StopRateGuard
+from opd_jax.hooks import Checkpoints, HorizonTrace, Logger, Progress, SkipCounter, StepContext, StopRateGuard
 from opd_jax.losses.registry import uses_rl
 from opd_jax.pipeline import Pipeline
 from opd_jax.metrics import MetricsWriter, SamplesWriter, plot_metrics
@@ -159,6 +159,8 @@ def _train(run: Run, state, start: int, out: Path, resume: bool, stop_after: int
                                  state.key(), state.params))
     logger = Logger(run, MetricsWriter(out, resume_step=resume_step), SamplesWriter(out, resume_step=resume_step))
     hooks += [skips, logger]
+    if run.rollouts.progressive is not None:
+        hooks.append(HorizonTrace(run.rollouts.progressive, out, resume_step))
     if tc.min_eos_rate > 0:
         hooks.append(StopRateGuard(tc.min_eos_rate, tc.eos_patience))
     if tc.progress and dist.is_main():

@@ -14,7 +14,7 @@ from opd_jax.models import ModelConfig, init_model
 from opd_jax.run import build_run
 from opd_jax.train_step import TRACES, StepSpec, part_value_and_grad
 
-from conftest import run_steps, tiny_overrides
+from conftest import random_teacher, run_steps, tiny_overrides
 
 
 def test_horizon_lengths_are_at_most_8_buckets():
@@ -96,3 +96,56 @@ def test_bad_horizons_are_one_line_errors(tmp_path, extra, message):
     with pytest.raises(OpdError, match=message):
         build_run(load_config(None, tiny_overrides(tmp_path / "x", **extra)))
     assert not (tmp_path / "x").exists()
+
+
+def _popd_lengths(levels, start, window, divergences):
+    """The progressive rule written out again: the length each step trained at, given the steps'
+    divergences (grow one level once 2w steps at a length end with a window mean not below the one before)."""
+    lvl, hist, out = levels.index(start), [], []
+    for d in divergences:
+        out.append(levels[lvl])
+        hist.append(d)
+        if lvl + 1 < len(levels) and len(hist) >= 2 * window and np.mean(hist[-window:]) >= np.mean(hist[-2 * window:-window]):
+            lvl, hist = lvl + 1, []
+    return out
+
+
+def test_progressive_rule_on_a_given_divergence_sequence():
+    from opd_jax.horizon import ProgressiveHorizon
+
+    cfg = load_config(None, ["data.max_new_tokens=16", "data.horizon=0.25", "data.horizon_schedule=progressive",
+                             "data.horizon_window=2"])
+    ctl = ProgressiveHorizon(cfg.data)
+    ds = [5, 4, 3, 2, 2.5, 2.4, 9, 8, 7, 7.5, 7, 8, 1, 1, 1, 1, 1, 1, 1, 1]
+    seen = []
+    for d in ds:
+        seen.append(ctl.h)
+        ctl.observe(d)
+    # by hand (buckets 2, 4, ..., 16; start 4; w = 2): the window means fall until step 7 ((2.4, 9) = 5.7 >=
+    # (2, 2.5) = 2.25) -> 6; at 6: (7.5, 7) < (8, 7), then (7, 8) = 7.5 >= (7, 7.5) = 7.25 -> 8 from step 13;
+    # at 8: four 1s, equal windows -> 10 from step 17
+    assert seen == [4] * 7 + [6] * 5 + [8] * 4 + [10] * 4
+    assert seen == _popd_lengths(list(buckets(16)), 4, 2, ds)
+
+
+def test_progressive_horizon_trains_by_the_rule_and_resumes_its_state(tmp_path):
+    """The trainer follows the rule on its own logged divergences; a run stopped after 2 steps and
+    resumed knows (from horizon.jsonl) how long the horizon had grown. With a learning rate of 1e-9 the
+    divergence only moves with the samples, so it stops falling and the horizon grows (asserted)."""
+    import json
+
+    from opd_jax.train import train
+
+    over = {"data.max_new_tokens": 8, "data.horizon": 0.25, "data.horizon_schedule": "progressive",
+            "data.horizon_window": 1, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100,
+            "optim.lr": 1e-9,
+            **random_teacher(tmp_path)}
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **over))
+    train(cfg, stop_after=2)
+    train(cfg, resume=True)
+    trace = [json.loads(x) for x in (tmp_path / "r" / "horizon.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in trace] == [1, 2, 3, 4]
+    assert [t["h"] for t in trace] == _popd_lengths(list(buckets(8)), 2, 1, [t["divergence"] for t in trace])
+    assert trace[-1]["h"] > 2  # it grew (after the resume: from the replayed trace)
+    recs = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rollout/horizon"] for r in recs] == [t["h"] for t in trace]

@@ -92,3 +92,36 @@ def test_chunked_topk_equals_plain_topk(kind, k, temperature, seq_chunk):
     keep = np.asarray(MASK).astype(bool)
     np.testing.assert_allclose(np.asarray(gm["per_token_divergence"])[keep],
                                np.asarray(rm["per_token_divergence"])[keep], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_student_topk_reverse_kl_equals_numpy_and_bounds_the_full_kl(k):
+    """loss.topk_from=student: per position, S = the student's k likeliest ids; p and q collapsed to S and
+    a tail bucket; d = sum_b p_b log(p_b / q_b) (numpy, float64). It never exceeds the full KL(p || q)
+    (merging buckets cannot raise a KL), and its gradient is that of the bucketed KL with S held fixed."""
+    got, m = L.chunked_topk_loss(HS, WS, HT, WT, MASK, k, "reverse_kl", seq_chunk=4, top_from="student")
+    s = np.asarray(HS @ WS, np.float64)
+    t = np.asarray(HT @ WT, np.float64)
+    p = np.exp(s - s.max(-1, keepdims=True)); p /= p.sum(-1, keepdims=True)
+    q = np.exp(t - t.max(-1, keepdims=True)); q /= q.sum(-1, keepdims=True)
+    top = np.argsort(-p, -1)[..., :k]
+    pb = np.concatenate([np.take_along_axis(p, top, -1), 1 - np.take_along_axis(p, top, -1).sum(-1, keepdims=True)], -1)
+    qb = np.concatenate([np.take_along_axis(q, top, -1), 1 - np.take_along_axis(q, top, -1).sum(-1, keepdims=True)], -1)
+    d = (pb * np.log(pb / qb)).sum(-1)
+    keep = np.asarray(MASK).astype(bool)
+    np.testing.assert_allclose(np.asarray(m["per_token_divergence"])[keep], d[keep], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(got), d[keep].mean(), rtol=1e-4)
+    full = (p * np.log(p / q)).sum(-1)
+    assert np.all(d[keep] <= full[keep] + 1e-6) and np.all(d[keep] >= -1e-7)
+    np.testing.assert_allclose(float(m["top1_agreement"]), (p.argmax(-1) == q.argmax(-1))[keep].mean())
+
+    def fixed_set(hs):  # the same bucketed KL written with the numpy-chosen ids, differentiated by jax
+        lp, lq = jax.nn.log_softmax(hs @ WS, -1), jax.nn.log_softmax(HT @ WT, -1)
+        lp_s, lq_s = jnp.take_along_axis(lp, top, -1), jnp.take_along_axis(lq, top, -1)
+        lp_b = jnp.concatenate([lp_s, jnp.log1p(-jnp.exp(lp_s).sum(-1, keepdims=True))], -1)
+        lq_b = jnp.concatenate([lq_s, jnp.log1p(-jnp.exp(lq_s).sum(-1, keepdims=True))], -1)
+        return jnp.sum((jnp.exp(lp_b) * (lp_b - lq_b)).sum(-1) * MASK) / MASK.sum()
+
+    g = jax.grad(lambda hs: L.chunked_topk_loss(hs, WS, HT, WT, MASK, k, "reverse_kl", seq_chunk=4,
+                                                top_from="student")[0])(HS)
+    np.testing.assert_allclose(g, jax.grad(fixed_set)(HS), rtol=1e-4, atol=1e-6)

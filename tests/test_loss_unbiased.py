@@ -65,6 +65,8 @@ def ref_div(p, q, kind, beta=0.5, alpha=0.5):
         return jnp.sum((jnp.sqrt(q) - jnp.sqrt(p)) ** 2, -1)
     if kind == "alpha":
         return (jnp.sum(q ** alpha * p ** (1 - alpha), -1) - 1) / (alpha * (alpha - 1))
+    if kind == "proximal_kl":
+        return jnp.sum(p * jnp.log(p / (beta * q + (1 - beta) * p)), -1)
     raise ValueError(kind)
 
 
@@ -146,7 +148,7 @@ def z_scores(theta, teacher, kind, estimator, level="token", rows_per_batch=1, *
 
 THETA, TEACHER = _tables()
 ALL_F = [("reverse_kl", {}), ("forward_kl", {}), ("jsd", {"beta": 0.5}), ("jsd", {"beta": 0.2}), ("tv", {}),
-         ("hellinger", {}), ("alpha", {"alpha": 0.5}), ("alpha", {"alpha": 2.0})]
+         ("hellinger", {}), ("alpha", {"alpha": 0.5}), ("alpha", {"alpha": 2.0}), ("proximal_kl", {"beta": 0.3})]
 
 
 @pytest.mark.slow

@@ -30,12 +30,15 @@ def ref_divergence(p, q, kind, beta=0.5, alpha=0.5):
         return ((np.sqrt(q) - np.sqrt(p)) ** 2).sum(-1)
     if kind == "alpha":
         return ((q ** alpha * p ** (1 - alpha)).sum(-1) - 1) / (alpha * (alpha - 1))
+    if kind == "proximal_kl":  # KL(p || beta q + (1 - beta) p)
+        return entropy(p, beta * q + (1 - beta) * p, axis=-1)
     raise ValueError(kind)
 
 
 @pytest.mark.parametrize("kind,kw", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.5}),
                                      ("jsd", {"beta": 0.1}), ("jsd", {"beta": 0.9}), ("tv", {}),
-                                     ("hellinger", {}), ("alpha", {"alpha": 0.3}), ("alpha", {"alpha": 2.0})])
+                                     ("hellinger", {}), ("alpha", {"alpha": 0.3}), ("alpha", {"alpha": 2.0}),
+                                     ("proximal_kl", {"beta": 0.3}), ("proximal_kl", {"beta": 0.9})])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
 def test_divergence_matches_numpy(kind, kw, temperature):
     got = np.asarray(L.divergence(S_LOGITS, T_LOGITS, kind, temperature=temperature, **kw))
@@ -70,6 +73,20 @@ def test_unknown_kind_and_bad_beta_are_clear_errors():
         L.divergence(S_LOGITS, T_LOGITS, "kl")
     with pytest.raises(OpdError, match="beta"):
         L.divergence(S_LOGITS, T_LOGITS, "jsd", beta=1.5)
+    with pytest.raises(OpdError, match=r"proximal_kl beta .* must be in \(0, 1\], got 0.0"):
+        L.divergence(S_LOGITS, T_LOGITS, "proximal_kl", beta=0.0)
+
+
+def test_proximal_kl_reward_is_top_d_bounded_reward_and_beta_1_is_reverse_kl():
+    """The sampled term's reward -f(l) is log(beta rho + 1 - beta) with rho = q(y)/pi(y) (numpy), bounded
+    below by log(1 - beta) however small the teacher's probability."""
+    fd = L.get_fdiv("proximal_kl", beta=0.25)
+    lr = np.array([-60.0, -3.0, 0.0, 2.0], np.float32)
+    np.testing.assert_allclose(-np.asarray(fd.f(jnp.asarray(lr))), np.log(0.25 * np.exp(lr.astype(np.float64)) + 0.75),
+                               rtol=1e-6, atol=1e-7)
+    assert -float(fd.f(jnp.float32(-1e4))) >= np.log(0.75) - 1e-6
+    np.testing.assert_allclose(L.divergence(S_LOGITS, T_LOGITS, "proximal_kl", beta=1.0),
+                               L.divergence(S_LOGITS, T_LOGITS, "reverse_kl"), rtol=1e-6)
 
 
 MASK = np.array([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 0, 0]], np.int32)

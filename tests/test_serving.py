@@ -108,6 +108,9 @@ def test_a_served_teacher_with_another_vocabulary_is_refused(tmp_path):
 def test_full_vocabulary_loss_with_a_served_teacher_is_refused(teacher, tmp_path):
     with pytest.raises(OpdError, match="served .* not hidden states; use loss.estimator_type topk or sampled"):
         build_run(load_config(None, _overrides(tmp_path, "f", url=teacher[2], **{"loss.estimator_type": "full"})))
+    with pytest.raises(OpdError, match="served .* not its log-probs at the student's top k; use loss.topk_from teacher"):
+        build_run(load_config(None, _overrides(tmp_path, "s", url=teacher[2], **{"loss.estimator_type": "topk",
+                                                                               "loss.topk_from": "student"})))
 
 
 class _Garbage(BaseHTTPRequestHandler):

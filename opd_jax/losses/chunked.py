@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from opd_jax.blocks import pad_axis as _pad_axis, split_blocks as _chunks
+from opd_jax.errors import OpdError
 from opd_jax.losses.fdiv import get_fdiv
 from opd_jax.losses.full_vocab import topk_buckets
 from opd_jax.losses.masking import masked_mean
@@ -100,7 +101,7 @@ def chunked_divergence_loss(student_hidden, student_w, mask, kind="reverse_kl", 
 
 def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask, k, kind="reverse_kl", *,
                       beta=0.5, alpha=0.5, temperature=1.0, normalize="token", seq_chunk=128, ids=None,
-                      teacher_topk=None):
+                      teacher_topk=None, top_from="teacher"):
     """`topk_distill_loss` from hidden states, chunk by chunk, so neither model's [B, T, V] logits exist.
 
     Per chunk of positions: q = log_softmax(h' W' / T), its top k (ids i_1..i_k); pi = log_softmax(h W / T);
@@ -111,7 +112,15 @@ def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask
     sampled `ids` [B, T] also token_logprob [B, T] = log pi(ids_t), from the same pass).
     teacher_topk = (log-probs [B, T, k], ids [B, T, k]) instead of teacher_hidden / teacher_w: the
     teacher's top k already formed (a served teacher's hand-over).
+    top_from="student": the k ids are the student's own top k (chosen without gradient) and the teacher
+    is read at them: with reverse KL, KL over the student's top k + tail, a lower bound on the full
+    KL(pi || q) that covers the student's likeliest tokens (needs the teacher's hidden states).
     """
+    if top_from not in ("teacher", "student"):
+        raise OpdError(f"config loss.topk_from must be teacher or student, got {top_from!r}")
+    if top_from == "student" and teacher_topk is not None:
+        raise OpdError("loss.topk_from=student reads the teacher at the student's top k, which a top-k hand-over "
+                       "(a served teacher) does not carry; use loss.topk_from teacher")
     fd = get_fdiv(kind, beta=beta, alpha=alpha)
     b, t, _ = student_hidden.shape
     c = min(seq_chunk, t)
@@ -126,15 +135,22 @@ def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask
 
     def chunk(_, xs):
         s_log = _logits_fn(xs[0], student_w, temperature)
+        s_lp = jax.nn.log_softmax(s_log, -1)
         if given:
             t_lp, top = xs[1][0].astype(jnp.float32), xs[1][1]
+            t_first = top[..., 0]
         else:
-            t_lp, top = jax.lax.top_k(jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1), k)
-        s_lp = jax.nn.log_softmax(s_log, -1)
+            t_all = jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1)
+            if top_from == "student":
+                top = jax.lax.top_k(jax.lax.stop_gradient(s_lp), k)[1]
+                t_lp, t_first = jnp.take_along_axis(t_all, top, -1), jnp.argmax(t_all, -1)
+            else:
+                t_lp, top = jax.lax.top_k(t_all, k)
+                t_first = top[..., 0]
         s_at = jnp.take_along_axis(s_lp, top, -1)
         s_b, t_b = topk_buckets(s_at), topk_buckets(t_lp)
         d = jnp.sum(fd.perspective(s_b, t_b), -1)
-        agree = (jnp.argmax(s_log, -1) == top[..., 0]).astype(jnp.float32)
+        agree = (jnp.argmax(s_log, -1) == t_first).astype(jnp.float32)
         picked = jnp.take_along_axis(s_lp, xs[2][..., None], -1)[..., 0]
         return None, (d, agree, jnp.exp(t_b[..., -1]), jnp.exp(s_b[..., -1]), picked)
 

@@ -15,10 +15,16 @@ q is the teacher, pi the student. Each entry gives three pure functions:
 | tv          | |u - 1| / 2                                       | -sign(r - 1) / 2              |
 | hellinger   | (sqrt u - 1)^2                                    | 1 - sqrt r                    |
 | alpha (a)   | (u^a - a u - (1-a)) / (a (a-1)),  a not in {0, 1}  | -(r^a - 1) / a                |
+| proximal_kl | -log m(u), m = beta u + 1-beta  (KL(pi || M))     | -log m(r) + beta r / m(r)     |
 
 jsd(beta) is GKD's generalized Jensen-Shannon: beta KL(q || M) + (1-beta) KL(pi || M) with
 M = beta q + (1-beta) pi. It tends to 0 at both ends, so beta = 0 and beta = 1 are defined as
 exactly forward KL and reverse KL (the limits of jsd(beta) / (beta (1-beta)) ).
+
+proximal_kl(beta) is KL(pi || M) with the same M = beta q + (1-beta) pi: the reverse KL to a "proximal
+teacher" (TOP-D, arXiv 2607.04751). Its sampled term f = -log(beta r + 1 - beta) >= -log(1 - beta) is
+bounded however small q(y) is; beta = 1 is exactly reverse KL. With the stop-gradient estimator, its
+reward -f is TOP-D's log(alpha rho + 1 - alpha) (their alpha is this beta, rho = r).
 """
 
 from __future__ import annotations
@@ -82,7 +88,19 @@ def _alpha(a: float):
                 lambda lr: -(jnp.exp(a * lr) - 1.0) / a)
 
 
-KINDS = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "alpha")
+def _proximal_kl(beta: float):
+    lb, l1b = math.log(beta), math.log1p(-beta)
+
+    def log_m(lr):  # log(beta r + 1 - beta)
+        return jnp.logaddexp(lb + lr, l1b)
+
+    return FDiv(f"proximal_kl({beta})",
+                lambda lp, lq: jnp.exp(lp) * (lp - jnp.logaddexp(lb + lq, l1b + lp)),
+                lambda lr: -log_m(lr),
+                lambda lr: -log_m(lr) + beta * jnp.exp(lr - log_m(lr)))
+
+
+KINDS = ("reverse_kl", "forward_kl", "jsd", "tv", "hellinger", "alpha", "proximal_kl")
 
 
 def get_fdiv(kind: str, *, beta: float = 0.5, alpha: float = 0.5) -> FDiv:
@@ -101,4 +119,9 @@ def get_fdiv(kind: str, *, beta: float = 0.5, alpha: float = 0.5) -> FDiv:
         return _hellinger()
     if kind == "alpha":
         return _alpha(float(alpha))
+    if kind == "proximal_kl":
+        if not 0.0 < beta <= 1.0:
+            raise OpdError(f"proximal_kl beta (the teacher's weight in the proximal teacher) must be in (0, 1], "
+                           f"got {beta}")
+        return _reverse_kl() if beta == 1.0 else _proximal_kl(float(beta))
     raise OpdError(f"unknown divergence kind {kind!r}; choose one of {', '.join(KINDS)}")

@@ -65,11 +65,14 @@ def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.
     comp = b["tokens"][:, -b["mask"].shape[1]:]
     if teacher_w is not None:
         return chunked_topk_loss(h, w, teacher, teacher_w, b["mask"], lc.topk, temperature=temperature,
-                                 normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, **_div(lc))
+                                 normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, top_from=lc.topk_from,
+                                 **_div(lc))
     if teacher[0].shape[-1] == lc.topk:  # a served (or in-process "topk") hand-over: chunked, no [B, N, V]
         return chunked_topk_loss(h, w, None, None, b["mask"], lc.topk, temperature=temperature,
                                  normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, teacher_topk=teacher,
-                                 **_div(lc))
+                                 top_from=lc.topk_from, **_div(lc))
+    if lc.topk_from == "student":
+        raise OpdError("loss.topk_from=student needs the teacher's hidden states, not a top-k hand-over")
     logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
     loss, m = topk_distill_loss(logits, teacher[0], teacher[1], b["mask"], temperature=temperature,
                                 normalize=lc.normalize, **_div(lc))
@@ -125,6 +128,8 @@ def check_loss_config(lc):
         raise OpdError("RL + OPD (loss.rl_alpha < 1 or rl_mode=replace) needs loss.estimator_type=sampled")
     if not 0.0 <= lc.lam <= 1.0:
         raise OpdError(f"loss.lam must be in [0, 1], got {lc.lam}")
+    if lc.topk_from not in ("teacher", "student"):
+        raise OpdError(f"config loss.topk_from must be teacher or student, got {lc.topk_from!r}")
     get_fdiv(lc.kind, beta=lc.beta, alpha=lc.alpha_div)
 
 
@@ -139,6 +144,9 @@ def handover(cfg) -> str:
         if cfg.loss.estimator_type != "topk":
             raise OpdError(f"teacher {served[0]!r} is served (url): a server hands over top-k or sampled-token "
                            "log-probs, not hidden states; use loss.estimator_type topk or sampled")
+        if cfg.loss.topk_from == "student":
+            raise OpdError(f"teacher {served[0]!r} is served (url): it hands over its own top k, not its log-probs at "
+                           "the student's top k; use loss.topk_from teacher")
         return "topk"
     return out
 
