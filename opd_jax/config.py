@@ -31,7 +31,8 @@ class ModelSpec:
 @dataclass(frozen=True)
 class TeacherSpec:
     name: str = "teacher"
-    path: str | None = None  # an HF folder, or "self" for the frozen snapshot of the student at step 0
+    path: str | None = None  # an HF folder, "self" (the student's frozen snapshot at step 0) or "self_live"
+    # (the student's current weights, no gradient through them)
     dtype: str = "float32"
     attention: str = "auto"
     # a teacher behind a server (instead of path): http://host:port of an OpenAI-compatible completions
@@ -40,6 +41,10 @@ class TeacherSpec:
     model: str = "teacher"  # the model name sent to the server
     timeout: float = 60.0  # seconds per request
     retries: int = 4  # retries (exponential backoff from 0.5 s) before the run stops
+    # on-policy self-distillation (OPSD): "answer" shows this teacher privileged_template filled with the row's
+    # prompt and reference answer instead of the student's prompt; it scores the same completion tokens
+    privileged: str = ""
+    privileged_template: str = "answer: {answer}. {prompt}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class DataConfig:
     horizon: float = 1.0
     horizon_schedule: str = "fixed"
     horizon_window: int = 5
+    max_privileged_len: int = 0  # privileged teachers' prompt length in tokens (0: 2 x max_prompt_len)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def mesh_shape(mc, n_devices: int) -> MeshShape:
 
 def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
     """The ModelConfig of a student/teacher spec from its config.json (weights are not read)."""
-    if getattr(spec, "path", None) == "self":
+    if getattr(spec, "path", None) in ("self", "self_live"):
         return student_cfg
     if spec.path:
         cfg_file = Path(spec.path) / "config.json"

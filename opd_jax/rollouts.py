@@ -10,6 +10,7 @@ same way. The EffOPD probe and evaluation sample through the same object.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import jax
@@ -84,13 +85,51 @@ class Rollouts:
         t = self.cfg.data.temperature if temperature is None else temperature
         return self.engine(ids.shape[0] * group, t).run(params, ids, pmask, key, group=group)
 
-    def score(self, tokens, prompt_mask, mask, what=None):
-        """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N])."""
+    def score(self, tokens, prompt_mask, mask, what=None, *, examples=None, params=None):
+        """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N]). examples: the
+        rows' examples (privileged teachers build their own prompts from them); params: the student's
+        current parameters (self_live teachers score with them)."""
         what = what or self.handover or self.estimator.teacher_output
         full_mask = jnp.concatenate([prompt_mask, mask], 1)
-        return score_batch(self.teachers, self.rows.groups(tokens.shape[0]), tokens, full_mask,
-                           prompt_len=self.cfg.data.max_prompt_len, temperature=self.cfg.data.temperature, what=what,
-                           topk=self.cfg.loss.topk)
+        groups = self.rows.groups(tokens.shape[0])
+        views = {name: self.privileged_view(name, idx, tokens, full_mask, examples)
+                 for name, idx in groups.items() if getattr(self.teachers[name], "privileged", "")}
+        return score_batch(self.teachers, groups, tokens, full_mask, prompt_len=self.cfg.data.max_prompt_len,
+                           temperature=self.cfg.data.temperature, what=what, topk=self.cfg.loss.topk, views=views,
+                           live=params)
+
+    def privileged_view(self, name, idx, tokens, full_mask, examples):
+        """(tokens [n, P_t + N], full mask, P_t) of teacher `name`'s rows `idx` as it sees them: its prompt
+        is its template filled with each row's prompt and reference answer (P_t = data.max_privileged_len,
+        left-padded), then the student's completion unchanged."""
+        t, dc = self.teachers[name], self.cfg.data
+        if examples is None:
+            raise OpdError(f"teacher {name!r} is privileged but the rows' examples were not given")
+        p_t = dc.max_privileged_len or 2 * dc.max_prompt_len
+        rows = [examples[i] for i in idx]
+        shown = []
+        for ex in rows:
+            if ex.answer is None:
+                what = ex.prompt if ex.prompt is not None else ex.messages[-1][1]
+                raise OpdError(f"teacher {name!r} is privileged (answer) but a {ex.domain!r} row has no answer: "
+                               f"{what!r:.60}")
+            if ex.messages is not None:  # the last user message carries the template
+                (role, content), head = ex.messages[-1], ex.messages[:-1]
+                ex = dataclasses.replace(ex, messages=head + ((role, t.template.format(prompt=content, answer=ex.answer)),))
+            else:
+                ex = dataclasses.replace(ex, prompt=t.template.format(prompt=ex.prompt, answer=ex.answer))
+            shown.append(ex)
+        try:
+            ids, pm = self.prompter.encode(shown, p_t)
+        except OpdError as e:
+            raise OpdError(f"teacher {name!r}'s privileged prompt: {e} (the privileged prompts' limit is "
+                           f"data.max_privileged_len, now {p_t})") from None
+        whole = list(idx) == list(range(tokens.shape[0]))
+        take = (lambda x: x) if whole else (lambda x: x[np.asarray(idx)])
+        p = dc.max_prompt_len
+        tok = jnp.concatenate([self._global(ids), take(tokens)[:, p:]], 1)
+        fm = jnp.concatenate([self._global(pm), take(full_mask)[:, p:]], 1)
+        return tok, fm, p_t
 
     def horizon(self, step: int) -> int | None:
         """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`); None: the whole max_new_tokens."""
@@ -120,13 +159,14 @@ class Rollouts:
         if horizon is not None:
             roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
         timer.mark("sample", roll)
-        part, texts, rewards = self.complete(roll, np.repeat(pmask, g, 0), rep, decode=decode, timer=timer)
+        part, texts, rewards = self.complete(roll, np.repeat(pmask, g, 0), rep, decode=decode, timer=timer,
+                                             params=params)
         return part, rep, texts, rewards, stats
 
-    def complete(self, roll, pmask, rep, *, decode: bool = True, timer: PhaseTimer = NO_TIMER):
+    def complete(self, roll, pmask, rep, *, decode: bool = True, timer: PhaseTimer = NO_TIMER, params=None):
         """The on-policy part from a finished rollout: pmask [B, P] (host, one row per sample), rep the
         examples per row; with `decode`, the completions' texts and verifier rewards; then the teachers'
-        scores. -> (part, texts, rewards)."""
+        scores (params: the student's current parameters, for self_live teachers). -> (part, texts, rewards)."""
         if self.sampler_mesh is not None:  # sampled on the sampler's devices: the batch moves to the learner's
             roll = roll._replace(**{f: shd.placed(getattr(roll, f), shd.rows_sharding(
                 getattr(roll, f).shape[0], getattr(roll, f).ndim, self.mesh, self.rules))
@@ -139,11 +179,11 @@ class Rollouts:
         part = {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask, "sampler_logprobs": roll.logprobs,
                 "rewards": self._global(np.zeros(len(rep), np.float32) if rewards is None else rewards)}
         timer.mark("host")
-        part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask)) if self.teachers
-                           else self._global(np.zeros(roll.mask.shape, np.float32)))
+        part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask, examples=rep, params=params))
+                           if self.teachers else self._global(np.zeros(roll.mask.shape, np.float32)))
         return part, texts, rewards
 
-    def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER) -> dict:
+    def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER, params=None) -> dict:
         """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers."""
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
@@ -151,7 +191,7 @@ class Rollouts:
         tokens, pmask, amask = (self._global(x) for x in encode_pairs(
             self.prompter, examples, [e.answer for e in examples], dc.max_prompt_len, dc.max_new_tokens))
         timer.mark("host")
-        teacher = timer.mark("teacher", self.score(tokens, pmask, amask))
+        teacher = timer.mark("teacher", self.score(tokens, pmask, amask, examples=examples, params=params))
         return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
 
     def collect(self, step: int, state, *, decode: bool = False, timer: PhaseTimer = NO_TIMER) -> Batch:
@@ -164,7 +204,7 @@ class Rollouts:
             batch.arrays["on"], batch.examples, batch.texts, batch.rewards, batch.engine = self.on_policy(
                 state.params, examples, key, decode=decode, timer=timer, horizon=self.horizon(step))
         if "off" in self.rows.parts:
-            batch.arrays["off"] = self.off_policy(examples, timer=timer)
+            batch.arrays["off"] = self.off_policy(examples, timer=timer, params=state.params)
         return batch
 
     # ---------------------------------------------------------------- probe and evaluation
@@ -175,7 +215,7 @@ class Rollouts:
         roll, _ = self.sample(params, ids, pmask, key)
         pmask = self._global(pmask)
         return {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask,
-                "teacher": self.score(roll.tokens, pmask, roll.mask, what="hidden")}
+                "teacher": self.score(roll.tokens, pmask, roll.mask, what="hidden", examples=examples, params=params)}
 
     def evaluate(self, params, examples):
         """Greedy completions of `examples`, scored by the verifiers -> ({domain: accuracy, "mean"},

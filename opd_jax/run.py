@@ -55,6 +55,7 @@ class Run:
     rollouts: Rollouts
     init: TrainState  # the state at step 0 (its buffers are donated to the first update)
     plan: dict | None  # the fit check's plan (None when the device memory is unknown)
+    live_w: object = None  # self_live teachers: params -> teacher_w with their output matrices from params
 
     @property
     def micro(self) -> int:
@@ -107,6 +108,15 @@ def build_run(cfg: Config) -> Run:
     validate(cfg)
     est = estimator_for(cfg.loss)
     check_horizon(cfg)
+    for t in cfg.teachers:  # self_live: the teacher is the learner's current weights
+        if t.path == "self_live":
+            why = ("train.max_staleness >= 1 (the sampler's weights are older than the learner's)"
+                   if cfg.train.max_staleness else f"a device set of its own in mesh.roles" if t.name in cfg.mesh.roles
+                   else "the EffOPD guard / line search (it scores candidate weights against a fixed teacher)"
+                   if check_guard(cfg.optim, True) else None)
+            if why:
+                raise OpdError(f"teacher {t.name!r} is self_live (the student's current weights) and cannot be used "
+                               f"with {why}; use path: self for the frozen snapshot")
     if check_guard(cfg.optim, needs_teachers(cfg.loss)) and cfg.train.max_staleness:
         raise OpdError("the EffOPD guard / line search (optim.effopd_guard, effopd_line_search) needs synchronous "
                        "training; set train.max_staleness 0")
@@ -160,9 +170,16 @@ def build_run(cfg: Config) -> Run:
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)  # params are donated later
     program = UpdatePrograms(program, dc.max_new_tokens, lambda h: compile_update_for(  # shorter horizons
         cfg, spec, graphdef, optimizer, state_sh, shapes, rows, mesh, n_on=h))
-    teacher_w = None
+    teacher_w = live_w = None
     if teachers and handover(cfg) == "hidden":  # the loss applies each teacher's output matrix
         teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) for n, t in teachers.items()}
+        live = [n for n, t in teachers.items() if getattr(t, "live", False)]
+        if live:  # self_live: the current student's output matrix, as data (no gradient reaches it)
+            out_w = jax.jit(lambda p: jax.lax.stop_gradient(nnx.merge(graphdef, p).output_matrix()))
+
+            def live_w(p):
+                w = shd.placed(out_w(p), program.teacher_w_sh[live[0]])
+                return {**teacher_w, **{n: w for n in live}}
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
     # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
     init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed))._asdict(), state_sh)
@@ -179,4 +196,4 @@ def build_run(cfg: Config) -> Run:
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,
                eval_examples=eval_examples, graphdef=graphdef, teachers=teachers, teacher_w=teacher_w,
                optimizer=optimizer, state_sh=state_sh, spec=spec, update=program, rollouts=rollouts, init=init,
-               plan=plan)
+               plan=plan, live_w=live_w)

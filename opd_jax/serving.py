@@ -55,6 +55,8 @@ class ServedTeacher:
     backoff: float = 0.5
     payload_bytes: int = 0  # response bytes received so far
     payload_tokens: int = 0  # completion tokens they scored
+    privileged: str = ""  # OPSD: as teachers.Teacher (the server scores whatever prompt it is sent)
+    template: str = ""
 
     def _call(self, path: str, body: dict | None = None) -> dict:
         url = self.url.rstrip("/") + path

@@ -30,6 +30,20 @@ class Teacher:
     mesh: object = None  # with a mesh, the forward is jitted with explicit shardings (see `teacher_forward`)
     w: object = None  # output matrix [D_t, V] in the compute dtype: the loss applies it chunk by chunk
     rules: tuple = ()  # the teacher rules (mesh.teacher_rules) as sorted items: its parameters and activations
+    live: bool = False  # path self_live: scored with the student's current parameters (given per call)
+    privileged: str = ""  # "answer": its prompt is `template` filled with the row's prompt and answer (OPSD)
+    template: str = ""
+
+
+def check_privileged(spec):
+    """One-line errors for a privileged teacher no run can honour."""
+    if spec.privileged not in ("", "answer"):
+        raise OpdError(f"teacher {spec.name!r}: privileged must be 'answer' (or empty), got {spec.privileged!r}")
+    if spec.privileged:
+        for field in ("{prompt}", "{answer}"):
+            if field not in spec.privileged_template:
+                raise OpdError(f"teacher {spec.name!r}: privileged_template must contain {field} "
+                               f"(got {spec.privileged_template!r})")
 
 
 def check_routing(specs, routing: dict, domains) -> dict:
@@ -59,19 +73,21 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
     out = {}
     for name in sorted({routing[d] for d in domains}):
         spec = names[name]
+        check_privileged(spec)
         if spec.url:  # behind a server: checked now (reachable, same vocabulary), scored over HTTP
             if spec.path:
                 raise OpdError(f"teacher {name!r} has both a path and a url; give one")
             from opd_jax.serving import ServedTeacher
             served = ServedTeacher(name, spec.url, spec.model, spec.timeout, spec.retries)
             served.check(student.cfg.vocab_size, tokenizer)
+            served.privileged, served.template = spec.privileged, spec.privileged_template
             out[name] = served
             continue
         tmesh = mesh
         if mesh is not None and roles is not None:  # mesh.roles: a teacher on devices of its own
             from opd_jax.sharding import mesh_from_config
             tmesh = mesh_from_config(roles, name)
-        if spec.path == "self":
+        if spec.path in ("self", "self_live"):
             graphdef, state = nnx.split(student)
             state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
             if mesh is not None:
@@ -90,7 +106,8 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer")
         w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
-        out[name] = Teacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())))
+        out[name] = Teacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())),
+                            live=spec.path == "self_live", privileged=spec.privileged, template=spec.privileged_template)
     return out
 
 
@@ -168,19 +185,32 @@ def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temp
 
 
 def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], tokens, full_mask, *, prompt_len: int,
-                temperature: float, what: str, topk: int = 0):
+                temperature: float, what: str, topk: int = 0, views: dict | None = None, live=None):
     """Score a batch whose rows are routed by `groups` (teacher name -> row indices,
     `RowLayout.groups`): each teacher runs once, on all of its rows.
 
-    what="hidden": {name: [rows of that teacher, N, D_t]} (its rows in `groups` order; teachers may
-    differ in width). Otherwise the scores in batch row order (the layout of `teacher_scores`).
+    views: {name: (tokens, full_mask, prompt_len)} of that teacher's rows as it sees them (a privileged
+    teacher: its own prompt [n, P_t], then the same completion); live: the student's current
+    parameters, for self_live teachers. what="hidden": {name: [rows of that teacher, N, D_t]} (its
+    rows in `groups` order; teachers may differ in width). Otherwise the scores in batch row order
+    (the layout of `teacher_scores`).
     """
+    import dataclasses
+
     outs = {}
     for name, idx in groups.items():
         whole = idx == list(range(tokens.shape[0]))
         take = (lambda x: x) if whole else (lambda x, i=np.asarray(idx): x[i])
-        outs[name] = teacher_forward(teachers[name], take(tokens), take(full_mask), prompt_len=prompt_len,
-                                     temperature=temperature, what=what, topk=topk)
+        t = teachers[name]
+        if getattr(t, "live", False):
+            if live is None:
+                raise OpdError(f"teacher {name!r} is self_live but no current parameters were given")
+            t = dataclasses.replace(t, state=live)
+        if views and name in views:
+            toks, fmask, plen = views[name]
+        else:
+            toks, fmask, plen = take(tokens), take(full_mask), prompt_len
+        outs[name] = teacher_forward(t, toks, fmask, prompt_len=plen, temperature=temperature, what=what, topk=topk)
     if what == "hidden":
         return outs
     inverse = np.argsort(np.concatenate([groups[n] for n in outs]))  # back to batch row order

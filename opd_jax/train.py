@@ -60,7 +60,8 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
             else:  # sampled (and scored) by the sampler thread while the previous update ran
                 batch = pipe.take(step)
                 timer.mark("rollout_wait")
-            state, metrics = timer.mark("update", *run.update(state, batch.arrays, run.teacher_w))
+            teacher_w = run.teacher_w if run.live_w is None else run.live_w(state.params)  # self_live: current
+            state, metrics = timer.mark("update", *run.update(state, batch.arrays, teacher_w))
             if pipe is not None:
                 pipe.publish(done, state.params)  # before the next update donates them
             ctx = StepContext(step, state, batch, metrics, timer, log, evaluating)
