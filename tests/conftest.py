@@ -2,7 +2,12 @@
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU spends far longer compiling these tiny programs than running them: the tests ask its LLVM backend
+# for no optimisation (the HLO, its shardings and memory plans are the same; code generation is faster).
+# Subprocesses the tests start add OPD_TEST_XLA_FLAGS to their own device count.
+os.environ["OPD_TEST_XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + os.environ["OPD_TEST_XLA_FLAGS"]
+                           + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -313,7 +313,7 @@ def test_the_readme_example_runs_as_written(tmp_path):
     (tmp_path / "configs").mkdir()
     shutil.copy(root / "configs" / "chat_example.yaml", tmp_path / "configs")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": ""}  # one CPU device, as a user's shell
+           "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"]}  # one CPU device, as a user's shell
     res = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     first = json.loads((tmp_path / "runs/chat_opd/samples.jsonl").read_text().splitlines()[0])

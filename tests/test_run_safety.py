@@ -81,7 +81,7 @@ def test_cli_integer_flags_and_plan_without_a_config(tmp_path, capsys, finished)
 
 def _long_run(out):
     """A real process that holds the run folder: `opd-jax train` of a long run, started in the background."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=1"}
     args = tiny_overrides(out, **{"train.steps": 10000, "train.eval_every": 10000, "train.checkpoint_every": 10000})
     return subprocess.Popen([sys.executable, "-m", "opd_jax.cli", "train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True), args, env
@@ -326,7 +326,7 @@ def test_sigterm_during_setup_exits_with_one_line_and_leaves_nothing(tmp_path):
     """A preemption notice before the first step (while the run is being built): one line on stderr,
     exit 2, and the run folder it had just created is gone again."""
     out = tmp_path / "r"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=1"}
     proc = subprocess.Popen([sys.executable, "-m", "opd_jax.cli", "train", *tiny_overrides(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -21,7 +21,7 @@ PUBLISHED = {"Qwen3-1.7B": 1_720_574_976, "Qwen3-4B": 4_022_468_096}  # Qwen3's 
 # the compiled plan of a recipe on as many fake CPU devices as its mesh names (tests run with 8)
 PLAN = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=" + sys.argv[2]
+os.environ["XLA_FLAGS"] = os.environ.get("OPD_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=" + sys.argv[2]
 from opd_jax.config import load_config
 from opd_jax.plan import plan
 print(json.dumps(plan(load_config(sys.argv[1]), n_devices=int(sys.argv[2]), compile=True)))

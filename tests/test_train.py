@@ -168,7 +168,7 @@ def cli_runner(tmp_path, steps: int, checkpoint_every: int):
     tmp_path / "full"."""
     common = tiny_overrides(tmp_path / "x", **{"train.steps": steps, "train.checkpoint_every": checkpoint_every,
                                                "train.eval_every": 100, **random_teacher(tmp_path)})
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"] + " --xla_force_host_platform_device_count=1"}
     cli = [sys.executable, "-m", "opd_jax.cli", "train"]
 
     def args(out):

@@ -1,0 +1,120 @@
+"""On-policy self-distillation with privileged context (issue 25, part 3): with no external teacher, does
+the student taught by itself-with-the-answer beat SFT and GRPO on the long-horizon `carry` task, at
+equal steps and at equal compute?
+
+Student, prompts, optimizer and evaluation as scripts/experiments/long_horizon.py (its `prepare`; the
+mistake-trained teacher is not used). 100 steps, 32 rows a step, AdamW with 10 warm-up steps then cosine,
+clip 1, 3 seeds:
+
+  sft_gold  SFT on the gold answers (long_horizon's arm; learning rate 3e-3, chosen there)
+  grpo      group-normalised exact-match reward, 8 prompts x 4 samples (loss.rl_alpha 0, sampled
+            estimator; 3e-4, the rate long_horizon chose for its sampled arms)
+  opsd      teacher = the student's current weights (self_live) shown "answer {answer}. {prompt}", exact
+            forward KL on the student's samples (3e-3, long_horizon's on-policy forward-KL rate)
+  opsd_rkl  the same with reverse KL
+
+FLOPs per step: 2 N T a forward pass, 6 N T forward + backward over T positions: SFT 6 N T per row;
+GRPO and OPSD sample (2 N T) and update (6 N T); OPSD also runs the teacher forward over the longer
+privileged row (2 N T'). Equal compute: each arm's eval curve (its own 64 prompts every 20 steps) read at
+the FLOPs SFT spends in 100 steps.
+
+    python scripts/experiments/opsd.py [--steps 100] [--seeds 0 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import summary  # noqa: E402
+from long_horizon import DOMAIN, MAX_NEW, MAX_PROMPT, config, eval_curve, n_params, prepare, run as lh_run  # noqa: E402
+
+from opd_jax.config import TeacherSpec  # noqa: E402
+from opd_jax.export import load_run_model  # noqa: E402
+from opd_jax.train import train  # noqa: E402
+
+TEMPLATE = "answer {answer}. {prompt}"
+PRIV_LEN = 72  # "answer " + a carry answer (<= 39) + ". " + the prompt (<= 18)
+ARMS = {
+    "sft_gold": dict(lr=3e-3),
+    "grpo": dict(lr=3e-4, loss=dict(estimator_type="sampled", rl_alpha=0.0, rl_mode="mix"),
+                 data=dict(per_domain=8, group_size=4)),
+    "opsd": dict(lr=3e-3, loss=dict(estimator_type="full", kind="forward_kl"), privileged=True),
+    "opsd_rkl": dict(lr=3e-3, loss=dict(estimator_type="full", kind="reverse_kl"), privileged=True),
+}
+
+
+def flops_per_step(arm: str, n: int, rows: int = 32) -> float:
+    t = MAX_PROMPT + MAX_NEW
+    if arm == "sft_gold":
+        return rows * 6.0 * n * t
+    out = rows * (2.0 + 6.0) * n * t
+    if ARMS[arm].get("privileged"):
+        out += rows * 2.0 * n * (PRIV_LEN + MAX_NEW)
+    return out
+
+
+def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int):
+    spec = ARMS[arm]
+    if arm == "sft_gold":
+        return lh_run(prep, "sft_gold", out_dir, steps=steps, seed=seed, lr=spec["lr"])
+    t0 = time.time()
+    cfg = config(prep, out_dir, steps=steps, seed=seed, lr=spec["lr"], loss=spec["loss"], warmup=10)
+    data = dataclasses.replace(cfg.data, **spec.get("data", {}), max_privileged_len=PRIV_LEN)
+    teachers = (TeacherSpec(name="self", path="self_live", privileged="answer", privileged_template=TEMPLATE),)
+    cfg = dataclasses.replace(cfg, data=data, teachers=teachers if spec.get("privileged") else cfg.teachers,
+                              routing={DOMAIN: "self"} if spec.get("privileged") else cfg.routing)
+    train(cfg)
+    return load_run_model(out_dir), time.time() - t0
+
+
+def at_flops(curve, flops_step: float, budget: float):
+    if not curve:
+        return None
+    xs = [s * flops_step for s, _ in curve]
+    if budget > xs[-1] or budget < xs[0]:
+        return None
+    return float(np.interp(budget, xs, [a for _, a in curve]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--work", default="runs/long_horizon")
+    ap.add_argument("--out", default="docs/results_opsd.json")
+    args = ap.parse_args()
+    work = Path(args.work)
+    prep = prepare(work, 1500, 900, 0.3)
+    n = n_params(prep["student"])
+    budget = args.steps * flops_per_step("sft_gold", n)
+    results = {"args": vars(args), "before": prep["before"], "arms": {}}
+    for arm in args.arms:
+        runs = []
+        for seed in args.seeds:
+            model, secs = run(prep, arm, work / f"opsd_{arm}_s{seed}", steps=args.steps, seed=seed)
+            curve = eval_curve(work / f"opsd_{arm}_s{seed}")
+            runs.append({"seed": seed, "accuracy": prep["acc"](model), "seconds": round(secs, 1), "curve": curve,
+                         "at_equal_compute": at_flops(curve, flops_per_step(arm, n), budget)})
+            print(f"{arm} seed {seed}: accuracy {runs[-1]['accuracy']:.3f} ({secs:.0f} s)", flush=True)
+        results["arms"][arm] = {"lr": ARMS[arm]["lr"], "runs": runs, "flops_per_step": flops_per_step(arm, n)}
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nstudent before {results['before']:.3f}, {args.steps} steps")
+    print("| arm | lr | accuracy at equal steps (± std, 3 seeds) | FLOPs per step / SFT's | trainer-eval accuracy "
+          "at SFT's 100-step FLOPs |\n| --- | --- | --- | --- | --- |")
+    for arm, r in results["arms"].items():
+        eq = [x["at_equal_compute"] for x in r["runs"] if x["at_equal_compute"] is not None]
+        print(f"| {arm} | {r['lr']:g} | {summary([x['accuracy'] for x in r['runs']])} | "
+              f"{r['flops_per_step'] / flops_per_step('sft_gold', n):.2f} | {summary(eq) if eq else '-'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""On-policy self-distillation with privileged context (OPSD): a privileged teacher scores the student's
+completion after its own prompt (the template filled with the row's prompt and answer), self_live
+teachers score with the student's current weights, and no gradient reaches the teacher."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax.config import load_config
+from opd_jax.errors import OpdError
+from opd_jax.models import load_model
+from opd_jax.run import build_run
+from opd_jax.tasks.domains import Example
+from opd_jax.train_step import part_value_and_grad
+
+from conftest import random_teacher, tiny_overrides
+
+TEMPLATE = "answer {answer}. {prompt}"
+
+
+@pytest.fixture(scope="module")
+def opsd(tmp_path_factory):
+    """addition -> a random teacher folder with the answer in its prompt; reverse, sort -> self_live, the
+    student's current weights with the answer in their prompt."""
+    tmp = tmp_path_factory.mktemp("opsd")
+    folder = random_teacher(tmp)["teachers"].split("path: ")[1].rstrip("}]")
+    cfg = load_config(None, tiny_overrides(tmp / "r", **{
+        "teachers": f"[{{name: priv, path: {folder}, privileged: answer, privileged_template: '{TEMPLATE}'}}, "
+                    f"{{name: live, path: self_live, privileged: answer, privileged_template: '{TEMPLATE}'}}]",
+        "routing": "{addition: priv, reverse: live, sort: live}", "optim.name": "sgd", "optim.lr": 0.5}))
+    return run_and_folder(cfg, folder)
+
+
+def run_and_folder(cfg, folder):
+    run = build_run(cfg)
+    return run, load_model(folder)
+
+
+def _direct_logprobs(model, tok, ex, completion):
+    """log q(. | [BOS, template(prompt, answer), completion[:t]]) for t = 0..n-1, by one plain forward of the
+    unpadded row (float64 log-softmax on the host) -> [n, V]."""
+    ids = [tok.bos_token_id] + tok.encode(TEMPLATE.format(prompt=ex.prompt, answer=ex.answer), add_special_tokens=False)
+    row = jnp.asarray([ids + list(completion)], jnp.int32)
+    logits = np.asarray(model(row), np.float64)[0, len(ids) - 1:len(ids) - 1 + len(completion)]
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1,
+                                                                                                            keepdims=True)
+
+
+def _check_scores(run, batch, models):
+    """Each teacher's hand-over (hidden states x its output matrix) equals the direct forward of
+    [privileged prompt; completion] at every completion token."""
+    on, p = batch.arrays["on"], run.cfg.data.max_prompt_len
+    tokens, mask = np.asarray(on["tokens"]), np.asarray(on["mask"])
+    groups = run.rows.groups(tokens.shape[0])
+    for name, idx in groups.items():
+        hidden = np.asarray(on["teacher"][name], np.float64)
+        w = np.asarray(models[name].output_matrix(), np.float64)
+        for j, i in enumerate(idx):
+            n = int(mask[i].sum())
+            got = hidden[j, :n] @ w
+            got = got - got.max(-1, keepdims=True)
+            got = got - np.log(np.exp(got).sum(-1, keepdims=True))
+            ref = _direct_logprobs(models[name], run.tokenizer, batch.examples[i], tokens[i, p:p + n])
+            np.testing.assert_allclose(got, ref, atol=2e-4, err_msg=f"{name} row {i}")
+
+
+def test_privileged_and_live_scores_equal_a_direct_forward_before_and_after_an_update(opsd):
+    run, priv = opsd
+    state = jax.tree.map(lambda x: x.copy(), run.init)  # the update donates its state; run.init is shared
+    params0 = jax.tree.map(np.asarray, state.params)
+    batch = run.rollouts.collect(0, state, decode=True)
+    _check_scores(run, batch, {"priv": priv, "live": nnx.merge(run.graphdef, state.params)})
+    state, _ = run.update(state, batch.arrays, run.live_w(state.params))
+    batch = run.rollouts.collect(1, state, decode=True)
+    live = nnx.merge(run.graphdef, state.params)
+    _check_scores(run, batch, {"priv": priv, "live": live})  # the live teacher has the new weights
+    with pytest.raises(AssertionError):  # and not the snapshot's
+        _check_scores(run, batch, {"priv": priv, "live": nnx.merge(run.graphdef, params0)})
+
+
+def test_no_gradient_flows_through_the_live_teacher(opsd):
+    """After one update, the step's gradient equals jax.grad of the token-mean reverse KL written by hand
+    with the teacher's log-probs (the live weights with the answer in the prompt) held constant; the
+    same objective differentiated through the teacher as well gives another gradient."""
+    run, priv = opsd
+    state = jax.tree.map(lambda x: x.copy(), run.init)  # the update donates its state; run.init is shared
+    batch = run.rollouts.collect(0, state)
+    state, _ = run.update(state, batch.arrays, run.live_w(state.params))
+    batch = run.rollouts.collect(1, state)
+    on, p = batch.arrays["on"], run.cfg.data.max_prompt_len
+    (_, _), grads = part_value_and_grad(run.graphdef, state.params, on, run.spec, run.live_w(state.params))
+    tokens, pmask, mask = (np.asarray(on[k]) for k in ("tokens", "prompt_mask", "mask"))
+    live_rows = run.rows.groups(tokens.shape[0])["live"]
+    tok = run.tokenizer
+
+    def objective(params, through_teacher: bool):
+        model = nnx.merge(run.graphdef, params)
+        total = 0.0
+        for i in range(tokens.shape[0]):
+            n = int(mask[i].sum())
+            student_row = [int(t) for t, m in zip(tokens[i, :p], pmask[i]) if m] + list(tokens[i, p:p + n])
+            s = jax.nn.log_softmax(model(jnp.asarray([student_row]))[0, len(student_row) - n - 1:-1], -1)
+            ex = batch.examples[i]
+            ids = [tok.bos_token_id] + tok.encode(TEMPLATE.format(prompt=ex.prompt, answer=ex.answer),
+                                                  add_special_tokens=False)
+            row = jnp.asarray([ids + list(tokens[i, p:p + n])])
+            teacher = model if i in live_rows else priv
+            q = jax.nn.log_softmax(teacher(row)[0, len(ids) - 1:len(ids) - 1 + n], -1)
+            if not through_teacher:
+                q = jax.lax.stop_gradient(q)
+            total = total + jnp.sum(jnp.exp(s) * (s - q))
+        return total / mask.sum()
+
+    host = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state.params)  # one device, as the folder's teacher
+    ref = jax.grad(objective)(host, False)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-5)
+    through = jax.grad(objective)(host, True)
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(through), jax.tree.leaves(ref))) > 1e-3
+
+
+def test_a_row_without_an_answer_and_bad_privileged_configs_are_one_line_errors(opsd, tmp_path):
+    run, _ = opsd
+    on = run.rollouts
+    toks = jnp.zeros((1, run.cfg.data.max_prompt_len + run.cfg.data.max_new_tokens), jnp.int32)
+    with pytest.raises(OpdError, match=r"teacher 'priv' is privileged \(answer\) but a 'addition' row has no "
+                                       r"answer: 'add:1\+2='") as e:
+        on.privileged_view("priv", [0], toks, jnp.ones_like(toks), [Example("add:1+2=", None, "addition")])
+    assert "\n" not in str(e.value)
+    long = Example("add:1+2=", "3" * 40, "addition")
+    with pytest.raises(OpdError, match=r"privileged prompt: .*data.max_privileged_len, now 32"):
+        on.privileged_view("priv", [0], toks, jnp.ones_like(toks), [long])
+    for extra, message in [
+        ({"teachers": "[{name: t, path: self, privileged: answer, privileged_template: 'no fields'}]"},
+         r"privileged_template must contain \{prompt\}"),
+        ({"teachers": "[{name: t, path: self, privileged: hint}]"}, "privileged must be 'answer'"),
+        ({"teachers": "[{name: t, path: self_live}]", "train.max_staleness": 1},
+         "self_live .* cannot be used with train.max_staleness >= 1"),
+    ]:
+        over = tiny_overrides(tmp_path / "x", **{"routing": "{addition: t, reverse: t, sort: t}", **extra})
+        with pytest.raises(OpdError, match=message):
+            build_run(load_config(None, over))
+        assert not (tmp_path / "x").exists()
