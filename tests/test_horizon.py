@@ -130,15 +130,15 @@ def test_progressive_rule_on_a_given_divergence_sequence():
 
 def test_progressive_horizon_trains_by_the_rule_and_resumes_its_state(tmp_path):
     """The trainer follows the rule on its own logged divergences; a run stopped after 2 steps and
-    resumed knows (from horizon.jsonl) how long the horizon had grown. With a learning rate of 1e-9 the
-    divergence only moves with the samples, so it stops falling and the horizon grows (asserted)."""
+    resumed replays its trace (horizon.jsonl). SGD at learning rate 20 makes the divergence rise at step 3,
+    so the horizon grows after it, a decision that needs steps 1-2's divergences from before the resume."""
     import json
 
     from opd_jax.train import train
 
     over = {"data.max_new_tokens": 8, "data.horizon": 0.25, "data.horizon_schedule": "progressive",
             "data.horizon_window": 1, "train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100,
-            "optim.lr": 1e-9,
+            "optim.name": "sgd", "optim.lr": 20.0,
             **random_teacher(tmp_path)}
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **over))
     train(cfg, stop_after=2)
