@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ HORIZONS = {"full": dict(horizon=1.0), "h10": dict(horizon=0.1), "h25": dict(hor
 
 def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float) -> dict:
     t0 = time.time()
+    shutil.rmtree(out_dir, ignore_errors=True)
     cfg = config(prep, out_dir, steps=steps, seed=seed, lr=lr, loss=ARMS["on_fkl"], warmup=10)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **HORIZONS[arm]),
                               train=dataclasses.replace(cfg.train, log_every=1))
@@ -85,7 +87,8 @@ def main():
     for arm in args.arms:
         runs = []
         for seed in args.seeds:
-            runs.append(run(prep, arm, work / f"horizon_{arm}_s{seed}", steps=args.steps, seed=seed, lr=args.lr))
+            tag = "" if args.lr == 3e-3 else f"_lr{args.lr:g}"
+            runs.append(run(prep, arm, work / f"horizon_{arm}{tag}_s{seed}", steps=args.steps, seed=seed, lr=args.lr))
             print(f"{arm} seed {seed}: accuracy {runs[-1]['accuracy']:.3f}, {runs[-1]['generated_tokens']:.0f} "
                   f"tokens, horizons {sorted(set(runs[-1]['horizons']))} ({runs[-1]['seconds']:.0f} s)", flush=True)
         results["arms"][arm] = {"runs": runs}

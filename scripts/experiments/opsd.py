@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int):
     if arm == "sft_gold":
         return lh_run(prep, "sft_gold", out_dir, steps=steps, seed=seed, lr=spec["lr"])
     t0 = time.time()
+    shutil.rmtree(out_dir, ignore_errors=True)
     cfg = config(prep, out_dir, steps=steps, seed=seed, lr=spec["lr"], loss=spec["loss"], warmup=10)
     data = dataclasses.replace(cfg.data, **spec.get("data", {}), max_privileged_len=PRIV_LEN)
     teachers = (TeacherSpec(name="self", path="self_live", privileged="answer", privileged_template=TEMPLATE),)
