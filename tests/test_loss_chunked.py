@@ -125,3 +125,17 @@ def test_student_topk_reverse_kl_equals_numpy_and_bounds_the_full_kl(k):
     g = jax.grad(lambda hs: L.chunked_topk_loss(hs, WS, HT, WT, MASK, k, "reverse_kl", seq_chunk=4,
                                                 top_from="student")[0])(HS)
     np.testing.assert_allclose(g, jax.grad(fixed_set)(HS), rtol=1e-4, atol=1e-6)
+
+
+def test_the_topk_estimator_takes_its_ids_from_loss_topk_from():
+    from opd_jax.config import LossConfig
+    from opd_jax.losses.registry import estimator_for
+
+    b = {"tokens": jnp.zeros((B, T + 1), jnp.int32), "mask": MASK}  # the completion ids: the last T
+    out = {}
+    for side in ("teacher", "student"):
+        lc = LossConfig(estimator_type="topk", kind="reverse_kl", topk=4, topk_from=side, seq_chunk=4)
+        out[side] = float(estimator_for(lc).loss(HS, WS, b, HT, WT, lc, group_size=1, temperature=1.0)[0])
+        ref = L.chunked_topk_loss(HS, WS, HT, WT, MASK, 4, "reverse_kl", seq_chunk=4, top_from=side)[0]
+        np.testing.assert_allclose(out[side], float(ref), rtol=1e-6)
+    assert abs(out["teacher"] - out["student"]) > 1e-3
