@@ -154,7 +154,8 @@ def build_run(cfg: Config) -> Run:
         raise OpdError(f"student vocabulary {student.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
     teachers = (build_teachers(cfg.teachers, cfg.routing, source.domains, student, mesh=mesh,
                                rules=shd.rules_named(cfg.mesh.teacher_rules), tokenizer=tokenizer,
-                               roles=cfg.mesh)
+                               roles=cfg.mesh, privileged_rows=(dc.max_privileged_len or 2 * dc.max_prompt_len,
+                                                                dc.max_new_tokens))
                 if needs_teachers(cfg.loss) else {})
     graphdef, state = nnx.split(student)
     # explicit shardings at the update's boundary: the state in and out alike, so every step reuses one

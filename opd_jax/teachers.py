@@ -60,13 +60,14 @@ def check_routing(specs, routing: dict, domains) -> dict:
 
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None,
-                   tokenizer=None, roles=None) -> dict[str, Teacher]:
+                   tokenizer=None, roles=None, privileged_rows: tuple = (0, 0)) -> dict[str, Teacher]:
     """Load every teacher named in `specs`; check routing and vocabularies before any compute.
 
     specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
     missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
     clear error. roles: the MeshConfig whose mesh.roles may give a teacher devices of its own (its
-    outputs then move to the learner's devices at the update). Returns name -> Teacher (or
+    outputs then move to the learner's devices at the update). privileged_rows: (data.max_privileged_len,
+    max_new_tokens), checked against a privileged teacher's context. Returns name -> Teacher (or
     serving.ServedTeacher) for the teachers that some domain uses.
     """
     names = check_routing(specs, routing, domains)
@@ -102,6 +103,10 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
             with_runtime(model, attention=spec.attention, remat="none")
             graphdef, state = nnx.split(model)
             vocab = model.cfg.vocab_size
+        context = (student.cfg if spec.path in ("self", "self_live") else model.cfg).max_position_embeddings
+        if spec.privileged and sum(privileged_rows) > context:
+            raise OpdError(f"teacher {name!r}: data.max_privileged_len {privileged_rows[0]} + max_new_tokens "
+                           f"{privileged_rows[1]} = {sum(privileged_rows)} exceeds its context {context}")
         if vocab != student.cfg.vocab_size:
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer")

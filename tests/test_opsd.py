@@ -139,6 +139,8 @@ def test_a_row_without_an_answer_and_bad_privileged_configs_are_one_line_errors(
         ({"teachers": "[{name: t, path: self, privileged: hint}]"}, "privileged must be 'answer'"),
         ({"teachers": "[{name: t, path: self_live}]", "train.max_staleness": 1},
          "self_live .* cannot be used with train.max_staleness >= 1"),
+        ({"teachers": "[{name: t, path: self, privileged: answer}]", "data.max_privileged_len": 60},
+         r"teacher 't': data.max_privileged_len 60 \+ max_new_tokens 6 = 66 exceeds its context 64"),
     ]:
         over = tiny_overrides(tmp_path / "x", **{"routing": "{addition: t, reverse: t, sort: t}", **extra})
         with pytest.raises(OpdError, match=message):

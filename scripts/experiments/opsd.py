@@ -62,8 +62,8 @@ def flops_per_step(arm: str, n: int, rows: int = 32) -> float:
     return out
 
 
-def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int):
-    spec = ARMS[arm]
+def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float | None = None):
+    spec = {**ARMS[arm], **({"lr": lr} if lr else {})}
     if arm == "sft_gold":
         return lh_run(prep, "sft_gold", out_dir, steps=steps, seed=seed, lr=spec["lr"])
     t0 = time.time()
@@ -86,28 +86,53 @@ def at_flops(curve, flops_step: float, budget: float):
     return float(np.interp(budget, xs, [a for _, a in curve]))
 
 
+def privileged_accuracy(prep, model) -> float:
+    """Greedy accuracy of `model` as the OPSD teacher sees the task: prompted with TEMPLATE (the answer
+    in front), on the 128 held-out prompts. High means the privileged self knows the answer."""
+    from opd_jax.evaluate import greedy_accuracy
+    from opd_jax.tasks import PromptSource, verifiers_for
+    from opd_jax.tasks.domains import Example
+
+    exs = [Example(TEMPLATE.format(prompt=e.prompt, answer=e.answer), e.answer, DOMAIN)
+           for e in PromptSource([DOMAIN], seed=0).batch(0, 128, stream=1)]
+    return greedy_accuracy(model, prep["tokenizer"], exs, max_prompt_len=PRIV_LEN, max_new_tokens=MAX_NEW,
+                           verifiers=verifiers_for({}, [DOMAIN]))[DOMAIN]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS))
+    ap.add_argument("--lr", type=float, default=None, help="one learning rate for every arm (default: each arm's)")
     ap.add_argument("--work", default="runs/long_horizon")
     ap.add_argument("--out", default="docs/results_opsd.json")
+    ap.add_argument("--diagnose", action="store_true", help="only the start student's accuracy with the answer "
+                    "in its prompt (what the OPSD teacher knows); added to --out's file")
     args = ap.parse_args()
     work = Path(args.work)
     prep = prepare(work, 1500, 900, 0.3)
+    if args.diagnose:
+        from opd_jax.models import load_model
+        res = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        res["privileged_start_accuracy"] = privileged_accuracy(prep, load_model(prep["student"]))
+        print(f"start student, greedy, answer in the prompt: {res['privileged_start_accuracy']:.3f} "
+              f"(plain prompt: {prep['before']:.3f})")
+        Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     n = n_params(prep["student"])
     budget = args.steps * flops_per_step("sft_gold", n)
     results = {"args": vars(args), "before": prep["before"], "arms": {}}
     for arm in args.arms:
         runs = []
         for seed in args.seeds:
-            model, secs = run(prep, arm, work / f"opsd_{arm}_s{seed}", steps=args.steps, seed=seed)
-            curve = eval_curve(work / f"opsd_{arm}_s{seed}")
+            folder = work / f"opsd_{arm}{'' if args.lr is None else f'_lr{args.lr:g}'}_s{seed}"
+            model, secs = run(prep, arm, folder, steps=args.steps, seed=seed, lr=args.lr)
+            curve = eval_curve(folder)
             runs.append({"seed": seed, "accuracy": prep["acc"](model), "seconds": round(secs, 1), "curve": curve,
                          "at_equal_compute": at_flops(curve, flops_per_step(arm, n), budget)})
             print(f"{arm} seed {seed}: accuracy {runs[-1]['accuracy']:.3f} ({secs:.0f} s)", flush=True)
-        results["arms"][arm] = {"lr": ARMS[arm]["lr"], "runs": runs, "flops_per_step": flops_per_step(arm, n)}
+        results["arms"][arm] = {"lr": args.lr or ARMS[arm]["lr"], "runs": runs, "flops_per_step": flops_per_step(arm, n)}
         Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nstudent before {results['before']:.3f}, {args.steps} steps")
     print("| arm | lr | accuracy at equal steps (± std, 3 seeds) | FLOPs per step / SFT's | trainer-eval accuracy "
