@@ -22,7 +22,7 @@ GRPO and OPSD sample (2 N T) and update (6 N T); OPSD also runs the teacher forw
 privileged row (2 N T'). Equal compute: each arm's eval curve (its own 64 prompts every 20 steps) read at
 the FLOPs SFT spends in 100 steps.
 
-    python scripts/experiments/opsd.py [--steps 100] [--seeds 0 1 2]
+    python scripts/experiments/opsd.py [--steps 100] [--seeds 0 1 2] [--task carry | demo]
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ from opd_jax.train import train  # noqa: E402
 
 TEMPLATE = "{answer}.{prompt}"
 PRIV_LEN = 64  # BOS + a carry answer (<= 39) + "." + the prompt (<= 18)
+# --task demo: the demo's three domains (answers of 1-5 characters) and its student shape; the student's
+# warm start sees 240 steps, half of them privileged rows (the demo's student gets 120 plain ones)
+DEMO = dict(domains=("addition", "reverse", "sort"), max_prompt=16, max_new=8, priv_len=24, sft_steps=240,
+            per_domain=16, grpo=dict(per_domain=4, group_size=4))
 ARMS = {
     "sft_gold": dict(lr=3e-3),
     "grpo": dict(lr=3e-4, loss=dict(estimator_type="sampled", rl_alpha=0.0, rl_mode="mix"),
@@ -129,6 +133,86 @@ def privileged_accuracy(prep, model) -> float:
                            verifiers=verifiers_for({}, [DOMAIN]))[DOMAIN]
 
 
+def demo_main(args):
+    """--task demo: the same arms on the demo's domains, from a demo-shaped student warm-started on
+    half-privileged rows (DEMO)."""
+    from opd_jax.config import Config, DataConfig, LossConfig, ModelSpec, OptimConfig, TrainConfig
+    from opd_jax.demo import STUDENT as DEMO_STUDENT
+    from opd_jax.evaluate import greedy_accuracy
+    from opd_jax.models import ModelConfig, init_model, load_model, save_model
+    from opd_jax.sft import sft_train
+    from opd_jax.tasks import PromptSource, build_char_tokenizer
+    from opd_jax.tasks.domains import Example
+
+    d = DEMO
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tok = build_char_tokenizer(work / "tokenizer")
+    eval_set = PromptSource(d["domains"], seed=0).batch(0, 128, stream=1)
+
+    def acc(model, privileged=False):
+        exs = [Example(TEMPLATE.format(prompt=e.prompt, answer=e.answer), e.answer, e.domain) for e in eval_set] \
+            if privileged else eval_set
+        return greedy_accuracy(model, tok, exs, max_prompt_len=d["priv_len"] if privileged else d["max_prompt"],
+                               max_new_tokens=d["max_new"])["mean"]
+
+    folder = work / "student_opsd"
+    if not (folder / "config.json").exists():
+        model = init_model(ModelConfig.for_family("qwen3", **DEMO_STUDENT), seed=7)
+        src = PromptSource(d["domains"], seed=2000)
+        sft_train(model, tok, lambda step: [(TEMPLATE.format(prompt=e.prompt, answer=e.answer) if i % 2 else e.prompt,
+                                             e.answer) for i, e in enumerate(src.batch(step, 16))],
+                  steps=d["sft_steps"], lr=3e-3, max_prompt_len=d["priv_len"], max_new_tokens=d["max_new"],
+                  progress="OPSD demo student SFT (half the rows privileged)")
+        save_model(model, folder)
+    start = load_model(folder)
+    results = {"args": vars(args), "before": acc(start), "privileged_before": acc(start, True), "arms": {}}
+    print(f"OPSD demo student: greedy {results['before']:.3f}, with the answer in its prompt "
+          f"{results['privileged_before']:.3f}", flush=True)
+    for arm in args.arms:
+        spec = {**ARMS[arm], **({"lr": args.lr} if args.lr else {})}
+        runs = []
+        for seed in args.seeds:
+            t0 = time.time()
+            out = work / f"opsd_demo_{arm}_s{seed}"
+            shutil.rmtree(out, ignore_errors=True)
+            if arm == "sft_gold":
+                model = load_model(folder)
+                src = PromptSource(d["domains"], seed=seed)
+                sft_train(model, tok, lambda step: [(e.prompt, e.answer) for e in src.batch(step, d["per_domain"])],
+                          steps=args.steps, lr=spec["lr"], max_prompt_len=d["max_prompt"], max_new_tokens=d["max_new"],
+                          warmup=10)
+            else:
+                data = {"per_domain": d["per_domain"], "group_size": 1, **(d["grpo"] if arm == "grpo" else {})}
+                priv = spec.get("privileged")
+                cfg = Config(
+                    student=ModelSpec(path=str(folder)),
+                    teachers=(TeacherSpec(name="self", path="self" if spec.get("frozen") else "self_live",
+                                          privileged="answer" if priv else "", privileged_template=TEMPLATE),),
+                    routing={dm: "self" for dm in d["domains"]},
+                    data=DataConfig(domains=d["domains"], tokenizer=str(work / "tokenizer"), max_prompt_len=d["max_prompt"],
+                                    max_new_tokens=d["max_new"], temperature=1.0, max_privileged_len=d["priv_len"],
+                                    **data),
+                    loss=LossConfig(**spec["loss"]),
+                    optim=OptimConfig(name="adamw", lr=spec["lr"], schedule="cosine", warmup_steps=10, clip_norm=1.0),
+                    train=TrainConfig(steps=args.steps, seed=seed, out_dir=str(out), checkpoint_every=args.steps,
+                                      eval_every=max(args.steps // 5, 1), eval_per_domain=32, log_every=10,
+                                      progress=False))
+                train(cfg)
+                model = load_run_model(out)
+            runs.append({"seed": seed, "accuracy": acc(model), "privileged_accuracy": acc(model, True),
+                         "seconds": round(time.time() - t0, 1)})
+            print(f"demo {arm} seed {seed}: accuracy {runs[-1]['accuracy']:.3f}, with the answer in the prompt "
+                  f"{runs[-1]['privileged_accuracy']:.3f} ({runs[-1]['seconds']:.0f} s)", flush=True)
+        results["arms"][arm] = {"lr": spec["lr"], "runs": runs}
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\ndemo student before {results['before']:.3f} (with the answer {results['privileged_before']:.3f})")
+    print("| arm | lr | accuracy (± std) | with the answer in the prompt |\n| --- | --- | --- | --- |")
+    for arm, r in results["arms"].items():
+        print(f"| {arm} | {r['lr']:g} | {summary([x['accuracy'] for x in r['runs']])} | "
+              f"{summary([x['privileged_accuracy'] for x in r['runs']])} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=100)
@@ -136,8 +220,16 @@ def main():
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     ap.add_argument("--lr", type=float, default=None, help="one learning rate for every arm (default: each arm's)")
     ap.add_argument("--work", default="runs/long_horizon")
-    ap.add_argument("--out", default="docs/results_opsd.json")
+    ap.add_argument("--out", default=None, help="default docs/results_opsd.json (--task demo: "
+                    "docs/results_opsd_demo.json)")
+    ap.add_argument("--task", choices=["carry", "demo"], default="carry")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = "docs/results_opsd.json" if args.task == "carry" else "docs/results_opsd_demo.json"
+    if args.task == "demo":
+        if args.work == "runs/long_horizon":
+            args.work = "runs/opsd_demo"
+        return demo_main(args)
     work = Path(args.work)
     prep = prepare(work, 1500, 900, 0.3)
     prep["student"], start = opsd_student(prep)
