@@ -45,6 +45,11 @@ class TeacherSpec:
     # prompt and reference answer instead of the student's prompt; it scores the same completion tokens
     privileged: str = ""
     privileged_template: str = "answer: {answer}. {prompt}"
+    # cross-tokenizer teachers (loss.cross_tokenizer bpm | uld; opd_jax.xtok): the teacher's tokenizer folder
+    # (None: its model folder's), and its own prompt / completion lengths in its tokens (0: 2 x the data's)
+    tokenizer: str | None = None
+    max_prompt_len: int = 0
+    max_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,9 @@ class LossConfig:
     # cap on the importance ratio pi_theta / pi_sampler inside the PPO-clipped sampled-token and RL terms
     # when train.max_staleness >= 1 (tokens drawn by an older policy); unused when synchronous; 0 = no cap
     is_cap: float = 2.0
+    # a teacher whose tokenizer is not the student's: "" (refused), bpm (byte-prefix marginalisation onto
+    # the student's vocabulary) or uld (identical-token KL + sorted L1, GOLD's baseline); opd_jax.losses.xtok
+    cross_tokenizer: str = ""
 
 
 @dataclass(frozen=True)

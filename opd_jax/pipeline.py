@@ -212,6 +212,7 @@ class Pipeline:
         batch.async_metrics["rollout/dropped"] = float(drop.sum())
         batch.async_metrics["rollout/staleness_mean"] = float(stale.mean())
         batch.versions = versions
+        batch.pop_xtok()
         with self.cv:
             self.finished.add(b)
             self.ready[b] = batch

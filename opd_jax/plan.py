@@ -37,6 +37,7 @@ from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
 from opd_jax.rollout_plan import compile_rollout
 from opd_jax.train_step import TrainState, state_shardings
+from opd_jax.xtok_teacher import xtok_names
 
 GiB = 1024 ** 3
 
@@ -277,6 +278,8 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> 
         N = n_on if part == "on" and n_on else dc.max_new_tokens
         out[part] = {"tokens": sds((b, P + N), jnp.int32), "prompt_mask": sds((b, P), jnp.int32),
                      "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg, rl, b, N, tcfgs)}
+        if needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers()):  # cross-tokenizer: covered positions
+            out[part]["loss_mask"] = sds((b, N), jnp.int32)
         if part == "on":
             out[part].update(sampler_logprobs=sds((b, N), jnp.float32), rewards=sds((b,), jnp.float32))
     return out
@@ -298,8 +301,14 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
     if needs_teachers(cfg.loss) and handover(cfg) == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
         trules = shd.rules_named(cfg.mesh.teacher_rules)
         V = scfg.vocab_size
-        teacher_w = {n: jax.ShapeDtypeStruct((c.hidden_size, V), c.dtype, sharding=shd.named_sharding(
-            ("embed", "vocab"), (c.hidden_size, V), mesh, trules)) for n, c in tcfgs.items()}
+        cross = xtok_names(cfg)
+        teacher_w = {}
+        for n, c in tcfgs.items():
+            v = c.vocab_size if n in cross else V  # a cross-tokenizer teacher: its own vocabulary, and the map
+            w = jax.ShapeDtypeStruct((c.hidden_size, v), c.dtype, sharding=shd.named_sharding(
+                ("embed", "vocab"), (c.hidden_size, v), mesh, trules))
+            teacher_w[n] = w if n not in cross else {"w": w, "map": jax.ShapeDtypeStruct(
+                (v,), jnp.int32, sharding=shd.replicated(mesh))}
     with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
         return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, n_on),
                               teacher_w, mesh=mesh, rules=shd.rules_named(cfg.mesh.rules))

@@ -11,6 +11,7 @@ same way. The EffOPD probe and evaluation sample through the same object.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import jax
@@ -46,6 +47,13 @@ class Batch:
     versions: np.ndarray | None = None  # asynchronous runs: the policy version of every sampled token [B, N]
     timeline: list | None = None  # asynchronous runs: (event, batch / version, time) of the pipeline so far
 
+    def pop_xtok(self) -> "Batch":
+        """Move the parts' cross-tokenizer statistics (not arrays the update takes) into the logged metrics."""
+        for key, part in self.arrays.items():
+            for k, v in (part.pop("_xtok", None) or {}).items():
+                self.async_metrics[k if key == "on" else k.replace("xtok/", "xtok_off/")] = v
+        return self
+
 
 @dataclass(frozen=True)
 class Rollouts:
@@ -65,6 +73,7 @@ class Rollouts:
     sampler_mesh: object = None  # the sampler's devices (mesh.roles.sampler); None: the learner's mesh
     handover: str | None = None  # what the teachers hand over (losses.registry.handover); None: the estimator's
     progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (stateful)
+    cross: bool = False  # some teacher scores in its own tokens (loss.cross_tokenizer): parts carry a loss_mask
 
     # ---------------------------------------------------------------- pieces
     def _global(self, x):
@@ -85,18 +94,66 @@ class Rollouts:
         t = self.cfg.data.temperature if temperature is None else temperature
         return self.engine(ids.shape[0] * group, t).run(params, ids, pmask, key, group=group)
 
-    def score(self, tokens, prompt_mask, mask, what=None, *, examples=None, params=None):
+    def score(self, tokens, prompt_mask, mask, what=None, *, examples=None, params=None, extras=None):
         """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N]). examples: the
-        rows' examples (privileged teachers build their own prompts from them); params: the student's
-        current parameters (self_live teachers score with them)."""
+        rows' examples (privileged and cross-tokenizer teachers build their own prompts from them); params:
+        the student's current parameters (self_live teachers score with them). extras (a dict, optional)
+        receives "loss_mask" [B, N] (host) and "xtok/..." statistics when a teacher scores in its own tokens."""
         what = what or self.handover or self.estimator.teacher_output
         full_mask = jnp.concatenate([prompt_mask, mask], 1)
         groups = self.rows.groups(tokens.shape[0])
         views = {name: self.privileged_view(name, idx, tokens, full_mask, examples)
                  for name, idx in groups.items() if getattr(self.teachers[name], "privileged", "")}
+        cross = [n for n in groups if getattr(self.teachers[n], "cross", None) is not None]
+        if cross:
+            loss_mask = dist.to_host(mask).astype(np.int32)
+            stats = {"aligned": 0.0, "tokens": 0.0, "dropped": 0, "truncated": 0}
+            for name in cross:
+                views[name] = self.cross_view(name, groups[name], tokens, mask, examples, what, loss_mask, stats)
+            if extras is not None:
+                extras["loss_mask"] = loss_mask
+                extras.update({"xtok/aligned_fraction": stats["aligned"] / max(stats["tokens"], 1.0),
+                               "xtok/dropped_rows": stats["dropped"], "xtok/truncated_rows": stats["truncated"],
+                               "xtok/align_seconds": stats.get("seconds", 0.0)})
         return score_batch(self.teachers, groups, tokens, full_mask, prompt_len=self.cfg.data.max_prompt_len,
                            temperature=self.cfg.data.temperature, what=what, topk=self.cfg.loss.topk, views=views,
                            live=params)
+
+    def cross_view(self, name, idx, tokens, mask, examples, what, loss_mask, stats):
+        """(tokens [n, P_t + M], full mask, P_t, post) of cross-tokenizer teacher `name`'s rows `idx`: its
+        prompt through its own template, the completion re-tokenized and aligned by bytes
+        (`xtok_teacher.CrossView`); post brings its outputs to the student's positions: hidden states
+        gathered at the aligned teacher positions, or log-probs summed per segment. Writes those rows'
+        loss_mask (host [B, N]: aligned positions, or whole segments for log-probs) and adds to stats."""
+        cv = self.teachers[name].cross
+        if examples is None:
+            raise OpdError(f"teacher {name!r} scores in its own tokens but the rows' examples were not given")
+        if what not in ("hidden", "logprobs"):
+            raise OpdError(f"teacher {name!r} scores in its own tokens, which hands over hidden states or log-probs, "
+                           f"not {what!r}")
+        rows = np.asarray(idx)
+        p = self.cfg.data.max_prompt_len
+        comp, cmask = dist.to_host(tokens)[rows, p:], dist.to_host(mask)[rows]
+        t0 = time.perf_counter()
+        ids, fmask, al = cv.view([examples[i] for i in idx], comp, cmask)
+        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
+        keep = al.aligned if what == "hidden" else al.whole
+        loss_mask[rows] *= keep
+        stats["aligned"] += float(np.sum(keep * cmask))
+        stats["tokens"] += float(np.sum(cmask))
+        stats["dropped"] += al.dropped
+        stats["truncated"] += al.truncated
+        n_new = cmask.shape[1]
+        if what == "hidden":
+            gather = self._global(al.gather)
+            post = lambda h: jnp.take_along_axis(h, gather[..., None], 1)  # noqa: E731
+        else:
+            seg = self._global(al.segment)
+
+            def post(lp):
+                out = jnp.zeros((lp.shape[0], n_new + 1), jnp.float32)
+                return out.at[jnp.arange(lp.shape[0])[:, None], seg].add(lp)[:, :n_new]
+        return self._global(ids), self._global(fmask), cv.p_len, post
 
     def privileged_view(self, name, idx, tokens, full_mask, examples):
         """(tokens [n, P_t + N], full mask, P_t) of teacher `name`'s rows `idx` as it sees them: its prompt
@@ -179,9 +236,20 @@ class Rollouts:
         part = {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask, "sampler_logprobs": roll.logprobs,
                 "rewards": self._global(np.zeros(len(rep), np.float32) if rewards is None else rewards)}
         timer.mark("host")
-        part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask, examples=rep, params=params))
+        extras = {}
+        part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask, examples=rep, params=params,
+                                                            extras=extras))
                            if self.teachers else self._global(np.zeros(roll.mask.shape, np.float32)))
+        self._loss_mask(part, extras)
         return part, texts, rewards
+
+    def _loss_mask(self, part, extras):
+        """Cross-tokenizer runs: the part's loss mask (the positions the teachers' hand-over covers) and the
+        alignment statistics (kept in the part under "_xtok", taken out before the update)."""
+        if self.cross:
+            lm = extras.get("loss_mask", dist.to_host(part["mask"]))
+            part["loss_mask"] = self._global(np.asarray(lm, np.int32))
+            part["_xtok"] = {k: v for k, v in extras.items() if k.startswith("xtok/")}
 
     def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER, params=None) -> dict:
         """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers."""
@@ -191,8 +259,12 @@ class Rollouts:
         tokens, pmask, amask = (self._global(x) for x in encode_pairs(
             self.prompter, examples, [e.answer for e in examples], dc.max_prompt_len, dc.max_new_tokens))
         timer.mark("host")
-        teacher = timer.mark("teacher", self.score(tokens, pmask, amask, examples=examples, params=params))
-        return {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
+        extras = {}
+        teacher = timer.mark("teacher", self.score(tokens, pmask, amask, examples=examples, params=params,
+                                                   extras=extras))
+        part = {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
+        self._loss_mask(part, extras)
+        return part
 
     def collect(self, step: int, state, *, decode: bool = False, timer: PhaseTimer = NO_TIMER) -> Batch:
         """Step `step`'s batch for the update: its prompts (data position `step`), sampled from
@@ -205,7 +277,7 @@ class Rollouts:
                 state.params, examples, key, decode=decode, timer=timer, horizon=self.horizon(step))
         if "off" in self.rows.parts:
             batch.arrays["off"] = self.off_policy(examples, timer=timer, params=state.params)
-        return batch
+        return batch.pop_xtok()
 
     # ---------------------------------------------------------------- probe and evaluation
     def probe_batch(self, params, examples, key) -> dict:

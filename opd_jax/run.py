@@ -32,6 +32,7 @@ from opd_jax.optim import make_optimizer
 from opd_jax.rollouts import Rollouts
 from opd_jax.tasks import Prompter, PromptSource, build_char_tokenizer, load_tokenizer, stop_ids, verifiers_for
 from opd_jax.teachers import build_teachers
+from opd_jax.xtok_teacher import check_xtok
 from opd_jax.train_step import StepSpec, TrainState, new_state, state_shardings
 
 
@@ -107,6 +108,7 @@ def build_run(cfg: Config) -> Run:
 
     validate(cfg)
     est = estimator_for(cfg.loss)
+    check_xtok(cfg)
     check_horizon(cfg)
     for t in cfg.teachers:  # self_live: the teacher is the learner's current weights
         if t.path == "self_live":
@@ -152,10 +154,11 @@ def build_run(cfg: Config) -> Run:
     student = build_student(cfg.student, tc.seed, tc.remat, mesh, rules)
     if student.cfg.vocab_size < len(tokenizer):
         raise OpdError(f"student vocabulary {student.cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    stop = stop_ids(tokenizer, cfg.student.path)
     teachers = (build_teachers(cfg.teachers, cfg.routing, source.domains, student, mesh=mesh,
                                rules=shd.rules_named(cfg.mesh.teacher_rules), tokenizer=tokenizer,
                                roles=cfg.mesh, privileged_rows=(dc.max_privileged_len or 2 * dc.max_prompt_len,
-                                                                dc.max_new_tokens))
+                                                                dc.max_new_tokens), cfg=cfg, stop=stop)
                 if needs_teachers(cfg.loss) else {})
     graphdef, state = nnx.split(student)
     # explicit shardings at the update's boundary: the state in and out alike, so every step reuses one
@@ -173,7 +176,9 @@ def build_run(cfg: Config) -> Run:
         cfg, spec, graphdef, optimizer, state_sh, shapes, rows, mesh, n_on=h))
     teacher_w = live_w = None
     if teachers and handover(cfg) == "hidden":  # the loss applies each teacher's output matrix
-        teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) for n, t in teachers.items()}
+        teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) if t.cross is None else  # cross-tokenizer: + map
+                     {"w": shd.placed(t.w, program.teacher_w_sh[n]["w"]),
+                      "map": shd.placed(t.cross.vmap, program.teacher_w_sh[n]["map"])} for n, t in teachers.items()}
         live = [n for n, t in teachers.items() if getattr(t, "live", False)]
         if live:  # self_live: the current student's output matrix, as data (no gradient reaches it)
             out_w = jax.jit(lambda p: jax.lax.stop_gradient(nnx.merge(graphdef, p).output_matrix()))
@@ -185,13 +190,14 @@ def build_run(cfg: Config) -> Run:
     # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
     init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed))._asdict(), state_sh)
     rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
-                        stop=stop_ids(tokenizer, cfg.student.path), verifiers=verifiers_for(dc.verifiers, source.domains),
+                        stop=stop, verifiers=verifiers_for(dc.verifiers, source.domains),
                         teachers=teachers, estimator=est, source=source,
                         handover=handover(cfg) if needs_teachers(cfg.loss) else "logprobs", model_cfg=student.cfg,
                         rollout_rules=shd.rules_named(cfg.mesh.rollout_rules),
                         sampler_mesh=(shd.mesh_from_config(cfg.mesh, "sampler") if "sampler" in cfg.mesh.roles
                                       else None),
-                        progressive=ProgressiveHorizon(dc) if dc.horizon_schedule == "progressive" else None)
+                        progressive=ProgressiveHorizon(dc) if dc.horizon_schedule == "progressive" else None,
+                        cross=any(getattr(t, "cross", None) is not None for t in teachers.values()))
     if plan:
         plan = {k: v for k, v in plan.items() if k != "program"}
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,

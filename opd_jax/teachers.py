@@ -19,6 +19,7 @@ from flax import nnx
 from opd_jax.errors import OpdError
 from opd_jax.models import load_model
 from opd_jax.models.transformer import activation_layout, with_runtime
+from opd_jax.xtok_teacher import build_cross_view, xtok_names
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Teacher:
     live: bool = False  # path self_live: scored with the student's current parameters (given per call)
     privileged: str = ""  # "answer": its prompt is `template` filled with the row's prompt and answer (OPSD)
     template: str = ""
+    cross: object = None  # a cross-tokenizer teacher (loss.cross_tokenizer): its xtok_teacher.CrossView
 
 
 def check_privileged(spec):
@@ -60,14 +62,17 @@ def check_routing(specs, routing: dict, domains) -> dict:
 
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None,
-                   tokenizer=None, roles=None, privileged_rows: tuple = (0, 0)) -> dict[str, Teacher]:
+                   tokenizer=None, roles=None, privileged_rows: tuple = (0, 0), cfg=None,
+                   stop: tuple = ()) -> dict[str, Teacher]:
     """Load every teacher named in `specs`; check routing and vocabularies before any compute.
 
     specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
     missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
     clear error. roles: the MeshConfig whose mesh.roles may give a teacher devices of its own (its
     outputs then move to the learner's devices at the update). privileged_rows: (data.max_privileged_len,
-    max_new_tokens), checked against a privileged teacher's context. Returns name -> Teacher (or
+    max_new_tokens), checked against a privileged teacher's context. cfg (with loss.cross_tokenizer
+    set): teachers from folders are scored in their own tokens (`xtok_teacher`), `stop` the student's
+    stop ids. Returns name -> Teacher (or
     serving.ServedTeacher) for the teachers that some domain uses.
     """
     names = check_routing(specs, routing, domains)
@@ -107,12 +112,16 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
         if spec.privileged and sum(privileged_rows) > context:
             raise OpdError(f"teacher {name!r}: data.max_privileged_len {privileged_rows[0]} + max_new_tokens "
                            f"{privileged_rows[1]} = {sum(privileged_rows)} exceeds its context {context}")
-        if vocab != student.cfg.vocab_size:
+        cross = None
+        if cfg is not None and name in xtok_names(cfg):
+            cross = build_cross_view(spec, cfg, tokenizer, stop, vocab, context)
+        elif vocab != student.cfg.vocab_size:
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
-                           "they must share a tokenizer")
+                           "they must share a tokenizer, or set loss.cross_tokenizer bpm (or uld)")
         w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
         out[name] = Teacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())),
-                            live=spec.path == "self_live", privileged=spec.privileged, template=spec.privileged_template)
+                            live=spec.path == "self_live", privileged=spec.privileged, template=spec.privileged_template,
+                            cross=cross)
     return out
 
 
@@ -194,8 +203,9 @@ def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], toke
     """Score a batch whose rows are routed by `groups` (teacher name -> row indices,
     `RowLayout.groups`): each teacher runs once, on all of its rows.
 
-    views: {name: (tokens, full_mask, prompt_len)} of that teacher's rows as it sees them (a privileged
-    teacher: its own prompt [n, P_t], then the same completion); live: the student's current
+    views: {name: (tokens, full_mask, prompt_len[, post])} of that teacher's rows as it sees them (a
+    privileged teacher: its own prompt [n, P_t], then the same completion; a cross-tokenizer teacher: its
+    own tokens, and `post` bringing its outputs to the student's positions); live: the student's current
     parameters, for self_live teachers. what="hidden": {name: [rows of that teacher, N, D_t]} (its
     rows in `groups` order; teachers may differ in width). Otherwise the scores in batch row order
     (the layout of `teacher_scores`).
@@ -211,11 +221,14 @@ def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], toke
             if live is None:
                 raise OpdError(f"teacher {name!r} is self_live but no current parameters were given")
             t = dataclasses.replace(t, state=live)
+        post = lambda x: x  # noqa: E731
         if views and name in views:
-            toks, fmask, plen = views[name]
+            toks, fmask, plen, *rest = views[name]
+            post = rest[0] if rest else post
         else:
             toks, fmask, plen = take(tokens), take(full_mask), prompt_len
-        outs[name] = teacher_forward(t, toks, fmask, prompt_len=plen, temperature=temperature, what=what, topk=topk)
+        outs[name] = post(teacher_forward(t, toks, fmask, prompt_len=plen, temperature=temperature, what=what,
+                                          topk=topk))
     if what == "hidden":
         return outs
     inverse = np.argsort(np.concatenate([groups[n] for n in outs]))  # back to batch row order

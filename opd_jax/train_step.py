@@ -6,7 +6,8 @@ the student's samples, `off` from dataset answers; either may be absent when los
 loss is lam * L(on) + (1 - lam) * L(off)), each part a dict of arrays with rows grouped by domain
 (`opd_jax.layout.RowLayout`):
   tokens [B, P+N], prompt_mask [B, P], mask [B, N] (1 on generated tokens incl. EOS),
-  sampler_logprobs [B, N] (on-policy), rewards [B] (on-policy), and the teachers' hand-over at the
+  sampler_logprobs [B, N] (on-policy), rewards [B] (on-policy), loss_mask [B, N] (cross-tokenizer teachers:
+  the positions their hand-over covers; the loss is masked by it), and the teachers' hand-over at the
   completion positions: hidden-state estimators: teacher = {name: [rows routed to it, N, D_t]} with
   the teachers' output matrices `teacher_w` = {name: [D_t, V]} beside the batch (the loss forms
   logits chunk by chunk; no [B, N, V] array exists); log-prob estimators: teacher = [B, N].
@@ -106,7 +107,12 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     if layout is not None:
         h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
         if teacher_w is not None:
-            teacher, teacher_w = layout(teacher, ("batch", None, None)), layout(teacher_w, (None, "vocab"))
+            teacher = layout(teacher, ("batch", None, None))
+            teacher_w = ({**teacher_w, "w": layout(teacher_w["w"], (None, "vocab"))} if isinstance(teacher_w, dict)
+                         else layout(teacher_w, (None, "vocab")))
+    if "loss_mask" in b:  # a cross-tokenizer teacher covers only the positions aligned with its tokens
+        mask = b["loss_mask"]
+        b = {**b, "mask": mask}
     loss, m = estimator_for(lc).loss(h, w, b, teacher, teacher_w, lc, group_size=group_size, temperature=temperature,
                                      is_cap=is_cap)
     slp = m.pop("token_logprob")
@@ -166,10 +172,11 @@ def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
         sub = {k: _take_rows(v, idx) for k, v in b.items() if k != "teacher"}
         outs.append(micro_value_and_grad(graphdef, params, {**sub, "teacher": b["teacher"][name]}, spec,
                                          teacher_w[name]))
-        counts.append(_normaliser(sub["mask"], spec.lc.normalize))
+        counts.append(_normaliser(sub.get("loss_mask", sub["mask"]), spec.lc.normalize))
     w = _shares(jnp.stack(counts))
     order = np.argsort(np.concatenate([idx for idx in groups.values()]))
-    ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1] if k != "row_divergence"}
+    ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1]
+          if k != "row_divergence" and all(k in m for (_, m), _ in outs)}  # teachers of both kinds: shared metrics
     row_div = jnp.concatenate([m["row_divergence"] for (_, m), _ in outs])[order]
     loss, metrics = _combine(w, jnp.stack([loss for (loss, _), _ in outs]), ms, row_div)
     grads = jax.tree.map(lambda *g: sum(wi * gi.astype(jnp.float32) for wi, gi in zip(w, g)).astype(g[0].dtype),
@@ -199,7 +206,7 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
-    w = _shares(_normaliser(mbs["mask"], spec.lc.normalize))
+    w = _shares(_normaliser(mbs.get("loss_mask", mbs["mask"]), spec.lc.normalize))
 
     def body(acc, xs):
         bb, wi = xs

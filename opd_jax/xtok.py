@@ -15,18 +15,24 @@ vocabulary onto a student's.
                             the same bytes back (normalisation): such rows are counted and masked
     project(q, pmap, v_s)   [..., V_s + 1] teacher probabilities moved onto the student vocabulary by
                             `pmap` (a segment sum), the last column the residual; rows still sum to 1
+    vocab_map(t, s, how)    [V_t] the map the loss applies: bpm (byte prefix) or uld (identical bytes), special
+                            tokens by their text and the teacher's EOS onto the student's stop id
+    align_rows(...)         the teacher's view of a batch of student completions (`Aligned`): its token ids,
+                            which teacher position predicts each student token, and the segment sums
 
 Byte-prefix marginalisation (arXiv 2607.22334): at a position where both tokenizations start a token,
 the teacher's next-token distribution q over teacher tokens says how likely each byte string is to
 come next; a teacher token u whose bytes begin with the student token s's bytes is an outcome in which
 the student's next token could be s. Moving q(u) to the longest such s keeps all of q's mass on the
-student's vocabulary plus one residual bucket (teacher tokens no student token prefixes). Not yet
-wired into the trainer: docs/math.md will say what is exact and what is approximate once it is.
+student's vocabulary plus one residual bucket (teacher tokens no student token prefixes). The loss
+that applies the map chunk by chunk is `opd_jax.losses.xtok`; docs/math.md §9 says what is exact and
+what is an approximation.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,7 +74,7 @@ def token_bytes(tok) -> list[bytes]:
 
 def spans(table: list[bytes], ids) -> np.ndarray:
     """[n, 2] byte [start, end) of each token in the concatenation of their bytes (`token_bytes` table)."""
-    lengths = np.fromiter((len(table[int(i)]) for i in ids), np.int64, count=len(ids))
+    lengths = np.fromiter((len(table[int(i)]) if 0 <= i < len(table) else 0 for i in ids), np.int64, count=len(ids))
     ends = np.cumsum(lengths)
     return np.stack([ends - lengths, ends], 1)
 
@@ -131,3 +137,113 @@ def project(q: np.ndarray, pmap: np.ndarray, v_student: int) -> np.ndarray:
     out = np.zeros((flat.shape[0], v_student + 1), q.dtype)
     np.add.at(out.T, idx, flat.T)  # a segment sum over the teacher axis
     return out.reshape(q.shape[:-1] + (v_student + 1,))
+
+
+def special_pairs(teacher_tok, student_tok, student_stop: tuple = ()) -> dict[int, int]:
+    """teacher special id -> student id: a special token with the same text on both sides, and the
+    teacher's EOS onto the student's first stop id (the two models' "stop here" outcome)."""
+    s_special = {student_tok.convert_ids_to_tokens(i): i for i in student_tok.all_special_ids}
+    out = {}
+    for i in teacher_tok.all_special_ids:
+        hit = s_special.get(teacher_tok.convert_ids_to_tokens(i))
+        if hit is not None:
+            out[i] = hit
+    stop = student_stop[0] if student_stop else student_tok.eos_token_id
+    if teacher_tok.eos_token_id is not None and stop is not None:
+        out.setdefault(teacher_tok.eos_token_id, stop)
+    return out
+
+
+def vocab_map(teacher_tok, student_tok, how: str, *, teacher_vocab: int, student_stop: tuple = ()) -> np.ndarray:
+    """[teacher_vocab] int32: where the loss moves each teacher token's probability on the student's
+    vocabulary (-1: nowhere, the residual). how="bpm": the longest student token that is a byte prefix
+    of it (`prefix_map`); how="uld": the student token with exactly its bytes (ULD's matched set).
+    Special tokens go by `special_pairs`; ids past the tokenizer (a padded embedding) to -1."""
+    t_bytes, s_bytes = token_bytes(teacher_tok), token_bytes(student_tok)
+    if how == "bpm":
+        m = prefix_map(t_bytes, s_bytes)
+    elif how == "uld":
+        by_bytes: dict[bytes, int] = {}
+        for i, b in enumerate(s_bytes):
+            if b:
+                by_bytes.setdefault(b, i)
+        m = np.array([by_bytes.get(b, -1) if b else -1 for b in t_bytes], np.int64)
+    else:
+        raise ValueError(f"unknown cross-tokenizer map {how!r}")
+    for t, s in special_pairs(teacher_tok, student_tok, student_stop).items():
+        m[t] = s
+    out = np.full(teacher_vocab, -1, np.int32)
+    n = min(teacher_vocab, len(m))
+    out[:n] = m[:n]
+    return out
+
+
+@dataclass
+class Aligned:
+    """The teacher's view of n student completions of N tokens (teacher completion length M).
+
+    tokens / mask [n, M]: the completion re-tokenized by the teacher (its EOS appended where the student
+    stopped), right-padded. gather [n, N]: the teacher completion index whose hidden state predicts
+    student token i (its token starts at the same byte; 0 where none). aligned [n, N]: 1 there (the
+    full / top-k loss mask). segment [n, M]: the student token that receives a teacher token's
+    log-prob (the last student token before the next shared boundary; N: none). whole [n, N]: 1 on a
+    student token whose segment the teacher scored entirely (the sampled loss mask). dropped: rows the
+    teacher cannot re-tokenize to the same bytes (masked); truncated: rows cut at M teacher tokens."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    gather: np.ndarray
+    aligned: np.ndarray
+    segment: np.ndarray
+    whole: np.ndarray
+    dropped: int = 0
+    truncated: int = 0
+
+
+def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teacher_table, m_len: int,
+               pad_id: int = 0) -> Aligned:
+    """Re-tokenize each student completion comp [n, N] (mask [n, N]) for the teacher and align them by
+    byte offsets (see `Aligned`). A row ends with the student's stop id: the teacher's EOS follows its
+    bytes and the two stop positions are aligned (they start at the same byte, the end)."""
+    comp, comp_mask = np.asarray(comp), np.asarray(comp_mask)
+    n, big_n = comp.shape
+    out = Aligned(np.full((n, m_len), pad_id, np.int32), np.zeros((n, m_len), np.int32),
+                  np.zeros((n, big_n), np.int32), np.zeros((n, big_n), np.int32),
+                  np.full((n, m_len), big_n, np.int32), np.zeros((n, big_n), np.int32))
+    t_eos = teacher_tok.eos_token_id
+    stops = set(int(s) for s in student_stop)
+    for r in range(n):
+        ids = [i if i < len(student_table) else -1 for i in comp[r, comp_mask[r] > 0].tolist()]
+        stopped = bool(ids) and ids[-1] in stops
+        body = ids[:-1] if stopped else ids  # -1: an id past the tokenizer (a padded embedding): no bytes
+        data = b"".join(student_table[i] for i in body if i >= 0)
+        t_ids = retokenize(teacher_tok, data)
+        if t_ids is None:
+            out.dropped += 1
+            continue
+        s_sp, t_sp = spans(student_table, body), spans(teacher_table, t_ids)
+        eos_pair = stopped and t_eos is not None
+        full = t_ids + [t_eos] if eos_pair else list(t_ids)
+        keep = min(len(full), m_len)
+        out.truncated += keep < len(full)
+        out.tokens[r, :keep], out.mask[r, :keep] = full[:keep], 1
+        # teacher tokens kept for the body (the EOS, if kept, is handled below)
+        kb = min(len(t_ids), keep)
+        starts = matching_starts(s_sp, t_sp[:kb])
+        hit = starts >= 0
+        out.gather[r, :len(body)] = np.where(hit, starts, 0)
+        out.aligned[r, :len(body)] = hit
+        # segments: each kept teacher token's log-prob goes to the last student token of its segment
+        bounds = shared_boundaries(s_sp, t_sp)
+        s_ends = s_sp[:, 1]
+        if kb:
+            seg_end = bounds[np.minimum(np.searchsorted(bounds, t_sp[:kb, 1]), len(bounds) - 1)]
+            out.segment[r, :kb] = np.searchsorted(s_ends, seg_end)
+            covered = t_sp[kb - 1, 1]  # bytes the kept teacher tokens score
+            s_seg_end = bounds[np.minimum(np.searchsorted(bounds, s_ends), len(bounds) - 1)] if len(bounds) else s_ends
+            out.whole[r, :len(body)] = (s_seg_end <= covered) & (s_ends > s_sp[:, 0])
+        if eos_pair and keep == len(full):
+            i_s, i_t = len(body), len(t_ids)
+            out.gather[r, i_s], out.aligned[r, i_s] = i_t, 1
+            out.segment[r, i_t], out.whole[r, i_s] = i_s, 1
+    return out

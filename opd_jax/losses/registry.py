@@ -29,6 +29,7 @@ from opd_jax.losses.fdiv import get_fdiv
 from opd_jax.losses.full_vocab import topk_distill_loss
 from opd_jax.losses.mixing import rl_opd_surrogate
 from opd_jax.losses.sampled import sampled_surrogate
+from opd_jax.losses.xtok import xtok_divergence_loss
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,10 @@ def _div(lc) -> dict:
 
 
 def _full(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
-    """Exact D_f per position; without `teacher_w`, `teacher` is full logits [B, N, V] (small models)."""
+    """Exact D_f per position; without `teacher_w`, `teacher` is full logits [B, N, V] (small models);
+    teacher_w {"w", "map"}: a teacher with its own tokenizer (`losses.xtok`, loss.cross_tokenizer)."""
+    if isinstance(teacher_w, dict):
+        return _cross(h, w, b, teacher, teacher_w, lc, temperature, topk=0)
     t = dict(teacher_hidden=teacher, teacher_w=teacher_w) if teacher_w is not None else dict(teacher_logits=teacher)
     return chunked_divergence_loss(h, w, b["mask"], temperature=temperature, normalize=lc.normalize,
                                    seq_chunk=lc.seq_chunk, ids=b["tokens"][:, -b["mask"].shape[1]:], **t, **_div(lc))
@@ -63,6 +67,8 @@ def _full(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.
 def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
     """Teacher top-k + tail bucket; without `teacher_w`, `teacher` is (log-probs, ids) [B, N, k]."""
     comp = b["tokens"][:, -b["mask"].shape[1]:]
+    if isinstance(teacher_w, dict):
+        return _cross(h, w, b, teacher, teacher_w, lc, temperature, topk=lc.topk)
     if teacher_w is not None:
         return chunked_topk_loss(h, w, teacher, teacher_w, b["mask"], lc.topk, temperature=temperature,
                                  normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, top_from=lc.topk_from,
@@ -79,6 +85,12 @@ def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.
     lp = jax.nn.log_softmax(logits / temperature, -1)
     m["token_logprob"] = jax.lax.stop_gradient(jnp.take_along_axis(lp, comp[..., None], -1)[..., 0])
     return loss, m
+
+
+def _cross(h, w, b, teacher, teacher_w, lc, temperature, *, topk):
+    return xtok_divergence_loss(h, w, teacher, teacher_w["w"], teacher_w["map"], b["mask"], lc.cross_tokenizer,
+                                temperature=temperature, normalize=lc.normalize, seq_chunk=lc.seq_chunk,
+                                ids=b["tokens"][:, -b["mask"].shape[1]:], topk=topk, top_from=lc.topk_from, **_div(lc))
 
 
 def _student_logprobs(h, w, b, lc, temperature):

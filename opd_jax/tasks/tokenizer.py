@@ -74,3 +74,25 @@ def stop_ids(tokenizer, model_dir: str | Path | None = None) -> tuple[int, ...]:
             raise OpdError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
         ids.update(eos)
     return tuple(sorted(ids))
+
+
+def build_bpe_tokenizer(path: str | Path | None, corpus, vocab_size: int = 160):
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `corpus` (strings) with the character
+    tokenizer's special tokens (<pad>=0, <bos>=1, <eos>=2): a second tokenizer for the same tasks whose
+    merges join frequent runs (digit runs, words), for cross-tokenizer distillation. Its alphabet is
+    the corpus's characters: text with others cannot round-trip through it. Saved to `path`
+    unless it is None."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS,
+                                   padding_side="left")
+    if path is not None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(path))
+    return fast

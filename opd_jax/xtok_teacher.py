@@ -1,0 +1,108 @@
+"""A teacher with its own tokenizer: which teachers score across tokenizers, the one-line refusals, and
+the teacher's view of a batch (its prompt through its own chat template, the student's completion
+re-tokenized by its tokenizer and aligned by byte offsets, `opd_jax.xtok.align_rows`).
+
+`loss.cross_tokenizer` (bpm | uld) turns it on; every teacher loaded from a folder (not self / self_live)
+is then scored in its own tokens, even when its tokenizer equals the student's (the identity case the
+tests compare with same-tokenizer distillation). The update receives the teacher's hidden states at
+the aligned positions [rows, N, D_t] (full / top-k) or its log-probs summed per segment [B, N]
+(sampled / rl), a loss mask [B, N] of the positions those cover, and its output matrix with the
+vocabulary map {"w": [D_t, V_t], "map": [V_t]} (`opd_jax.losses.xtok`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from opd_jax.errors import OpdError
+from opd_jax.xtok import align_rows, token_bytes, vocab_map
+
+HOWS = ("bpm", "uld")
+
+
+def xtok_names(cfg) -> list[str]:
+    """The teachers scored across tokenizers: all loaded from a folder when loss.cross_tokenizer is set."""
+    if not cfg.loss.cross_tokenizer:
+        return []
+    return [t.name for t in cfg.teachers if t.path not in ("self", "self_live")]
+
+
+def check_xtok(cfg):
+    """One-line errors for a cross-tokenizer run no code path can honour (before anything is loaded)."""
+    how = cfg.loss.cross_tokenizer
+    if how not in ("",) + HOWS:
+        raise OpdError(f"config loss.cross_tokenizer must be bpm, uld or empty, got {how!r}")
+    if not how:
+        return
+    for t in cfg.teachers:
+        if t.path in ("self", "self_live"):
+            continue
+        if t.url:
+            raise OpdError(f"teacher {t.name!r} is served (url): a server scores the student's own token ids, so it "
+                           "cannot be a cross-tokenizer teacher; load it from a folder (path)")
+        if t.privileged:
+            raise OpdError(f"teacher {t.name!r}: privileged prompts with a cross-tokenizer teacher are not supported; "
+                           "drop privileged or loss.cross_tokenizer")
+    if how == "uld" and cfg.loss.estimator_type == "topk":
+        raise OpdError("loss.cross_tokenizer uld has no top-k form (it compares sorted probabilities); use "
+                       "loss.estimator_type full, or cross_tokenizer bpm")
+    if cfg.optim.effopd_guard or cfg.optim.effopd_line_search:
+        raise OpdError("the EffOPD guard / line search scores a same-tokenizer probe; it does not run with "
+                       "loss.cross_tokenizer")
+
+
+@dataclass(frozen=True, eq=False)
+class CrossView:
+    """What a cross-tokenizer teacher needs to see a batch: its tokenizer and prompter, both byte
+    tables, the student's stop ids, its vocabulary map onto the student's, its prompt / completion
+    lengths (in its tokens)."""
+
+    tokenizer: object
+    prompter: object
+    table: list
+    student_table: list
+    stop: tuple
+    vmap: np.ndarray
+    p_len: int
+    m_len: int
+
+    def view(self, examples, comp, comp_mask):
+        """Teacher ids and mask [n, P_t + M] of `examples` with completions comp [n, N] (mask [n, N]),
+        and their alignment (`Aligned`)."""
+        try:
+            ids, pmask = self.prompter.encode(examples, self.p_len)
+        except OpdError as e:
+            raise OpdError(f"a cross-tokenizer teacher's prompt: {e} (its limit is teachers[].max_prompt_len, now "
+                           f"{self.p_len})") from None
+        al = align_rows(comp, comp_mask, self.student_table, self.stop, self.tokenizer, self.table, self.m_len,
+                        pad_id=self.tokenizer.pad_token_id or 0)
+        return np.concatenate([ids, al.tokens], 1), np.concatenate([pmask, al.mask], 1), al
+
+
+def build_cross_view(spec, cfg, student_tok, stop: tuple, teacher_vocab: int, context: int) -> CrossView:
+    """The CrossView of teacher `spec` (its tokenizer folder: spec.tokenizer, else its model folder)."""
+    from pathlib import Path
+
+    from opd_jax.tasks import Prompter
+    from opd_jax.tasks.tokenizer import load_tokenizer
+
+    folder = spec.tokenizer or spec.path
+    if not folder or not ((Path(folder) / "tokenizer.json").exists()
+                          or (Path(folder) / "tokenizer_config.json").exists()):
+        raise OpdError(f"teacher {spec.name!r} has no tokenizer (no tokenizer.json in {folder}); give "
+                       "teachers[].tokenizer, the folder of the tokenizer it was trained with")
+    tok = load_tokenizer(folder)
+    if len(tok) > teacher_vocab:
+        raise OpdError(f"teacher {spec.name!r}: its tokenizer has {len(tok)} tokens but the model only {teacher_vocab}")
+    dc = cfg.data
+    p_len = spec.max_prompt_len or 2 * dc.max_prompt_len
+    m_len = spec.max_new_tokens or 2 * dc.max_new_tokens
+    if p_len + m_len > context:
+        raise OpdError(f"teacher {spec.name!r}: its prompt {p_len} + completion {m_len} tokens exceed its context "
+                       f"{context}; lower teachers[].max_prompt_len / max_new_tokens")
+    return CrossView(tok, Prompter(tok, dc.chat_template, dc.chat_template_kwargs), token_bytes(tok),
+                     token_bytes(student_tok), tuple(stop),
+                     vocab_map(tok, student_tok, cfg.loss.cross_tokenizer, teacher_vocab=teacher_vocab,
+                               student_stop=tuple(stop)), p_len, m_len)
