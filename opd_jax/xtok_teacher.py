@@ -45,6 +45,7 @@ def check_xtok(cfg):
         if t.privileged:
             raise OpdError(f"teacher {t.name!r}: privileged prompts with a cross-tokenizer teacher are not supported; "
                            "drop privileged or loss.cross_tokenizer")
+        tokenizer_folder(t)
     if how == "uld" and cfg.loss.estimator_type == "topk":
         raise OpdError("loss.cross_tokenizer uld has no top-k form (it compares sorted probabilities); use "
                        "loss.estimator_type full, or cross_tokenizer bpm")
@@ -81,19 +82,25 @@ class CrossView:
         return np.concatenate([ids, al.tokens], 1), np.concatenate([pmask, al.mask], 1), al
 
 
-def build_cross_view(spec, cfg, student_tok, stop: tuple, teacher_vocab: int, context: int) -> CrossView:
-    """The CrossView of teacher `spec` (its tokenizer folder: spec.tokenizer, else its model folder)."""
+def tokenizer_folder(spec) -> str:
+    """The folder of teacher `spec`'s tokenizer (teachers[].tokenizer, else its model folder); one line
+    when it has none."""
     from pathlib import Path
-
-    from opd_jax.tasks import Prompter
-    from opd_jax.tasks.tokenizer import load_tokenizer
 
     folder = spec.tokenizer or spec.path
     if not folder or not ((Path(folder) / "tokenizer.json").exists()
                           or (Path(folder) / "tokenizer_config.json").exists()):
         raise OpdError(f"teacher {spec.name!r} has no tokenizer (no tokenizer.json in {folder}); give "
                        "teachers[].tokenizer, the folder of the tokenizer it was trained with")
-    tok = load_tokenizer(folder)
+    return folder
+
+
+def build_cross_view(spec, cfg, student_tok, stop: tuple, teacher_vocab: int, context: int) -> CrossView:
+    """The CrossView of teacher `spec` (its tokenizer folder: spec.tokenizer, else its model folder)."""
+    from opd_jax.tasks import Prompter
+    from opd_jax.tasks.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_folder(spec))
     if len(tok) > teacher_vocab:
         raise OpdError(f"teacher {spec.name!r}: its tokenizer has {len(tok)} tokens but the model only {teacher_vocab}")
     dc = cfg.data

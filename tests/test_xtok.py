@@ -105,3 +105,136 @@ def test_bytes_a_tokenizer_cannot_give_back_are_reported_not_misaligned(pair):
     lower.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     lower = PreTrainedTokenizerFast(tokenizer_object=lower, unk_token="<")
     assert retokenize(lower, b"abc") is not None and retokenize(lower, b"aBc") is None  # normalised: refused
+
+
+# ------------------------------------------------------------------ the loss and the alignment (issue 26)
+
+def test_cross_tokenizer_loss_by_hand():
+    """Hand-built vocabularies and a teacher whose distribution is given: bpm's KL and uld's two terms
+    computed by hand equal xtok_divergence_loss (teacher logits passed as hidden states with an identity
+    output matrix, so q is exactly softmax of them)."""
+    import jax.numpy as jnp
+
+    from opd_jax.losses.xtok import EMPTY_LOGPROB, xtok_divergence_loss
+
+    # student vocabulary: "" (EOS), "1", "12", "3"; teacher: "" (EOS), "123", "12", "4", "1"
+    bpm = np.array([0, 2, 2, -1, 1], np.int32)  # EOS->EOS, "123"->"12", "12"->"12", "4": residual, "1"->"1"
+    uld = np.array([0, -1, 2, -1, 1], np.int32)  # identical bytes only
+    q = np.array([0.1, 0.2, 0.3, 0.15, 0.25])
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+    h_s = jnp.asarray(np.log(p)[None, None], jnp.float32)  # logits = log p with an identity output matrix
+    h_t = jnp.asarray(np.log(q)[None, None], jnp.float32)
+    one = jnp.ones((1, 1), jnp.int32)
+
+    def loss(vmap, how, kind):
+        return float(xtok_divergence_loss(h_s, jnp.eye(4), h_t, jnp.eye(5), jnp.asarray(vmap), one, how, kind)[0])
+
+    # bpm: EOS 0.1, "1" 0.25, "12" 0.2 + 0.3, "3" nothing (eps), residual 0.15 dropped; renormalised
+    qt = np.array([0.1, 0.25, 0.5, np.exp(EMPTY_LOGPROB)])
+    qt = qt / qt.sum()
+    np.testing.assert_allclose(loss(bpm, "bpm", "reverse_kl"), np.sum(p * np.log(p / qt)), rtol=1e-5)
+    np.testing.assert_allclose(loss(bpm, "bpm", "forward_kl"), np.sum(qt * np.log(qt / p)), rtol=1e-5)
+    # uld: matched pairs EOS, "12", "1" (student "3" and teacher "123", "4" unmatched)
+    pm, qm = p[[0, 1, 2]] / p[[0, 1, 2]].sum(), q[[0, 4, 2]] / q[[0, 4, 2]].sum()
+    l1 = abs(0.1 - 0.2) + abs(0.0 - 0.15)  # sorted unmatched: student (0.1), teacher (0.2, 0.15)
+    np.testing.assert_allclose(loss(uld, "uld", "reverse_kl"), np.sum(pm * np.log(pm / qm)) + l1, rtol=1e-5)
+
+
+def test_cross_tokenizer_loss_with_one_tokenizer_is_the_same_tokenizer_loss():
+    """With the identity map, bpm and uld equal the chunked same-tokenizer divergence in value and
+    gradient, for several f-divergences, and bpm's top-k equals the same-tokenizer top-k loss."""
+    import jax
+    import jax.numpy as jnp
+
+    from opd_jax.losses.chunked import chunked_divergence_loss, chunked_topk_loss
+    from opd_jax.losses.xtok import xtok_divergence_loss
+
+    k = jax.random.split(jax.random.key(3), 5)
+    h, w = jax.random.normal(k[0], (3, 7, 8)), jax.random.normal(k[1], (8, 11))
+    th, tw = jax.random.normal(k[2], (3, 7, 6)), jax.random.normal(k[3], (6, 11))
+    mask = (jax.random.uniform(k[4], (3, 7)) > 0.3).astype(jnp.int32)
+    ident = jnp.arange(11, dtype=jnp.int32)
+    for kind in ("reverse_kl", "forward_kl", "jsd", "tv"):
+        ref, g_ref = jax.value_and_grad(lambda x: chunked_divergence_loss(
+            x, w, mask, kind, teacher_hidden=th, teacher_w=tw, seq_chunk=3)[0])(h)
+        for how in ("bpm", "uld"):
+            got, g = jax.value_and_grad(lambda x: xtok_divergence_loss(x, w, th, tw, ident, mask, how, kind,
+                                                                       seq_chunk=3)[0])(h)
+            np.testing.assert_allclose(float(got), float(ref), rtol=1e-5, err_msg=f"{how} {kind}")
+            np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-6, err_msg=f"{how} {kind}")
+    ref = chunked_topk_loss(h, w, th, tw, mask, 3, "reverse_kl", seq_chunk=3)[0]
+    got = xtok_divergence_loss(h, w, th, tw, ident, mask, "bpm", "reverse_kl", seq_chunk=3, topk=3)[0]
+    np.testing.assert_allclose(float(got), float(ref), rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_projected_log_probabilities_sum_to_one(pair, seed):
+    """bpm's projection of any teacher distribution, through the real map between the two tokenizers
+    (both directions), is a distribution over the student vocabulary."""
+    import jax.numpy as jnp
+
+    from opd_jax.losses.xtok import project_logprobs
+    from opd_jax.xtok import vocab_map
+
+    (chars, tc), (merged, tm) = pair
+    rng = np.random.RandomState(seed)
+    for t_tok, s_tok in ((merged, chars), (chars, merged)):
+        vmap = vocab_map(t_tok, s_tok, "bpm", teacher_vocab=len(t_tok) + 3)  # 3 padded embedding rows
+        lq = np.log(rng.dirichlet(np.full(len(t_tok) + 3, 0.2), size=4))
+        lqs, residual, _ = project_logprobs(jnp.asarray(lq, jnp.float32), jnp.asarray(vmap), len(s_tok))
+        np.testing.assert_allclose(np.exp(np.asarray(lqs, np.float64)).sum(-1), 1.0, rtol=1e-5)
+        assert np.all((np.asarray(residual) >= 0) & (np.asarray(residual) <= 1 + 1e-6))
+
+
+@settings(max_examples=50, deadline=None)
+@given(texts=st.lists(st.text(min_size=0, max_size=24), min_size=1, max_size=4), stop=st.lists(st.booleans(), min_size=4,
+                                                                                                max_size=4),
+       m_len=st.integers(1, 40))
+def test_alignment_is_monotone_covers_the_bytes_and_keeps_the_segment_sums(pair, texts, stop, m_len):
+    """Student completions in the merged tokenizer (some ending in EOS), aligned for the byte-level one:
+    every aligned pair starts at the same byte, aligned teacher indices increase, a row the teacher
+    scores whole has all its tokens in a segment, and summing any per-teacher-token values by segment
+    gives, over the student tokens, the sum over the teacher tokens kept."""
+    from opd_jax.xtok import align_rows
+
+    (chars, tc), (merged, tm) = pair
+    eos_s, n = merged.eos_token_id, 30
+    rows = [merged.encode(t, add_special_tokens=False)[:n - 1] + ([eos_s] if s else []) for t, s in zip(texts, stop)]
+    comp = np.zeros((len(rows), n), np.int64)
+    cmask = np.zeros((len(rows), n), np.int64)
+    for r, ids in enumerate(rows):
+        comp[r, :len(ids)], cmask[r, :len(ids)] = ids, 1
+    al = align_rows(comp, cmask, tm, (eos_s,), chars, tc, m_len)
+    def valid(ids):
+        try:
+            b"".join(tm[i] for i in ids).decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+    # the byte-level tokenizer gives back every text; a row cut inside a character is counted and masked
+    assert al.dropped == sum(not valid(ids) for ids in rows)
+    values = np.random.RandomState(0).randn(*al.tokens.shape) * al.mask
+    per_student = np.zeros((len(rows), n + 1))
+    np.add.at(per_student, (np.arange(len(rows))[:, None], al.segment), values)
+    for r, ids in enumerate(rows):
+        if not valid(ids):
+            assert al.mask[r].sum() == 0 and al.aligned[r].sum() == 0 and al.whole[r].sum() == 0
+            continue
+        body = [i for i in ids if i != eos_s]
+        s_sp = spans(tm, body)
+        t_ids = al.tokens[r, al.mask[r] > 0].tolist()
+        t_body = [i for i in t_ids if i != chars.eos_token_id]
+        t_sp = spans(tc, t_body)
+        assert b"".join(tc[i] for i in t_body) == b"".join(tm[i] for i in body)[:t_sp[-1, 1] if len(t_sp) else 0]
+        hit = np.flatnonzero(al.aligned[r, :len(body)])
+        np.testing.assert_array_equal(t_sp[al.gather[r, hit], 0], s_sp[hit, 0])  # same start byte
+        assert np.all(np.diff(al.gather[r, hit]) > 0)  # monotone
+        if len(t_ids) == len(t_body) + 1 or (len(t_body) < m_len and not stop[r]):  # nothing cut
+            assert np.all(al.whole[r, :len(ids)] == 1)
+        whole = al.whole[r] > 0
+        # the values of teacher tokens whose segment is whole land on whole student tokens, and none are lost
+        np.testing.assert_allclose(per_student[r, :n][whole].sum() + per_student[r, :n][~whole].sum()
+                                   + per_student[r, n], values[r].sum(), atol=1e-9)
+        if stop[r] and len(t_ids) == len(t_body) + 1:  # both EOS present: aligned with each other
+            assert al.aligned[r, len(body)] == 1 and al.gather[r, len(body)] == len(t_body)

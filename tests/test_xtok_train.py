@@ -1,0 +1,234 @@
+"""Cross-tokenizer distillation through the trainer (loss.cross_tokenizer, opd_jax/xtok_teacher.py):
+with one tokenizer on both sides it is same-tokenizer distillation (loss and gradient); with a BPE
+teacher and the character student, the loss equals a reference built from direct forwards of both
+models, token strings and a brute-force prefix search; bad input is refused in one line or counted."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+
+from opd_jax.config import load_config
+from opd_jax.errors import OpdError
+from opd_jax.losses.xtok import EMPTY_LOGPROB
+from opd_jax.models import ModelConfig, init_model, load_model, save_model
+from opd_jax.run import build_run
+from opd_jax.sampling import Rollout
+from opd_jax.tasks import build_char_tokenizer
+from opd_jax.tasks.domains import DOMAINS
+from opd_jax.tasks.tokenizer import build_bpe_tokenizer
+from opd_jax.train_step import part_value_and_grad
+from opd_jax.xtok_teacher import check_xtok
+
+from conftest import TINY, tiny_overrides
+
+CHAR_V = len(build_char_tokenizer(None))
+
+
+def _model(folder, vocab, seed, scale=1.0):
+    """A tiny random model saved to `folder`; scale > 1 multiplies its matrices (sharper next-token
+    distributions that change from position to position, so a misaligned position shows)."""
+    from flax import nnx
+
+    cfg = yaml.safe_load(TINY)
+    cfg["vocab_size"] = vocab
+    model = init_model(ModelConfig(**cfg), seed=seed)
+    if scale != 1.0:
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state))
+    return save_model(model, folder)
+
+
+def _cfg(out, teacher, teacher_keys="", **extra):
+    init = yaml.safe_load(TINY)
+    init["vocab_size"] = CHAR_V  # every id is a character or a special token: no id without bytes
+    return load_config(None, tiny_overrides(out, **{"student.init": yaml.safe_dump(init, default_flow_style=True).strip(),
+                                                   "teachers": f"[{{name: t, path: {teacher}{teacher_keys}}}]",
+                                                   "routing": "{addition: t, reverse: t, sort: t}", **extra}))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("xtok")
+    same = _model(tmp / "same", CHAR_V, 11)
+    build_char_tokenizer(same)
+    rng = np.random.RandomState(0)
+    corpus = [d.example(rng).prompt + d.example(rng).answer for d in DOMAINS.values() for _ in range(300)]
+    bpe = _model(tmp / "bpe", 96, 12, scale=8.0)
+    build_bpe_tokenizer(bpe, corpus, 96)
+    return tmp, same, bpe
+
+
+def _roll(run, texts, stopped):
+    """A hand-made rollout of the step-0 prompts with completions `texts` (character ids), EOS where `stopped`."""
+    dc, tok = run.cfg.data, run.tokenizer
+    examples = run.source.batch(0, dc.per_domain)
+    rep = [ex for ex in examples for _ in range(dc.group_size)]
+    ids, pmask = run.prompter.encode(examples, dc.max_prompt_len)
+    ids, pmask = np.repeat(ids, dc.group_size, 0), np.repeat(pmask, dc.group_size, 0)
+    comp = np.full((len(rep), dc.max_new_tokens), tok.pad_token_id, np.int32)
+    mask = np.zeros_like(comp)
+    for r, (t, s) in enumerate(zip(texts, stopped)):
+        row = tok.encode(t, add_special_tokens=False) + ([run.rollouts.stop[0]] if s else [])
+        comp[r, :len(row)], mask[r, :len(row)] = row, 1
+    g = run.rollouts._global
+    roll = Rollout(g(np.concatenate([ids, comp], 1)), g(np.zeros(comp.shape, np.float32)), g(mask), 0)
+    return roll, pmask, rep
+
+
+def _texts(n, n_new, rng, alphabet="0123456789abc+="):
+    lengths = rng.randint(1, n_new, size=n)
+    return ["".join(rng.choice(list(alphabet), size=k)) for k in lengths], [bool(i % 2) for i in range(n)]
+
+
+def _value_and_grad(run, part, lc=None):
+    spec = run.spec if lc is None else dataclasses.replace(run.spec, lc=lc)
+    tw = run.teacher_w if spec.lc.estimator_type != "sampled" else None
+    (loss, m), g = part_value_and_grad(run.graphdef, run.init.params, part, spec, tw)
+    return float(loss), jax.tree.map(np.asarray, g)
+
+
+def test_one_tokenizer_on_both_sides_is_same_tokenizer_distillation(folders):
+    tmp, same, _ = folders
+    plain = build_run(_cfg(tmp / "plain", same))
+    cross = build_run(_cfg(tmp / "cross", same, **{"loss.cross_tokenizer": "bpm"}))
+    n = plain.rows.rows("on")
+    texts, stopped = _texts(n, plain.cfg.data.max_new_tokens, np.random.RandomState(1))
+    parts = []
+    for run in (plain, cross):
+        roll, pmask, rep = _roll(run, texts, stopped)
+        parts.append(run.rollouts.complete(roll, pmask, rep, decode=False)[0])
+    np.testing.assert_array_equal(np.asarray(parts[1]["loss_mask"]), np.asarray(parts[1]["mask"]))  # all aligned
+    loss0, g0 = _value_and_grad(plain, parts[0])
+    for how in ("bpm", "uld"):
+        loss1, g1 = _value_and_grad(cross, parts[1], dataclasses.replace(cross.cfg.loss, cross_tokenizer=how))
+        np.testing.assert_allclose(loss1, loss0, rtol=1e-5, err_msg=how)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, err_msg=how), g1, g0)
+    # the sampled estimator: the teacher's log-probs, summed per segment, are the same-tokenizer ones
+    lps = []
+    for run, part in zip((plain, cross), parts):
+        lps.append(run.rollouts.score(part["tokens"], part["prompt_mask"], part["mask"], what="logprobs",
+                                      examples=[ex for ex in run.source.batch(0, run.cfg.data.per_domain)
+                                                for _ in range(run.cfg.data.group_size)]))
+    m = np.asarray(parts[0]["mask"]) > 0
+    np.testing.assert_allclose(np.asarray(lps[1])[m], np.asarray(lps[0])[m], atol=1e-5)
+    sampled = dataclasses.replace(plain.cfg.loss, estimator_type="sampled")
+    loss0, g0 = _value_and_grad(plain, {**parts[0], "teacher": lps[0]}, sampled)
+    loss1, g1 = _value_and_grad(cross, {**parts[1], "teacher": lps[1]},
+                                dataclasses.replace(sampled, cross_tokenizer="bpm"))
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), g1, g0)
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _reference_bpm_loss(run, teacher_folder, part, rep, texts, stopped):
+    """Forward KL(q~ || pi) averaged over aligned student tokens, from scratch: direct unpadded forwards of
+    both models, token strings, the longest student string that prefixes each teacher string (searched
+    over the student vocabulary), specials by name and the teacher's EOS onto the student's stop id."""
+    s_tok, t_tok = run.tokenizer, run.teachers["t"].cross.tokenizer
+    student, teacher = init_student(run), load_model(teacher_folder)
+    s_strs = {i: s_tok.decode([i]) for i in range(CHAR_V) if i not in s_tok.all_special_ids}
+    stop = run.rollouts.stop[0]
+    t_v = teacher.cfg.vocab_size
+    target = np.full(t_v, -1)
+    for u in range(len(t_tok)):
+        if u in t_tok.all_special_ids:
+            name = t_tok.convert_ids_to_tokens(u)
+            target[u] = stop if u == t_tok.eos_token_id else s_tok.convert_tokens_to_ids(name)
+            continue
+        text = t_tok.decode([u])
+        best = max((s for s in s_strs if text.startswith(s_strs[s])), key=lambda s: len(s_strs[s]), default=-1)
+        target[u] = best
+    p_len = run.cfg.data.max_prompt_len
+    tokens, mask = np.asarray(part["tokens"]), np.asarray(part["mask"])
+    total, count = 0.0, 0
+    for r, (text, s) in enumerate(zip(texts, stopped)):
+        n = int(mask[r].sum())
+        s_prompt = [i for i, m in zip(tokens[r, :p_len], np.asarray(part["prompt_mask"])[r]) if m]
+        lp = _log_softmax(student(jnp.asarray([s_prompt + tokens[r, p_len:p_len + n].tolist()]))[0])[
+            len(s_prompt) - 1:-1]
+        t_prompt = [t_tok.bos_token_id] + t_tok.encode(rep[r].prompt, add_special_tokens=False)
+        t_comp = t_tok.encode(text, add_special_tokens=False)
+        if t_tok.decode(t_comp) != text:
+            continue  # the teacher cannot give this text back: no position of the row counts
+        t_row = t_comp + ([t_tok.eos_token_id] if s else [])
+        lq = _log_softmax(teacher(jnp.asarray([t_prompt + t_row]))[0])[len(t_prompt) - 1:-1]
+        t_starts = np.cumsum([0] + [len(t_tok.decode([u])) for u in t_comp])[:-1].tolist()
+        s_ids = tokens[r, p_len:p_len + len(text)].tolist()
+        s_starts = np.cumsum([0] + [len(s_strs[i]) for i in s_ids])[:-1].tolist()
+        pairs = [(i, t_starts.index(c)) for i, c in enumerate(s_starts) if c in t_starts]
+        if s:
+            pairs.append((len(s_ids), len(t_comp)))
+        for i, j in pairs:
+            q = np.zeros(CHAR_V)
+            np.add.at(q, target[target >= 0], np.exp(lq[j])[target >= 0])
+            q = np.where(q > 0, q, np.exp(EMPTY_LOGPROB))
+            q = q / q.sum()
+            total += np.sum(q * (np.log(q) - lp[i]))
+            count += 1
+    return total / count, count
+
+
+def init_student(run):
+    from flax import nnx
+
+    return nnx.merge(run.graphdef, run.init.params)
+
+
+def test_a_bpe_teacher_matches_a_reference_built_from_direct_forwards(folders):
+    """BPE teacher (merges digit runs and words, alphabet: the tasks' characters), character student:
+    the bpm loss equals `_reference_bpm_loss`; a row with a character the teacher's alphabet lacks is
+    counted and masked; the sampled hand-over of a row sums to the teacher's log-probability of it."""
+    tmp, _, bpe = folders
+    run = build_run(_cfg(tmp / "bpe_run", bpe, ", max_new_tokens: 6",
+                         **{"loss.cross_tokenizer": "bpm", "loss.kind": "forward_kl"}))
+    n = run.rows.rows("on")
+    texts, stopped = _texts(n, run.cfg.data.max_new_tokens, np.random.RandomState(2), alphabet="0123456789=")
+    texts[0], stopped[0] = "1*2", True  # "*" never occurs in the teacher's corpus
+    roll, pmask, rep = _roll(run, texts, stopped)
+    extras = {}
+    part = run.rollouts.complete(roll, pmask, rep, decode=False)[0]
+    run.rollouts.score(part["tokens"], part["prompt_mask"], part["mask"], examples=rep, extras=extras)
+    assert extras["xtok/dropped_rows"] == 1 and np.asarray(part["loss_mask"])[0].sum() == 0
+    ref, count = _reference_bpm_loss(run, bpe, part, rep, texts, stopped)
+    assert count == int(np.asarray(part["loss_mask"]).sum()) > n  # the reference scores the same positions
+    loss, _ = _value_and_grad(run, part)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    # sampled: each row's segment sums add up to the teacher's log-probability of its own tokenization
+    lp = np.asarray(run.rollouts.score(part["tokens"], part["prompt_mask"], part["mask"], what="logprobs",
+                                       examples=rep))
+    teacher, t_tok = load_model(bpe), run.teachers["t"].cross.tokenizer
+    for r in range(1, 4):
+        t_prompt = [t_tok.bos_token_id] + t_tok.encode(rep[r].prompt, add_special_tokens=False)
+        t_row = t_tok.encode(texts[r], add_special_tokens=False) + ([t_tok.eos_token_id] if stopped[r] else [])
+        lq = _log_softmax(teacher(jnp.asarray([t_prompt + t_row]))[0])[len(t_prompt) - 1:-1]
+        np.testing.assert_allclose(lp[r].sum(), lq[np.arange(len(t_row)), t_row].sum(), rtol=1e-4)
+
+
+def test_bad_cross_tokenizer_input_is_refused_in_one_line(folders, tmp_path):
+    tmp, same, bpe = folders
+    bare = _model(tmp_path / "bare", 96, 3)  # a model folder without a tokenizer
+
+    def refused(teacher, match, **extra):
+        with pytest.raises(OpdError, match=match) as e:
+            check_xtok(_cfg(tmp_path / "r", teacher, **extra))
+        assert "\n" not in str(e.value)
+
+    refused(bare, "has no tokenizer", **{"loss.cross_tokenizer": "bpm"})
+    refused(bpe, "must be bpm, uld", **{"loss.cross_tokenizer": "bytes"})
+    refused(bpe, "no top-k form", **{"loss.cross_tokenizer": "uld", "loss.estimator_type": "topk"})
+    with pytest.raises(OpdError, match="served") as e:
+        check_xtok(load_config(None, tiny_overrides(tmp_path / "r", **{
+            "teachers": "[{name: t, url: 'http://127.0.0.1:1'}]", "loss.cross_tokenizer": "bpm",
+            "routing": "{addition: t, reverse: t, sort: t}"})))
+    with pytest.raises(OpdError, match="loss.cross_tokenizer bpm") as e:  # another vocabulary, no cross_tokenizer
+        build_run(_cfg(tmp_path / "r2", bpe))
+    assert "\n" not in str(e.value)
