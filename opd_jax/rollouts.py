@@ -114,6 +114,7 @@ class Rollouts:
                 extras["loss_mask"] = loss_mask
                 extras.update({"xtok/aligned_fraction": stats["aligned"] / max(stats["tokens"], 1.0),
                                "xtok/dropped_rows": stats["dropped"], "xtok/truncated_rows": stats["truncated"],
+                               "xtok/partial_rows": stats.get("partial", 0),
                                "xtok/align_seconds": stats.get("seconds", 0.0)})
         return score_batch(self.teachers, groups, tokens, full_mask, prompt_len=self.cfg.data.max_prompt_len,
                            temperature=self.cfg.data.temperature, what=what, topk=self.cfg.loss.topk, views=views,
@@ -143,6 +144,7 @@ class Rollouts:
         stats["tokens"] += float(np.sum(cmask))
         stats["dropped"] += al.dropped
         stats["truncated"] += al.truncated
+        stats["partial"] = stats.get("partial", 0) + al.partial
         n_new = cmask.shape[1]
         if what == "hidden":
             gather = self._global(al.gather)

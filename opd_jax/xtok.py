@@ -188,7 +188,9 @@ class Aligned:
     full / top-k loss mask). segment [n, M]: the student token that receives a teacher token's
     log-prob (the last student token before the next shared boundary; N: none). whole [n, N]: 1 on a
     student token whose segment the teacher scored entirely (the sampled loss mask). dropped: rows the
-    teacher cannot re-tokenize to the same bytes (masked); truncated: rows cut at M teacher tokens."""
+    teacher cannot re-tokenize to the same bytes (normalisation: masked); truncated: rows cut at M teacher
+    tokens; partial: rows aligned only up to a token without text (a special token) or bytes that are not
+    UTF-8 (the rest masked)."""
 
     tokens: np.ndarray
     mask: np.ndarray
@@ -198,6 +200,7 @@ class Aligned:
     whole: np.ndarray
     dropped: int = 0
     truncated: int = 0
+    partial: int = 0
 
 
 def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teacher_table, m_len: int,
@@ -216,7 +219,19 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
         ids = [i if i < len(student_table) else -1 for i in comp[r, comp_mask[r] > 0].tolist()]
         stopped = bool(ids) and ids[-1] in stops
         body = ids[:-1] if stopped else ids  # -1: an id past the tokenizer (a padded embedding): no bytes
-        data = b"".join(student_table[i] for i in body if i >= 0)
+        # the teacher sees the text up to the first token without bytes (a special token, an id past the
+        # tokenizer: the teacher cannot see it, so later contexts would differ) or the first byte that is
+        # not UTF-8; student tokens past that point are not aligned
+        empty = [k for k, i in enumerate(body) if i < 0 or not student_table[i]]
+        text_ids = body[:empty[0]] if empty else body
+        data = b"".join(student_table[i] for i in text_ids)
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            data = data[:e.start]
+        cut = len(text_ids) < len(body) or len(data) < sum(len(student_table[i]) for i in text_ids)
+        out.partial += cut
+        stopped = stopped and not cut
         t_ids = retokenize(teacher_tok, data)
         if t_ids is None:
             out.dropped += 1
@@ -236,12 +251,15 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
         # segments: each kept teacher token's log-prob goes to the last student token of its segment
         bounds = shared_boundaries(s_sp, t_sp)
         s_ends = s_sp[:, 1]
-        if kb:
-            seg_end = bounds[np.minimum(np.searchsorted(bounds, t_sp[:kb, 1]), len(bounds) - 1)]
-            out.segment[r, :kb] = np.searchsorted(s_ends, seg_end)
+        if kb and len(bounds):
+            k = np.searchsorted(bounds, t_sp[:kb, 1])  # the first shared boundary at or after each token's end
+            ok = k < len(bounds)  # none: the token runs past the last shared boundary, its log-prob is dropped
+            seg_end = bounds[np.minimum(k, len(bounds) - 1)]
+            out.segment[r, :kb] = np.where(ok, np.searchsorted(s_ends, seg_end), big_n)
             covered = t_sp[kb - 1, 1]  # bytes the kept teacher tokens score
-            s_seg_end = bounds[np.minimum(np.searchsorted(bounds, s_ends), len(bounds) - 1)] if len(bounds) else s_ends
-            out.whole[r, :len(body)] = (s_seg_end <= covered) & (s_ends > s_sp[:, 0])
+            ks = np.searchsorted(bounds, s_ends)
+            s_seg_end = bounds[np.minimum(ks, len(bounds) - 1)]
+            out.whole[r, :len(body)] = (ks < len(bounds)) & (s_seg_end <= covered) & (s_ends > s_sp[:, 0])
         if eos_pair and keep == len(full):
             i_s, i_t = len(body), len(t_ids)
             out.gather[r, i_s], out.aligned[r, i_s] = i_t, 1

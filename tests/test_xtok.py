@@ -206,35 +206,36 @@ def test_alignment_is_monotone_covers_the_bytes_and_keeps_the_segment_sums(pair,
     for r, ids in enumerate(rows):
         comp[r, :len(ids)], cmask[r, :len(ids)] = ids, 1
     al = align_rows(comp, cmask, tm, (eos_s,), chars, tc, m_len)
-    def valid(ids):
+    def text_bytes(ids):  # the longest prefix of the row's bytes that is UTF-8: what the teacher can see
+        data = b"".join(tm[i] for i in ids)
         try:
-            b"".join(tm[i] for i in ids).decode("utf-8")
-            return True
-        except UnicodeDecodeError:
-            return False
-    # the byte-level tokenizer gives back every text; a row cut inside a character is counted and masked
-    assert al.dropped == sum(not valid(ids) for ids in rows)
+            data.decode("utf-8")
+            return data, False
+        except UnicodeDecodeError as e:
+            return data[:e.start], True
     values = np.random.RandomState(0).randn(*al.tokens.shape) * al.mask
     per_student = np.zeros((len(rows), n + 1))
     np.add.at(per_student, (np.arange(len(rows))[:, None], al.segment), values)
+    assert al.dropped == 0  # the byte-level tokenizer gives back every text
+    assert al.partial == sum(text_bytes(ids)[1] for ids in rows)  # a row cut inside a character is cut there
     for r, ids in enumerate(rows):
-        if not valid(ids):
-            assert al.mask[r].sum() == 0 and al.aligned[r].sum() == 0 and al.whole[r].sum() == 0
-            continue
+        seen, cut = text_bytes(ids)
         body = [i for i in ids if i != eos_s]
         s_sp = spans(tm, body)
         t_ids = al.tokens[r, al.mask[r] > 0].tolist()
         t_body = [i for i in t_ids if i != chars.eos_token_id]
         t_sp = spans(tc, t_body)
-        assert b"".join(tc[i] for i in t_body) == b"".join(tm[i] for i in body)[:t_sp[-1, 1] if len(t_sp) else 0]
+        assert b"".join(tc[i] for i in t_body) == seen[:t_sp[-1, 1] if len(t_sp) else 0]
         hit = np.flatnonzero(al.aligned[r, :len(body)])
         np.testing.assert_array_equal(t_sp[al.gather[r, hit], 0], s_sp[hit, 0])  # same start byte
         assert np.all(np.diff(al.gather[r, hit]) > 0)  # monotone
-        if len(t_ids) == len(t_body) + 1 or (len(t_body) < m_len and not stop[r]):  # nothing cut
+        assert not np.any(al.aligned[r, :len(body)][s_sp[:, 0] >= len(seen)])  # nothing past the cut
+        if not cut and (len(t_ids) == len(t_body) + 1 or (len(t_body) < m_len and not stop[r])):  # nothing cut
             assert np.all(al.whole[r, :len(ids)] == 1)
-        whole = al.whole[r] > 0
-        # the values of teacher tokens whose segment is whole land on whole student tokens, and none are lost
-        np.testing.assert_allclose(per_student[r, :n][whole].sum() + per_student[r, :n][~whole].sum()
-                                   + per_student[r, n], values[r].sum(), atol=1e-9)
-        if stop[r] and len(t_ids) == len(t_body) + 1:  # both EOS present: aligned with each other
+            # every teacher token's value lands on a student token of the row, and a segment's last one
+            assert per_student[r, n] == 0 and np.all(per_student[r, len(ids):n] == 0)
+            np.testing.assert_allclose(per_student[r, :len(ids)].sum(), values[r].sum(), atol=1e-9)
+            last = {int(np.searchsorted(s_sp[:, 1], b)) for b in shared_boundaries(s_sp, t_sp)} | {len(body)}
+            assert {int(i) for i in np.flatnonzero(per_student[r, :n])} <= last
+        if stop[r] and not cut and len(t_ids) == len(t_body) + 1:  # both EOS present: aligned with each other
             assert al.aligned[r, len(body)] == 1 and al.gather[r, len(body)] == len(t_body)
