@@ -192,50 +192,59 @@ def test_projected_log_probabilities_sum_to_one(pair, seed):
                                                                                                 max_size=4),
        m_len=st.integers(1, 40))
 def test_alignment_is_monotone_covers_the_bytes_and_keeps_the_segment_sums(pair, texts, stop, m_len):
-    """Student completions in the merged tokenizer (some ending in EOS), aligned for the byte-level one:
+    """Student completions (some ending in EOS) in one BPE tokenizer aligned for the other, both ways:
     every aligned pair starts at the same byte, aligned teacher indices increase, a row the teacher
     scores whole has all its tokens in a segment, and summing any per-teacher-token values by segment
     gives, over the student tokens, the sum over the teacher tokens kept."""
     from opd_jax.xtok import align_rows
 
-    (chars, tc), (merged, tm) = pair
-    eos_s, n = merged.eos_token_id, 30
-    rows = [merged.encode(t, add_special_tokens=False)[:n - 1] + ([eos_s] if s else []) for t, s in zip(texts, stop)]
-    comp = np.zeros((len(rows), n), np.int64)
-    cmask = np.zeros((len(rows), n), np.int64)
-    for r, ids in enumerate(rows):
-        comp[r, :len(ids)], cmask[r, :len(ids)] = ids, 1
-    al = align_rows(comp, cmask, tm, (eos_s,), chars, tc, m_len)
-    def text_bytes(ids):  # the longest prefix of the row's bytes that is UTF-8: what the teacher can see
-        data = b"".join(tm[i] for i in ids)
-        try:
-            data.decode("utf-8")
-            return data, False
-        except UnicodeDecodeError as e:
-            return data[:e.start], True
-    values = np.random.RandomState(0).randn(*al.tokens.shape) * al.mask
-    per_student = np.zeros((len(rows), n + 1))
-    np.add.at(per_student, (np.arange(len(rows))[:, None], al.segment), values)
-    assert al.dropped == 0  # the byte-level tokenizer gives back every text
-    assert al.partial == sum(text_bytes(ids)[1] for ids in rows)  # a row cut inside a character is cut there
-    for r, ids in enumerate(rows):
-        seen, cut = text_bytes(ids)
-        body = [i for i in ids if i != eos_s]
-        s_sp = spans(tm, body)
-        t_ids = al.tokens[r, al.mask[r] > 0].tolist()
-        t_body = [i for i in t_ids if i != chars.eos_token_id]
-        t_sp = spans(tc, t_body)
-        assert b"".join(tc[i] for i in t_body) == seen[:t_sp[-1, 1] if len(t_sp) else 0]
-        hit = np.flatnonzero(al.aligned[r, :len(body)])
-        np.testing.assert_array_equal(t_sp[al.gather[r, hit], 0], s_sp[hit, 0])  # same start byte
-        assert np.all(np.diff(al.gather[r, hit]) > 0)  # monotone
-        assert not np.any(al.aligned[r, :len(body)][s_sp[:, 0] >= len(seen)])  # nothing past the cut
-        if not cut and (len(t_ids) == len(t_body) + 1 or (len(t_body) < m_len and not stop[r])):  # nothing cut
-            assert np.all(al.whole[r, :len(ids)] == 1)
-            # every teacher token's value lands on a student token of the row, and a segment's last one
-            assert per_student[r, n] == 0 and np.all(per_student[r, len(ids):n] == 0)
-            np.testing.assert_allclose(per_student[r, :len(ids)].sum(), values[r].sum(), atol=1e-9)
-            last = {int(np.searchsorted(s_sp[:, 1], b)) for b in shared_boundaries(s_sp, t_sp)} | {len(body)}
-            assert {int(i) for i in np.flatnonzero(per_student[r, :n])} <= last
-        if stop[r] and not cut and len(t_ids) == len(t_body) + 1:  # both EOS present: aligned with each other
-            assert al.aligned[r, len(body)] == 1 and al.gather[r, len(body)] == len(t_body)
+    (chars, c_tab), (merged, m_tab) = pair
+    for s_tok, sm, t_tok, tc in ((merged, m_tab, chars, c_tab), (chars, c_tab, merged, m_tab)):
+        eos_s, n = s_tok.eos_token_id, 30
+        rows = [s_tok.encode(t, add_special_tokens=False)[:n - 1] + ([eos_s] if s else []) for t, s in zip(texts, stop)]
+        comp = np.zeros((len(rows), n), np.int64)
+        cmask = np.zeros((len(rows), n), np.int64)
+        for r, ids in enumerate(rows):
+            comp[r, :len(ids)], cmask[r, :len(ids)] = ids, 1
+        al = align_rows(comp, cmask, sm, (eos_s,), t_tok, tc, m_len)
+        def text_bytes(ids):  # the longest prefix of the row's bytes that is UTF-8: what the teacher can see
+            data = b"".join(sm[i] for i in ids)
+            try:
+                data.decode("utf-8")
+                return data, False
+            except UnicodeDecodeError as e:
+                return data[:e.start], True
+        values = np.random.RandomState(0).randn(*al.tokens.shape) * al.mask
+        per_student = np.zeros((len(rows), n + 1))
+        np.add.at(per_student, (np.arange(len(rows))[:, None], al.segment), values)
+        assert al.dropped == 0  # the byte-level tokenizer gives back every text
+        assert al.partial == sum(text_bytes(ids)[1] for ids in rows)  # a row cut inside a character is cut there
+        for r, ids in enumerate(rows):
+            seen, cut = text_bytes(ids)
+            body = [i for i in ids if i != eos_s]
+            s_sp = spans(sm, body)
+            t_ids = al.tokens[r, al.mask[r] > 0].tolist()
+            t_body = [i for i in t_ids if i != t_tok.eos_token_id]
+            t_sp = spans(tc, t_body)
+            assert b"".join(tc[i] for i in t_body) == seen[:t_sp[-1, 1] if len(t_sp) else 0]
+            hit = np.flatnonzero(al.aligned[r, :len(body)])
+            np.testing.assert_array_equal(t_sp[al.gather[r, hit], 0], s_sp[hit, 0])  # same start byte
+            assert np.all(np.diff(al.gather[r, hit]) > 0)  # monotone
+            assert not np.any(al.aligned[r, :len(body)][s_sp[:, 0] >= len(seen)])  # nothing past the cut
+            if not cut and (len(t_ids) == len(t_body) + 1 or (len(t_body) < m_len and not stop[r])):  # nothing cut
+                assert np.all(al.whole[r, :len(ids)] == 1)
+                # every teacher token's value lands on a student token of the row, and a segment's last one
+                assert per_student[r, n] == 0 and np.all(per_student[r, len(ids):n] == 0)
+                np.testing.assert_allclose(per_student[r, :len(ids)].sum(), values[r].sum(), atol=1e-9)
+                # by hand: a teacher token's value goes to the student token ending at the first shared
+                # boundary at or after its end; the EOS's to the student's EOS
+                ends = sorted(set(s_sp[:, 1][s_sp[:, 1] > s_sp[:, 0]]) & set(t_sp[:, 1]))
+                expected = np.zeros(n)
+                for j, (_, b) in enumerate(t_sp):
+                    e = min(x for x in ends if x >= b)
+                    expected[next(i for i, (a2, b2) in enumerate(s_sp) if b2 == e and b2 > a2)] += values[r, j]
+                if len(t_ids) > len(t_body):
+                    expected[len(body)] += values[r, len(t_body)]
+                np.testing.assert_allclose(per_student[r, :n], expected, atol=1e-9)
+            if stop[r] and not cut and len(t_ids) == len(t_body) + 1:  # both EOS present: aligned with each other
+                assert al.aligned[r, len(body)] == 1 and al.gather[r, len(body)] == len(t_body)
