@@ -231,6 +231,8 @@ def test_alignment_is_monotone_covers_the_bytes_and_keeps_the_segment_sums(pair,
             np.testing.assert_array_equal(t_sp[al.gather[r, hit], 0], s_sp[hit, 0])  # same start byte
             assert np.all(np.diff(al.gather[r, hit]) > 0)  # monotone
             assert not np.any(al.aligned[r, :len(body)][s_sp[:, 0] >= len(seen)])  # nothing past the cut
+            scored = t_sp[-1, 1] if len(t_sp) else 0  # a token with bytes the teacher did not score is not whole
+            assert not np.any(al.whole[r, :len(body)][s_sp[:, 1] > scored])
             if not cut and (len(t_ids) == len(t_body) + 1 or (len(t_body) < m_len and not stop[r])):  # nothing cut
                 assert np.all(al.whole[r, :len(ids)] == 1)
                 # every teacher token's value lands on a student token of the row, and a segment's last one
