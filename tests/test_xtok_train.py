@@ -232,3 +232,33 @@ def test_bad_cross_tokenizer_input_is_refused_in_one_line(folders, tmp_path):
     with pytest.raises(OpdError, match="loss.cross_tokenizer bpm") as e:  # another vocabulary, no cross_tokenizer
         build_run(_cfg(tmp_path / "r2", bpe))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_the_readme_cross_tokenizer_example_runs_as_written(tmp_path):
+    """The bash block of README's "A teacher with another tokenizer", as written (in a scratch folder with
+    the config it names): two tiny random models with different tokenizers and templates train, and the
+    log shows the alignment statistics."""
+    import json
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    section = readme[readme.index("## A teacher with another tokenizer"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "configs").mkdir()
+    shutil.copy(root / "configs" / "xtok_example.yaml", tmp_path / "configs")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"]}
+    res = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    assert last["step"] == 4 and 0.0 < last["xtok/aligned_fraction"] <= 1.0 and last["xtok/align_seconds"] > 0
+    from opd_jax.tasks import load_tokenizer
+    s_tok, t_tok = (load_tokenizer(tmp_path / "runs/chat" / n) for n in ("student", "teacher_llama"))
+    assert s_tok.get_vocab() != t_tok.get_vocab() and t_tok.bos_token and not s_tok.bos_token
