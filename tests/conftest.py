@@ -154,3 +154,24 @@ def rigged_model(table: dict[int, int], vocab=64, margin=10.0):
         head[src, dst] = margin
     model.lm_head[...] = jnp.asarray(head)
     return model
+
+
+def run_readme_block(heading: str, config: str, folder):
+    """Run the first bash block under README's `heading` as written, in `folder` holding configs/`config`,
+    with one CPU device as a user's shell has -> the finished subprocess (its return code checked)."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme[readme.index(heading):], re.S).group(1)
+    (folder / "configs").mkdir()
+    shutil.copy(root / "configs" / config, folder / "configs")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"]}
+    res = subprocess.run(["bash", "-e", "-c", block], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res

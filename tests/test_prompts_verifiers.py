@@ -300,22 +300,9 @@ if __name__ == "__main__":
 def test_the_readme_example_runs_as_written(tmp_path):
     """The bash block of README's "Your own prompts and models", run as written (in a scratch folder
     holding the config it names): training writes rendered samples, eval prints greedy and pass@4."""
-    import os
-    import re
-    import shutil
-    import subprocess
-    from pathlib import Path
+    from conftest import run_readme_block
 
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("## Your own prompts and models"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(root / "configs" / "chat_example.yaml", tmp_path / "configs")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"]}  # one CPU device, as a user's shell
-    res = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_readme_block("## Your own prompts and models", "chat_example.yaml", tmp_path)
     first = json.loads((tmp_path / "runs/chat_opd/samples.jsonl").read_text().splitlines()[0])
     assert first["prompt"].startswith("<|im_start|>") and first["prompt"].endswith("<think>\n\n</think>\n\n")
     out = json.loads(res.stdout[res.stdout.rindex('{\n  "greedy_accuracy"'):])

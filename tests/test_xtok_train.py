@@ -240,23 +240,10 @@ def test_the_readme_cross_tokenizer_example_runs_as_written(tmp_path):
     the config it names): two tiny random models with different tokenizers and templates train, and the
     log shows the alignment statistics."""
     import json
-    import os
-    import re
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    section = readme[readme.index("## A teacher with another tokenizer"):]
-    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "configs").mkdir()
-    shutil.copy(root / "configs" / "xtok_example.yaml", tmp_path / "configs")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"]}
-    res = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-2000:]
+    from conftest import run_readme_block
+
+    res = run_readme_block("## A teacher with another tokenizer", "xtok_example.yaml", tmp_path)
     last = json.loads(res.stdout.strip().splitlines()[-1])
     assert last["step"] == 4 and 0.0 < last["xtok/aligned_fraction"] <= 1.0 and last["xtok/align_seconds"] > 0
     from opd_jax.tasks import load_tokenizer
