@@ -250,3 +250,47 @@ def test_alignment_is_monotone_covers_the_bytes_and_keeps_the_segment_sums(pair,
                 np.testing.assert_allclose(per_student[r, :n], expected, atol=1e-9)
             if stop[r] and not cut and len(t_ids) == len(t_body) + 1:  # both EOS present: aligned with each other
                 assert al.aligned[r, len(body)] == 1 and al.gather[r, len(body)] == len(t_body)
+
+
+@pytest.fixture(scope="module")
+def chat_pair():
+    from opd_jax.tiny_chat import build_chat_tokenizer, build_llama_like_tokenizer
+
+    return build_chat_tokenizer(), build_llama_like_tokenizer()
+
+
+@settings(max_examples=25, deadline=None)
+@given(prompt=st.text(min_size=1, max_size=20), answer=st.text(min_size=0, max_size=16), stopped=st.booleans())
+def test_the_teacher_sees_its_own_template_and_the_same_text(chat_pair, prompt, answer, stopped):
+    """A Qwen-style student (no BOS) and a Llama-style teacher (its template writes a BOS, other special
+    tokens, another BPE): the teacher's prompt is its own template around the same user text, with its BOS
+    exactly once; its completion is the same bytes in its own tokens (random Unicode, whitespace runs)."""
+    from opd_jax.tasks import Prompter
+    from opd_jax.tasks.domains import Example
+    from opd_jax.xtok import token_bytes, vocab_map
+    from opd_jax.xtok_teacher import CrossView
+
+    student, teacher = chat_pair
+    stop = (student.eos_token_id,)
+    cv = CrossView(teacher, Prompter(teacher, True), token_bytes(teacher), token_bytes(student), stop,
+                   vocab_map(teacher, student, "bpm", teacher_vocab=len(teacher), student_stop=stop), 96, 64)
+    ex = Example(prompt, answer, "d")
+    comp = student.encode(answer, add_special_tokens=False)[:31] + ([stop[0]] if stopped else [])
+    ids = np.zeros((1, 32), np.int64)
+    mask = np.zeros((1, 32), np.int64)
+    ids[0, :len(comp)], mask[0, :len(comp)] = comp, 1
+    tokens, fmask, al = cv.view([ex], ids, mask)
+    shown = teacher.decode(tokens[0, :96][fmask[0, :96] > 0].tolist())
+    assert shown == teacher.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                add_generation_prompt=True)
+    assert shown.count(teacher.bos_token) == 1 + prompt.count(teacher.bos_token) and shown.startswith(teacher.bos_token)
+    assert student.bos_token is None  # BOS on one side only
+    t_comp = tokens[0, 96:][fmask[0, 96:] > 0].tolist()
+    body = [i for i in t_comp if i != teacher.eos_token_id]
+    seen = b"".join(cv.student_table[i] for i in comp if i not in stop)
+    assert b"".join(cv.table[i] for i in body) == seen[:len(b"".join(cv.table[i] for i in body))]
+    if al.partial == 0 and len(t_comp) < 64:
+        assert b"".join(cv.table[i] for i in body) == seen
+        assert (teacher.eos_token_id in t_comp) == stopped
+        if stopped:  # the two EOS are aligned
+            assert al.aligned[0, len(comp) - 1] == 1 and al.gather[0, len(comp) - 1] == len(body)
