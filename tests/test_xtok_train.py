@@ -107,6 +107,13 @@ def test_one_tokenizer_on_both_sides_is_same_tokenizer_distillation(folders):
         loss1, g1 = _value_and_grad(cross, parts[1], dataclasses.replace(cross.cfg.loss, cross_tokenizer=how))
         np.testing.assert_allclose(loss1, loss0, rtol=1e-5, err_msg=how)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, err_msg=how), g1, g0)
+    topk = dataclasses.replace(plain.cfg.loss, estimator_type="topk", topk=4)
+    for top_from in ("teacher", "student"):
+        loss0, g0 = _value_and_grad(plain, parts[0], dataclasses.replace(topk, topk_from=top_from))
+        loss1, g1 = _value_and_grad(cross, parts[1], dataclasses.replace(topk, topk_from=top_from,
+                                                                          cross_tokenizer="bpm"))
+        np.testing.assert_allclose(loss1, loss0, rtol=1e-5, err_msg=top_from)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, err_msg=top_from), g1, g0)
     # the sampled estimator: the teacher's log-probs, summed per segment, are the same-tokenizer ones
     lps = []
     for run, part in zip((plain, cross), parts):

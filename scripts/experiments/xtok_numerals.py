@@ -8,6 +8,8 @@ longest token that prefixes it, the student's "5" (the merged "55" has no teache
   same  a teacher trained with the student's own BPE tokenizer (same recipe): same-tokenizer OPD
   bpm   the character teacher, loss.cross_tokenizer bpm
   uld   the character teacher, loss.cross_tokenizer uld
+  chars control: a character-level student (same shape and warm start, in characters) taught by the
+        character teacher, same-tokenizer; it separates the student's tokenization from the teacher's
 
 Everything else as the demo's OPD stage: exact forward KL on the student's samples, AdamW 3e-3 cosine,
 16 prompts a step; teachers 96 wide (2000 SFT steps each), the student 80 wide warm-started by 150
@@ -73,7 +75,8 @@ def prepare(work: Path) -> dict:
     prep = {"work": work, "chars": chars, "bpe": bpe,
             "teacher_chars": model("teacher_chars", TEACHER, chars, TEACHER_STEPS["chars"], 0),
             "teacher_bpe": model("teacher_bpe", TEACHER, bpe, TEACHER_STEPS["bpe"], 0),
-            "student": model("student_bpe", STUDENT, bpe, STUDENT_STEPS, 3, lr=3e-3)}
+            "student": model("student_bpe", STUDENT, bpe, STUDENT_STEPS, 3, lr=3e-3),
+            "student_chars": model("student_chars", STUDENT, chars, STUDENT_STEPS, 3, lr=3e-3)}
     evals = PromptSource([DOMAIN], seed=0).batch(0, 256, stream=1)
 
     def acc(m, tok):
@@ -84,23 +87,30 @@ def prepare(work: Path) -> dict:
 
 def config(prep, arm: str, out: Path, steps: int, seed: int) -> Config:
     teacher = prep["teacher_bpe"] if arm == "same" else prep["teacher_chars"]
+    tok = "tok_chars" if arm == "chars" else "tok_bpe"
     return Config(
-        student=ModelSpec(path=str(prep["student"])),
+        student=ModelSpec(path=str(prep["student_chars" if arm == "chars" else "student"])),
         teachers=(TeacherSpec(name="t", path=str(teacher), max_prompt_len=2 * MAX_PROMPT, max_new_tokens=2 * MAX_NEW),),
         routing={DOMAIN: "t"},
-        data=DataConfig(domains=(DOMAIN,), tokenizer=str(prep["work"] / "tok_bpe"), per_domain=16, group_size=1,
+        data=DataConfig(domains=(DOMAIN,), tokenizer=str(prep["work"] / tok), per_domain=16, group_size=1,
                         max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, temperature=1.0),
-        loss=LossConfig(estimator_type="full", kind="forward_kl", cross_tokenizer="" if arm == "same" else arm),
+        loss=LossConfig(estimator_type="full", kind="forward_kl", cross_tokenizer=arm if arm in ("bpm", "uld") else ""),
         optim=OptimConfig(name="adamw", lr=3e-3, schedule="cosine", clip_norm=1.0),
         train=TrainConfig(steps=steps, seed=seed, out_dir=str(out), checkpoint_every=steps,
                           eval_every=max(steps // 4, 1), eval_per_domain=64, log_every=10, progress=False))
+
+
+def sampled_tokens(recs) -> float:
+    """Mean sampled completion length in the student's tokens (EOS included) over the last 5 log records."""
+    lens = [r["rollout/mean_length"] for r in recs if "rollout/mean_length" in r]
+    return float(np.mean(lens[-5:])) if lens else float("nan")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=["same", "bpm", "uld"])
+    ap.add_argument("--arms", nargs="+", default=["same", "bpm", "uld", "chars"])
     ap.add_argument("--work", default="runs/xtok_numerals")
     ap.add_argument("--out", default="docs/results_xtok.json")
     args = ap.parse_args()
@@ -110,7 +120,8 @@ def main():
     res = {"args": vars(args), "bpe_digit_tokens": len(merged),
            "teacher_chars": prep["acc"](load_model(prep["teacher_chars"]), chars),
            "teacher_bpe": prep["acc"](load_model(prep["teacher_bpe"]), bpe),
-           "student_before": prep["acc"](load_model(prep["student"]), bpe), "arms": {}}
+           "student_before": prep["acc"](load_model(prep["student"]), bpe),
+           "student_chars_before": prep["acc"](load_model(prep["student_chars"]), chars), "arms": {}}
     print(f"BPE vocabulary {len(bpe)} with {len(merged)} multi-digit tokens (e.g. {merged[:6]}); teachers: "
           f"characters {res['teacher_chars']:.3f}, BPE {res['teacher_bpe']:.3f}; student before "
           f"{res['student_before']:.3f}", flush=True)
@@ -123,22 +134,21 @@ def main():
             train(config(prep, arm, out, args.steps, seed))
             recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             model = load_run_model(out)
-            text = greedy_accuracy(model, bpe, PromptSource([DOMAIN], seed=0).batch(0, 64, stream=1),
-                                   max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, return_texts=True)[1]
-            digits = [bpe.encode(t, add_special_tokens=False) for t in text]
-            runs.append({"seed": seed, "accuracy": prep["acc"](model, bpe), "seconds": round(time.time() - t0, 1),
+            runs.append({"seed": seed, "accuracy": prep["acc"](model, chars if arm == "chars" else bpe),
+                         "seconds": round(time.time() - t0, 1),
                          "aligned_fraction": float(np.mean([r["xtok/aligned_fraction"] for r in recs
                                                             if "xtok/aligned_fraction" in r] or [1.0])),
                          "residual_mass": float(np.mean([r["on_policy/residual_mass"] for r in recs
                                                          if "on_policy/residual_mass" in r] or [0.0])),
-                         "tokens_per_answer": float(np.mean([len(d) for d in digits])),
+                         # the student's own sampled tokens per completion (EOS included), last 50 steps
+                         "tokens_per_answer": sampled_tokens(recs),
                          "final_divergence": recs[-1].get("on_policy/divergence")})
             print(f"{arm} seed {seed}: accuracy {runs[-1]['accuracy']:.3f}, aligned "
                   f"{runs[-1]['aligned_fraction']:.2f}, tokens per answer {runs[-1]['tokens_per_answer']:.2f} "
                   f"({runs[-1]['seconds']:.0f} s)", flush=True)
         res["arms"][arm] = runs
         Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"\n| arm | accuracy (± std, {len(args.seeds)} seeds) | aligned positions | student tokens per answer |")
+    print(f"\n| arm | accuracy (± std, {len(args.seeds)} seeds) | aligned positions | sampled tokens per answer |")
     print("| --- | --- | --- | --- |")
     for arm, runs in res["arms"].items():
         print(f"| {arm} | {summary([r['accuracy'] for r in runs])} | "
