@@ -10,6 +10,9 @@ longest token that prefixes it, the student's "5" (the merged "55" has no teache
   uld   the character teacher, loss.cross_tokenizer uld
   chars control: a character-level student (same shape and warm start, in characters) taught by the
         character teacher, same-tokenizer; it separates the student's tokenization from the teacher's
+  bpm_rev, uld_rev  the other direction: the character student taught by the BPE teacher (a merged
+        teacher token such as "55" starts where a student token does, but the student's next "5" starts
+        inside it: only some student positions align)
 
 Everything else as the demo's OPD stage: exact forward KL on the student's samples, AdamW 3e-3 cosine,
 16 prompts a step; teachers 96 wide (2000 SFT steps each), the student 80 wide warm-started by 150
@@ -86,15 +89,18 @@ def prepare(work: Path) -> dict:
 
 
 def config(prep, arm: str, out: Path, steps: int, seed: int) -> Config:
-    teacher = prep["teacher_bpe"] if arm == "same" else prep["teacher_chars"]
-    tok = "tok_chars" if arm == "chars" else "tok_bpe"
+    rev = arm.endswith("_rev")
+    teacher = prep["teacher_bpe"] if arm == "same" or rev else prep["teacher_chars"]
+    char_student = arm == "chars" or rev
+    tok = "tok_chars" if char_student else "tok_bpe"
     return Config(
-        student=ModelSpec(path=str(prep["student_chars" if arm == "chars" else "student"])),
+        student=ModelSpec(path=str(prep["student_chars" if char_student else "student"])),
         teachers=(TeacherSpec(name="t", path=str(teacher), max_prompt_len=2 * MAX_PROMPT, max_new_tokens=2 * MAX_NEW),),
         routing={DOMAIN: "t"},
         data=DataConfig(domains=(DOMAIN,), tokenizer=str(prep["work"] / tok), per_domain=16, group_size=1,
                         max_prompt_len=MAX_PROMPT, max_new_tokens=MAX_NEW, temperature=1.0),
-        loss=LossConfig(estimator_type="full", kind="forward_kl", cross_tokenizer=arm if arm in ("bpm", "uld") else ""),
+        loss=LossConfig(estimator_type="full", kind="forward_kl",
+                        cross_tokenizer=arm.split("_")[0] if arm.split("_")[0] in ("bpm", "uld") else ""),
         optim=OptimConfig(name="adamw", lr=3e-3, schedule="cosine", clip_norm=1.0),
         train=TrainConfig(steps=steps, seed=seed, out_dir=str(out), checkpoint_every=steps,
                           eval_every=max(steps // 4, 1), eval_per_domain=64, log_every=10, progress=False))
@@ -110,7 +116,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=["same", "bpm", "uld", "chars"])
+    ap.add_argument("--arms", nargs="+", default=["same", "bpm", "uld", "chars", "bpm_rev", "uld_rev"])
     ap.add_argument("--work", default="runs/xtok_numerals")
     ap.add_argument("--out", default="docs/results_xtok.json")
     args = ap.parse_args()
@@ -134,7 +140,7 @@ def main():
             train(config(prep, arm, out, args.steps, seed))
             recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             model = load_run_model(out)
-            runs.append({"seed": seed, "accuracy": prep["acc"](model, chars if arm == "chars" else bpe),
+            runs.append({"seed": seed, "accuracy": prep["acc"](model, chars if arm == "chars" or "_rev" in arm else bpe),
                          "seconds": round(time.time() - t0, 1),
                          "aligned_fraction": float(np.mean([r["xtok/aligned_fraction"] for r in recs
                                                             if "xtok/aligned_fraction" in r] or [1.0])),
