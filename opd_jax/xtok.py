@@ -99,15 +99,16 @@ def matching_starts(student: np.ndarray, teacher: np.ndarray) -> np.ndarray:
     return out
 
 
-def retokenize(tok, data: bytes):
+def retokenize(tok, data: bytes, table: list[bytes] | None = None):
     """The teacher tokenizer's ids for the bytes `data` (no special tokens), or None when they do not
-    decode to exactly those bytes (invalid UTF-8 at a cut, or a normaliser that rewrites the text)."""
+    decode to exactly those bytes (invalid UTF-8 at a cut, or a normaliser that rewrites the text).
+    table: `token_bytes(tok)`, when the caller has it (building it reads the whole vocabulary)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         return None
     ids = tok.encode(text, add_special_tokens=False)
-    table = token_bytes(tok)
+    table = token_bytes(tok) if table is None else table
     return ids if b"".join(table[i] for i in ids) == data else None
 
 
@@ -232,7 +233,7 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
         cut = len(text_ids) < len(body) or len(data) < sum(len(student_table[i]) for i in text_ids)
         out.partial += cut
         stopped = stopped and not cut
-        t_ids = retokenize(teacher_tok, data)
+        t_ids = retokenize(teacher_tok, data, teacher_table)
         if t_ids is None:
             out.dropped += 1
             continue
