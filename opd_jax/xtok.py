@@ -216,6 +216,17 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
                   np.full((n, m_len), big_n, np.int32), np.zeros((n, big_n), np.int32))
     t_eos = teacher_tok.eos_token_id
     stops = set(int(s) for s in student_stop)
+    s_len = np.fromiter(map(len, student_table), np.int64, count=len(student_table))
+    t_len = np.fromiter(map(len, teacher_table), np.int64, count=len(teacher_table))
+
+    def spans_of(lengths, ids):  # `spans` from a lengths table (ids < 0 or past it: no bytes)
+        ids = np.asarray(ids, np.int64)
+        ok = (ids >= 0) & (ids < len(lengths))
+        ln = np.where(ok, lengths[np.where(ok, ids, 0)], 0)
+        ends = np.cumsum(ln)
+        return np.stack([ends - ln, ends], 1).reshape(-1, 2)
+
+    rows = []  # pass 1: what each row shows the teacher
     for r in range(n):
         ids = [i if i < len(student_table) else -1 for i in comp[r, comp_mask[r] > 0].tolist()]
         stopped = bool(ids) and ids[-1] in stops
@@ -223,21 +234,24 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
         # the teacher sees the text up to the first token without bytes (a special token, an id past the
         # tokenizer: the teacher cannot see it, so later contexts would differ) or the first byte that is
         # not UTF-8; student tokens past that point are not aligned
-        empty = [k for k, i in enumerate(body) if i < 0 or not student_table[i]]
+        empty = [k for k, i in enumerate(body) if i < 0 or not s_len[i]]
         text_ids = body[:empty[0]] if empty else body
         data = b"".join(student_table[i] for i in text_ids)
         try:
-            data.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
             data = data[:e.start]
-        cut = len(text_ids) < len(body) or len(data) < sum(len(student_table[i]) for i in text_ids)
+            text = data.decode("utf-8")
+        cut = len(text_ids) < len(body) or len(data) < int(s_len[text_ids].sum() if text_ids else 0)
         out.partial += cut
-        stopped = stopped and not cut
-        t_ids = retokenize(teacher_tok, data, teacher_table)
-        if t_ids is None:
+        rows.append((body, stopped and not cut, data, text))
+    # one batched call of the teacher's tokenizer for every row's text
+    encoded = teacher_tok([x[3] for x in rows], add_special_tokens=False)["input_ids"] if rows else []
+    for r, ((body, stopped, data, _), t_ids) in enumerate(zip(rows, encoded)):
+        if b"".join(teacher_table[i] for i in t_ids) != data:  # a normaliser rewrote the text
             out.dropped += 1
             continue
-        s_sp, t_sp = spans(student_table, body), spans(teacher_table, t_ids)
+        s_sp, t_sp = spans_of(s_len, body), spans_of(t_len, t_ids)
         eos_pair = stopped and t_eos is not None
         full = t_ids + [t_eos] if eos_pair else list(t_ids)
         keep = min(len(full), m_len)
