@@ -17,6 +17,7 @@ at a time (a lock), its config.yaml kept on resume, and nothing written before a
 
 from __future__ import annotations
 
+import gc
 import shutil
 import signal
 import threading
@@ -80,15 +81,20 @@ class _Terminated(BaseException):
     """SIGTERM during setup (a BaseException, so no `except Exception` on the way can re-word it)."""
 
 
-def _setup_signal():
+def _setup_signal(seen: threading.Event):
     """During setup, SIGTERM ends the process with a one-line message (the loop then installs its
-    own handler, which finishes the step in flight and saves it)."""
+    own handler, which finishes the step in flight and saves it). The handler raises where the signal
+    lands; Python swallows an exception raised inside a gc callback (JAX registers one), so it also
+    sets `seen`, which setup checks once more before training starts."""
     from jax._src import distributed
 
     if threading.current_thread() is not threading.main_thread() or distributed.global_state.client is not None:
         return None  # several processes: JAX's preemption service owns SIGTERM
 
     def on_term(signum, frame):
+        seen.set()
+        if frame is not None and frame.f_code in {getattr(cb, "__code__", None) for cb in gc.callbacks}:
+            return  # inside a gc callback an exception would be printed and ignored: the check after setup stops
         raise _Terminated()
 
     return signal.signal(signal.SIGTERM, on_term)
@@ -101,7 +107,8 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
     check_writable(out, input_paths(cfg))
     dist.initialize(cfg.distributed)
     created = not out.exists()
-    previous, lock = _setup_signal(), None
+    terminated = threading.Event()
+    previous, lock = _setup_signal(terminated), None
     try:
         lock = RunLock(out).acquire() if dist.is_main() else None
         mgr = ckpt.manager(out / "checkpoints", cfg.train.keep_checkpoints) if (out / "checkpoints").exists() else None
@@ -124,6 +131,8 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
                 raise OpdError(f"checkpoint step {start} is at data position {int(restored[1]['data_position'])}; "
                                "they must agree")
             state = ckpt.placed_state(type(run.init), restored[1], run.state_sh)
+        if terminated.is_set():  # the handler's exception was swallowed on the way (a gc callback)
+            raise _Terminated()
     except BaseException as e:
         if lock is not None:
             lock.release()

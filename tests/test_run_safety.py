@@ -343,3 +343,27 @@ def test_sigterm_during_setup_exits_with_one_line_and_leaves_nothing(tmp_path):
     assert err.strip().splitlines() == ["opd-jax: error: stopped by SIGTERM during setup, before the first step; no "
                                         "checkpoint was written"]
     assert not out.exists()
+
+
+def test_sigterm_whose_exception_is_swallowed_during_setup_still_stops_the_run(tmp_path, monkeypatch):
+    """Python prints and ignores an exception raised in a gc callback (JAX has one), so the SIGTERM
+    handler's exception can be lost; the run must still stop before the first step with the same one-line
+    error and leave no folder. Here the handler runs inside setup and its exception is swallowed."""
+    import types
+
+    import opd_jax.train as tr
+
+    def build_run(cfg):
+        try:
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        except BaseException:  # noqa: BLE001 - what a gc callback does with it
+            pass
+        return types.SimpleNamespace(init=None)
+
+    monkeypatch.setattr(tr, "build_run", build_run)
+    out = tmp_path / "r"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(OpdError, match="stopped by SIGTERM during setup"):
+        train(load_config(None, tiny_overrides(out)))
+    assert not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # setup's handler is gone again
