@@ -24,6 +24,17 @@ from opd_jax.losses.masking import masked_mean
 _PAD = -1e30  # logit of a padded vocabulary column: probability exactly 0, differences stay finite
 
 
+def by_chunk(c: int, *xs):
+    """Each x [B, T, ...] cut into chunks of c positions along T (the tail padded): [n, B, c, ...]."""
+    out = tuple(_chunks(_pad_axis(x, 1, c), 1, c) for x in xs)
+    return out[0] if len(out) == 1 else out
+
+
+def chunk_ids(ids, b: int, t: int):
+    """The sampled ids [B, T] the losses read log pi at, or zeros when none are given."""
+    return jnp.zeros((b, t), jnp.int32) if ids is None else ids
+
+
 def _logits_fn(hidden, w, temperature):
     return jnp.einsum("bcd,dv->bcv", hidden, w, preferred_element_type=jnp.float32) / temperature
 
@@ -45,14 +56,13 @@ def chunked_divergence(student_hidden, student_w, kind="reverse_kl", *, teacher_
     if teacher_logits is None and (teacher_hidden is None or teacher_w is None):
         raise ValueError("give the teacher as teacher_logits or as teacher_hidden + teacher_w")
     c = min(seq_chunk, t)
-    sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)  # [n, B, C, D]
+    sh, idc = by_chunk(c, student_hidden, chunk_ids(ids, b, t))  # [n, B, C, D], [n, B, C]
     if teacher_logits is not None:
-        teacher = (_chunks(_pad_axis(jax.lax.stop_gradient(teacher_logits), 1, c), 1, c),)
+        teacher = (by_chunk(c, jax.lax.stop_gradient(teacher_logits)),)
     else:
-        teacher = (_chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c),)
+        teacher = (by_chunk(c, jax.lax.stop_gradient(teacher_hidden)),)
         teacher_w = jax.lax.stop_gradient(teacher_w)
 
-    idc = _chunks(_pad_axis(jnp.zeros((b, t), jnp.int32) if ids is None else ids, 1, c), 1, c)
     if vocab_chunk is None or vocab_chunk >= v:
         def chunk(_, xs):
             s_log = _logits_fn(xs[0], student_w, temperature)
@@ -124,14 +134,13 @@ def chunked_topk_loss(student_hidden, student_w, teacher_hidden, teacher_w, mask
     fd = get_fdiv(kind, beta=beta, alpha=alpha)
     b, t, _ = student_hidden.shape
     c = min(seq_chunk, t)
-    sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)
+    sh, idc = by_chunk(c, student_hidden, chunk_ids(ids, b, t))
     given = teacher_topk is not None
     if given:
-        th = tuple(_chunks(_pad_axis(jax.lax.stop_gradient(x), 1, c), 1, c) for x in teacher_topk)
+        th = tuple(by_chunk(c, jax.lax.stop_gradient(x)) for x in teacher_topk)
     else:
-        th = _chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c)
+        th = by_chunk(c, jax.lax.stop_gradient(teacher_hidden))
         teacher_w = jax.lax.stop_gradient(teacher_w)
-    idc = _chunks(_pad_axis(jnp.zeros((b, t), jnp.int32) if ids is None else ids, 1, c), 1, c)
 
     def chunk(_, xs):
         s_log = _logits_fn(xs[0], student_w, temperature)
@@ -219,8 +228,7 @@ def chunked_token_logprobs(hidden, w, ids, *, temperature=1.0, seq_chunk=128):
     """
     b, t, _ = hidden.shape
     c = min(seq_chunk, t)
-    hs = _chunks(_pad_axis(hidden, 1, c), 1, c)
-    idc = _chunks(_pad_axis(ids, 1, c), 1, c)
+    hs, idc = by_chunk(c, hidden, ids)
 
     def body(_, xs):
         logits = _logits_fn(xs[0], w, temperature)
@@ -239,7 +247,7 @@ def chunked_topk(hidden, w, k: int, *, temperature=1.0, seq_chunk=128):
     """
     b, t, _ = hidden.shape
     c = min(seq_chunk, t)
-    hs = _chunks(_pad_axis(jax.lax.stop_gradient(hidden), 1, c), 1, c)
+    hs = by_chunk(c, jax.lax.stop_gradient(hidden))
 
     def body(_, x):
         return None, jax.lax.top_k(jax.nn.log_softmax(_logits_fn(x, w, temperature), -1), k)

@@ -27,8 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from opd_jax.blocks import pad_axis as _pad_axis, split_blocks as _chunks
-from opd_jax.losses.chunked import _logits_fn, _unchunk
+from opd_jax.blocks import pad_axis as _pad_axis
+from opd_jax.losses.chunked import _logits_fn, _unchunk, by_chunk, chunk_ids
 from opd_jax.losses.fdiv import get_fdiv
 from opd_jax.losses.full_vocab import topk_buckets
 from opd_jax.losses.masking import masked_mean
@@ -37,34 +37,38 @@ EMPTY_LOGPROB = math.log(1e-6)  # bpm: a student token no teacher token maps to 
 _ZERO = -1e30  # log of an exact zero that stays finite (both sides zero: the bucket adds nothing)
 
 
-def project_logprobs(lq, vmap, v_student: int):
-    """lq [..., V_t] teacher log-probs -> (log q~ [..., V_s] renormalised over the student vocabulary,
-    residual mass [...], reached [V_s] bool: some teacher token maps there). A segment log-sum-exp
-    over the teacher axis; vmap [V_t] int32 (-1 = residual)."""
+def _segment_lse(lq, vmap, v_student: int):
+    """lq [..., V_t] -> (log-sum-exp of lq over the teacher tokens mapped to each student token, the
+    residual last [..., V_s + 1]; reached [V_s] bool: some teacher token maps there). vmap [V_t] int32
+    (-1 = residual); a segment max / sum over the teacher axis."""
     seg = jnp.where(vmap < 0, v_student, vmap)
     x = jnp.moveaxis(lq, -1, 0)  # [V_t, ...]: segment ops run over the leading axis
     top = jax.ops.segment_max(x, seg, num_segments=v_student + 1)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
     total = jax.ops.segment_sum(jnp.exp(x - top[seg]), seg, num_segments=v_student + 1)
     reached = jax.ops.segment_sum(jnp.ones_like(seg), seg, num_segments=v_student + 1)[:v_student] > 0
-    lse = jnp.moveaxis(jnp.log(total) + top, 0, -1)  # [..., V_s + 1]
-    residual = jnp.exp(lse[..., v_student])
-    lqs = jnp.where(reached, lse[..., :v_student], EMPTY_LOGPROB)
-    return jax.nn.log_softmax(lqs, -1), residual, reached
+    return jnp.moveaxis(jnp.log(total) + top, 0, -1), reached
 
 
-def _uld_terms(fd, lp, lq, vmap, v_student: int):
+def _renormalised(lse, reached, v_student: int):
+    """bpm's log q~ [..., V_s] from `_segment_lse`: residual dropped, unreached tokens at EMPTY_LOGPROB."""
+    return jax.nn.log_softmax(jnp.where(reached, lse[..., :v_student], EMPTY_LOGPROB), -1)
+
+
+def project_logprobs(lq, vmap, v_student: int):
+    """lq [..., V_t] teacher log-probs -> (log q~ [..., V_s] renormalised over the student vocabulary,
+    residual mass [...], reached [V_s] bool: some teacher token maps there); vmap [V_t] int32 (-1 =
+    residual)."""
+    lse, reached = _segment_lse(lq, vmap, v_student)
+    return _renormalised(lse, reached, v_student), jnp.exp(lse[..., v_student]), reached
+
+
+def _uld_terms(fd, lp, lq, lse, matched, vmap, v_student: int):
     """ULD per position: D_f over the identical-bytes pairs (each side renormalised over them) plus the
-    sorted-L1 between the unmatched parts. lp [..., V_s], lq [..., V_t] -> [...]."""
-    seg = jnp.where(vmap < 0, v_student, vmap)
-    x = jnp.moveaxis(lq, -1, 0)
-    top = jax.ops.segment_max(x, seg, num_segments=v_student + 1)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    lqm = jnp.moveaxis(jnp.log(jax.ops.segment_sum(jnp.exp(x - top[seg]), seg, num_segments=v_student + 1)) + top,
-                       0, -1)[..., :v_student]
-    matched = jax.ops.segment_sum(jnp.ones_like(seg), seg, num_segments=v_student + 1)[:v_student] > 0
+    sorted-L1 between the unmatched parts. lp [..., V_s], lq [..., V_t], lse / matched: `_segment_lse`
+    of lq under the identical-bytes map -> [...]."""
     lp_m = jnp.where(matched, lp, -jnp.inf)
-    lq_m = jnp.where(matched, lqm, -jnp.inf)
+    lq_m = jnp.where(matched, lse[..., :v_student], -jnp.inf)
     lp_m = jnp.maximum(lp_m - jnp.maximum(jax.nn.logsumexp(lp_m, -1, keepdims=True), _ZERO), _ZERO)
     lq_m = jnp.maximum(lq_m - jnp.maximum(jax.nn.logsumexp(lq_m, -1, keepdims=True), _ZERO), _ZERO)
     d = jnp.sum(jnp.where(matched, fd.perspective(lp_m, lq_m), 0.0), -1)
@@ -91,18 +95,17 @@ def xtok_divergence_loss(student_hidden, student_w, teacher_hidden, teacher_w, v
     b, t, _ = student_hidden.shape
     v = student_w.shape[1]
     c = min(seq_chunk, t)
-    sh = _chunks(_pad_axis(student_hidden, 1, c), 1, c)
-    th = _chunks(_pad_axis(jax.lax.stop_gradient(teacher_hidden), 1, c), 1, c)
+    sh, th, idc = by_chunk(c, student_hidden, jax.lax.stop_gradient(teacher_hidden), chunk_ids(ids, b, t))
     teacher_w = jax.lax.stop_gradient(teacher_w)
-    idc = _chunks(_pad_axis(jnp.zeros((b, t), jnp.int32) if ids is None else ids, 1, c), 1, c)
 
     def chunk(_, xs):
         s_log = _logits_fn(xs[0], student_w, temperature)
         lp = jax.nn.log_softmax(s_log, -1)
         lq = jax.nn.log_softmax(_logits_fn(xs[1], teacher_w, temperature), -1)
-        lq_s, residual, _ = project_logprobs(lq, vmap, v)
+        lse, reached = _segment_lse(lq, vmap, v)  # once per chunk, for every form below
+        lq_s, residual = _renormalised(lse, reached, v), jnp.exp(lse[..., v])
         if how == "uld":
-            d = _uld_terms(fd, lp, lq, vmap, v)
+            d = _uld_terms(fd, lp, lq, lse, reached, vmap, v)
         elif topk:
             top = jax.lax.top_k(jax.lax.stop_gradient(lp if top_from == "student" else lq_s), topk)[1]
             s_b = topk_buckets(jnp.take_along_axis(lp, top, -1))
