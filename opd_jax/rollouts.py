@@ -106,22 +106,24 @@ class Rollouts:
                  for name, idx in groups.items() if getattr(self.teachers[name], "privileged", "")}
         cross = [n for n in groups if getattr(self.teachers[n], "cross", None) is not None]
         if cross:
-            loss_mask = dist.to_host(mask).astype(np.int32)
-            stats = {"aligned": 0.0, "tokens": 0.0, "dropped": 0, "truncated": 0}
+            host_mask = dist.to_host(mask)  # the completions come to the host once, for every such teacher
+            comp = dist.to_host(tokens)[:, self.cfg.data.max_prompt_len:]
+            loss_mask = host_mask.astype(np.int32)
+            stats = dict.fromkeys(("aligned", "tokens", "dropped", "truncated", "partial", "seconds"), 0.0)
             for name in cross:
-                views[name] = self.cross_view(name, groups[name], tokens, mask, examples, what, loss_mask, stats)
+                views[name] = self.cross_view(name, groups[name], comp, host_mask, examples, what, loss_mask, stats)
             if extras is not None:
                 extras["loss_mask"] = loss_mask
                 extras.update({"xtok/aligned_fraction": stats["aligned"] / max(stats["tokens"], 1.0),
                                "xtok/dropped_rows": stats["dropped"], "xtok/truncated_rows": stats["truncated"],
-                               "xtok/partial_rows": stats.get("partial", 0),
-                               "xtok/align_seconds": stats.get("seconds", 0.0)})
+                               "xtok/partial_rows": stats["partial"], "xtok/align_seconds": stats["seconds"]})
         return score_batch(self.teachers, groups, tokens, full_mask, prompt_len=self.cfg.data.max_prompt_len,
                            temperature=self.cfg.data.temperature, what=what, topk=self.cfg.loss.topk, views=views,
                            live=params)
 
-    def cross_view(self, name, idx, tokens, mask, examples, what, loss_mask, stats):
-        """(tokens [n, P_t + M], full mask, P_t, post) of cross-tokenizer teacher `name`'s rows `idx`: its
+    def cross_view(self, name, idx, comp, mask, examples, what, loss_mask, stats):
+        """(tokens [n, P_t + M], full mask, P_t, post) of cross-tokenizer teacher `name`'s rows `idx` (host
+        completions comp [B, N], mask [B, N]): its
         prompt through its own template, the completion re-tokenized and aligned by bytes
         (`xtok_teacher.CrossView`); post brings its outputs to the student's positions: hidden states
         gathered at the aligned teacher positions, or log-probs summed per segment. Writes those rows'
@@ -133,18 +135,16 @@ class Rollouts:
             raise OpdError(f"teacher {name!r} scores in its own tokens, which hands over hidden states or log-probs, "
                            f"not {what!r}")
         rows = np.asarray(idx)
-        p = self.cfg.data.max_prompt_len
-        comp, cmask = dist.to_host(tokens)[rows, p:], dist.to_host(mask)[rows]
+        comp, cmask = comp[rows], mask[rows]
         t0 = time.perf_counter()
         ids, fmask, al = cv.view([examples[i] for i in idx], comp, cmask)
-        stats["seconds"] = stats.get("seconds", 0.0) + time.perf_counter() - t0
+        stats["seconds"] += time.perf_counter() - t0
         keep = al.aligned if what == "hidden" else al.whole
         loss_mask[rows] *= keep
         stats["aligned"] += float(np.sum(keep * cmask))
         stats["tokens"] += float(np.sum(cmask))
-        stats["dropped"] += al.dropped
-        stats["truncated"] += al.truncated
-        stats["partial"] = stats.get("partial", 0) + al.partial
+        for k in ("dropped", "truncated", "partial"):
+            stats[k] += getattr(al, k)
         n_new = cmask.shape[1]
         if what == "hidden":
             gather = self._global(al.gather)

@@ -73,10 +73,18 @@ def token_bytes(tok) -> list[bytes]:
 
 
 def spans(table: list[bytes], ids) -> np.ndarray:
-    """[n, 2] byte [start, end) of each token in the concatenation of their bytes (`token_bytes` table)."""
-    lengths = np.fromiter((len(table[int(i)]) if 0 <= i < len(table) else 0 for i in ids), np.int64, count=len(ids))
-    ends = np.cumsum(lengths)
-    return np.stack([ends - lengths, ends], 1)
+    """[n, 2] byte [start, end) of each token in the concatenation of their bytes (`token_bytes` table;
+    an id outside it has no bytes)."""
+    return spans_from_lengths(np.fromiter(map(len, table), np.int64, count=len(table)), ids)
+
+
+def spans_from_lengths(lengths: np.ndarray, ids) -> np.ndarray:
+    """`spans` from the tokens' byte lengths [V] (computed once per table by a caller aligning many rows)."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    ok = (ids >= 0) & (ids < len(lengths))
+    ln = np.where(ok, lengths[np.where(ok, ids, 0)], 0)
+    ends = np.cumsum(ln)
+    return np.stack([ends - ln, ends], 1)
 
 
 def shared_boundaries(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -112,13 +120,19 @@ def retokenize(tok, data: bytes, table: list[bytes] | None = None):
     return ids if b"".join(table[i] for i in ids) == data else None
 
 
+def _first_id_of(table: list[bytes]) -> dict[bytes, int]:
+    """bytes -> the first id of `table` with exactly those (non-empty) bytes."""
+    out: dict[bytes, int] = {}
+    for i, b in enumerate(table):
+        if b:
+            out.setdefault(b, i)
+    return out
+
+
 def prefix_map(teacher: list[bytes], student: list[bytes]) -> np.ndarray:
     """[V_t] int64: for each teacher token, the id of the longest non-empty student token whose bytes are a
     prefix of its bytes; -1 when there is none (special tokens, or bytes no student token starts with)."""
-    by_bytes: dict[bytes, int] = {}
-    for i, b in enumerate(student):
-        if b and b not in by_bytes:
-            by_bytes[b] = i
+    by_bytes = _first_id_of(student)
     longest = max((len(b) for b in by_bytes), default=0)
     out = np.full(len(teacher), -1, np.int64)
     for i, b in enumerate(teacher):
@@ -164,10 +178,7 @@ def vocab_map(teacher_tok, student_tok, how: str, *, teacher_vocab: int, student
     if how == "bpm":
         m = prefix_map(t_bytes, s_bytes)
     elif how == "uld":
-        by_bytes: dict[bytes, int] = {}
-        for i, b in enumerate(s_bytes):
-            if b:
-                by_bytes.setdefault(b, i)
+        by_bytes = _first_id_of(s_bytes)
         m = np.array([by_bytes.get(b, -1) if b else -1 for b in t_bytes], np.int64)
     else:
         raise ValueError(f"unknown cross-tokenizer map {how!r}")
@@ -219,13 +230,6 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
     s_len = np.fromiter(map(len, student_table), np.int64, count=len(student_table))
     t_len = np.fromiter(map(len, teacher_table), np.int64, count=len(teacher_table))
 
-    def spans_of(lengths, ids):  # `spans` from a lengths table (ids < 0 or past it: no bytes)
-        ids = np.asarray(ids, np.int64)
-        ok = (ids >= 0) & (ids < len(lengths))
-        ln = np.where(ok, lengths[np.where(ok, ids, 0)], 0)
-        ends = np.cumsum(ln)
-        return np.stack([ends - ln, ends], 1).reshape(-1, 2)
-
     rows = []  # pass 1: what each row shows the teacher
     for r in range(n):
         ids = [i if i < len(student_table) else -1 for i in comp[r, comp_mask[r] > 0].tolist()]
@@ -251,7 +255,7 @@ def align_rows(comp, comp_mask, student_table, student_stop, teacher_tok, teache
         if b"".join(teacher_table[i] for i in t_ids) != data:  # a normaliser rewrote the text
             out.dropped += 1
             continue
-        s_sp, t_sp = spans_of(s_len, body), spans_of(t_len, t_ids)
+        s_sp, t_sp = spans_from_lengths(s_len, body), spans_from_lengths(t_len, t_ids)
         eos_pair = stopped and t_eos is not None
         full = t_ids + [t_eos] if eos_pair else list(t_ids)
         keep = min(len(full), m_len)
