@@ -35,11 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 from common import summary  # noqa: E402
-from long_horizon import DOMAIN, MAX_NEW, MAX_PROMPT, config, eval_curve, n_params, prepare, run as lh_run  # noqa: E402
+from long_horizon import DOMAIN, MAX_NEW, MAX_PROMPT, at_budget, config, eval_curve, n_params, prepare, run as lh_run  # noqa: E402
 
 from opd_jax.config import TeacherSpec  # noqa: E402
 from opd_jax.export import load_run_model  # noqa: E402
@@ -109,15 +107,6 @@ def run(prep, arm: str, out_dir: Path, *, steps: int, seed: int, lr: float | Non
                               routing={DOMAIN: "self"} if spec.get("privileged") else cfg.routing)
     train(cfg)
     return load_run_model(out_dir), time.time() - t0
-
-
-def at_flops(curve, flops_step: float, budget: float):
-    if not curve:
-        return None
-    xs = [s * flops_step for s, _ in curve]
-    if budget > xs[-1] or budget < xs[0]:
-        return None
-    return float(np.interp(budget, xs, [a for _, a in curve]))
 
 
 def privileged_accuracy(prep, model) -> float:
@@ -249,7 +238,7 @@ def main():
             curve = eval_curve(folder)
             runs.append({"seed": seed, "accuracy": prep["acc"](model), "seconds": round(secs, 1), "curve": curve,
                          "privileged_accuracy": privileged_accuracy(prep, model),
-                         "at_equal_compute": at_flops(curve, flops_per_step(arm, n), budget)})
+                         "at_equal_compute": at_budget(curve, budget / flops_per_step(arm, n))})
             print(f"{arm} seed {seed}: accuracy {runs[-1]['accuracy']:.3f}, with the answer in the prompt "
                   f"{runs[-1]['privileged_accuracy']:.3f} ({secs:.0f} s)", flush=True)
         results["arms"][arm] = {"lr": args.lr or ARMS[arm]["lr"], "runs": runs, "flops_per_step": flops_per_step(arm, n)}
