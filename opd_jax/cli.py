@@ -141,6 +141,8 @@ def _serve_teacher(args) -> int:
     from opd_jax.run import check_model_folder
     from opd_jax.serving import serve
 
+    if not 0 <= args.port <= 65535:
+        raise OpdError(f"--port must be in [0, 65535] (0 = any free port), got {args.port}")
     check_model_folder(args.model, "--model")
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = None
@@ -149,8 +151,8 @@ def _serve_teacher(args) -> int:
         tokenizer = load_tokenizer(args.model)
     try:
         server = serve(model, args.port, args.host, args.name, tokenizer)
-    except OSError as e:
-        raise OpdError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    except (OSError, OverflowError) as e:
+        raise OpdError(f"cannot listen on {args.host}:{args.port}: {getattr(e, 'strerror', None) or e}") from None
     print(f"opd-jax: serving {args.model} as {args.name!r} on http://{args.host}:{server.server_address[1]} "
           "(POST /v1/completions with prompt_logprobs; Ctrl-C stops)", flush=True)
     done = threading.Event()

@@ -206,6 +206,8 @@ def _coerce(value, typ, where: str):
         return None
     if typing.get_origin(typ) in (typing.Union, types.UnionType):  # X | None
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if isinstance(value, bool) and typ in (int, float):  # YAML's true is not the number 1
+        raise OpdError(f"config {where}: expected {typ.__name__}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool) or str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
             return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
@@ -302,6 +304,7 @@ _LIMITS = {
     ("data", "top_p"): ("must be in (0, 1]", lambda v: 0 < v <= 1),
     ("data", "rollout_slots"): ("must be >= 1, or 0 for one slot per sampled row", lambda v: v >= 0),
     ("data", "decode_steps_per_call"): _POSITIVE,
+    ("data", "max_privileged_len"): ("must be >= 0 (0 = 2 x max_prompt_len)", lambda v: v >= 0),
     ("loss", "topk"): _POSITIVE, ("loss", "seq_chunk"): _POSITIVE,
     ("loss", "clip_eps"): ("must be > 0", lambda v: v > 0),
     ("loss", "is_cap"): ("must be 0 (no importance weights) or >= 1 (a cap below 1 would shrink every on-policy "
@@ -335,7 +338,37 @@ def validate(cfg: Config) -> Config:
         raise OpdError(f"config train.micro_batch must be a number of rows >= 0 (0 = all rows) or auto, got {mb!r}")
     if not cfg.train.out_dir:
         raise OpdError("config train.out_dir must name a folder")
+    for i, t in enumerate(cfg.teachers):
+        check_teacher(t, f"teachers[{i}] ({t.name!r})")
     return cfg
+
+
+def check_teacher(t: TeacherSpec, where: str):
+    """One-line errors for a teacher entry's numbers, url and privileged template (before anything is
+    read or written)."""
+    import math
+    import string
+
+    if isinstance(t.timeout, bool) or not isinstance(t.timeout, (int, float)) or not math.isfinite(t.timeout) \
+            or t.timeout <= 0:
+        raise OpdError(f"config {where}.timeout must be a finite number of seconds > 0, got {t.timeout!r}")
+    if isinstance(t.retries, bool) or not isinstance(t.retries, int) or t.retries < 0:
+        raise OpdError(f"config {where}.retries must be a whole number >= 0, got {t.retries!r}")
+    for key in ("max_prompt_len", "max_new_tokens"):
+        if getattr(t, key) < 0:
+            raise OpdError(f"config {where}.{key} must be >= 0 (0 = twice the data's), got {getattr(t, key)!r}")
+    if t.url is not None:
+        from opd_jax.serving import split_url
+        split_url(t.url, f"config {where}.url")
+    if t.privileged:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(t.privileged_template) if f is not None}
+        except ValueError as e:
+            raise OpdError(f"config {where}.privileged_template {t.privileged_template!r} is not a template: {e}") from None
+        unknown = sorted(fields - {"prompt", "answer"})
+        if unknown:
+            raise OpdError(f"config {where}.privileged_template has field {{{unknown[0]}}}; only {{prompt}} and "
+                           "{answer} can be filled")
 
 
 def to_dict(cfg) -> dict:

@@ -247,3 +247,15 @@ class Checkpoints:
         if stop:
             print(f"opd-jax: preempted (SIGTERM): saved step {ctx.done}; continue with --resume", flush=True)
             ctx.stop = True
+
+    def abandoned(self, done: int, state):
+        """SIGTERM abandoned step done + 1 (a served call): save the state after `done` steps unless it
+        is already saved (or is the run's start), then the run stops."""
+        saved = self.mgr.latest_step()
+        if done > 0 and saved != done:
+            self.skips.flush()
+            ckpt.save(self.mgr, done, state)
+            saved = done
+        print(f"opd-jax: preempted (SIGTERM) during step {done + 1}, which was abandoned; "
+              + (f"the checkpoint at step {saved} stands; continue with --resume" if saved is not None
+                 else "no step had finished, so no checkpoint was written"), flush=True)

@@ -43,6 +43,7 @@ from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.horizon import truncate
+from opd_jax.preemption import STOP, StepAbandoned
 from opd_jax.rollouts import Batch
 from opd_jax.stream import Stream
 
@@ -53,6 +54,17 @@ def staleness(versions, mask, step: int) -> np.ndarray:
     v = np.where(np.asarray(mask) > 0, np.asarray(versions), np.iinfo(np.int32).max)
     oldest = v.min(1)
     return np.where(oldest == np.iinfo(np.int32).max, 0, step - oldest).astype(np.int64)
+
+
+def staleness_histogram(stale, k: int, keys: int = 4) -> dict:
+    """Sequences per staleness, as a handful of metric keys whatever k is: rollout/staleness_i for
+    i < min(k, keys), and the last key counting every staleness from there to k (`staleness_K` when
+    that is k itself, else `staleness_{i}plus`); sequences staler than k are dropped, not counted here."""
+    top, stale = min(k, keys), np.asarray(stale)
+    hist = np.bincount(np.minimum(stale[stale <= k], top), minlength=top + 1)[:top + 1]  # past k: rollout/dropped
+    out = {f"rollout/staleness_{i}": float(c) for i, c in enumerate(hist[:top])}
+    out[f"rollout/staleness_{top}" + ("plus" if top < k else "")] = float(hist[top])
+    return out
 
 
 def copy_params(params, shardings=None):
@@ -112,7 +124,9 @@ class Pipeline:
         t0 = time.perf_counter()
         with self.cv:
             while step not in self.ready and self.error is None:
-                self.cv.wait(0.5)
+                if STOP.is_set():  # SIGTERM: the sampler may be waiting on a served teacher
+                    raise StepAbandoned(f"SIGTERM while waiting for batch {step}")
+                self.cv.wait(0.1)
             if self.error is not None:
                 raise self.error
             batch = self.ready.pop(step)
@@ -150,8 +164,11 @@ class Pipeline:
             self._sample()
         except BaseException as e:  # handed to the learner at its next take
             with self.cv:
-                self.error = e if isinstance(e, OpdError) else OpdError(f"the sampler thread failed: {e!r}")
-                self.error.__cause__ = e
+                if isinstance(e, (OpdError, StepAbandoned)):
+                    self.error = e
+                else:
+                    self.error = OpdError(f"the sampler thread failed: {e!r}")
+                    self.error.__cause__ = e
                 self.cv.notify_all()
 
     def sampler_version(self, b: int) -> int:
@@ -207,8 +224,7 @@ class Pipeline:
         batch = Batch({"on": part}, rep, texts, rewards, stream.stats)
         if "off" in self.ro.rows.parts:
             batch.arrays["off"] = self.ro.off_policy(examples)
-        hist = np.bincount(np.minimum(stale, self.k + 1), minlength=self.k + 2)
-        batch.async_metrics = {f"rollout/staleness_{i}": float(c) for i, c in enumerate(hist[:self.k + 1])}
+        batch.async_metrics = staleness_histogram(stale, self.k)
         batch.async_metrics["rollout/dropped"] = float(drop.sum())
         batch.async_metrics["rollout/staleness_mean"] = float(stale.mean())
         batch.versions = versions

@@ -12,40 +12,75 @@ Entry j of a row's `prompt_logprobs` is the distribution at position j given tok
 most likely ids plus the prompt's own token j (so the sampled token's log-prob is always there).
 The client sends only each row's real tokens (padding dropped) and reads back, at every completion
 position, the sampled token's log-prob and the top k (ids and log-probs; the tail bucket
-log(1 - sum top-k) follows from them). Payload per token: k + 1 (id, log-prob) pairs.
+log(1 - sum top-k) follows from them). Payload per token: k + 1 (id, log-prob) pairs. `url` may be
+the server's root (http://host:port) or its OpenAI base (http://host:port/v1).
 
 `opd-jax serve-teacher --model DIR --port P` serves a JAX teacher with this protocol (it also answers
 GET /v1/models with the vocabulary size and POST /tokenize). Its log-probs are at the request's
 temperature; vLLM's prompt log-probs are the raw model's (temperature 1), so a vLLM teacher needs
 data.temperature 1.
 
-Failures: a refused connection, a timeout, an HTTP error or a malformed reply is retried with
-exponential backoff (`retries` times); then the run stops with one line naming the URL. A step is
-only trained on when every row's scores arrived.
+Failures. `timeout` is one deadline for the whole scoring call: connecting, sending, every byte of
+the reply, and the retries with their backoff (doubling from `backoff`, at most 8 s a wait). A
+refused connection, an HTTP 5xx, a reply that misses the deadline or a reply that fails validation is
+retried while the deadline allows; an HTTP 4xx or a redirect (never followed) is not. Then the run
+stops with one line naming the teacher, the URL and what was wrong. Every reply is validated before
+anything reaches the loss (`parse_scores`): finite log-probs <= 0 whose probabilities sum to <= 1,
+ids inside the vocabulary and distinct, k entries and the sampled token at every position, one
+choice per row in the order asked. SIGTERM (`preemption.STOP`) abandons a call within 0.1 s
+(`preemption.StepAbandoned`); the trainer then keeps the last finished step.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
+import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
 from opd_jax.errors import OpdError
+from opd_jax.preemption import STOP, StepAbandoned
+
+MAX_BACKOFF = 8.0  # seconds: the longest wait between two tries
+LOGPROB_TOL = 1e-3  # a served log-prob may exceed 0, and a position's probabilities 1, by this much (rounding)
+MAX_REPLY = 1 << 30  # bytes: a longer reply is refused
 
 
-# ----------------------------------------------------------------------------- client
+def split_url(url: str, what: str = "url") -> tuple[str, str, int, str]:
+    """http(s)://host[:port][/base][/v1] -> (scheme, host, port, base path without /v1); one-line error
+    for anything else."""
+    u = urllib.parse.urlsplit(str(url))
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme not in ("http", "https") or not u.hostname or port == -1 or u.query or u.fragment:
+        raise OpdError(f"{what} {url!r} is not an http(s)://host:port address of a server")
+    base = u.path.rstrip("/")
+    if base.endswith("/v1"):  # the OpenAI client's form (what vLLM users type): the routes add /v1 themselves
+        base = base[:-3]
+    return u.scheme, u.hostname, port or (443 if u.scheme == "https" else 80), base
+
+
+class _Retry(Exception):
+    """A try failed in a way another try may not: message for the final error."""
+
+
+class _Final(Exception):
+    """A try failed in a way no retry can help (a 4xx, a redirect)."""
 
 
 @dataclass
 class ServedTeacher:
-    """A teacher scored over HTTP. url: the server's base (http://host:port); model: the name sent in
-    requests; timeout (s) per request; retries after the first try; backoff: the first wait (doubles)."""
+    """A teacher scored over HTTP. url: the server's base (http://host:port or http://host:port/v1);
+    model: the name sent in requests; timeout (s): the deadline of one whole scoring call, retries
+    included; retries after the first try; backoff: the first wait (doubles, at most MAX_BACKOFF)."""
 
     name: str
     url: str
@@ -53,44 +88,128 @@ class ServedTeacher:
     timeout: float = 60.0
     retries: int = 4
     backoff: float = 0.5
+    vocab_size: int = 0  # the student's vocabulary, set by `check` (0: ids are only checked to be >= 0)
     payload_bytes: int = 0  # response bytes received so far
     payload_tokens: int = 0  # completion tokens they scored
     privileged: str = ""  # OPSD: as teachers.Teacher (the server scores whatever prompt it is sent)
     template: str = ""
 
-    def _call(self, path: str, body: dict | None = None) -> dict:
-        url = self.url.rstrip("/") + path
+    def __post_init__(self):
+        self.scheme, self.host, self.port, self.base = split_url(self.url, f"teacher {self.name!r}: url")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            raise OpdError(f"teacher {self.name!r}: timeout must be a finite number of seconds > 0, got {self.timeout!r}")
+        if not isinstance(self.retries, int) or isinstance(self.retries, bool) or self.retries < 0:
+            raise OpdError(f"teacher {self.name!r}: retries must be a whole number >= 0, got {self.retries!r}")
+
+    def _where(self, path: str) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}{self.base}{path}"
+
+    def _once(self, path: str, data: bytes | None, deadline: float) -> bytes:
+        """One HTTP exchange that ends by `deadline` (time.monotonic) or on SIGTERM: a watchdog thread
+        shuts the socket, so a server that trickles its reply cannot hold the call. -> the 200 body."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Retry(f"no complete reply within the {self.timeout:g} s deadline")
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = cls(self.host, self.port, timeout=remaining)
+        done, why = threading.Event(), []
+
+        def watch():
+            while not done.wait(0.05):
+                if STOP.is_set() or time.monotonic() > deadline:
+                    why.append("stop" if STOP.is_set() else "deadline")
+                    try:
+                        if conn.sock is not None:
+                            conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+
+        threading.Thread(target=watch, name="opd-served-watchdog", daemon=True).start()
+        try:
+            headers = {"Content-Type": "application/json", "Accept": "application/json"}
+            conn.request("GET" if data is None else "POST", self.base + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read(MAX_REPLY + 1)
+            status, reason = resp.status, resp.reason
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            if why:
+                if why[0] == "stop":
+                    raise StepAbandoned(f"SIGTERM during a call to teacher {self.name!r}") from None
+                raise _Retry(f"no complete reply within the {self.timeout:g} s deadline") from None
+            raise _Retry(str(getattr(e, "reason", None) or e) or type(e).__name__) from None
+        finally:
+            done.set()
+            conn.close()
+        if len(raw) > MAX_REPLY:
+            raise _Final(f"the reply is over {MAX_REPLY} bytes")
+        if 300 <= status < 400:
+            raise _Final(f"HTTP {status} {reason}: redirects are not followed (give the server's own address)")
+        if status != 200:
+            detail = ""
+            try:
+                detail = str(json.loads(raw).get("error", ""))[:200]
+            except (ValueError, AttributeError):
+                pass
+            msg = f"HTTP {status} {reason}" + (f" ({detail})" if detail else "")
+            raise (_Final if 400 <= status < 500 and status not in (408, 429) else _Retry)(msg)
+        return raw
+
+    def _call(self, path: str, body: dict | None = None, parse=lambda reply: reply):
+        """POST `body` (GET without one) to `path`, validate with parse(reply dict) (a ValueError there is
+        a bad reply: retried), retry within the deadline -> parse's result."""
         data = None if body is None else json.dumps(body).encode()
-        last = "no reply"
+        start = time.monotonic()
+        deadline = start + self.timeout
+        last, tries = "no reply", 0
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    raw = r.read()
-                reply = json.loads(raw)
-                if not isinstance(reply, dict):
-                    raise ValueError("the reply is not a JSON object")
-                self.payload_bytes += len(raw) if body is not None else 0
-                return reply
-            except urllib.error.HTTPError as e:
-                last = f"HTTP {e.code} {e.reason}"
-                if e.code in (400, 404, 422):  # the request itself is wrong: retrying cannot help
+                wait = min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+                if time.monotonic() + wait >= deadline:
                     break
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                last = str(getattr(e, "reason", e))
-            except ValueError as e:
-                last = f"malformed reply ({e})"
-        raise OpdError(f"teacher {self.name!r} at {url} failed after {attempt + 1} tries: {last}")
+                if STOP.wait(wait):
+                    raise StepAbandoned(f"SIGTERM while retrying teacher {self.name!r}")
+            tries += 1
+            try:
+                raw = self._once(path, data, deadline)
+                try:
+                    reply = json.loads(raw)
+                except ValueError as e:
+                    raise _Retry(f"malformed reply (not JSON: {e})") from None
+                if not isinstance(reply, dict):
+                    raise _Retry("malformed reply (not a JSON object)")
+                try:
+                    out = parse(reply)
+                except (ValueError, TypeError, KeyError, AttributeError) as e:
+                    raise _Retry(f"malformed reply ({e})") from None
+                self.payload_bytes += len(raw) if body is not None else 0
+                return out
+            except _Retry as e:
+                last = str(e)
+            except _Final as e:
+                last = str(e)
+                break
+        raise OpdError(f"teacher {self.name!r} at {self._where(path)} failed after {tries} "
+                       f"{'try' if tries == 1 else 'tries'}: {last}")
 
     def check(self, vocab_size: int, tokenizer=None):
         """Refuse, before the first step, a server whose vocabulary differs from the student's (its
         reported vocab_size, else its /tokenize of a probe text against the student tokenizer's)."""
-        models = self._call("/v1/models").get("data") or [{}]
-        served = models[0].get("vocab_size")
+        self.vocab_size = vocab_size
+
+        def served_vocab(reply):
+            models = reply.get("data")
+            if not isinstance(models, list) or not models or not all(isinstance(m, dict) for m in models):
+                raise ValueError("/v1/models has no list of models under 'data'")
+            mine = [m for m in models if m.get("id") == self.model] or models
+            v = mine[0].get("vocab_size")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"vocab_size {v!r} is not a whole number >= 1")
+            return v
+
+        served = self._call("/v1/models", parse=served_vocab)
         if served is not None:
-            if int(served) != vocab_size:
+            if served != vocab_size:
                 raise OpdError(f"teacher {self.name!r} at {self.url} has vocabulary {served} but the student has "
                                f"{vocab_size}; they must share a tokenizer")
             return
@@ -98,51 +217,40 @@ class ServedTeacher:
             raise OpdError(f"teacher {self.name!r} at {self.url} reports no vocab_size and no tokenizer was given "
                            "to compare with")
         probe = "The teacher and the student must share 1 tokenizer: 2 + 2 = 4."
-        theirs = self._call("/tokenize", {"model": self.model, "prompt": probe, "add_special_tokens": False})
+
+        def tokens(reply):
+            ids = reply.get("tokens")
+            if not isinstance(ids, list):
+                raise ValueError("/tokenize gave no 'tokens' list")
+            return ids
+
+        theirs = self._call("/tokenize", {"model": self.model, "prompt": probe, "add_special_tokens": False}, tokens)
         ours = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        if list(theirs.get("tokens", [])) != list(ours):
+        if list(theirs) != list(ours):
             raise OpdError(f"teacher {self.name!r} at {self.url} tokenizes differently from the student; they "
                            "must share a tokenizer")
 
     def score(self, tokens, full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
         """tokens, full_mask [B, P+N] (host) -> what="logprobs": [B, N] float32 log q(y_t); "topk":
-        (log-probs [B, N, k] float32, ids [B, N, k] int32); zeros past each row's end."""
+        (log-probs [B, N, k] float32, ids [B, N, k] int32); zeros past each row's end. Nothing is
+        returned from a reply that fails `parse_scores`."""
         if what not in ("logprobs", "topk"):
             raise OpdError(f"a served teacher hands over log-probs or top-k, not {what}; use loss.estimator_type "
                            "sampled or topk")
         tokens, full_mask = np.asarray(tokens), np.asarray(full_mask)
-        b, total = tokens.shape
-        n = total - prompt_len
         rows, firsts = [], []
-        for i in range(b):
+        for i in range(tokens.shape[0]):
             keep = full_mask[i] > 0
             rows.append([int(t) for t in tokens[i][keep]])
             firsts.append(int(keep[:prompt_len].sum()))  # index of the first completion token in the row
         k = max(topk, 1) if what == "topk" else 1  # log-probs only: the sampled token comes with any k
-        reply = self._call("/v1/completions", {"model": self.model, "prompt": rows, "max_tokens": 1,
-                                               "prompt_logprobs": k, "temperature": temperature})
-        choices = sorted(reply.get("choices") or [], key=lambda c: c.get("index", 0))
-        if len(choices) != b:
-            raise OpdError(f"teacher {self.name!r} at {self.url} answered {len(choices)} rows of {b}")
-        lp = np.zeros((b, n), np.float32)
-        top_lp, top_id = np.zeros((b, n, k), np.float32), np.zeros((b, n, k), np.int32)
-        mask_new = full_mask[:, prompt_len:] > 0
-        for i, c in enumerate(choices):
-            entries = c.get("prompt_logprobs")
-            if not isinstance(entries, list) or len(entries) != len(rows[i]):
-                raise OpdError(f"teacher {self.name!r} at {self.url}: row {i} has {len(rows[i])} tokens but the "
-                               f"reply's prompt_logprobs has {len(entries) if isinstance(entries, list) else 'none'}")
-            for j in range(int(mask_new[i].sum())):
-                entry = entries[firsts[i] + j]
-                tok = rows[i][firsts[i] + j]
-                try:
-                    lp[i, j] = entry[str(tok)]["logprob"]
-                    ranked = sorted(((v["logprob"], int(t)) for t, v in entry.items()), reverse=True)[:k]
-                except (KeyError, TypeError, ValueError, AttributeError):
-                    raise OpdError(f"teacher {self.name!r} at {self.url}: malformed prompt_logprobs at row {i}, "
-                                   f"position {firsts[i] + j}") from None
-                top_lp[i, j], top_id[i, j] = [x for x, _ in ranked], [t for _, t in ranked]
-        self.payload_tokens += int(mask_new.sum())
+        n = tokens.shape[1] - prompt_len
+        lens = (full_mask[:, prompt_len:] > 0).sum(1)
+        lp, top_lp, top_id = self._call(
+            "/v1/completions", {"model": self.model, "prompt": rows, "max_tokens": 1, "prompt_logprobs": k,
+                                "temperature": temperature},
+            lambda reply: parse_scores(reply, rows, firsts, lens, n, k, self.vocab_size))
+        self.payload_tokens += int(lens.sum())
         return lp if what == "logprobs" else (top_lp, top_id)
 
     @property
@@ -150,11 +258,120 @@ class ServedTeacher:
         return self.payload_bytes / max(self.payload_tokens, 1)
 
 
+def _number(x, where: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ValueError(f"{where}: log-prob {x!r} is not a number")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{where}: log-prob {x} is not finite")
+    if x > LOGPROB_TOL:
+        raise ValueError(f"{where}: log-prob {x} is above 0")
+    return x
+
+
+def parse_scores(reply: dict, rows, firsts, lens, n: int, k: int, vocab: int = 0):
+    """A /v1/completions reply -> (sampled-token log-probs [B, N], top-k log-probs [B, N, k], top-k ids
+    [B, N, k]) at the completion positions (row i's position j is entry firsts[i] + j of its
+    prompt_logprobs, for j < lens[i]; zeros past the end). Raises ValueError naming the row, the
+    position and what is wrong: choices not one per row in the order asked (`index` 0..B-1), an entry
+    count that is not the row's length, an id that is not a whole number in [0, vocab) or repeats, a
+    log-prob not finite or above 0, probabilities summing past 1, fewer than k ids, the sampled token
+    missing."""
+    b = len(rows)
+    choices = reply.get("choices")
+    if not isinstance(choices, list) or len(choices) != b or not all(isinstance(c, dict) for c in choices):
+        got = len(choices) if isinstance(choices, list) else type(choices).__name__
+        raise ValueError(f"'choices' must be a list of {b} objects (one per row), got {got}")
+    index = [c.get("index", i) for i, c in enumerate(choices)]
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in index) or sorted(index) != list(range(b)):
+        raise ValueError(f"the choices' indices are {index}, not each of 0..{b - 1} once")
+    choices = [choices[index.index(i)] for i in range(b)]
+    lp = np.zeros((b, n), np.float32)
+    top_lp, top_id = np.zeros((b, n, k), np.float32), np.zeros((b, n, k), np.int32)
+    for i, c in enumerate(choices):
+        entries = c.get("prompt_logprobs")
+        if not isinstance(entries, list) or len(entries) != len(rows[i]):
+            have = len(entries) if isinstance(entries, list) else "none"
+            raise ValueError(f"row {i} has {len(rows[i])} tokens but its prompt_logprobs has {have}")
+        for j in range(int(lens[i])):
+            e = firsts[i] + j
+            where, tok = f"row {i}, position {e}", rows[i][e]
+            entry = entries[e]
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: the entry is {type(entry).__name__}, not an object of ids")
+            scored = {}
+            for key, v in entry.items():
+                try:
+                    t = int(key)
+                except ValueError:
+                    raise ValueError(f"{where}: id {key!r} is not a whole number") from None
+                if t < 0 or (vocab and t >= vocab):
+                    raise ValueError(f"{where}: id {t} is outside the vocabulary [0, {vocab or 'V'})")
+                if t in scored:
+                    raise ValueError(f"{where}: id {t} appears twice")
+                if not isinstance(v, dict):
+                    raise ValueError(f"{where}: id {t} has no log-prob object")
+                scored[t] = _number(v.get("logprob"), f"{where}, id {t}")
+            if tok not in scored:
+                raise ValueError(f"{where}: the sampled token {tok} is missing")
+            if len(scored) < k:
+                raise ValueError(f"{where}: {len(scored)} ids where the top {k} were asked for")
+            mass = sum(math.exp(x) for x in scored.values())
+            if mass > 1 + LOGPROB_TOL:
+                raise ValueError(f"{where}: the probabilities sum to {mass:.4f} > 1")
+            ranked = sorted(((x, t) for t, x in scored.items()), reverse=True)[:k]
+            lp[i, j] = scored[tok]
+            top_lp[i, j], top_id[i, j] = [x for x, _ in ranked], [t for _, t in ranked]
+    return lp, top_lp, top_id
+
+
 # ----------------------------------------------------------------------------- server
 
+MAX_BODY = 64 << 20  # bytes: a longer request body is refused (413) unread
+READ_TIMEOUT = 10.0  # seconds a request may take to arrive (a lying Content-Length ends here: 408)
 
-def _handler(score, vocab_size: int, name: str, tokenizer):
+
+class BadRequest(Exception):
+    def __init__(self, code: int, msg: str):
+        super().__init__(msg)
+        self.code = code
+
+
+def check_request(body, vocab_size: int, context: int) -> tuple[list, int, float]:
+    """A /v1/completions body -> (rows of ids, k, temperature), or BadRequest (400) naming the problem:
+    rows of whole-number ids in [0, vocab_size), none empty nor longer than the context; max_tokens 1;
+    prompt_logprobs a whole number in [1, vocab_size]; temperature finite and > 0."""
+    if not isinstance(body, dict):
+        raise BadRequest(400, "the body must be a JSON object")
+    prompts = body.get("prompt")
+    if isinstance(prompts, list) and prompts and all(isinstance(t, int) for t in prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) for p in prompts):
+        raise BadRequest(400, "prompt must be a list of token ids or a list of such lists (this server scores ids)")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise BadRequest(400, f"prompt {i} is empty")
+        if len(p) > context:
+            raise BadRequest(400, f"prompt {i} has {len(p)} tokens, past the model's context of {context}")
+        bad = [t for t in p if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise BadRequest(400, f"prompt {i} holds id {bad[0]!r}, outside the vocabulary [0, {vocab_size})")
+    mt, k, temp = body.get("max_tokens", 1), body.get("prompt_logprobs"), body.get("temperature", 1.0)
+    if mt != 1 or isinstance(mt, bool):
+        raise BadRequest(400, "this server scores prompts only: max_tokens must be 1")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab_size:
+        raise BadRequest(400, f"prompt_logprobs must be a whole number in [1, {vocab_size}], got {k!r}")
+    if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not math.isfinite(temp) or temp <= 0:
+        raise BadRequest(400, f"temperature must be a finite number > 0, got {temp!r}")
+    return prompts, k, float(temp)
+
+
+def _handler(score, vocab_size: int, context: int, name: str, tokenizer, max_body: int, read_timeout: float):
+    from http.server import BaseHTTPRequestHandler
+
     class Handler(BaseHTTPRequestHandler):
+        timeout = read_timeout  # every read of the request (headers and body)
+
         def log_message(self, *args):  # quiet
             pass
 
@@ -163,80 +380,115 @@ def _handler(score, vocab_size: int, name: str, tokenizer):
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(raw)))
+            if code >= 400:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(raw)
 
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
-                return self._send(200, {"object": "list", "data": [{"id": name, "object": "model",
-                                                                   "owned_by": "opd-jax", "vocab_size": vocab_size}]})
+                return self._send(200, {"object": "list", "data": [{
+                    "id": name, "object": "model", "owned_by": "opd-jax", "vocab_size": vocab_size,
+                    "max_model_len": context}]})
             self._send(404, {"error": f"no route {self.path}"})
+
+        def _body(self):
+            raw_len = self.headers.get("Content-Length")
+            if raw_len is None:
+                raise BadRequest(411, "a Content-Length header is required")
+            try:
+                n = int(raw_len)
+            except ValueError:
+                raise BadRequest(400, f"Content-Length {raw_len!r} is not a number") from None
+            if n < 0:
+                raise BadRequest(400, f"Content-Length {n} is negative")
+            if n > max_body:
+                raise BadRequest(413, f"the body of {n} bytes is over the {max_body}-byte cap")
+            try:
+                raw = self.rfile.read(n)
+            except (TimeoutError, socket.timeout):
+                raise BadRequest(408, f"the body did not arrive within {read_timeout:g} s "
+                                      f"(Content-Length {n} larger than the body?)") from None
+            if len(raw) != n:
+                raise BadRequest(400, f"the body has {len(raw)} bytes, not the {n} of its Content-Length")
+            try:
+                return json.loads(raw)
+            except ValueError as e:
+                raise BadRequest(400, f"the body is not JSON: {e}") from None
 
         def do_POST(self):
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                if self.path.rstrip("/") == "/tokenize" and tokenizer is not None:
-                    return self._send(200, {"tokens": tokenizer(body["prompt"], add_special_tokens=False)["input_ids"]})
-                if self.path.rstrip("/") != "/v1/completions":
+                route = self.path.rstrip("/")
+                if route not in ("/tokenize", "/v1/completions") or (route == "/tokenize" and tokenizer is None):
                     return self._send(404, {"error": f"no route {self.path}"})
-                prompts = body["prompt"]
-                prompts = [prompts] if prompts and isinstance(prompts[0], int) else prompts
-                k = int(body.get("prompt_logprobs") or 0)
-                if int(body.get("max_tokens", 1)) != 1 or k < 1 or not prompts:
-                    return self._send(400, {"error": "this server scores prompts only: max_tokens 1, prompt_logprobs >= 1"})
-                choices = [{"index": i, "text": "", "finish_reason": "length",
-                            "prompt_logprobs": score(p, k, float(body.get("temperature", 1.0)))}
-                           for i, p in enumerate(prompts)]
+                body = self._body()
+                if route == "/tokenize":
+                    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+                        raise BadRequest(400, "prompt must be a string")
+                    return self._send(200, {"tokens": tokenizer(body["prompt"], add_special_tokens=False)["input_ids"]})
+                rows, k, temperature = check_request(body, vocab_size, context)
+                choices = [{"index": i, "text": "", "finish_reason": "length", "prompt_logprobs": entries}
+                           for i, entries in enumerate(score(rows, k, temperature))]
                 self._send(200, {"object": "text_completion", "model": name, "choices": choices})
-            except (KeyError, TypeError, ValueError) as e:
-                self._send(400, {"error": f"bad request: {e}"})
+            except BadRequest as e:
+                self._send(e.code, {"error": str(e)})
+            except Exception as e:  # the server stays up and the client gets an answer
+                self._send(500, {"error": f"{type(e).__name__}: {e}"})
 
     return Handler
 
 
 def make_scorer(model):
-    """score(ids, k, temperature) -> vLLM-style prompt_logprobs of one prompt (a list of ids), from an
-    opd_jax Transformer: entry 0 is None; entry j holds the top k and token j at position j."""
-    import jax
+    """score(rows, k, temperature) -> per row, vLLM-style prompt_logprobs (entry 0 None; entry j the
+    top k at position j and token j). All rows in one batched forward through the local teachers'
+    chunked scorer (`teachers.teacher_scores`, no [T, V] log-softmax), padded to powers of two so few
+    shapes compile. A token outside the top k gets rank null (its rank is not computed)."""
     import jax.numpy as jnp
     from flax import nnx
 
+    from opd_jax.teachers import teacher_scores
+
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def logprobs(state, ids, mask, temperature):  # [1, T] -> [T-1, V]: row j-1 is the distribution of token j
-        m = nnx.merge(graphdef, state)
-        h = m.completion_hidden(ids, mask, 1)
-        return jax.nn.log_softmax(m.logits(h).astype(jnp.float32) / temperature, -1)[0]
-
     lock = threading.Lock()
 
-    def score(ids, k, temperature):
-        ids = [int(t) for t in ids]
-        n = 1 << max(3, (len(ids) - 1).bit_length())  # padded to a power of two: few compiled shapes
-        padded, mask = np.zeros((1, n), np.int32), np.zeros((1, n), np.int32)
-        padded[0, :len(ids)], mask[0, :len(ids)] = ids, 1
+    def score(rows, k, temperature):
+        b = 1 << max(0, (len(rows) - 1).bit_length())
+        t = 1 << max(3, (max(map(len, rows)) - 1).bit_length())
+        tokens, mask = np.zeros((b, t), np.int32), np.zeros((b, t), np.int32)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)], mask[i, :len(r)] = r, 1
+        kw = dict(prompt_len=1, temperature=float(temperature))  # position 0 is the "prompt": every later one scored
         with lock:
-            lp = np.asarray(logprobs(state, jnp.asarray(padded), jnp.asarray(mask), jnp.float32(temperature)))
-        out = [None]
-        for j in range(1, len(ids)):
-            row = lp[j - 1]
-            top = np.argsort(-row, kind="stable")[:k]
-            entry = {str(int(t)): {"logprob": float(row[t]), "rank": r + 1, "decoded_token": None}
-                     for r, t in enumerate(top)}
-            tok = ids[j]
-            if str(tok) not in entry:
-                entry[str(tok)] = {"logprob": float(row[tok]), "rank": int((row > row[tok]).sum()) + 1,
-                                   "decoded_token": None}
-            out.append(entry)
+            tok_lp = np.asarray(teacher_scores(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
+                                               what="logprobs", **kw))
+            top_lp, top_id = (np.asarray(x) for x in teacher_scores(graphdef, state, jnp.asarray(tokens),
+                                                                    jnp.asarray(mask), what="topk", topk=k, **kw))
+        out = []
+        for i, r in enumerate(rows):
+            entries = [None]
+            for j in range(1, len(r)):
+                entry = {str(int(x)): {"logprob": float(v), "rank": q + 1, "decoded_token": None}
+                         for q, (v, x) in enumerate(zip(top_lp[i, j - 1], top_id[i, j - 1]))}
+                entry.setdefault(str(r[j]), {"logprob": float(tok_lp[i, j - 1]), "rank": None, "decoded_token": None})
+                entries.append(entry)
+            out.append(entries)
         return out
 
     return score
 
 
-def serve(model, port: int, host: str = "127.0.0.1", name: str = "teacher", tokenizer=None) -> ThreadingHTTPServer:
+def serve(model, port: int, host: str = "127.0.0.1", name: str = "teacher", tokenizer=None, *,
+          max_body: int = MAX_BODY, read_timeout: float = READ_TIMEOUT):
     """Start serving `model` (an opd_jax Transformer) on host:port in a background thread -> the server
-    (call .shutdown() to stop)."""
-    server = ThreadingHTTPServer((host, port), _handler(make_scorer(model), model.cfg.vocab_size, name, tokenizer))
+    (call .shutdown() to stop). Bad requests get a 4xx with a JSON error; the server stays up."""
+    from http.server import ThreadingHTTPServer
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise OpdError(f"port must be a whole number in [0, 65535], got {port!r}")
+    handler = _handler(make_scorer(model), model.cfg.vocab_size, model.cfg.max_position_embeddings, name, tokenizer,
+                       max_body, read_timeout)
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="opd-teacher-server", daemon=True).start()
     return server

@@ -114,7 +114,7 @@ def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None,
                            f"{privileged_rows[1]} = {sum(privileged_rows)} exceeds its context {context}")
         cross = None
         if cfg is not None and name in xtok_names(cfg):
-            cross = build_cross_view(spec, cfg, tokenizer, stop, vocab, context)
+            cross = build_cross_view(spec, cfg, tokenizer, stop, vocab, context, model.cfg)
         elif vocab != student.cfg.vocab_size:
             raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
                            "they must share a tokenizer, or set loss.cross_tokenizer bpm (or uld)")

@@ -35,7 +35,7 @@ from opd_jax.hooks import Checkpoints, HorizonTrace, Logger, Progress, SkipCount
 from opd_jax.losses.registry import uses_rl
 from opd_jax.pipeline import Pipeline
 from opd_jax.metrics import MetricsWriter, SamplesWriter, plot_metrics
-from opd_jax.preemption import Preemption
+from opd_jax.preemption import Preemption, StepAbandoned
 from opd_jax.run import Run, build_run, build_student  # noqa: F401 - build_student: public name kept here
 from opd_jax.run_folder import RunLock, check_resume_config, check_writable, input_paths, write_config
 from opd_jax.timing import PhaseTimer
@@ -56,11 +56,16 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
             if log:  # earlier steps' queued work is not this step's phases
                 jax.block_until_ready(state)
             timer = PhaseTimer(sync=log)
-            if pipe is None:
-                batch = run.rollouts.collect(step, state, decode=evaluating or decode_always, timer=timer)
-            else:  # sampled (and scored) by the sampler thread while the previous update ran
-                batch = pipe.take(step)
-                timer.mark("rollout_wait")
+            try:
+                if pipe is None:
+                    batch = run.rollouts.collect(step, state, decode=evaluating or decode_always, timer=timer)
+                else:  # sampled (and scored) by the sampler thread while the previous update ran
+                    batch = pipe.take(step)
+                    timer.mark("rollout_wait")
+            except StepAbandoned:  # SIGTERM while a served teacher was answering: keep the last finished step
+                for hook in hooks:
+                    getattr(hook, "abandoned", lambda *a: None)(step, state)
+                break
             teacher_w = run.teacher_w if run.live_w is None else run.live_w(state.params)  # self_live: current
             state, metrics = timer.mark("update", *run.update(state, batch.arrays, teacher_w))
             if pipe is not None:

@@ -95,13 +95,49 @@ def tokenizer_folder(spec) -> str:
     return folder
 
 
-def build_cross_view(spec, cfg, student_tok, stop: tuple, teacher_vocab: int, context: int) -> CrossView:
-    """The CrossView of teacher `spec` (its tokenizer folder: spec.tokenizer, else its model folder)."""
+def check_tokenizer_fits(name: str, folder, tok, model_cfg, model_dir=None):
+    """One line when teacher `name`'s tokenizer (from `folder`) cannot be the one its model was trained
+    with: more tokens than the model's vocabulary, a BOS id that is not the model config's, or an EOS
+    id outside the model's (config.json's eos_token_id, whole list, and generation_config.json's)."""
+    import json
+    from pathlib import Path
+
+    from opd_jax.tasks.tokenizer import stop_ids
+
+    if len(tok) > model_cfg.vocab_size:
+        raise OpdError(f"teacher {name!r}: the tokenizer in {folder} has {len(tok)} tokens but the model only "
+                       f"{model_cfg.vocab_size}; give teachers[].tokenizer, the tokenizer it was trained with")
+    eos = model_cfg.eos_token_id
+    if model_dir is not None and (Path(model_dir) / "config.json").exists():
+        try:
+            eos = json.loads((Path(model_dir) / "config.json").read_text()).get("eos_token_id", eos)
+        except (ValueError, AttributeError):
+            pass
+    model_eos = {e for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
+    if model_eos and tok.eos_token_id is not None:
+        model_eos |= set(stop_ids(type("NoEos", (), {"eos_token_id": None})(), model_dir))
+        if tok.eos_token_id not in model_eos:
+            raise OpdError(f"teacher {name!r}: the tokenizer in {folder} ends text with id {tok.eos_token_id} but the "
+                           f"model's EOS is {sorted(model_eos)}; give teachers[].tokenizer, the tokenizer it was "
+                           "trained with")
+    if model_cfg.bos_token_id is not None and tok.bos_token_id is not None and tok.bos_token_id != model_cfg.bos_token_id:
+        raise OpdError(f"teacher {name!r}: the tokenizer in {folder} starts text with id {tok.bos_token_id} but the "
+                       f"model's BOS is {model_cfg.bos_token_id}; give teachers[].tokenizer, the tokenizer it was "
+                       "trained with")
+
+
+def build_cross_view(spec, cfg, student_tok, stop: tuple, teacher_vocab: int, context: int,
+                     model_cfg=None) -> CrossView:
+    """The CrossView of teacher `spec` (its tokenizer folder: spec.tokenizer, else its model folder);
+    model_cfg: the teacher's ModelConfig, whose vocabulary and BOS / EOS the tokenizer must fit."""
     from opd_jax.tasks import Prompter
     from opd_jax.tasks.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(tokenizer_folder(spec))
-    if len(tok) > teacher_vocab:
+    folder = tokenizer_folder(spec)
+    tok = load_tokenizer(folder)
+    if model_cfg is not None:
+        check_tokenizer_fits(spec.name, folder, tok, model_cfg, spec.path)
+    elif len(tok) > teacher_vocab:
         raise OpdError(f"teacher {spec.name!r}: its tokenizer has {len(tok)} tokens but the model only {teacher_vocab}")
     dc = cfg.data
     p_len = spec.max_prompt_len or 2 * dc.max_prompt_len

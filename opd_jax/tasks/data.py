@@ -18,12 +18,12 @@ from opd_jax.tasks.records import load_records
 class PromptSource:
     """Balanced prompt batches from built-in domains (`domains`) and/or a prompt file (`path`)."""
 
-    def __init__(self, domains: list[str] = (), path: str | None = None, seed: int = 0):
+    def __init__(self, domains: list[str] = (), path: str | None = None, seed: int = 0, need_answer=frozenset()):
         self.seed = seed
         self.pools: dict[str, list[Example]] = {}
         self.generators = {d: get_domain(d) for d in domains}
         if path:
-            for ex in load_records(path):
+            for ex in load_records(path, need_answer):
                 self.pools.setdefault(ex.domain, []).append(ex)
         self.domains = sorted(set(self.generators) | set(self.pools))
         if not self.domains:

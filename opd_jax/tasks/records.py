@@ -95,8 +95,10 @@ def _example(rec, where: str) -> Example:
     return Example(prompt, None if answer is None else str(answer), domain, messages)
 
 
-def load_records(path: str | Path) -> list[Example]:
-    """Every record of a prompt file or `save_to_disk` folder, as Examples, in file order."""
+def load_records(path: str | Path, need_answer=frozenset()) -> list[Example]:
+    """Every record of a prompt file or `save_to_disk` folder, as Examples, in file order. A record of
+    a domain in `need_answer` (its teacher is privileged: it is shown the answer) without an answer is
+    an error naming the file and the row."""
     path = Path(path)
     if not path.exists():
         raise OpdError(f"data.path does not exist: {path}")
@@ -109,6 +111,10 @@ def load_records(path: str | Path) -> list[Example]:
     else:
         raise OpdError(f"data.path {path}: expected a .jsonl, .json or .parquet file or a save_to_disk folder")
     out = [_example(rec, f"{path} row {i}") for i, rec in rows]
+    for (i, _), ex in zip(rows, out):
+        if ex.answer is None and ex.domain in need_answer:
+            raise OpdError(f"{path} row {i}: domain {ex.domain!r} goes to a privileged teacher (it is shown the "
+                           "answer) but the record has no 'answer'")
     if not out:
         raise OpdError(f"{path} holds no records")
     return out

@@ -46,9 +46,15 @@ def load_tokenizer(path: str | Path):
     from opd_jax.errors import OpdError
 
     folder = Path(path)
-    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
-        raise OpdError(f"no tokenizer.json in {folder}")
-    tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left", trust_remote_code=False)
+    if not (folder / "tokenizer.json").exists():
+        have = "only tokenizer_config.json" if (folder / "tokenizer_config.json").exists() else "none"
+        raise OpdError(f"no tokenizer.json in {folder} (tokenizer files there: {have}); opd_jax reads fast "
+                       "tokenizers: save one with tokenizer.save_pretrained")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), padding_side="left", trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - tokenizers / transformers raise many types for a broken file
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise OpdError(f"the tokenizer in {folder} could not be read: {type(e).__name__}: {first}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
