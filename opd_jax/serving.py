@@ -112,26 +112,32 @@ class ServedTeacher:
             raise _Retry(f"no complete reply within the {self.timeout:g} s deadline")
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
         conn = cls(self.host, self.port, timeout=remaining)
-        done, why = threading.Event(), []
+        done, why, sock = threading.Event(), [], []
 
         def watch():
             while not done.wait(0.05):
                 if STOP.is_set() or time.monotonic() > deadline:
                     why.append("stop" if STOP.is_set() else "deadline")
-                    try:
-                        if conn.sock is not None:
-                            conn.sock.shutdown(socket.SHUT_RDWR)
+                    try:  # the socket as connected: http.client drops conn.sock while a reply is still read
+                        if sock:
+                            sock[0].shutdown(socket.SHUT_RDWR)
                     except OSError:
                         pass
                     return
 
         threading.Thread(target=watch, name="opd-served-watchdog", daemon=True).start()
         try:
+            conn.connect()
+            sock.append(conn.sock)
             headers = {"Content-Type": "application/json", "Accept": "application/json"}
             conn.request("GET" if data is None else "POST", self.base + path, body=data, headers=headers)
             resp = conn.getresponse()
-            raw = resp.read(MAX_REPLY + 1)
+            if (resp.length or 0) > MAX_REPLY:
+                raise _Final(f"the reply's Content-Length {resp.length} is over {MAX_REPLY} bytes")
+            raw = resp.read()  # IncompleteRead when the socket is shut before Content-Length bytes
             status, reason = resp.status, resp.reason
+            if why:  # shut down just as the last byte arrived
+                raise OSError("interrupted")
         except (OSError, http.client.HTTPException, ValueError) as e:
             if why:
                 if why[0] == "stop":
@@ -141,8 +147,6 @@ class ServedTeacher:
         finally:
             done.set()
             conn.close()
-        if len(raw) > MAX_REPLY:
-            raise _Final(f"the reply is over {MAX_REPLY} bytes")
         if 300 <= status < 400:
             raise _Final(f"HTTP {status} {reason}: redirects are not followed (give the server's own address)")
         if status != 200:

@@ -55,18 +55,29 @@ def _is_byte_level(tok) -> bool:
     return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
 
 
+def _byte_fallback(tok) -> bool:
+    """SentencePiece-style byte fallback (Llama 2, Mistral, Gemma): characters outside the vocabulary are
+    written as tokens <0x00> .. <0xFF>, one per UTF-8 byte."""
+    model = getattr(getattr(tok, "backend_tokenizer", None), "model", None)
+    return bool(getattr(model, "byte_fallback", False))
+
+
 def token_bytes(tok) -> list[bytes]:
     """[V] the bytes each id decodes to; b"" for special tokens (they are not text). Byte-level BPE
-    pieces go through the byte table; other pieces are UTF-8, with sentencepiece's "▁" a space."""
+    pieces go through the byte table; other pieces are UTF-8, with sentencepiece's "▁" a space, and a
+    byte-fallback tokenizer's <0xNN> the single byte NN."""
     special = set(tok.all_special_ids)
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     out = []
     dec = _byte_decoder() if _is_byte_level(tok) else None
+    fallback = dec is None and _byte_fallback(tok)
     for i, piece in enumerate(pieces):
         if i in special or piece is None:
             out.append(b"")
         elif dec is not None:
             out.append(bytes(dec[c] for c in piece))
+        elif fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            out.append(bytes([int(piece[3:5], 16)]))
         else:
             out.append(piece.replace("\u2581", " ").encode("utf-8"))
     return out

@@ -294,3 +294,48 @@ def test_the_teacher_sees_its_own_template_and_the_same_text(chat_pair, prompt, 
         assert (teacher.eos_token_id in t_comp) == stopped
         if stopped:  # the two EOS are aligned
             assert al.aligned[0, len(comp) - 1] == 1 and al.gather[0, len(comp) - 1] == len(body)
+
+
+def _byte_fallback_tokenizer(merges):
+    """A SentencePiece-style BPE (Llama 2 / Mistral / Gemma): "▁" for a space, <0x00>..<0xFF> for every
+    byte of a character outside its small vocabulary, built with `tokenizers` here."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + list("abcdefgh0123456789+=:,\u2581"))}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_byte_fallback_tokenizers_align_newlines_accents_and_unknown_characters():
+    """<0xNN> pieces are the byte NN: a student and a teacher with different merges give back text with
+    newlines, accents and characters neither has (their bytes), and every row aligns whole (before, the
+    newline token's bytes were the text "<0x0A>" and such rows were dropped)."""
+    from opd_jax.xtok import align_rows, retokenize, token_bytes
+
+    student = _byte_fallback_tokenizer([("a", "b"), ("\u2581", "a"), ("1", "2")])
+    teacher = _byte_fallback_tokenizer([("b", "c"), ("c", "d"), ("bc", "d"), ("2", "+")])
+    s_tab, t_tab = token_bytes(student), token_bytes(teacher)
+    assert s_tab[student.convert_tokens_to_ids("<0x0A>")] == b"\n" and s_tab[student.convert_tokens_to_ids("\u2581a")] == b" a"
+    texts = ["abcd\n12+3", "ab é\nà", "c€ 日本 ab", "\n\nbcd a\u00e9"]
+    for text in texts:
+        for tok, tab in ((student, s_tab), (teacher, t_tab)):
+            ids = retokenize(tok, text.encode(), tab)
+            assert ids is not None and b"".join(tab[i] for i in ids) == text.encode()
+    n, eos = 24, student.eos_token_id
+    rows = [student.encode(t, add_special_tokens=False) + [eos] for t in texts]
+    comp, cmask = np.zeros((len(rows), n), np.int64), np.zeros((len(rows), n), np.int64)
+    for r, ids in enumerate(rows):
+        comp[r, :len(ids)], cmask[r, :len(ids)] = ids, 1
+    al = align_rows(comp, cmask, s_tab, (eos,), teacher, t_tab, 32)
+    assert al.dropped == 0 and al.partial == 0 and al.truncated == 0
+    for r, (text, ids) in enumerate(zip(texts, rows)):
+        t_ids = al.tokens[r, al.mask[r] > 0].tolist()
+        assert t_ids[-1] == teacher.eos_token_id and b"".join(t_tab[i] for i in t_ids[:-1]) == text.encode()
+        assert np.all(al.whole[r, :len(ids)] == 1)
+        assert al.aligned[r, 0] == 1  # both start a token at byte 0

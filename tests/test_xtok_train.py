@@ -256,3 +256,32 @@ def test_the_readme_cross_tokenizer_example_runs_as_written(tmp_path):
     from opd_jax.tasks import load_tokenizer
     s_tok, t_tok = (load_tokenizer(tmp_path / "runs/chat" / n) for n in ("student", "teacher_llama"))
     assert s_tok.get_vocab() != t_tok.get_vocab() and t_tok.bos_token and not s_tok.bos_token
+
+
+def test_a_teacher_tokenizer_that_cannot_be_its_models_is_refused_in_one_line(tmp_path):
+    """teachers[].tokenizer naming the student's tokenizer for a Llama-style teacher (its EOS and BOS are
+    other ids: it trained silently to a wrong loss before), a garbage tokenizer.json, and a folder with
+    only tokenizer_config.json: one line each, before the run folder exists."""
+    from pathlib import Path
+
+    from opd_jax.tiny_chat import write_tiny_chat_models
+    from opd_jax.train import train
+
+    folders = write_tiny_chat_models(tmp_path / "chat", hidden_size=32)
+    root = Path(__file__).resolve().parents[1]
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "tokenizer.json").write_text("{not json")
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    for tok, match in ((folders["student"], r"ends text with id \d+ but the model's EOS is"),
+                       (garbage, "the tokenizer in .*garbage could not be read"),
+                       (config_only, "no tokenizer.json in .*config_only .*only tokenizer_config.json")):
+        cfg = load_config(root / "configs" / "xtok_example.yaml", [
+            f"student.path={folders['student']}", f"train.out_dir={tmp_path / 'run'}",
+            f"teachers=[{{name: llama, path: {folders['teacher_llama']}, tokenizer: {tok}, max_prompt_len: 64, "
+            "max_new_tokens: 16}]"])
+        with pytest.raises(OpdError, match=match) as e:
+            train(cfg)
+        assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
