@@ -478,3 +478,40 @@ def test_sigterm_during_a_trickling_served_call_stops_the_run_in_seconds(real, t
     assert "was abandoned; the checkpoint at step 1 stands" in stdout, stdout[-1000:]
     from opd_jax import checkpoint as ckpt
     assert ckpt.manager(out / "checkpoints", 2).latest_step() == 1
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_a_run_against_a_trickling_server_stops_at_the_deadline(real, tmp_path, staleness):
+    """teachers[].timeout 3: from the second scoring call the server trickles; the run (synchronous and
+    asynchronous) stops with one line naming the teacher within the deadline + a few seconds of that
+    call, and the first step's checkpoint stands."""
+    from opd_jax.train import train
+
+    _, _, url = real
+    seen = {"n": 0, "t": None}
+
+    def answer(path, body):
+        if path.endswith("/completions"):
+            seen["n"] += 1
+            if seen["n"] > 1:
+                seen["t"] = seen["t"] or time.monotonic()
+                return "trickle", b" " * 1000
+        return _forward(url, path, body)
+
+    fake = Fake(answer, every=0.5)
+    try:
+        cfg = load_config(None, tiny_overrides(tmp_path / "run", **{
+            "teachers": f"[{{name: slow, url: '{fake.url}', timeout: 3, retries: 4}}]",
+            "routing": "{addition: slow, reverse: slow, sort: slow}", "loss.estimator_type": "sampled",
+            "train.steps": 4, "train.checkpoint_every": 1, "train.eval_every": 100,
+            "train.max_staleness": staleness}))
+        with pytest.raises(OpdError) as e:
+            train(cfg)
+        took = time.monotonic() - seen["t"]
+    finally:
+        fake.close()
+    msg = str(e.value)
+    assert "'slow'" in msg and fake.url in msg and "within the 3 s deadline" in msg and "\n" not in msg
+    assert took < 3 + 3, took
+    from opd_jax import checkpoint as ckpt
+    assert ckpt.manager(tmp_path / "run" / "checkpoints", 2).latest_step() == 1

@@ -1,8 +1,12 @@
-"""Demo teacher recipes: train one domain's teacher with a recipe and print its greedy accuracy on the
-demo's 128 held-out prompts (the same evaluation as `opd-jax demo`). Used to pick the recipe in
-opd_jax/demo.py; run with XLA_FLAGS=--xla_force_host_platform_device_count=8 for the 8-device check.
+"""The demo's teacher recipe, checked: train each domain's teacher exactly as `opd-jax demo` does
+(`opd_jax.demo.train_teacher`, recipe in opd_jax/demo.py) for several seeds and print its greedy
+accuracy on the demo's 128 held-out prompts per domain, one JSON line per (domain, seed). Run it once
+as is (one CPU device, as the demo runs) and once with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (the tests' 8 fake devices):
 
-    python scripts/experiments/demo_teacher.py --domain addition --steps 1500 --lr 3e-3 --batch 64 --seed 0
+    python scripts/experiments/demo_teacher.py --seeds 0 1
+    # a recipe other than the demo's, for one domain:
+    python scripts/experiments/demo_teacher.py --domains addition --steps 600 --batch 32 --warmup 20
 """
 
 import argparse
@@ -14,31 +18,33 @@ import jax
 
 from opd_jax import demo
 from opd_jax.evaluate import greedy_accuracy
-from opd_jax.models import ModelConfig, init_model
-from opd_jax.sft import sft_train
-from opd_jax.tasks import PromptSource, build_char_tokenizer
+from opd_jax.tasks import build_char_tokenizer
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--domain", default="addition")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--domains", nargs="*", default=list(demo.DOMAINS))
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1])
+    ap.add_argument("--steps", type=int, default=0, help="override the recipe's steps (every domain)")
+    ap.add_argument("--lr", type=float, default=0.0)
+    ap.add_argument("--batch", type=int, default=0)
+    ap.add_argument("--warmup", type=int, default=-1)
     a = ap.parse_args()
+    if a.steps:
+        demo.TEACHER_SFT = {d: a.steps for d in demo.DOMAINS}
+    demo.TEACHER_LR = a.lr or demo.TEACHER_LR
+    demo.TEACHER_BATCH = a.batch or demo.TEACHER_BATCH
+    demo.TEACHER_WARMUP = demo.TEACHER_WARMUP if a.warmup < 0 else a.warmup
     tok = build_char_tokenizer(tempfile.mkdtemp())
-    t0 = time.time()
-    model = init_model(ModelConfig.for_family("qwen3", **demo.TEACHER), seed=demo.DOMAINS.index(a.domain) + 100 * a.seed)
-    src = PromptSource([a.domain], seed=1000 + a.seed)
-    losses = sft_train(model, tok, lambda s: [(e.prompt, e.answer) for e in src.batch(s, a.batch)], steps=a.steps,
-                       lr=a.lr, warmup=a.warmup, max_prompt_len=demo.MAX_PROMPT, max_new_tokens=demo.MAX_NEW)
-    ev = PromptSource(list(demo.DOMAINS), seed=0).batch(0, 128, stream=1)
-    ev = [e for e in ev if e.domain == a.domain]
-    acc = greedy_accuracy(model, tok, ev, max_prompt_len=demo.MAX_PROMPT, max_new_tokens=demo.MAX_NEW)[a.domain]
-    print(json.dumps({**vars(a), "devices": jax.device_count(), "acc": round(acc, 4), "final_loss": round(losses[-1], 4),
-                      "seconds": round(time.time() - t0, 1)}), flush=True)
+    for d in a.domains:
+        ev = [e for e in demo.eval_examples() if e.domain == d]
+        for seed in a.seeds:
+            t0 = time.time()
+            model = demo.train_teacher(d, tok, seed=seed, progress=False)
+            acc = greedy_accuracy(model, tok, ev, max_prompt_len=demo.MAX_PROMPT, max_new_tokens=demo.MAX_NEW)[d]
+            print(json.dumps({"domain": d, "seed": seed, "devices": jax.device_count(), "steps": demo.TEACHER_SFT[d],
+                              "batch": demo.TEACHER_BATCH, "lr": demo.TEACHER_LR, "warmup": demo.TEACHER_WARMUP,
+                              "acc": round(acc, 4), "seconds": round(time.time() - t0, 1)}), flush=True)
 
 
 if __name__ == "__main__":
