@@ -39,8 +39,8 @@ class TeacherSpec:
     # endpoint with vLLM's prompt_logprobs (vLLM, SGLang, or `opd-jax serve-teacher`); opd_jax.serving
     url: str | None = None
     model: str = "teacher"  # the model name sent to the server
-    timeout: float = 60.0  # seconds per request
-    retries: int = 4  # retries (exponential backoff from 0.5 s) before the run stops
+    timeout: float = 60.0  # seconds for a whole scoring call: every byte of the reply, and the retries
+    retries: int = 4  # retries (backoff doubling from 0.5 s, at most 8 s) within the timeout, then the run stops
     # on-policy self-distillation (OPSD): "answer" shows this teacher privileged_template filled with the row's
     # prompt and reference answer instead of the student's prompt; it scores the same completion tokens
     privileged: str = ""
