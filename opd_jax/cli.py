@@ -1,4 +1,4 @@
-"""The `opd-jax` command line: demo, train, eval, export, analyze, plan."""
+"""The `opd-jax` command line: demo, train, eval, export, analyze, plan, serve-teacher, convert-gguf."""
 
 from __future__ import annotations
 
@@ -133,6 +133,14 @@ def _plan(args) -> int:
     return 0
 
 
+def _convert_gguf(args) -> int:
+    from opd_jax.gguf import convert_gguf
+
+    out = convert_gguf(args.file, args.out, dtype=args.dtype, force=args.force)
+    print(f"opd-jax: wrote {out} (config.json, model.safetensors, tokenizer, generation_config.json)")
+    return 0
+
+
 def _serve_teacher(args) -> int:
     import signal
     import threading
@@ -224,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON too")
     pl.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=8 student.dtype=bfloat16")
     pl.set_defaults(func=_plan)
+
+    cg = sub.add_parser("convert-gguf", help="a GGUF file to a Hugging Face folder (needs the gguf extra)")
+    cg.add_argument("file", help="the .gguf file")
+    cg.add_argument("--out", required=True, help="a new folder")
+    cg.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the safetensors' dtype)")
+    cg.add_argument("--force", action="store_true", help="replace --out if it exists")
+    cg.set_defaults(func=_convert_gguf)
 
     st = sub.add_parser("serve-teacher", help="serve a teacher folder over HTTP (OpenAI completions + prompt_logprobs)")
     st.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors)")
