@@ -1,4 +1,5 @@
-"""The `opd-jax` command line: demo, train, eval, export, analyze, plan, serve-teacher, convert-gguf."""
+"""The `opd-jax` command line: demo, train, eval, export, analyze, plan, serve-teacher, convert-gguf,
+prune-layers."""
 
 from __future__ import annotations
 
@@ -141,6 +142,16 @@ def _convert_gguf(args) -> int:
     return 0
 
 
+def _prune_layers(args) -> int:
+    from opd_jax.prune import prune_layers
+
+    rec = prune_layers(args.model, args.keep, args.out, force=args.force)
+    print(f"opd-jax: wrote {args.out}: kept {len(rec['kept'])} of {rec['layers']} layers (dropped "
+          f"{', '.join(map(str, sorted(rec['dropped'])))}); KL to the full model {rec['kl']:.3f} nats/token, "
+          f"top-1 agreement {rec['top1_agreement']:.2f} on held-out text")
+    return 0
+
+
 def _serve_teacher(args) -> int:
     import signal
     import threading
@@ -239,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     cg.add_argument("--dtype", default="float32", help="float32 or bfloat16 (the safetensors' dtype)")
     cg.add_argument("--force", action="store_true", help="replace --out if it exists")
     cg.set_defaults(func=_convert_gguf)
+
+    pr = sub.add_parser("prune-layers", help="a depth-pruned student: drop the layers the full model misses least")
+    pr.add_argument("--model", required=True, help="Hugging Face folder of the full model")
+    pr.add_argument("--keep", type=int, required=True, help="layers to keep")
+    pr.add_argument("--out", required=True, help="a new folder")
+    pr.add_argument("--force", action="store_true", help="replace --out if it exists")
+    pr.set_defaults(func=_prune_layers)
 
     st = sub.add_parser("serve-teacher", help="serve a teacher folder over HTTP (OpenAI completions + prompt_logprobs)")
     st.add_argument("--model", required=True, help="Hugging Face folder (config.json + safetensors)")

@@ -135,3 +135,41 @@ def test_sampled_log_probs_equal_a_transformers_forward(smollm2):
             ref = torch.log_softmax(hf(torch.tensor([seq])).logits[0].double(), -1).numpy()
         want = ref[np.arange(len(r) - 1, len(seq) - 1), seq[len(r):]]
         np.testing.assert_allclose(lp[i, :n], want, atol=2e-3)
+
+
+def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(smollm2):
+    """On the six chat prompts: opd_jax's bfloat16 logits are no further from transformers' float32 than
+    transformers' own bfloat16: largest difference, mean difference and top-1 agreement (measured 1.11 vs
+    1.22, 0.142 vs 0.181, 0.969 vs 0.946). The mean must also stay below 0.85x transformers' (0.78x now):
+    RoPE angles formed in bfloat16 give 0.97x, which the issue's bar alone would let through. And the
+    bfloat16 greedy answers name the capitals, batched with left padding as the trainer samples."""
+    import torch
+    import transformers
+
+    from opd_jax.models import load_model
+    from opd_jax.sampling import generate
+    from opd_jax.tasks import stop_ids
+
+    folder, tok, _, hf = smollm2
+    rows = _prompts(tok)
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    m16 = load_model(folder, dtype="bfloat16")
+    fwd = jax.jit(lambda x: m16(x).astype(jnp.float32))
+    gaps, means, agree = {"hf": [], "opd": []}, {"hf": [], "opd": []}, {"hf": [], "opd": []}
+    for r in rows:
+        with torch.no_grad():
+            ref = hf(torch.tensor([r])).logits[0].numpy()
+            theirs = hf16(torch.tensor([r])).logits[0].float().numpy()
+        mine = np.asarray(fwd(jnp.asarray([r])))[0]
+        for who, x in (("hf", theirs), ("opd", mine)):
+            gaps[who].append(np.abs(x - ref).max())
+            means[who].append(np.abs(x - ref).mean())
+            agree[who].extend(x.argmax(-1) == ref.argmax(-1))
+    assert max(gaps["opd"]) <= max(gaps["hf"]), (max(gaps["opd"]), max(gaps["hf"]))
+    assert np.mean(means["opd"]) <= 0.85 * np.mean(means["hf"]), (np.mean(means["opd"]), np.mean(means["hf"]))
+    assert np.mean(agree["opd"]) >= np.mean(agree["hf"]), (np.mean(agree["opd"]), np.mean(agree["hf"]))
+    ids, mask = _left_padded(rows, tok.pad_token_id)
+    out = generate(m16, jnp.asarray(ids), jnp.asarray(mask), key=jax.random.key(0), max_new_tokens=16,
+                   temperature=0.0, eos_id=stop_ids(tok, folder), pad_id=tok.pad_token_id)
+    toks, m = np.asarray(out.tokens)[:, ids.shape[1]:], np.asarray(out.mask)
+    assert "Paris" in tok.decode(toks[0, :m[0].sum()]) and "Tokyo" in tok.decode(toks[4, :m[4].sum()])
