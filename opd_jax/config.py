@@ -42,7 +42,9 @@ class TeacherSpec:
     timeout: float = 60.0  # seconds for a whole scoring call: every byte of the reply, and the retries
     retries: int = 4  # retries (backoff doubling from 0.5 s, at most 8 s) within the timeout, then the run stops
     # on-policy self-distillation (OPSD): "answer" shows this teacher privileged_template filled with the row's
-    # prompt and reference answer instead of the student's prompt; it scores the same completion tokens
+    # prompt and reference answer instead of the student's prompt; it scores the same completion tokens.
+    # Context distillation: "context" fills a template without {answer}, e.g. "{prompt} Always answer in French."
+    # (an instruction only the teacher sees; the last user message of a chat row carries it)
     privileged: str = ""
     privileged_template: str = "answer: {answer}. {prompt}"
     # cross-tokenizer teachers (loss.cross_tokenizer bpm | uld; opd_jax.xtok): the teacher's tokenizer folder

@@ -168,15 +168,15 @@ class Rollouts:
         rows = [examples[i] for i in idx]
         shown = []
         for ex in rows:
-            if ex.answer is None:
+            if ex.answer is None and t.privileged == "answer":
                 what = ex.prompt if ex.prompt is not None else ex.messages[-1][1]
                 raise OpdError(f"teacher {name!r} is privileged (answer) but a {ex.domain!r} row has no answer: "
                                f"{what!r:.60}")
             if ex.messages is not None:  # the last user message carries the template
                 (role, content), head = ex.messages[-1], ex.messages[:-1]
-                ex = dataclasses.replace(ex, messages=head + ((role, t.template.format(prompt=content, answer=ex.answer)),))
+                ex = dataclasses.replace(ex, messages=head + ((role, t.template.format(prompt=content, answer=ex.answer or "")),))
             else:
-                ex = dataclasses.replace(ex, prompt=t.template.format(prompt=ex.prompt, answer=ex.answer))
+                ex = dataclasses.replace(ex, prompt=t.template.format(prompt=ex.prompt, answer=ex.answer or ""))
             shown.append(ex)
         try:
             ids, pm = self.prompter.encode(shown, p_t)

@@ -136,7 +136,7 @@ def build_run(cfg: Config) -> Run:
     mesh = shd.mesh_from_config(cfg.mesh)
     rules = shd.rules_named(cfg.mesh.rules)
     dc, tc = cfg.data, cfg.train
-    privileged = {t.name for t in cfg.teachers if t.privileged}
+    privileged = {t.name for t in cfg.teachers if t.privileged == "answer"}
     source = PromptSource(dc.domains, dc.path, seed=tc.seed,
                           need_answer={d for d, t in cfg.routing.items() if t in privileged})
     rows = RowLayout.build(source.domains, cfg.routing, dc.per_domain, dc.group_size, cfg.loss.lam)

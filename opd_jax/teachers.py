@@ -32,20 +32,28 @@ class Teacher:
     w: object = None  # output matrix [D_t, V] in the compute dtype: the loss applies it chunk by chunk
     rules: tuple = ()  # the teacher rules (mesh.teacher_rules) as sorted items: its parameters and activations
     live: bool = False  # path self_live: scored with the student's current parameters (given per call)
-    privileged: str = ""  # "answer": its prompt is `template` filled with the row's prompt and answer (OPSD)
+    privileged: str = ""  # "answer": its prompt is `template` filled with the row's prompt and answer (OPSD);
+    # "context": `template` filled with the prompt alone (an instruction the student does not see)
     template: str = ""
     cross: object = None  # a cross-tokenizer teacher (loss.cross_tokenizer): its xtok_teacher.CrossView
 
 
 def check_privileged(spec):
     """One-line errors for a privileged teacher no run can honour."""
-    if spec.privileged not in ("", "answer"):
-        raise OpdError(f"teacher {spec.name!r}: privileged must be 'answer' (or empty), got {spec.privileged!r}")
+    if spec.privileged not in ("", "answer", "context"):
+        raise OpdError(f"teacher {spec.name!r}: privileged must be 'answer', 'context' (or empty), got "
+                       f"{spec.privileged!r}")
     if spec.privileged:
-        for field in ("{prompt}", "{answer}"):
-            if field not in spec.privileged_template:
-                raise OpdError(f"teacher {spec.name!r}: privileged_template must contain {field} "
-                               f"(got {spec.privileged_template!r})")
+        if "{prompt}" not in spec.privileged_template:
+            raise OpdError(f"teacher {spec.name!r}: privileged_template must contain {{prompt}} "
+                           f"(got {spec.privileged_template!r})")
+        if spec.privileged == "answer" and "{answer}" not in spec.privileged_template:
+            raise OpdError(f"teacher {spec.name!r}: privileged: answer needs {{answer}} in privileged_template "
+                           f"(got {spec.privileged_template!r})")
+        if spec.privileged == "context" and "{answer}" in spec.privileged_template:
+            raise OpdError(f"teacher {spec.name!r}: privileged: context shows the teacher an instruction, not the "
+                           f"answer; give a privileged_template without {{answer}}, e.g. '{{prompt}} Always answer "
+                           f"in French.' (got {spec.privileged_template!r})")
 
 
 def check_routing(specs, routing: dict, domains) -> dict:

@@ -38,17 +38,17 @@ def run_and_folder(cfg, folder):
     return run, load_model(folder)
 
 
-def _direct_logprobs(model, tok, ex, completion):
+def _direct_logprobs(model, tok, ex, completion, template=TEMPLATE):
     """log q(. | [BOS, template(prompt, answer), completion[:t]]) for t = 0..n-1, by one plain forward of the
     unpadded row (float64 log-softmax on the host) -> [n, V]."""
-    ids = [tok.bos_token_id] + tok.encode(TEMPLATE.format(prompt=ex.prompt, answer=ex.answer), add_special_tokens=False)
+    ids = [tok.bos_token_id] + tok.encode(template.format(prompt=ex.prompt, answer=ex.answer), add_special_tokens=False)
     row = jnp.asarray([ids + list(completion)], jnp.int32)
     logits = np.asarray(model(row), np.float64)[0, len(ids) - 1:len(ids) - 1 + len(completion)]
     return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1,
                                                                                                             keepdims=True)
 
 
-def _check_scores(run, batch, models):
+def _check_scores(run, batch, models, template=TEMPLATE):
     """Each teacher's hand-over (hidden states x its output matrix) equals the direct forward of
     [privileged prompt; completion] at every completion token."""
     on, p = batch.arrays["on"], run.cfg.data.max_prompt_len
@@ -62,7 +62,7 @@ def _check_scores(run, batch, models):
             got = hidden[j, :n] @ w
             got = got - got.max(-1, keepdims=True)
             got = got - np.log(np.exp(got).sum(-1, keepdims=True))
-            ref = _direct_logprobs(models[name], run.tokenizer, batch.examples[i], tokens[i, p:p + n])
+            ref = _direct_logprobs(models[name], run.tokenizer, batch.examples[i], tokens[i, p:p + n], template)
             np.testing.assert_allclose(got, ref, atol=2e-4, err_msg=f"{name} row {i}")
 
 
@@ -146,3 +146,26 @@ def test_a_row_without_an_answer_and_bad_privileged_configs_are_one_line_errors(
         with pytest.raises(OpdError, match=message):
             build_run(load_config(None, over))
         assert not (tmp_path / "x").exists()
+
+
+def test_a_context_teacher_sees_an_instruction_the_student_does_not(tmp_path):
+    """Context distillation (privileged: context): rows without answers; the teacher scores the student's
+    completion after its template filled with the prompt alone, equal to a direct forward of
+    [BOS, template(prompt), completion]; a template with {answer} is refused for it."""
+    import json
+
+    template = "{prompt} be brief"
+    folder = random_teacher(tmp_path)["teachers"].split("path: ")[1].rstrip("}]")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"add:{a}+{b}=", "domain": "addition"})
+                              for a, b in ((1, 2), (30, 4), (7, 7))) + "\n")
+    over = {"data.path": str(data), "data.domains": "[]", "routing": "{addition: ctx}", "loss.estimator_type": "full"}
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **over, teachers=(
+        f"[{{name: ctx, path: {folder}, privileged: context, privileged_template: '{template}'}}]")))
+    run = build_run(cfg)
+    batch = run.rollouts.collect(0, jax.tree.map(lambda x: x.copy(), run.init), decode=True)
+    assert all(ex.answer is None for ex in batch.examples)
+    _check_scores(run, batch, {"ctx": load_model(folder)}, template)
+    with pytest.raises(OpdError, match="privileged: context shows the teacher an instruction, not the answer"):
+        build_run(load_config(None, tiny_overrides(tmp_path / "r2", **over, teachers=(
+            f"[{{name: ctx, path: {folder}, privileged: context, privileged_template: '{{prompt}} {{answer}}'}}]"))))
