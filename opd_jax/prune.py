@@ -8,7 +8,7 @@ Greedy, one layer at a time: with the layers left, try removing each one and mea
 on held-out text (prompts rendered by the model's own chat template, followed by the full model's greedy
 answer to each: the text the student will be asked to reproduce); remove the layer with the smallest
 D; repeat until N layers are left. Every candidate of one round has the same depth, so one compiled
-forward serves the whole round (layers are sliced off the scanned stack, nothing is re-read). The
+forward serves the whole round (the kept layers are gathered from the scanned stack inside it). The
 choice, the divergence after each removal and the final top-1 agreement are written to
 OUT/pruning.json beside the Hugging Face folder (config.json, model.safetensors, the tokenizer files
 and generation_config.json copied from DIR).
@@ -16,6 +16,7 @@ and generation_config.json copied from DIR).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -73,14 +74,35 @@ def _log_probs(graphdef, state, ids, mask):
 _forward = jax.jit(_log_probs, static_argnums=0)
 
 
-def divergence(full_lp, model, ids, mask) -> tuple[float, float]:
-    """(mean KL(full || model) over the real next-token positions, top-1 agreement there)."""
-    graphdef, state = nnx.split(model)
-    lp = _forward(graphdef, state, ids, mask)
+@functools.lru_cache(maxsize=8)
+def _kept_forward(cfg):
+    """A jitted (full pure params, kept layer indices [k], ids, mask) -> log-probs of the k-layer model
+    `cfg`: the layers are gathered inside the program (no host copy of the weights per candidate)."""
+    from opd_jax.models.transformer import Transformer
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+
+    @jax.jit
+    def fwd(pure, idx, ids, mask):
+        pure = {**pure, "layers": {k: v[idx] for k, v in pure["layers"].items()}}
+        state = jax.tree.map(lambda x: x, abstract)
+        nnx.replace_by_pure_dict(state, pure)
+        return _log_probs(graphdef, state, ids, mask)
+
+    return fwd
+
+
+def _scores(full_lp, lp, mask) -> tuple[float, float]:
     real = (mask[:, 1:] * mask[:, :-1]).astype(bool)  # position t predicts token t + 1, both real
     kl = jnp.sum(jnp.exp(full_lp) * (full_lp - lp), -1)[:, :-1]
     agree = (full_lp.argmax(-1) == lp.argmax(-1))[:, :-1]
     return float(kl[real].mean()), float(agree[real].mean())
+
+
+def divergence(full_lp, model, ids, mask) -> tuple[float, float]:
+    """(mean KL(full || model) over the real next-token positions, top-1 agreement there)."""
+    graphdef, state = nnx.split(model)
+    return _scores(full_lp, _forward(graphdef, state, ids, mask), mask)
 
 
 def prune_layers(model_dir, keep: int, out, *, log=print, force: bool = False) -> dict:
@@ -102,11 +124,13 @@ def prune_layers(model_dir, keep: int, out, *, log=print, force: bool = False) -
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     graphdef, state = nnx.split(full)
     full_lp = _forward(graphdef, state, ids, mask)
+    pure = nnx.to_pure_dict(state)
     left, history = list(range(n)), []
     while len(left) > keep:
-        scores = []
+        fwd, scores = _kept_forward(full.cfg.replace(num_layers=len(left) - 1)), []
         for i in left:
-            kl, _ = divergence(full_lp, keep_layers(full, [j for j in left if j != i]), ids, mask)
+            idx = jnp.asarray([j for j in left if j != i], jnp.int32)
+            kl, _ = _scores(full_lp, fwd(pure, idx, ids, mask), mask)
             scores.append((kl, i))
         kl, drop = min(scores)
         left.remove(drop)

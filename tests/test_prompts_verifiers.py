@@ -307,3 +307,23 @@ def test_the_readme_example_runs_as_written(tmp_path):
     assert first["prompt"].startswith("<|im_start|>") and first["prompt"].endswith("<think>\n\n</think>\n\n")
     out = json.loads(res.stdout[res.stdout.rindex('{\n  "greedy_accuracy"'):])
     assert set(out) == {"greedy_accuracy", "pass@4"} and set(out["pass@4"]) == {"math", "words", "mean"}
+
+
+def test_chat_domain_verifiers_read_a_free_form_reply():
+    """contains: the answer as a whole word, any case; last_number: the reply's last number."""
+    from opd_jax.tasks.domains import CHAT_DOMAINS
+    from opd_jax.tasks.verifiers import get_verifier
+
+    contains, last = get_verifier("contains"), get_verifier("last_number")
+    assert contains("The capital of France is Paris.", "Paris") == 1.0
+    assert contains("the capital is paris", "Paris") == 1.0
+    assert contains("Parisian food", "Paris") == 0.0 and contains("anything", None) == 0.0
+    assert contains("It is Buenos Aires, of course", "Buenos Aires") == 1.0
+    assert last("To add 7 and 5: 7 + 5 = 12.", "12") == 1.0
+    assert last("12, not 13", "12") == 0.0 and last("no digits", "3") == 0.0 and last("1,000 apples", "1000") == 1.0
+    import numpy as np
+    rng = np.random.RandomState(0)
+    for name, want in (("capital", "contains"), ("sum_digits", "last_number")):
+        d = CHAT_DOMAINS[name]
+        prompt, answer = d.make(rng)
+        assert d.verifier == want and prompt.endswith("?") and answer

@@ -79,8 +79,38 @@ LONG_DOMAINS: dict[str, Domain] = {
 }
 
 
+# chat domains for a real instruct model (SmolLM2-135M-Instruct and up): questions in plain words, rendered
+# through the model's chat template (data.chat_template: true); answers checked inside a free-form reply
+CAPITALS = (("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Germany", "Berlin"), ("Spain", "Madrid"),
+            ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"), ("Greece", "Athens"),
+            ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"), ("Norway", "Oslo"),
+            ("Sweden", "Stockholm"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Poland", "Warsaw"),
+            ("Hungary", "Budapest"), ("Belgium", "Brussels"), ("Netherlands", "Amsterdam"), ("Kenya", "Nairobi"),
+            ("Peru", "Lima"), ("Chile", "Santiago"), ("Argentina", "Buenos Aires"), ("Mexico", "Mexico City"),
+            ("Canada", "Ottawa"), ("Australia", "Canberra"), ("India", "New Delhi"), ("Thailand", "Bangkok"),
+            ("Vietnam", "Hanoi"), ("South Korea", "Seoul"), ("Turkey", "Ankara"), ("Iran", "Tehran"),
+            ("Cuba", "Havana"), ("Colombia", "Bogota"), ("Ukraine", "Kyiv"), ("Romania", "Bucharest"),
+            ("Czech Republic", "Prague"), ("Switzerland", "Bern"), ("Morocco", "Rabat"))
+
+
+def _capital(rng):
+    country, city = CAPITALS[int(rng.randint(len(CAPITALS)))]
+    return f"What is the capital of {country}?", city
+
+
+def _sum_digits(rng):
+    a, b = int(rng.randint(0, 10)), int(rng.randint(0, 10))
+    return f"What is {a} + {b}?", str(a + b)
+
+
+CHAT_DOMAINS: dict[str, Domain] = {
+    "capital": Domain("capital", _capital, verifier="contains"),
+    "sum_digits": Domain("sum_digits", _sum_digits, verifier="last_number"),
+}
+
+
 def get_domain(name: str) -> Domain:
-    known = {**DOMAINS, **LONG_DOMAINS}
+    known = {**DOMAINS, **LONG_DOMAINS, **CHAT_DOMAINS}
     if name not in known:
         raise OpdError(f"unknown task domain {name!r}; built-in domains: {', '.join(known)}")
     return known[name]

@@ -9,6 +9,9 @@ Names (`get_verifier(name)`):
   - `python:module:function`: a user callable `(completion, answer) -> float`, imported by name.
   - `suffix:SEP`: the text after the last SEP in the completion equals the text after the last SEP
     in the answer (the final result of a worked answer; the built-in `carry` domain uses `suffix::`).
+  - `contains`: the answer appears in the completion as a whole word, ignoring case ("Paris" in "The
+    capital of France is Paris.").
+  - `last_number`: the last number written in the completion equals the answer ("7 + 5 = 12." -> 12).
 A missing answer always scores 0. Verifiers feed eval accuracy, pass@k and RL rewards.
 """
 
@@ -97,11 +100,29 @@ def _python(spec: str) -> Verifier:
     return verify
 
 
+def contains(completion: str, answer: str | None) -> float:
+    if answer is None or not answer.strip():
+        return 0.0
+    return float(re.search(r"(?<!\w)" + re.escape(answer.strip()) + r"(?!\w)", completion, re.IGNORECASE) is not None)
+
+
+def last_number(completion: str, answer: str | None) -> float:
+    nums = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
+    if answer is None or not nums:
+        return 0.0
+    try:
+        return float(float(nums[-1]) == float(answer))
+    except ValueError:
+        return 0.0
+
+
 @functools.lru_cache(maxsize=None)
 def get_verifier(name: str) -> Verifier:
     """The verifier callable `(completion, answer) -> float` for a name (see the module docstring)."""
     if name == "exact":
         return exact
+    if name in ("contains", "last_number"):
+        return {"contains": contains, "last_number": last_number}[name]
     if name == "math":
         try:
             import math_verify  # noqa: F401
@@ -114,7 +135,8 @@ def get_verifier(name: str) -> Verifier:
         return _suffix(name[len("suffix:"):])
     if name.startswith("python:"):
         return _python(name[len("python:"):])
-    raise OpdError(f"unknown verifier {name!r}; use exact, math, regex:PATTERN, suffix:SEP or python:module:function")
+    raise OpdError(f"unknown verifier {name!r}; use exact, contains, last_number, math, regex:PATTERN, suffix:SEP or "
+                   "python:module:function")
 
 
 def verifiers_for(names: dict, domains) -> dict[str, Verifier]:
@@ -124,7 +146,7 @@ def verifiers_for(names: dict, domains) -> dict[str, Verifier]:
     if unknown:
         raise OpdError(f"data.verifiers names domain(s) {', '.join(map(repr, unknown))} that no prompt has; "
                        f"domains: {', '.join(domains)}")
-    from opd_jax.tasks.domains import DOMAINS, LONG_DOMAINS
+    from opd_jax.tasks.domains import CHAT_DOMAINS, DOMAINS, LONG_DOMAINS
 
-    builtin = {**DOMAINS, **LONG_DOMAINS}
+    builtin = {**DOMAINS, **LONG_DOMAINS, **CHAT_DOMAINS}
     return {d: get_verifier(str(names.get(d, builtin[d].verifier if d in builtin else "exact"))) for d in domains}
