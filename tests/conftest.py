@@ -18,6 +18,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     import tempfile
 
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opd-jax-test-xla-cache-")
+# one cache per xdist worker (a subfolder): two processes compiling the same program at once could
+# otherwise read an entry while the other writes it (a clean-clone CI run died in XLA's deserialisation
+# of a cached executable, a segmentation fault in test_roles); subprocesses share their worker's
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if _WORKER and not os.environ["JAX_COMPILATION_CACHE_DIR"].endswith(f"/{_WORKER}"):
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], _WORKER)
+    os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
