@@ -11,34 +11,14 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + os.environ["O
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# one XLA compilation cache for the whole session, shared with the CLI subprocesses the tests start:
-# many tests compile the same tiny programs (a fresh folder per session, so nothing stale is reused)
-_OWN_CACHE = None
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="opd-jax-test-xla-cache-")
-# one cache per xdist worker (a subfolder): two processes compiling the same program at once could
-# otherwise read an entry while the other writes it (a clean-clone CI run died in XLA's deserialisation
-# of a cached executable, a segmentation fault in test_roles); subprocesses share their worker's
-_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-if _WORKER and not os.environ["JAX_COMPILATION_CACHE_DIR"].endswith(f"/{_WORKER}"):
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"], _WORKER)
-    os.makedirs(os.environ["JAX_COMPILATION_CACHE_DIR"], exist_ok=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# no persistent XLA compilation cache in the tests: two clean-clone CI runs (2026-12-06, jax 0.10.2) died
+# with a segmentation fault inside it, once reading a cached executable (test_roles) and once serialising
+# one (test_opsd), each in build_run's compile of the update; JAX writes entries with a plain write_bytes
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import pytest  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "qwen3")
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # the session's cache goes with it (the
-        # controller made it before starting the workers, which share it)
-        import shutil
-
-        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def tiny_hf_config(family: str, **overrides):
