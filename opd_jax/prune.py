@@ -51,15 +51,13 @@ def keep_layers(model, keep: list[int]):
 def held_out_text(model, tokenizer, stop, prompts=HELD_OUT, max_new_tokens: int = 32):
     """(ids [B, T], mask [B, T]) of each prompt (chat template) + the model's greedy answer, left-padded."""
     from opd_jax.sampling import generate
+    from opd_jax.tasks.prompts import pad_left
 
     rows = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                     add_generation_prompt=True), add_special_tokens=False)["input_ids"]
             for q in prompts]
-    p = max(map(len, rows))
     pad = tokenizer.pad_token_id or 0
-    ids, mask = np.full((len(rows), p), pad, np.int32), np.zeros((len(rows), p), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, p - len(r):], mask[i, p - len(r):] = r, 1
+    ids, mask = pad_left(rows, max(map(len, rows)), pad)
     out = generate(model, jnp.asarray(ids), jnp.asarray(mask), key=jax.random.key(0), max_new_tokens=max_new_tokens,
                    temperature=0.0, eos_id=stop, pad_id=pad)
     comp_mask = np.asarray(out.mask)
