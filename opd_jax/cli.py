@@ -145,7 +145,13 @@ def _convert_gguf(args) -> int:
 def _prune_layers(args) -> int:
     from opd_jax.prune import prune_layers
 
-    rec = prune_layers(args.model, args.keep, args.out, force=args.force)
+    try:
+        drop = None if args.drop is None else [int(x) for x in args.drop.split(",") if x.strip()]
+    except ValueError:
+        raise OpdError(f"--drop takes comma-separated layer numbers, got {args.drop!r}") from None
+    if args.keep is None and drop is None:
+        raise OpdError("prune-layers needs --keep N (search) or --drop I,J,... (a recorded choice)")
+    rec = prune_layers(args.model, args.keep, args.out, drop=drop, force=args.force)
     print(f"opd-jax: wrote {args.out}: kept {len(rec['kept'])} of {rec['layers']} layers (dropped "
           f"{', '.join(map(str, sorted(rec['dropped'])))}); KL to the full model {rec['kl']:.3f} nats/token, "
           f"top-1 agreement {rec['top1_agreement']:.2f} on held-out text")
@@ -253,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune-layers", help="a depth-pruned student: drop the layers the full model misses least")
     pr.add_argument("--model", required=True, help="Hugging Face folder of the full model")
-    pr.add_argument("--keep", type=int, required=True, help="layers to keep")
+    pr.add_argument("--keep", type=int, help="layers to keep (greedy search)")
+    pr.add_argument("--drop", help="comma-separated layers to remove instead of searching (e.g. a pruning.json's choice)")
     pr.add_argument("--out", required=True, help="a new folder")
     pr.add_argument("--force", action="store_true", help="replace --out if it exists")
     pr.set_defaults(func=_prune_layers)

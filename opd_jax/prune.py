@@ -103,8 +103,10 @@ def divergence(full_lp, model, ids, mask) -> tuple[float, float]:
     return _scores(full_lp, _forward(graphdef, state, ids, mask), mask)
 
 
-def prune_layers(model_dir, keep: int, out, *, log=print, force: bool = False) -> dict:
-    """Write the `keep`-layer student of `model_dir` to `out` (see the module docstring) -> the record."""
+def prune_layers(model_dir, keep: int | None, out, *, drop=None, log=print, force: bool = False) -> dict:
+    """Write the `keep`-layer student of `model_dir` to `out` (see the module docstring) -> the record.
+    drop: layer indices to remove instead of the search (a choice recorded by an earlier search); the
+    divergence and top-1 agreement are measured and recorded the same way."""
     from opd_jax.models import load_model, save_model
     from opd_jax.tasks import load_tokenizer, stop_ids
 
@@ -115,7 +117,14 @@ def prune_layers(model_dir, keep: int, out, *, log=print, force: bool = False) -
         raise OpdError(f"{out} already exists; pass --force to replace it")
     full = load_model(model_dir)
     n = full.cfg.num_layers
-    if not 1 <= keep < n:
+    if drop is not None:
+        drop = sorted(set(int(i) for i in drop))
+        if not drop or drop[0] < 0 or drop[-1] >= n or len(drop) >= n:
+            raise OpdError(f"--drop must name 1 to {n - 1} distinct layers in [0, {n - 1}], got {drop}")
+        if keep is not None and keep != n - len(drop):
+            raise OpdError(f"--keep {keep} disagrees with --drop ({len(drop)} of {n} layers leaves {n - len(drop)})")
+        keep = n - len(drop)
+    if keep is None or not 1 <= keep < n:
         raise OpdError(f"--keep must be in [1, {n - 1}] for a model of {n} layers, got {keep}")
     tok = load_tokenizer(model_dir)
     ids, mask = held_out_text(full, tok, stop_ids(tok, model_dir))
@@ -123,7 +132,7 @@ def prune_layers(model_dir, keep: int, out, *, log=print, force: bool = False) -
     graphdef, state = nnx.split(full)
     full_lp = _forward(graphdef, state, ids, mask)
     pure = nnx.to_pure_dict(state)
-    left, history = list(range(n)), []
+    left, history = [i for i in range(n) if i not in (drop or ())], [{"dropped": i, "given": True} for i in drop or ()]
     while len(left) > keep:
         fwd, scores = _kept_forward(full.cfg.replace(num_layers=len(left) - 1)), []
         for i in left:

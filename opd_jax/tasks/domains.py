@@ -7,6 +7,8 @@ RandomState, so a batch is a function of (seed, step) and a resumed run sees the
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,9 +32,10 @@ class Domain:
     name: str
     make: Callable[[np.random.RandomState], tuple[str, str]]
     verifier: str = "exact"  # the default `data.verifiers` entry for this domain
+    make_held_out: Callable | None = None  # evaluation prompts disjoint from `make`'s (None: same generator)
 
-    def example(self, rng: np.random.RandomState) -> Example:
-        prompt, answer = self.make(rng)
+    def example(self, rng: np.random.RandomState, held_out: bool = False) -> Example:
+        prompt, answer = (self.make_held_out if held_out and self.make_held_out else self.make)(rng)
         return Example(prompt, answer, self.name)
 
 
@@ -93,19 +96,28 @@ CAPITALS = (("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("German
             ("Czech Republic", "Prague"), ("Switzerland", "Bern"), ("Morocco", "Rabat"))
 
 
-def _capital(rng):
-    country, city = CAPITALS[int(rng.randint(len(CAPITALS)))]
+def _capital(rng, held_out: bool = False):
+    """Training prompts ask about the countries at even positions of CAPITALS, evaluation the odd ones."""
+    pool = CAPITALS[1::2] if held_out else CAPITALS[0::2]
+    country, city = pool[int(rng.randint(len(pool)))]
     return f"What is the capital of {country}?", city
 
 
-def _sum_digits(rng):
-    a, b = int(rng.randint(0, 10)), int(rng.randint(0, 10))
+SUM_PAIRS = tuple((a, b) for a in range(10) for b in range(10))
+
+
+def _sum_digits(rng, held_out: bool = False):
+    """Evaluation asks the 25 pairs (a, b) with (a + 2b) % 4 == 0; training the other 75."""
+    pool = [p for p in SUM_PAIRS if ((p[0] + 2 * p[1]) % 4 == 0) == held_out]
+    a, b = pool[int(rng.randint(len(pool)))]
     return f"What is {a} + {b}?", str(a + b)
 
 
 CHAT_DOMAINS: dict[str, Domain] = {
-    "capital": Domain("capital", _capital, verifier="contains"),
-    "sum_digits": Domain("sum_digits", _sum_digits, verifier="last_number"),
+    "capital": Domain("capital", _capital, verifier="contains",
+                      make_held_out=functools.partial(_capital, held_out=True)),
+    "sum_digits": Domain("sum_digits", _sum_digits, verifier="last_number",
+                         make_held_out=functools.partial(_sum_digits, held_out=True)),
 }
 
 

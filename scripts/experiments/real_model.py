@@ -1,0 +1,303 @@
+"""The real-model experiments (issue 33) on SmolLM2-135M-Instruct, its 24-layer pruned copy and the
+chat domains `capital` and `sum_digits` (training prompts and held-out evaluation prompts are disjoint:
+even / odd countries, 75 / 25 digit pairs).
+
+Experiments (each arm writes WORK/<arm>/result.json; an arm with a result is skipped, so the queue
+resumes after a crash):
+
+  prune     student = the 24-layer copy, teacher = the full model. Arms at equal rows per step
+            (8 prompts x 40 new tokens, 30 steps, AdamW lr 5e-5, 3 warm-up steps):
+              on_fkl   on-policy, exact forward KL over the full vocabulary
+              on_rkl   on-policy, sampled-token reverse KL (OPD+ estimator)
+              off_kd   supervised KD: exact forward KL on teacher-generated answers (loss.lam = 0)
+              gkd      GKD lambda = 0.5 (4 on-policy + 4 teacher-answer rows a step)
+              sft      SFT on the same teacher-generated answers
+  context   student = the full model, teacher = the full model with "Always answer in French." after
+            every prompt (teachers[].privileged: context); arms ctx_opd (on-policy forward KL) and ctx_sft
+            (SFT on the prompted teacher's samples)
+  mask      on_fkl again with optim.mask = the 10% largest |update| coordinates of on_fkl (mask_fkl), and
+            with SGD (sgd_fkl)
+  effopd    on_fkl with the EffOPD line search every 5 steps (eff_fkl)
+
+Every arm's final student is measured the same way on 48 held-out prompts (24 a domain): greedy
+accuracy (verifiers contains / last_number), the stop rate of its samples at temperature 1 (a stop id
+within the budget), forward and reverse KL to the teacher per token on its own samples and on the
+teacher's samples, French rate (langdetect, context arms). Teacher forward tokens are counted per arm.
+
+    python scripts/experiments/real_model.py --arms on_fkl off_kd ... [--seed 0] [--work runs/real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opd_jax.config import load_config
+from opd_jax.evaluate import decode_completions, rewards_for
+from opd_jax.export import restore_run_params
+from opd_jax.models import load_model
+from opd_jax.sampling import generate
+from opd_jax.sft import sft_train
+from opd_jax.tasks import Example, Prompter, PromptSource, load_tokenizer, stop_ids, verifiers_for
+from opd_jax.train import train
+
+FULL = Path(os.environ.get("OPD_SMOLLM2", Path.home() / ".cache/opd_jax/models/smollm2-135m-instruct"))
+PRUNED = Path(os.environ.get("OPD_SMOLLM2_24", "runs/smollm2-24"))
+DOMAINS = ["capital", "sum_digits"]
+STEPS, PER_DOMAIN, MAX_PROMPT, MAX_NEW, LR, WARMUP = 30, 4, 64, 40, 5e-5, 3
+FRENCH = "{prompt} Always answer in French."
+EVAL_PER_DOMAIN = 24
+
+ARMS = {
+    "on_fkl": dict(loss={"estimator_type": "full", "kind": "forward_kl"}),
+    "on_rkl": dict(loss={"estimator_type": "sampled", "kind": "reverse_kl", "estimator": "opd_plus"}),
+    "off_kd": dict(loss={"estimator_type": "full", "kind": "forward_kl", "lam": 0.0}, answers=True),
+    "gkd": dict(loss={"estimator_type": "full", "kind": "forward_kl", "lam": 0.5}, answers=True, per_domain=2),
+    "sft": dict(sft=True),
+    "ctx_opd": dict(loss={"estimator_type": "full", "kind": "forward_kl"}, context=True),
+    "ctx_sft": dict(sft=True, context=True),
+    "mask_fkl": dict(loss={"estimator_type": "full", "kind": "forward_kl"}, mask_from="on_fkl"),
+    "sgd_fkl": dict(loss={"estimator_type": "full", "kind": "forward_kl"}, optim={"name": "sgd", "lr": 0.05}),
+    "eff_fkl": dict(loss={"estimator_type": "full", "kind": "forward_kl"},
+                    optim={"effopd_window": 5, "effopd_line_search": True, "effopd_probe_per_domain": 4}),
+}
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ------------------------------------------------------------------ sampling and measurement
+def sample_rows(model, prompter, examples, key, temperature, stop):
+    """Completions of `examples` -> host (tokens [B, P+N], prompt mask [B, P], completion mask [B, N])."""
+    ids, pmask = prompter.encode(examples, MAX_PROMPT)
+    roll = generate(model, ids, pmask, key=key, max_new_tokens=MAX_NEW, temperature=temperature, eos_id=list(stop),
+                    pad_id=prompter.tokenizer.pad_token_id or 0)
+    return np.asarray(roll.tokens), np.asarray(pmask), np.asarray(roll.mask)
+
+
+@jax.jit
+def _kl_rows(s_logits, t_logits, mask):
+    s, t = jax.nn.log_softmax(s_logits, -1), jax.nn.log_softmax(t_logits, -1)
+    fkl = (jnp.exp(t) * (t - s)).sum(-1)
+    rkl = (jnp.exp(s) * (s - t)).sum(-1)
+    return (fkl * mask).sum(), (rkl * mask).sum(), mask.sum()
+
+
+def kl_to_teacher(student, teacher, s_rows, t_rows=None, chunk=8):
+    """Per-token forward KL(teacher || student) and reverse KL over the completion positions.
+    s_rows: what the student reads; t_rows: what the teacher reads (same completion, maybe another prompt)."""
+    t_rows = t_rows or s_rows
+    f = r = n = 0.0
+    for i in range(0, s_rows[0].shape[0], chunk):
+        outs = []
+        for model, (tok, pm, m) in ((student, s_rows), (teacher, t_rows)):
+            tok, pm, m = tok[i:i + chunk], pm[i:i + chunk], m[i:i + chunk]
+            p = pm.shape[1]
+            logits = model(jnp.asarray(tok), attention_mask=jnp.asarray(np.concatenate([pm, m], 1)))
+            outs.append(logits[:, p - 1:-1])  # position p-1+j predicts completion token j
+        a, b, c = _kl_rows(outs[0], outs[1], jnp.asarray(s_rows[2][i:i + chunk], jnp.float32))
+        f, r, n = f + float(a), r + float(b), n + float(c)
+    return f / n, r / n
+
+
+def french_rate(texts) -> float:
+    from langdetect import DetectorFactory, detect_langs
+
+    DetectorFactory.seed = 0
+    hits = 0
+    for t in texts:
+        try:
+            langs = detect_langs(t) if t.strip() else []
+        except Exception:  # langdetect raises on text without letters
+            langs = []
+        hits += any(lang.lang == "fr" and lang.prob > 0.5 for lang in langs)
+    return hits / len(texts)
+
+
+def swap_rows(prompter_to, prompter_from, examples, rows):
+    """The same completions behind another rendering of the prompts."""
+    ids, pmask = prompter_to.encode(examples, MAX_PROMPT)
+    _, pm_old, m = rows
+    return (np.concatenate([ids, rows[0][:, pm_old.shape[1]:]], 1), pmask, m)
+
+
+def measure(student, teacher, tok, stop, *, context: bool) -> dict:
+    plain = Prompter(tok, chat_template=True)
+    tprompt = FrenchPrompter(tok) if context else plain
+    ex = PromptSource(DOMAINS).batch(0, EVAL_PER_DOMAIN, stream=1)
+    verify = verifiers_for({}, DOMAINS)
+    g = sample_rows(student, plain, ex, jax.random.key(0), 0.0, stop)
+    texts = decode_completions(tok, g[0][:, MAX_PROMPT:], g[2], stop)
+    rew = rewards_for(ex, texts, verify)
+    s = sample_rows(student, plain, ex, jax.random.key(1), 1.0, stop)
+    s_texts = decode_completions(tok, s[0][:, MAX_PROMPT:], s[2], stop)
+    t = sample_rows(teacher, tprompt, ex, jax.random.key(2), 1.0, stop)
+    ended = lambda rows: float(np.mean([m.sum() > 0 and int(tk[MAX_PROMPT + m.sum() - 1]) in stop  # noqa: E731
+                                        for tk, m in zip(rows[0], rows[2])]))
+    fo, ro = kl_to_teacher(student, teacher, s, swap_rows(tprompt, plain, ex, s) if context else None)
+    ft, rt = kl_to_teacher(student, teacher, swap_rows(plain, tprompt, ex, t) if context else t, t)
+    out = {"accuracy": {d: float(rew[[e.domain == d for e in ex]].mean()) for d in DOMAINS},
+           "stop_rate": ended(s), "mean_len": float(s[2].sum(1).mean()),
+           "fkl_own": fo, "rkl_own": ro, "fkl_teacher_samples": ft, "rkl_teacher_samples": rt,
+           "greedy_examples": texts[:3] + texts[EVAL_PER_DOMAIN:EVAL_PER_DOMAIN + 3]}
+    out["accuracy"]["mean"] = float(np.mean([out["accuracy"][d] for d in DOMAINS]))
+    if context:
+        out["french_greedy"] = french_rate(texts)
+        out["french_sampled"] = french_rate(s_texts)
+    return out
+
+
+class FrenchPrompter(Prompter):
+    """The chat template with the instruction after each prompt (what the context teacher reads)."""
+
+    def __init__(self, tok):
+        super().__init__(tok, chat_template=True)
+
+    def _messages(self, ex):
+        return super()._messages(dataclasses.replace(ex, prompt=FRENCH.format(prompt=ex.prompt)))
+
+
+# ------------------------------------------------------------------ teacher answers (off-policy arms)
+def teacher_answers(work: Path, teacher, tok, stop, *, context: bool, seed: int) -> Path:
+    """Teacher samples (temperature 1) for STEPS x PER_DOMAIN training prompts a domain, as prompt records
+    with the teacher's text as the answer; the plain prompt is recorded (the student never sees the
+    instruction)."""
+    path = work / f"teacher_answers_{'fr' if context else 'plain'}_s{seed}.jsonl"
+    if path.exists():
+        return path
+    src = PromptSource(DOMAINS, seed=seed)
+    ex = [e for s in range(STEPS) for e in src.batch(s, PER_DOMAIN)]
+    prompter = FrenchPrompter(tok) if context else Prompter(tok, chat_template=True)
+    rows = sample_rows(teacher, prompter, ex, jax.random.key(100 + seed), 1.0, stop)
+    texts = decode_completions(tok, rows[0][:, MAX_PROMPT:], rows[2], stop)
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "domain": e.domain, "answer": t}) + "\n"
+                            for e, t in zip(ex, texts)))
+    log(f"teacher answers: {path} ({len(ex)} rows, mean {rows[2].sum(1).mean():.1f} tokens)")
+    return path
+
+
+# ------------------------------------------------------------------ one arm
+def config(out: Path, seed: int, spec: dict, answers: Path | None, student: Path):
+    teacher = {"name": "full", "path": str(FULL)}
+    if spec.get("context"):
+        teacher.update(privileged="context", privileged_template=FRENCH)
+    cfg = load_config("configs/smollm2_prune_recover.yaml", [
+        f"student.path={student}", f"teachers=[{json.dumps(teacher)}]", f"train.out_dir={out}", f"train.seed={seed}",
+        f"train.steps={STEPS}", f"train.eval_every={STEPS}", "train.eval_per_domain=4", "train.progress=false",
+        f"train.checkpoint_every={STEPS}", f"data.max_new_tokens={MAX_NEW}", f"data.max_prompt_len={MAX_PROMPT}",
+        f"data.per_domain={spec.get('per_domain', PER_DOMAIN)}", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}"])
+    if spec.get("answers"):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(answers), domains=()))
+    for sec in ("loss", "optim"):
+        if sec in spec:
+            cfg = dataclasses.replace(cfg, **{sec: dataclasses.replace(getattr(cfg, sec), **spec[sec])})
+    return cfg
+
+
+def run_arm(name: str, seed: int, work: Path) -> dict:
+    spec = dict(ARMS[name])
+    out = work / f"{name}_s{seed}"
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    t0 = time.time()
+    ctx = bool(spec.get("context"))
+    student_dir = FULL if ctx else PRUNED
+    tok = load_tokenizer(FULL)
+    stop = tuple(stop_ids(tok, FULL))
+    teacher = load_model(FULL)
+    answers = None
+    if spec.get("answers") or spec.get("sft"):
+        answers = teacher_answers(work, teacher, tok, stop, context=ctx, seed=seed)
+    record = {"arm": name, "seed": seed, "steps": STEPS, "rows_per_step": 2 * PER_DOMAIN, "lr": LR,
+              "student": str(student_dir)}
+    if spec.get("sft"):
+        student = load_model(student_dir)
+        pairs = [json.loads(x) for x in answers.read_text().splitlines()]
+        prompter = Prompter(tok, chat_template=True)
+        batches = lambda s: [(Example(p["prompt"], None, p["domain"]), p["answer"])  # noqa: E731
+                             for p in pairs[s * 2 * PER_DOMAIN:(s + 1) * 2 * PER_DOMAIN]]
+        losses = sft_train(student, prompter, batches, steps=STEPS, lr=LR, warmup=WARMUP, max_prompt_len=MAX_PROMPT,
+                           max_new_tokens=MAX_NEW, seed=seed)
+        record["sft_loss"] = [round(x, 4) for x in losses]
+        record["teacher_tokens"] = "generation only"
+    else:
+        if spec.get("mask_from"):
+            spec.setdefault("optim", {})["mask"] = str(mask_for(work / f"{spec['mask_from']}_s{seed}", work))
+        cfg = config(out, seed, spec, answers, student_dir)
+        train(cfg)
+        graphdef, params, _ = restore_run_params(out)
+        student = nnx.merge(graphdef, params)
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        record["curve"] = [{k: r[k] for k in r if k in ("step", "loss", "on_policy/divergence", "eos_rate",
+                                                        "rollout/mean_len", "grad_norm")} for r in recs]
+    record.update(measure(student, teacher, tok, stop, context=ctx))
+    record["seconds"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(record, indent=1) + "\n")
+    log(f"{name} s{seed}: acc {record['accuracy']} fKL own {record['fkl_own']:.3f} teacher-samples "
+        f"{record['fkl_teacher_samples']:.3f} stop {record['stop_rate']:.2f} ({record['seconds']} s)")
+    return record
+
+
+def mask_for(run: Path, work: Path) -> Path:
+    """The 10% largest-|update| coordinates of `run`'s final student against its start (optim.mask file)."""
+    from opd_jax.optim.masks import mask_from_update, save_mask
+
+    path = work / f"mask_{run.name}.safetensors"
+    if not path.exists():
+        _, after, _ = restore_run_params(run)
+        before = nnx.to_pure_dict(nnx.split(load_model(PRUNED))[1])
+        delta = jax.tree.map(lambda x, y: np.asarray(x, np.float32) - np.asarray(y, np.float32), after, before)
+        save_mask(mask_from_update(delta, 0.1), path)
+    return path
+
+
+def baseline(work: Path) -> dict:
+    """The untrained students measured the same way (prune: the 24-layer copy; context: the full model)."""
+    out = work / "baseline.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    tok = load_tokenizer(FULL)
+    stop = tuple(stop_ids(tok, FULL))
+    teacher = load_model(FULL)
+    res = {"pruned": measure(load_model(PRUNED), teacher, tok, stop, context=False),
+           "full_vs_context_teacher": measure(teacher, teacher, tok, stop, context=True)}
+    res["teacher_alone"] = measure(teacher, teacher, tok, stop, context=False)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    log("baseline:", {k: (v["accuracy"], round(v["fkl_own"], 3)) for k, v in res.items()})
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arms", nargs="+", default=["baseline", "on_fkl", "off_kd"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--work", default="runs/real")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for arm in a.arms:
+        for seed in a.seeds:
+            if arm == "baseline":
+                baseline(work)
+                break
+            try:
+                run_arm(arm, seed, work)
+            except Exception as e:  # one failed arm does not stop the queue; its error is logged
+                log(f"{arm} s{seed} FAILED: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
