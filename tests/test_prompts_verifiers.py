@@ -327,3 +327,20 @@ def test_chat_domain_verifiers_read_a_free_form_reply():
         d = CHAT_DOMAINS[name]
         prompt, answer = d.make(rng)
         assert d.verifier == want and prompt.endswith("?") and answer
+
+
+def test_chat_domains_evaluate_on_prompts_training_never_sees():
+    """Stream 1 (evaluation) of capital / sum_digits draws from countries and digit pairs that the
+    training stream never draws; together they cover every country and all 100 pairs."""
+    from opd_jax.tasks import PromptSource
+    from opd_jax.tasks.domains import CAPITALS
+
+    src = PromptSource(["capital", "sum_digits"], seed=3)
+    train = {(e.prompt, e.answer) for s in range(300) for e in src.batch(s, 8)}
+    held = {(e.prompt, e.answer) for s in range(40) for e in src.batch(s, 8, stream=1)}
+    assert not train & held
+    countries = {p.split(" of ")[1][:-1] for p, _ in train | held if p.startswith("What is the capital")}
+    assert countries == {c for c, _ in CAPITALS}
+    sums = {p for p, _ in train | held if "+" in p}
+    assert len(sums) == 100 and len({p for p, _ in held if "+" in p}) == 25
+    assert all(int(a) == eval(p[8:-1]) for p, a in train | held if "+" in p)
