@@ -76,6 +76,17 @@ def test_analyze_update_groups_by_module_and_layer():
     assert rep["sparsity"] == pytest.approx(1 - n_up / total, abs=1e-9)
     up1 = next(m for m in rep["matrices"] if m["name"] == "w_up" and m["layer"] == 1)
     assert up1["overlap_with_w0"] == pytest.approx(1.0, abs=1e-4)  # dW = 0.5 W0 lies in W0's subspace
+    # rank and energy come from every singular value of dW = 0.5 W0 (numpy's SVD of W0 as the reference)
+    w = np.asarray(p0["layers"]["w_up"][1], np.float64)
+    sv = np.linalg.svd(w, compute_uv=False)
+    assert up1["numerical_rank"] == np.linalg.matrix_rank(w) == min(w.shape)
+    assert up1["energy_top_k"] == pytest.approx((sv[:4] ** 2).sum() / (sv ** 2).sum(), rel=1e-4)
+    # a move of 1e-3 relative: a change in float32, below bfloat16's rounding step (2^-8)
+    p2 = jax.tree.map(lambda x: x, p0)
+    p2["layers"]["w_down"] = p0["layers"]["w_down"].at[0].multiply(1 + 1e-3)
+    rep2 = A.analyze_update(p0, p2, k=4)
+    n_down = int((np.asarray(p0["layers"]["w_down"][0]) != 0).sum())
+    assert rep2["sparsity"] == pytest.approx(1 - n_down / total, abs=1e-9) and rep2["sparsity_bfloat16"] == 1.0
 
 
 def test_analyze_cli_on_real_checkpoints(tmp_path):

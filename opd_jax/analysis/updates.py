@@ -6,7 +6,11 @@ on axis 0), each matrix W is analysed per layer as a 2-D matrix (inputs x output
 * sparsity: fraction of coordinates with |dW| <= tol, tol = eps(dtype) * |W0| (one rounding step:
   2^-8 relative for bfloat16, 2^-23 for float32), so a coordinate that only re-rounded counts as still;
 * relative movement ||dW||_F / ||W0||_F by module type and by layer;
-* numerical rank, effective rank and top-k energy fraction of dW;
+* sparsity_bfloat16: the same at bfloat16's rounding step (what the update would look like stored in
+  bfloat16, the papers' setting), whatever the weights' own dtype;
+* numerical rank, effective rank and top-k energy fraction of dW (from all its singular values: an
+  exact SVD up to min(shape) = 2048; a larger matrix gets only the subspace overlap, its rank and
+  energy are left out rather than read off the top k);
 * overlap of dW's top-k left singular subspace with W0's;
 * near-zero preference: P(updated | |W0| in its lowest decile) / P(updated) (1 = no preference).
 """
@@ -73,7 +77,7 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
     n_layers = next(v.shape[0] for n, v in f0.items() if n == "wq")
     key = key if key is not None else jax.random.key(0)
     per_matrix, module, layer = [], {}, {}
-    total = moved_total = 0
+    total = moved_total = moved_bf16 = 0
     nz = []
     for name in sorted(f0):
         for li, (w0, w1) in zip([l for l, _ in _layers(name, f0[name], n_layers)],
@@ -84,6 +88,7 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
             n_moved = int(jnp.sum(mv))
             total += mv.size
             moved_total += n_moved
+            moved_bf16 += int(jnp.sum(changed(w0, w1, "bfloat16")))
             d2, w2 = float(jnp.sum(d * d)), float(jnp.sum(jnp.asarray(w0, jnp.float32) ** 2))
             mt = MODULE_TYPES.get(name, name)
             module.setdefault(mt, [0.0, 0.0])
@@ -99,18 +104,21 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
             if m_d is not None and float(jnp.max(jnp.abs(m_d))) > 0:
                 kk = min(k, *m_d.shape)
                 key, k1, k2 = jax.random.split(key, 3)
-                u_d, s = sp.top_left_subspace(m_d, kk, k1)
-                u_w, _ = sp.top_left_subspace(m_w, kk, k2)
-                rec.update(numerical_rank=int(sp.numerical_rank(s, m_d.shape)), full_rank=min(m_d.shape),
-                           effective_rank=float(sp.effective_rank(s)), energy_top_k=float(sp.energy_fraction(s, kk)),
-                           overlap_with_w0=float(sp.subspace_overlap(u_d, u_w)),
+                u_d, s = sp.top_left_subspace(m_d, kk, k1, dense_limit=2048)
+                u_w, _ = sp.top_left_subspace(m_w, kk, k2, dense_limit=2048)
+                rec.update(full_rank=min(m_d.shape), overlap_with_w0=float(sp.subspace_overlap(u_d, u_w)),
                            near_zero_preference=near_zero_preference(w0, mv),
                            singular_values=[float(v) for v in np.asarray(s[:64])])
+                if s.shape[0] == min(m_d.shape):  # every singular value: rank and energy are defined
+                    rec.update(numerical_rank=int(sp.numerical_rank(s, m_d.shape)),
+                               effective_rank=float(sp.effective_rank(s)),
+                               energy_top_k=float(sp.energy_fraction(s, kk)))
                 if np.isfinite(rec["near_zero_preference"]):
                     nz.append(rec["near_zero_preference"])
             per_matrix.append(rec)
     return {
         "sparsity": 1.0 - moved_total / max(total, 1),
+        "sparsity_bfloat16": 1.0 - moved_bf16 / max(total, 1),
         "relative_movement_by_module": {m: float(np.sqrt(a / max(b, 1e-30))) for m, (a, b) in sorted(module.items())},
         "relative_movement_by_layer": {int(l): {m: float(np.sqrt(a / max(b, 1e-30))) for m, (a, b) in sorted(v.items())}
                                        for l, v in sorted(layer.items())},

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -86,6 +87,11 @@ def sample_rows(model, prompter, examples, key, temperature, stop):
     return np.asarray(roll.tokens), np.asarray(pmask), np.asarray(roll.mask)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, state, tokens, mask):
+    return nnx.merge(graphdef, state)(tokens, attention_mask=mask)
+
+
 @jax.jit
 def _kl_rows(s_logits, t_logits, mask):
     s, t = jax.nn.log_softmax(s_logits, -1), jax.nn.log_softmax(t_logits, -1)
@@ -104,7 +110,7 @@ def kl_to_teacher(student, teacher, s_rows, t_rows=None, chunk=8):
         for model, (tok, pm, m) in ((student, s_rows), (teacher, t_rows)):
             tok, pm, m = tok[i:i + chunk], pm[i:i + chunk], m[i:i + chunk]
             p = pm.shape[1]
-            logits = model(jnp.asarray(tok), attention_mask=jnp.asarray(np.concatenate([pm, m], 1)))
+            logits = _logits(*nnx.split(model), jnp.asarray(tok), jnp.asarray(np.concatenate([pm, m], 1)))
             outs.append(logits[:, p - 1:-1])  # position p-1+j predicts completion token j
         a, b, c = _kl_rows(outs[0], outs[1], jnp.asarray(s_rows[2][i:i + chunk], jnp.float32))
         f, r, n = f + float(a), r + float(b), n + float(c)
@@ -155,6 +161,7 @@ def measure(student, teacher, tok, stop, *, context: bool) -> dict:
     if context:
         out["french_greedy"] = french_rate(texts)
         out["french_sampled"] = french_rate(s_texts)
+        out["french_teacher_sampled"] = french_rate(decode_completions(tok, t[0][:, MAX_PROMPT:], t[2], stop))
     return out
 
 
