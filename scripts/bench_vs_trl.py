@@ -82,12 +82,18 @@ def main():
         model.save_pretrained(paths[name])
         tok.save_pretrained(paths[name])
     per_domain = args.batch // len(domains)
+    if real:  # the longest prompt, rounded up to 8 (TRL pads each batch to its longest prompt)
+        from opd_jax.tasks import PromptSource as _PS
+
+        _p = Prompter(tok, chat_template=True)
+        longest = max(len(_p.ids(e)) for s in range(args.warmup + args.steps) for e in _PS(list(domains)).batch(s, per_domain))
+        prompt_len = -(-longest // 8) * 8
     total = args.warmup + args.steps
 
     # ---- opd_jax
     ov = [f"student.path={paths['student']}", f"teachers=[{{name: t, path: {paths['teacher']}}}]",
           f"data.domains=[{', '.join(domains)}]", "routing={" + ", ".join(f"{d}: t" for d in domains) + "}",
-          *(["data.chat_template=true", "data.max_prompt_len=64"] if real else [f"data.tokenizer={work / 'tok'}"]),
+          *(["data.chat_template=true", f"data.max_prompt_len={prompt_len}"] if real else [f"data.tokenizer={work / 'tok'}"]),
           f"data.per_domain={per_domain}", "data.group_size=1", f"data.max_new_tokens={args.new}",
           "loss.estimator_type=full", "loss.kind=forward_kl", f"train.steps={total + 1}", "train.progress=false",
           "train.eval_every=100000", "train.checkpoint_every=100000", f"train.out_dir={work / 'opd_run'}",

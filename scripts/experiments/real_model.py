@@ -287,14 +287,98 @@ def baseline(work: Path) -> dict:
     return res
 
 
+def _load(work: Path, arm: str, seeds=(0, 1)):
+    return [json.loads((work / f"{arm}_s{s}" / "result.json").read_text()) for s in seeds
+            if (work / f"{arm}_s{s}" / "result.json").exists()]
+
+
+def _ms(values, fmt="{:.3f}") -> str:
+    v = np.asarray(values, float)
+    return fmt.format(v.mean()) if len(v) == 1 else f"{fmt.format(v.mean())} ± {fmt.format(v.std())} (n={len(v)})"
+
+
+def teacher_tokens(work: Path, r: dict) -> int:
+    """Teacher forward tokens an arm spent: completion tokens scored in training (metrics.jsonl) plus the
+    tokens the teacher generated for the answers the arm read (off-policy arms and SFT)."""
+    run = work / f"{r['arm']}_s{r['seed']}"
+    scored = 0
+    if (run / "metrics.jsonl").exists():
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            scored += rec.get("on_policy/tokens", 0) + rec.get("off_policy/tokens", 0)
+    spec = ARMS[r["arm"]]
+    if spec.get("answers") or spec.get("sft"):
+        tok = load_tokenizer(FULL)
+        path = work / f"teacher_answers_{'fr' if spec.get('context') else 'plain'}_s{r['seed']}.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        share = 0.5 if spec.get("per_domain") == 2 else 1.0  # GKD reads half as many answer rows a step
+        scored += int(share * sum(len(tok(x["answer"])["input_ids"]) + 1 for x in rows))
+    return int(scored)
+
+
+def report(work: Path):
+    """The markdown tables of docs/results.md from WORK's result files."""
+    base = json.loads((work / "baseline.json").read_text())
+    acc = lambda rs, d: _ms([r["accuracy"][d] for r in rs])  # noqa: E731
+    print("| arm | capital | sum_digits | mean accuracy | fKL, own samples | fKL, teacher samples | stop rate | "
+          "teacher tokens | minutes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, rs in (("24-layer student, start", [base["pruned"]]), ("full model (teacher)", [base["teacher_alone"]])):
+        print(f"| {name} | {acc(rs, 'capital')} | {acc(rs, 'sum_digits')} | {acc(rs, 'mean')} | "
+              f"{_ms([r['fkl_own'] for r in rs])} | {_ms([r['fkl_teacher_samples'] for r in rs])} | "
+              f"{_ms([r['stop_rate'] for r in rs], '{:.2f}')} | | |")
+    for arm in ("on_fkl", "on_rkl", "off_kd", "gkd", "sft", "mask_fkl", "sgd_fkl", "eff_fkl"):
+        rs = _load(work, arm)
+        if rs:
+            print(f"| {arm} | {acc(rs, 'capital')} | {acc(rs, 'sum_digits')} | {acc(rs, 'mean')} | "
+                  f"{_ms([r['fkl_own'] for r in rs])} | {_ms([r['fkl_teacher_samples'] for r in rs])} | "
+                  f"{_ms([r['stop_rate'] for r in rs], '{:.2f}')} | {_ms([teacher_tokens(work, r) for r in rs], '{:.0f}')} | "
+                  f"{_ms([r['seconds'] / 60 for r in rs], '{:.1f}')} |")
+    print()
+    print("| arm | French, greedy | French, sampled | capital | sum_digits | fKL to the prompted teacher, own samples |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    b = base["full_vs_context_teacher"]
+    rows = [("full model, no instruction (start)", [b])] + [(a, _load(work, a)) for a in ("ctx_opd", "ctx_sft")]
+    for name, rs in rows:
+        if rs:
+            print(f"| {name} | {_ms([r['french_greedy'] for r in rs], '{:.2f}')} | "
+                  f"{_ms([r['french_sampled'] for r in rs], '{:.2f}')} | {acc(rs, 'capital')} | {acc(rs, 'sum_digits')} | "
+                  f"{_ms([r['fkl_own'] for r in rs])} |")
+
+
+def prompted_teacher(work: Path) -> dict:
+    """The context teacher on its own: greedy accuracy and French rate with the instruction."""
+    out = work / "prompted_teacher.json"
+    if out.exists():
+        return json.loads(out.read_text())
+    tok = load_tokenizer(FULL)
+    stop = tuple(stop_ids(tok, FULL))
+    teacher = load_model(FULL)
+    ex = PromptSource(DOMAINS).batch(0, EVAL_PER_DOMAIN, stream=1)
+    g = sample_rows(teacher, FrenchPrompter(tok), ex, jax.random.key(0), 0.0, stop)
+    texts = decode_completions(tok, g[0][:, MAX_PROMPT:], g[2], stop)
+    rew = rewards_for(ex, texts, verifiers_for({}, DOMAINS))
+    s = sample_rows(teacher, FrenchPrompter(tok), ex, jax.random.key(2), 1.0, stop)
+    res = {"accuracy": {d: float(rew[[e.domain == d for e in ex]].mean()) for d in DOMAINS},
+           "french_greedy": french_rate(texts),
+           "french_sampled": french_rate(decode_completions(tok, s[0][:, MAX_PROMPT:], s[2], stop)),
+           "greedy_examples": texts[:3] + texts[EVAL_PER_DOMAIN:EVAL_PER_DOMAIN + 3]}
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arms", nargs="+", default=["baseline", "on_fkl", "off_kd"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--work", default="runs/real")
+    ap.add_argument("--report", action="store_true", help="print the markdown tables from the results so far")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.report:
+        print(json.dumps(prompted_teacher(work)))
+        return report(work)
     for arm in a.arms:
         for seed in a.seeds:
             if arm == "baseline":
