@@ -195,6 +195,12 @@ def teacher_answers(work: Path, teacher, tok, stop, *, context: bool, seed: int)
     return path
 
 
+def full_model():
+    """(tokenizer, stop ids, model) of the full SmolLM2 folder."""
+    tok = load_tokenizer(FULL)
+    return tok, tuple(stop_ids(tok, FULL)), load_model(FULL)
+
+
 # ------------------------------------------------------------------ one arm
 def config(out: Path, seed: int, spec: dict, answers: Path | None, student: Path):
     teacher = {"name": "full", "path": str(FULL)}
@@ -221,9 +227,7 @@ def run_arm(name: str, seed: int, work: Path) -> dict:
     t0 = time.time()
     ctx = bool(spec.get("context"))
     student_dir = FULL if ctx else PRUNED
-    tok = load_tokenizer(FULL)
-    stop = tuple(stop_ids(tok, FULL))
-    teacher = load_model(FULL)
+    tok, stop, teacher = full_model()
     answers = None
     if spec.get("answers") or spec.get("sft"):
         answers = teacher_answers(work, teacher, tok, stop, context=ctx, seed=seed)
@@ -276,9 +280,7 @@ def baseline(work: Path) -> dict:
     out = work / "baseline.json"
     if out.exists():
         return json.loads(out.read_text())
-    tok = load_tokenizer(FULL)
-    stop = tuple(stop_ids(tok, FULL))
-    teacher = load_model(FULL)
+    tok, stop, teacher = full_model()
     res = {"pruned": measure(load_model(PRUNED), teacher, tok, stop, context=False),
            "full_vs_context_teacher": measure(teacher, teacher, tok, stop, context=True)}
     res["teacher_alone"] = measure(teacher, teacher, tok, stop, context=False)
@@ -346,14 +348,66 @@ def report(work: Path):
                   f"{_ms([r['fkl_own'] for r in rs])} |")
 
 
+def analysis_rows(work: Path, runs=("on_fkl", "ctx_opd")):
+    """One table from `opd-jax analyze` outputs (WORK/analysis_<run>/analysis.json). The random-subspace
+    overlap k/n uses this model's input widths (576; 1536 into mlp_down)."""
+    reps = {r: json.loads((work / f"analysis_{r}" / "analysis.json").read_text()) for r in runs
+            if (work / f"analysis_{r}" / "analysis.json").exists()}
+    reps = {r: a for r, a in reps.items() if "sparsity_bfloat16" in a}  # written by the current analyze
+    if not reps:
+        return
+    print("| measure | " + " | ".join(reps) + " |")
+    print("| --- |" + " --- |" * len(reps))
+
+    def row(label, fn):
+        print(f"| {label} | " + " | ".join(fn(a) for a in reps.values()) + " |")
+
+    mats = lambda a: [m for m in a["matrices"] if "effective_rank" in m and m["module"] not in ("embedding", "norm")]  # noqa: E731
+    row("coordinates that did not move, float32", lambda a: f"{100 * a['sparsity']:.3f}%")
+    row("coordinates that did not move at bfloat16 resolution", lambda a: f"{100 * a['sparsity_bfloat16']:.1f}%")
+    mv = lambda a, ks: " / ".join(f"{a['relative_movement_by_module'][k]:.4f}" for k in ks)  # noqa: E731
+    row("relative movement attention q / k / v / o", lambda a: mv(a, ("attn_q", "attn_k", "attn_v", "attn_o")))
+    row("relative movement MLP gate / up / down", lambda a: mv(a, ("mlp_gate", "mlp_up", "mlp_down")))
+    row("relative movement embeddings / norms", lambda a: mv(a, ("embedding", "norm")))
+    row("numerical rank / full rank of dW (block matrices)",
+        lambda a: f"{np.mean([m['numerical_rank'] / m['full_rank'] for m in mats(a)]):.3f}")
+    row("effective rank / full rank", lambda a: f"{np.mean([m['effective_rank'] / m['full_rank'] for m in mats(a)]):.3f}")
+    row(f"energy in the top {next(iter(reps.values()))['k']} singular values",
+        lambda a: f"{np.mean([m['energy_top_k'] for m in mats(a)]):.3f}")
+    row("overlap of dW's top-k left subspace with W0's (random k/n in brackets)",
+        lambda a: f"{np.mean([m['overlap_with_w0'] for m in mats(a)]):.3f} "
+                  f"({np.mean([a['k'] / (1536 if m['module'] == 'mlp_down' else 576) for m in mats(a)]):.3f})")
+    row("near-zero preference (1 = none)", lambda a: f"{a['near_zero_preference_mean']:.3f}")
+
+
+def effopd_rows(work: Path, w: int = 5):
+    """Steps to 95% of the plain run's divergence reduction (trailing mean of the on-policy divergence
+    over w steps), EffOPD against plain, per seed present for both."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from common import smooth
+
+    for seed in (0, 1):
+        runs = {a: work / f"{a}_s{seed}" / "metrics.jsonl" for a in ("on_fkl", "eff_fkl")}
+        if not all(p.exists() for p in runs.values()):
+            continue
+        curves = {a: smooth([json.loads(x).get("on_policy/divergence", np.nan) for x in p.read_text().splitlines()], w)
+                  for a, p in runs.items()}
+        plain = curves["on_fkl"]
+        target = plain[0] - 0.95 * (plain[0] - plain[-1])
+        hit = {a: int(np.argmax(c <= target)) + 1 if (c <= target).any() else None for a, c in curves.items()}
+        print(f"seed {seed}: start {plain[0]:.3f}, plain final {plain[-1]:.3f}, EffOPD final {curves['eff_fkl'][-1]:.3f}; "
+              f"steps to {target:.3f}: plain {hit['on_fkl']}, EffOPD {hit['eff_fkl']}")
+        alphas = [json.loads(x) for x in runs["eff_fkl"].read_text().splitlines()]
+        print("  EffOPD records with alpha:", [(r["step"], {k: v for k, v in r.items() if "effopd" in k})
+                                              for r in alphas if any("effopd" in k for k in r)])
+
+
 def prompted_teacher(work: Path) -> dict:
     """The context teacher on its own: greedy accuracy and French rate with the instruction."""
     out = work / "prompted_teacher.json"
     if out.exists():
         return json.loads(out.read_text())
-    tok = load_tokenizer(FULL)
-    stop = tuple(stop_ids(tok, FULL))
-    teacher = load_model(FULL)
+    tok, stop, teacher = full_model()
     ex = PromptSource(DOMAINS).batch(0, EVAL_PER_DOMAIN, stream=1)
     g = sample_rows(teacher, FrenchPrompter(tok), ex, jax.random.key(0), 0.0, stop)
     texts = decode_completions(tok, g[0][:, MAX_PROMPT:], g[2], stop)
@@ -378,7 +432,11 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     if a.report:
         print(json.dumps(prompted_teacher(work)))
-        return report(work)
+        report(work)
+        print()
+        analysis_rows(work)
+        print()
+        return effopd_rows(work)
     for arm in a.arms:
         for seed in a.seeds:
             if arm == "baseline":
