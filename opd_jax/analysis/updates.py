@@ -12,7 +12,8 @@ on axis 0), each matrix W is analysed per layer as a 2-D matrix (inputs x output
   exact SVD up to min(shape) = 2048; a larger matrix gets only the subspace overlap, its rank and
   energy are left out rather than read off the top k);
 * overlap of dW's top-k left singular subspace with W0's;
-* near-zero preference: P(updated | |W0| in its lowest decile) / P(updated) (1 = no preference).
+* near-zero preference: P(updated | |W0| in its lowest decile) / P(updated) (1 = no preference), with
+  "updated" at the weights' own dtype and at bfloat16 resolution (near_zero_preference_bfloat16).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
     key = key if key is not None else jax.random.key(0)
     per_matrix, module, layer = [], {}, {}
     total = moved_total = moved_bf16 = 0
-    nz = []
+    nz, nz_bf16 = [], []
     for name in sorted(f0):
         for li, (w0, w1) in zip([l for l, _ in _layers(name, f0[name], n_layers)],
                                 zip([a for _, a in _layers(name, f0[name], n_layers)],
@@ -88,7 +89,8 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
             n_moved = int(jnp.sum(mv))
             total += mv.size
             moved_total += n_moved
-            moved_bf16 += int(jnp.sum(changed(w0, w1, "bfloat16")))
+            mv_bf16 = changed(w0, w1, "bfloat16")
+            moved_bf16 += int(jnp.sum(mv_bf16))
             d2, w2 = float(jnp.sum(d * d)), float(jnp.sum(jnp.asarray(w0, jnp.float32) ** 2))
             mt = MODULE_TYPES.get(name, name)
             module.setdefault(mt, [0.0, 0.0])
@@ -108,6 +110,7 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
                 u_w, _ = sp.top_left_subspace(m_w, kk, k2, dense_limit=2048)
                 rec.update(full_rank=min(m_d.shape), overlap_with_w0=float(sp.subspace_overlap(u_d, u_w)),
                            near_zero_preference=near_zero_preference(w0, mv),
+                           near_zero_preference_bfloat16=near_zero_preference(w0, mv_bf16),
                            singular_values=[float(v) for v in np.asarray(s[:64])])
                 if s.shape[0] == min(m_d.shape):  # every singular value: rank and energy are defined
                     rec.update(numerical_rank=int(sp.numerical_rank(s, m_d.shape)),
@@ -115,6 +118,8 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
                                energy_top_k=float(sp.energy_fraction(s, kk)))
                 if np.isfinite(rec["near_zero_preference"]):
                     nz.append(rec["near_zero_preference"])
+                if np.isfinite(rec["near_zero_preference_bfloat16"]):
+                    nz_bf16.append(rec["near_zero_preference_bfloat16"])
             per_matrix.append(rec)
     return {
         "sparsity": 1.0 - moved_total / max(total, 1),
@@ -123,6 +128,7 @@ def analyze_update(p0, p1, *, k: int = 8, dtype: str | None = None, key=None) ->
         "relative_movement_by_layer": {int(l): {m: float(np.sqrt(a / max(b, 1e-30))) for m, (a, b) in sorted(v.items())}
                                        for l, v in sorted(layer.items())},
         "near_zero_preference_mean": float(np.mean(nz)) if nz else float("nan"),
+        "near_zero_preference_bfloat16_mean": float(np.mean(nz_bf16)) if nz_bf16 else float("nan"),
         "k": k,
         "matrices": per_matrix,
     }

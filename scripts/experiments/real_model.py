@@ -377,7 +377,9 @@ def analysis_rows(work: Path, runs=("on_fkl", "ctx_opd")):
     row("overlap of dW's top-k left subspace with W0's (random k/n in brackets)",
         lambda a: f"{np.mean([m['overlap_with_w0'] for m in mats(a)]):.3f} "
                   f"({np.mean([a['k'] / (1536 if m['module'] == 'mlp_down' else 576) for m in mats(a)]):.3f})")
-    row("near-zero preference (1 = none)", lambda a: f"{a['near_zero_preference_mean']:.3f}")
+    row("near-zero preference, float32 moves (1 = none)", lambda a: f"{a['near_zero_preference_mean']:.3f}")
+    row("near-zero preference, moves at bfloat16 resolution",
+        lambda a: f"{a.get('near_zero_preference_bfloat16_mean', float('nan')):.3f}")
 
 
 def effopd_rows(work: Path, w: int = 5):
