@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_the_readme_real_model_block_runs_as_written(tmp_path):
+def test_the_readme_real_model_block_runs_as_written(tmp_path, monkeypatch):
     from conftest import run_readme_block
 
     (tmp_path / "scripts").mkdir()
@@ -37,6 +37,7 @@ def test_the_readme_real_model_block_runs_as_written(tmp_path):
     from opd_jax.export import restore_run_params
     from opd_jax.models import load_model
 
+    monkeypatch.chdir(tmp_path)  # the run's config names its student as the README wrote it, relative
     _, params, _ = restore_run_params(tmp_path / "runs" / "smollm2_opd")
     start = nnx.to_pure_dict(nnx.split(load_model(student))[1])
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()),
