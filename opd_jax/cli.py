@@ -97,7 +97,8 @@ def _analyze(args) -> int:
 
     _at_least(args, 1, "k")
     rep = analyze(args.before, args.after, args.out, series=args.series, k=args.k)
-    print(json.dumps({"sparsity": rep["sparsity"], "sparsity_bfloat16": rep["sparsity_bfloat16"], "relative_movement_by_module": rep["relative_movement_by_module"],
+    print(json.dumps({"sparsity": rep["sparsity"], "sparsity_bfloat16": rep["sparsity_bfloat16"],
+                      "relative_movement_by_module": rep["relative_movement_by_module"],
                       "near_zero_preference_mean": rep["near_zero_preference_mean"]}, indent=2))
     print(f"wrote {args.out}/analysis.json and plots")
     return 0

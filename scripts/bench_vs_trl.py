@@ -83,10 +83,9 @@ def main():
         tok.save_pretrained(paths[name])
     per_domain = args.batch // len(domains)
     if real:  # the longest prompt, rounded up to 8 (TRL pads each batch to its longest prompt)
-        from opd_jax.tasks import PromptSource as _PS
-
-        _p = Prompter(tok, chat_template=True)
-        longest = max(len(_p.ids(e)) for s in range(args.warmup + args.steps) for e in _PS(list(domains)).batch(s, per_domain))
+        rendered = Prompter(tok, chat_template=True)
+        longest = max(len(rendered.ids(e)) for s in range(args.warmup + args.steps)
+                      for e in PromptSource(list(domains)).batch(s, per_domain))
         prompt_len = -(-longest // 8) * 8
     total = args.warmup + args.steps
 

@@ -131,7 +131,7 @@ def french_rate(texts) -> float:
     return hits / len(texts)
 
 
-def swap_rows(prompter_to, prompter_from, examples, rows):
+def swap_rows(prompter_to, examples, rows):
     """The same completions behind another rendering of the prompts."""
     ids, pmask = prompter_to.encode(examples, MAX_PROMPT)
     _, pm_old, m = rows
@@ -151,8 +151,8 @@ def measure(student, teacher, tok, stop, *, context: bool) -> dict:
     t = sample_rows(teacher, tprompt, ex, jax.random.key(2), 1.0, stop)
     ended = lambda rows: float(np.mean([m.sum() > 0 and int(tk[MAX_PROMPT + m.sum() - 1]) in stop  # noqa: E731
                                         for tk, m in zip(rows[0], rows[2])]))
-    fo, ro = kl_to_teacher(student, teacher, s, swap_rows(tprompt, plain, ex, s) if context else None)
-    ft, rt = kl_to_teacher(student, teacher, swap_rows(plain, tprompt, ex, t) if context else t, t)
+    fo, ro = kl_to_teacher(student, teacher, s, swap_rows(tprompt, ex, s) if context else None)
+    ft, rt = kl_to_teacher(student, teacher, swap_rows(plain, ex, t) if context else t, t)
     out = {"accuracy": {d: float(rew[[e.domain == d for e in ex]].mean()) for d in DOMAINS},
            "stop_rate": ended(s), "mean_len": float(s[2].sum(1).mean()),
            "fkl_own": fo, "rkl_own": ro, "fkl_teacher_samples": ft, "rkl_teacher_samples": rt,
