@@ -47,7 +47,7 @@ from opd_jax.errors import OpdError
 from opd_jax.models.transformer import CACHE_AXES, activation_layout, init_cache, positions_from_mask
 from opd_jax.sampling import Rollout, sample_rows
 
-TRACES = {"prefill": 0, "insert": 0, "decode": 0}
+TRACES = {"prefill": 0, "insert": 0, "decode": 0, "whole": 0}
 
 
 @dataclass(frozen=True)
@@ -184,8 +184,11 @@ def _empty(*, cfg, spec, mesh, rules):
 def _prefill(graphdef, params, ids, pmask, *, mesh, rules):
     """-> (k, v [n, L, P, K, Dh], logits [n, V] float32, pmask [n, P])."""
     TRACES["prefill"] += 1
+    return _prefill_body(nnx.merge(graphdef, params), ids, pmask, mesh, rules)
+
+
+def _prefill_body(model, ids, pmask, mesh, rules):
     put, layout = _constrain(mesh, rules)
-    model = nnx.merge(graphdef, params)
     n, p = ids.shape
     cache = tuple(put(c, CACHE_AXES) for c in init_cache(model.cfg, n, p))
     with activation_layout(layout):
@@ -223,6 +226,51 @@ def _insert(slots: Slots, store, take, src, seq, cap, base, *, spec, mesh, rules
     return slots._replace(k=prompt_kv(slots.k, sk), v=prompt_kv(slots.v, sv), **out)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "group", "mesh", "rules"))
+def _whole(graphdef, params, ids, pmask, base, cap, *, spec, group, mesh, rules):
+    """The whole rollout in one program when every sequence has its own slot (nothing to refill):
+    prefill [n, P], copy each prompt's KV to its `group` rows, then decode all rows in lock step until
+    every one has ended (at most N steps). Row q is sequence q: base [n * group, 2] its key data, cap
+    [n * group] its length cap. Every live row is at the same step i, so the cache write, the
+    attention length and the keys each row sees are the ones the slot loop gives it: the same tokens.
+    -> (tokens [n * group, P + N], logprobs [n * group, N], mask [n * group, N], steps run)."""
+    TRACES["whole"] += 1
+    put, layout = _constrain(mesh, rules)
+    model = nnx.merge(graphdef, params)
+    p, n = spec.prompt_len, spec.max_new_tokens
+    k, v, logits, _ = _prefill_body(model, ids, pmask, mesh, rules)
+    rows = lambda x: jnp.repeat(x, group, axis=0) if group > 1 else x  # noqa: E731
+    grow = lambda c: jnp.pad(rows(c), ((0, 0), (0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731  [R, L, P+N, K, Dh]
+    k, v, logits, pm = put(grow(k), CACHE_AXES), put(grow(v), CACHE_AXES), rows(logits), rows(pmask)
+    r = pm.shape[0]
+    stop = jnp.asarray(spec.stop or (-1,), jnp.int32)
+    start = dict(i=jnp.int32(0), k=k, v=v, valid=jnp.concatenate([pm.astype(bool), jnp.zeros((r, n), bool)], 1),
+                 live=jnp.ones((r,), bool), gen=jnp.zeros((r,), jnp.int32), logits=logits,
+                 tokens=jnp.full((r, n), spec.pad_id, jnp.int32), logprobs=jnp.zeros((r, n), jnp.float32))
+    pos0 = pm.sum(1).astype(jnp.int32)
+    layers = model.split_layers()  # once, outside the loop
+
+    def body(c):
+        i, live = c["i"], c["live"]
+        keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.wrap_key_data(b), i))(base)
+        tok, lp = sample_rows(c["logits"], keys, spec.temperature, spec.top_k, spec.top_p)
+        tok = jnp.where(live, tok, spec.pad_id)
+        col = lambda buf, x, at: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, at))  # noqa: E731
+        ended = live & ((jnp.isin(tok, stop) if spec.stop else False) | (i + 1 >= cap))
+        valid = col(c["valid"], live, p + i)
+        with activation_layout(layout):
+            h, (k, v) = model.run(tok[:, None], (pos0 + i)[:, None], (p + i)[None], valid, (c["k"], c["v"]), p + i,
+                                  layers=layers)
+        return dict(i=i + 1, k=put(k, CACHE_AXES), v=put(v, CACHE_AXES), valid=valid, live=live & ~ended,
+                    gen=c["gen"] + live.astype(jnp.int32), logits=model.logits(h)[:, 0],
+                    tokens=col(c["tokens"], tok, i), logprobs=col(c["logprobs"], jnp.where(live, lp, 0.0), i))
+
+    out = jax.lax.while_loop(lambda c: (c["i"] < n) & jnp.any(c["live"]), body, start)
+    mask = (jnp.arange(n)[None] < out["gen"][:, None]).astype(jnp.int32)
+    tokens = jnp.concatenate([rows(ids), out["tokens"]], 1)
+    return put(tokens, ("batch", None)), put(out["logprobs"], ("batch", None)), put(mask, ("batch", None)), out["i"]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh", "rules"), donate_argnums=(2,))
 def _decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
     """Up to spec.steps_per_call decode steps over all slots -> (slots, steps run)."""
@@ -232,6 +280,7 @@ def _decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
     p, n = spec.prompt_len, spec.max_new_tokens
     c = p + n
     stop = jnp.asarray(spec.stop or (-1,), jnp.int32)
+    layers = model.split_layers()  # once, outside the loop
 
     def cond(carry):
         i, s = carry
@@ -251,7 +300,7 @@ def _decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
         valid = _set_rows(s.valid, w, jnp.ones_like(live), live)
         reach = jnp.max(jnp.where(live, w, 0))[None]  # attention reads up to the furthest live slot
         with activation_layout(layout):
-            h, (k, v) = model.run(tok[:, None], s.pos[:, None], reach, valid, (s.k, s.v), w)
+            h, (k, v) = model.run(tok[:, None], s.pos[:, None], reach, valid, (s.k, s.v), w, layers=layers)
         step = live.astype(jnp.int32)
         s = Slots(put(k, CACHE_AXES), put(v, CACHE_AXES), valid, s.pos + step, s.gen + step, s.seq,
                   live & ~ended, s.cap, model.logits(h)[:, 0], tokens, logprobs, s.base)
@@ -332,8 +381,16 @@ class Engine:
         st = self._static()
         params = self.place(params)
         rows = lambda a: None if self.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.mesh, self.rules)  # noqa: E731
-        store = _prefill(self.graphdef, params, self._put(ids, rows(ids)), self._put(pmask, rows(pmask)), **st)
         bases = sequence_keys(key, np.arange(n_seq))
+        if spec.slots == n_seq:  # a slot per sequence: nothing to refill, the whole rollout is one program
+            tokens, lp, mask, steps = _whole(self.graphdef, params, self._put(ids, rows(ids)), self._put(pmask, rows(pmask)),
+                                             self._put(bases, rows(bases)), self._put(caps, rows(caps)), spec=spec,
+                                             group=group, **st)
+            gen, steps = dist.to_host(mask).sum(1), int(dist.to_host(steps))
+            stats = EngineStats(spec.slots, decode_steps=steps, generated=int(gen.sum()), dispatches=1,
+                                prefill_rows=ids.shape[0], handed_back=[int(q) for q in np.argsort(gen, kind="stable")])
+            return Rollout(tokens, lp, mask, jnp.int32(steps)), stats
+        store = _prefill(self.graphdef, params, self._put(ids, rows(ids)), self._put(pmask, rows(pmask)), **st)
         slots = _empty(cfg=self.model_cfg, spec=spec, **st)
         stats = EngineStats(spec.slots, prefill_rows=ids.shape[0])
         n = spec.max_new_tokens

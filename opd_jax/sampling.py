@@ -19,9 +19,10 @@ from opd_jax.errors import OpdError
 from opd_jax import sharding as shd
 
 def trace_count() -> int:
-    """How many times the engine's decode program has been traced (= compiled) in this process."""
+    """How many times the engine's decoding programs (the slot loop's decode, the whole-rollout program)
+    have been traced (= compiled) in this process."""
     from opd_jax.engine import TRACES
-    return TRACES["decode"]
+    return TRACES["decode"] + TRACES["whole"]
 
 
 class Rollout(NamedTuple):

@@ -107,20 +107,30 @@ class Transformer(nnx.Module):
         return jnp.einsum("btd,dv->btv", h, self.output_matrix(), preferred_element_type=jnp.float32)
 
     # ----------------------------------------------------------------------------- core
-    def run(self, input_ids, positions, q_slots, key_valid, cache=None, write_index=0):
+    def split_layers(self) -> tuple[dict, ...]:
+        """Each layer's weights on their own ({name: array}, one dict a layer, in the compute dtype):
+        taken once outside a decode loop, a step then reads them in place instead of slicing (and,
+        on XLA:CPU, copying) the stacked weights every layer of every step. Pass to `run(layers=)`."""
+        dt = jnp.dtype(self.cfg.dtype)
+        stacked = {name: getattr(self.layers, name)[...] for name in layer_param_specs(self.cfg)}
+        return tuple({name: w[i].astype(dt) for name, w in stacked.items()} for i in range(self.cfg.num_layers))
+
+    def run(self, input_ids, positions, q_slots, key_valid, cache=None, write_index=0, layers=None):
         """One pass over all layers.
 
         input_ids [B, T], positions [B, T] (RoPE positions), q_slots [T] (cache slot of each
         query), key_valid [B, S] (which slots hold real tokens). With `cache=(k, v)` each of shape
         [B, L, S, K, Dh], the new keys/values are written at slots write_index..write_index+T-1
         (or, with write_index [B] and T = 1, each row at its own slot) and attention runs over all S
-        slots; without a cache S = T.
+        slots; without a cache S = T. `layers` (from `split_layers`): run the layers unrolled on those
+        weights (the decode loops) instead of one loop over the stacked weights.
         Returns (final normed hidden [B, T, D], new cache or None).
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-        stacked = {name: getattr(self.layers, name)[...].astype(dt) for name in layer_param_specs(cfg)}
+        stacked = None if layers is not None else {
+            name: getattr(self.layers, name)[...].astype(dt) for name in layer_param_specs(cfg)}
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
 
         layout = _LAYOUT.get()
@@ -128,11 +138,12 @@ class Transformer(nnx.Module):
         # attention="naive" keeps the reference path over every slot
         decoding = cache is not None and input_ids.shape[1] == 1 and cfg.attention != "naive"
 
-        def body(i, carry):
+        def body(i, carry, p=None):
             h, cache = carry
             if layout is not None:  # the residual stream's rows stay on the batch mesh axes
                 h = layout(h, ("batch", None, None))
-            p = {name: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for name, w in stacked.items()}
+            if p is None:
+                p = {name: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for name, w in stacked.items()}
             x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
             q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
             k = jnp.einsum("btd,dhe->bthe", x, p["wk"])
@@ -173,8 +184,12 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat])
         # a loop with a static trip count: lowered to one scan (one layer body, differentiable);
         # unrolled only under `unrolled_layers()` (the planner: XLA's cost analysis counts a loop body once)
-        h, cache = jax.lax.fori_loop(0, cfg.num_layers, body, (h, cache),
-                                     unroll=cfg.num_layers if _UNROLL.get() else 1)
+        if layers is not None:
+            for i, p in enumerate(layers):
+                h, cache = body(i, (h, cache), p)
+        else:
+            h, cache = jax.lax.fori_loop(0, cfg.num_layers, body, (h, cache),
+                                         unroll=cfg.num_layers if _UNROLL.get() else 1)
         h = L.rms_norm(h, self.final_norm[...].astype(dt), cfg.rms_norm_eps)
         return h, cache
 
