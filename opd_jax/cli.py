@@ -165,7 +165,7 @@ def _serve_teacher(args) -> int:
 
     from opd_jax.models import load_model
     from opd_jax.run import check_model_folder
-    from opd_jax.serving import serve
+    from opd_jax.teacher_server import serve
 
     if not 0 <= args.port <= 65535:
         raise OpdError(f"--port must be in [0, 65535] (0 = any free port), got {args.port}")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,19 +24,20 @@ from opd_jax.errors import OpdError
 class ModelSpec:
     """A model: a Hugging Face folder (`path`) or a fresh tiny one (`init`, ModelConfig fields)."""
 
-    path: str | None = None
-    init: dict = field(default_factory=dict)
-    dtype: str = "float32"
+    path: str | None = None  # a Hugging Face folder (config.json, safetensors, tokenizer)
+    init: dict = field(default_factory=dict)  # without a path: a fresh random model with these ModelConfig fields
+    dtype: str = "float32"  # float32 | bfloat16: the parameters' and the compute dtype
     attention: str = "auto"  # auto | blockwise (flash-style, no [T, S] scores) | naive | splash (Pallas TPU kernel)
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    name: str = "teacher"
-    path: str | None = None  # an HF folder, "self" (the student's frozen snapshot at step 0) or "self_live"
-    # (the student's current weights, no gradient through them)
-    dtype: str = "float32"
-    attention: str = "auto"
+    name: str = "teacher"  # what routing and mesh.roles call it
+    # an HF folder, "self" (the student's frozen snapshot at step 0) or "self_live" (the student's current
+    # weights, no gradient through them)
+    path: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16
+    attention: str = "auto"  # as student.attention
     # a teacher behind a server (instead of path): http://host:port of an OpenAI-compatible completions
     # endpoint with vLLM's prompt_logprobs (vLLM, SGLang, or `opd-jax serve-teacher`); opd_jax.serving
     url: str | None = None
@@ -46,17 +49,17 @@ class TeacherSpec:
     # Context distillation: "context" fills a template without {answer}, e.g. "{prompt} Always answer in French."
     # (an instruction only the teacher sees; the last user message of a chat row carries it)
     privileged: str = ""
-    privileged_template: str = "answer: {answer}. {prompt}"
+    privileged_template: str = "answer: {answer}. {prompt}"  # what a privileged teacher reads ({prompt}, {answer})
     # cross-tokenizer teachers (loss.cross_tokenizer bpm | uld; opd_jax.xtok): the teacher's tokenizer folder
     # (None: its model folder's), and its own prompt / completion lengths in its tokens (0: 2 x the data's)
     tokenizer: str | None = None
-    max_prompt_len: int = 0
-    max_new_tokens: int = 0
+    max_prompt_len: int = 0  # the teacher's prompt length in its own tokens (0: 2 x data.max_prompt_len)
+    max_new_tokens: int = 0  # the teacher's completion length in its own tokens (0: 2 x data.max_new_tokens)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    domains: tuple = ("addition", "reverse", "sort")
+    domains: tuple = ("addition", "reverse", "sort")  # built-in task domains, or the domains of data.path's records
     path: str | None = None  # prompt records: .jsonl / .json / .parquet / datasets save_to_disk folder
     chat_template: bool = False  # render string prompts as one user message through the tokenizer's chat template
     chat_template_kwargs: dict = field(default_factory=dict)  # passed to apply_chat_template, e.g. {enable_thinking: false}
@@ -64,39 +67,39 @@ class DataConfig:
     tokenizer: str | None = None  # folder with tokenizer.json; None: the built-in character tokenizer
     per_domain: int = 8  # prompts per domain per step
     group_size: int = 4  # completions sampled per prompt
-    max_prompt_len: int = 16
-    max_new_tokens: int = 8
+    max_prompt_len: int = 16  # prompt tokens (left-padded; a longer prompt is refused)
+    max_new_tokens: int = 8  # the longest completion, in tokens
     temperature: float = 1.0  # one temperature everywhere: sampler, teacher scores and loss
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0  # sample from the k most likely tokens only (0 = off)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens reaching this probability (1 = off)
     rollout_slots: int = 0  # decode slots of the rollout engine (0 = one per sampled row); refilled as rows end
     decode_steps_per_call: int = 8  # decode steps per engine dispatch (the host refills slots between calls)
     # rollout horizon (opd_jax.horizon): sample, score and train on the first h new tokens only; a fraction
     # of max_new_tokens in (0, 1] or a token count >= 2; schedule fixed, linear (to the whole length), or
     # progressive (one bucket longer when the teacher divergence over the last horizon_window steps stops falling)
     horizon: float = 1.0
-    horizon_schedule: str = "fixed"
-    horizon_window: int = 5
+    horizon_schedule: str = "fixed"  # fixed | linear | progressive
+    horizon_window: int = 5  # progressive: steps over which the divergence must keep falling
     max_privileged_len: int = 0  # privileged teachers' prompt length in tokens (0: 2 x max_prompt_len)
 
 
 @dataclass(frozen=True)
 class LossConfig:
     estimator_type: str = "full"  # full (chunked exact divergence) | sampled | topk
-    kind: str = "reverse_kl"
+    kind: str = "reverse_kl"  # reverse_kl | forward_kl | jsd | tv | hellinger | alpha | proximal_kl
     estimator: str = "opd_plus"  # for sampled: opd_plus | stop_grad
-    level: str = "token"
+    level: str = "token"  # for sampled: token | sequence (the sequence-level score function)
     baseline: str = "none"  # for sampled: none | loo (leave-one-out batch-mean baseline, variance reduction)
-    beta: float = 0.5
-    alpha_div: float = 0.5
-    topk: int = 8
+    beta: float = 0.5  # jsd's mixture weight; proximal_kl's teacher weight
+    alpha_div: float = 0.5  # the alpha of the alpha divergence
+    topk: int = 8  # topk: ids per position (and what a served teacher returns)
     topk_from: str = "teacher"  # topk: whose top k ids form the buckets, teacher | student (+ a tail bucket either way)
-    normalize: str = "token"
-    seq_chunk: int = 128
+    normalize: str = "token"  # token (divide by the real token count) | sequence (per-row mean, then the batch mean)
+    seq_chunk: int = 128  # positions per chunk of the loss's logits (no [B, T, V] array)
     lam: float = 1.0  # GKD: fraction of on-policy data (1 = pure OPD, 0 = supervised KD on answers)
     rl_alpha: float = 1.0  # weight of OPD vs GRPO reward (1 = pure OPD); used when < 1 or rl_mode=replace
-    rl_mode: str = "mix"
-    clip_eps: float = 0.2
+    rl_mode: str = "mix"  # mix (OPD + GRPO advantage) | replace (the GRPO term in the OPD term's place)
+    clip_eps: float = 0.2  # PPO clip of the sampled-token and RL terms
     # cap on the importance ratio pi_theta / pi_sampler inside the PPO-clipped sampled-token and RL terms
     # when train.max_staleness >= 1 (tokens drawn by an older policy); unused when synchronous; 0 = no cap
     is_cap: float = 2.0
@@ -108,18 +111,18 @@ class LossConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"  # adamw | sgd
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak learning rate
     schedule: str = "constant"  # constant | cosine | linear
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.99
-    momentum: float = 0.9
-    clip_norm: float = 1.0
-    accumulate: int = 1
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    weight_decay: float = 0.0  # adamw's decoupled weight decay
+    b1: float = 0.9  # adamw's first-moment decay
+    b2: float = 0.99  # adamw's second-moment decay
+    momentum: float = 0.9  # sgd's momentum
+    clip_norm: float = 1.0  # global gradient-norm clip (0 = off)
+    accumulate: int = 1  # steps whose gradients are summed before one optimizer update
     effopd_window: int = 0  # > 0: EffOPD extrapolation every this many steps (opd_jax.optim.effopd)
-    effopd_alpha_max: float = 2.0
-    effopd_min_cos: float = 0.0
+    effopd_alpha_max: float = 2.0  # the largest extrapolation factor
+    effopd_min_cos: float = 0.0  # extrapolate only when successive window updates agree at least this much (cosine)
     effopd_guard: bool = False  # roll a jump back when it raises the teacher divergence on a held-out probe batch
     effopd_probe_per_domain: int = 8  # probe prompts per domain for the guard
     # after each window, a probe-batch line search over alpha in (0, 0.5, 1, 2, 4) along the window's
@@ -131,19 +134,19 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
-    out_dir: str = "runs/opd"
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    eval_every: int = 50
-    eval_per_domain: int = 64
+    steps: int = 100  # optimizer steps of the run
+    seed: int = 0  # initial randomness: sampling keys, prompt order, fresh models
+    out_dir: str = "runs/opd"  # the run folder (config.yaml, checkpoints/, metrics.jsonl, samples.jsonl, tb/, plots/)
+    checkpoint_every: int = 50  # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: int = 2  # newest checkpoints kept (at least 1)
+    eval_every: int = 50  # steps between greedy evaluations (and samples.jsonl lines)
+    eval_per_domain: int = 64  # evaluation prompts per domain
     log_every: int = 1  # only log steps read loss / metrics back from the devices (and time each phase)
     max_skipped: int = 3  # stop after this many non-finite steps in a row (their updates are skipped on device)
     # an update that multiplies the parameters' global norm by more than this in one step is skipped on
     # device like a non-finite one (an absurd learning rate must not reach the checkpoint); 0 = off
     max_update_ratio: float = 2.0
-    progress: bool = True
+    progress: bool = True  # a progress bar on the terminal
     # rows per forward/backward inside the step (gradients accumulated); 0 = all rows; "auto" = the
     # largest that fits the device memory (the planner compiles the step for each candidate)
     micro_batch: int | str = 0
@@ -151,7 +154,7 @@ class TrainConfig:
     # below min_eos_rate it warns once, and after eos_patience log steps in a row below it the run stops
     # with a one-line error (a student that has lost the ability to stop); 0 = off
     min_eos_rate: float = 0.0
-    eos_patience: int = 3
+    eos_patience: int = 3  # log steps in a row below min_eos_rate before the run stops
     # asynchronous OPD: the sampler runs up to this many policy versions behind the learner (0 = synchronous:
     # sample, score, update, one after the other); sequences older than this are dropped (opd_jax.pipeline)
     max_staleness: int = 0
@@ -161,8 +164,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class MeshConfig:
     data: int = 1  # mesh axis sizes; one of them may be -1 (all remaining devices)
-    fsdp: int = -1
-    tensor: int = 1
+    fsdp: int = -1  # the parameter-sharding (FSDP) axis; -1 = all remaining devices
+    tensor: int = 1  # the tensor-parallel axis
     rules: str = "default"  # student parameter rules: default (fsdp + tensor) | fsdp
     teacher_rules: str = "fsdp"  # teachers keep no optimizer state: pure FSDP by default
     rollout_rules: str = "rollout"  # the student's layout while sampling: weights whole per batch shard (split over tensor)
@@ -175,8 +178,8 @@ class MeshConfig:
 @dataclass(frozen=True)
 class DistributedConfig:
     coordinator: str | None = None  # host:port of process 0; unset on TPU VMs (auto-detected)
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: int | None = None  # processes (hosts) in the run; unset on TPU VMs
+    process_id: int | None = None  # this process's index; unset on TPU VMs
 
 
 @dataclass(frozen=True)
@@ -348,20 +351,12 @@ def validate(cfg: Config) -> Config:
 def check_teacher(t: TeacherSpec, where: str):
     """One-line errors for a teacher entry's numbers, url and privileged template (before anything is
     read or written)."""
-    import math
     import string
 
-    if isinstance(t.timeout, bool) or not isinstance(t.timeout, (int, float)) or not math.isfinite(t.timeout) \
-            or t.timeout <= 0:
-        raise OpdError(f"config {where}.timeout must be a finite number of seconds > 0, got {t.timeout!r}")
-    if isinstance(t.retries, bool) or not isinstance(t.retries, int) or t.retries < 0:
-        raise OpdError(f"config {where}.retries must be a whole number >= 0, got {t.retries!r}")
+    check_served(t.url, t.timeout, t.retries, f"config {where}")
     for key in ("max_prompt_len", "max_new_tokens"):
         if getattr(t, key) < 0:
             raise OpdError(f"config {where}.{key} must be >= 0 (0 = twice the data's), got {getattr(t, key)!r}")
-    if t.url is not None:
-        from opd_jax.serving import split_url
-        split_url(t.url, f"config {where}.url")
     if t.privileged:
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(t.privileged_template) if f is not None}
@@ -371,6 +366,33 @@ def check_teacher(t: TeacherSpec, where: str):
         if unknown:
             raise OpdError(f"config {where}.privileged_template has field {{{unknown[0]}}}; only {{prompt}} and "
                            "{answer} can be filled")
+
+
+def check_served(url, timeout, retries, where: str):
+    """A served teacher's settings (the config's check and `serving.ServedTeacher`'s): url None or an
+    http(s) address (`split_url`), timeout finite seconds > 0, retries a whole number >= 0."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        raise OpdError(f"{where}.timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise OpdError(f"{where}.retries must be a whole number >= 0, got {retries!r}")
+    if url is not None:
+        split_url(url, f"{where}.url")
+
+
+def split_url(url: str, what: str = "url") -> tuple[str, str, int, str]:
+    """http(s)://host[:port][/base][/v1] -> (scheme, host, port, base path without /v1); one-line error
+    for anything else."""
+    u = urllib.parse.urlsplit(str(url))
+    try:
+        port = u.port
+    except ValueError:
+        port = -1
+    if u.scheme not in ("http", "https") or not u.hostname or port == -1 or u.query or u.fragment:
+        raise OpdError(f"{what} {url!r} is not an http(s)://host:port address of a server")
+    base = u.path.rstrip("/")
+    if base.endswith("/v1"):  # the OpenAI client's form (what vLLM users type): the routes add /v1 themselves
+        base = base[:-3]
+    return u.scheme, u.hostname, port or (443 if u.scheme == "https" else 80), base
 
 
 def to_dict(cfg) -> dict:

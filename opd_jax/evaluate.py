@@ -6,7 +6,7 @@ import jax
 import numpy as np
 
 from opd_jax.distributed import to_host
-from opd_jax.sampling import generate
+from opd_jax.engine import generate
 from opd_jax.tasks import Prompter
 from opd_jax.tasks.verifiers import exact
 

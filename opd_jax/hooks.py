@@ -108,7 +108,7 @@ class Logger:
         if "on" in arrays:
             rec.update(stop_metrics(arrays["on"]["tokens"], arrays["on"]["mask"], run.rollouts.stop))
             rec["rollout/horizon"] = int(arrays["on"]["mask"].shape[1])  # new tokens sampled (data.horizon)
-        rec.update(ctx.batch.async_metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
+        rec.update(ctx.batch.metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
             rec.update({f"eval/{d}/accuracy": v for d, v in acc.items()})

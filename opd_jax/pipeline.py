@@ -32,6 +32,7 @@ batches after a resume are sampled by the resumed version (fresher than in the u
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -42,29 +43,9 @@ import numpy as np
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
-from opd_jax.horizon import truncate
 from opd_jax.preemption import STOP, StepAbandoned
-from opd_jax.rollouts import Batch
+from opd_jax.rollouts import Batch, staleness, staleness_histogram  # noqa: F401 (public here too)
 from opd_jax.stream import Stream
-
-
-def staleness(versions, mask, step: int) -> np.ndarray:
-    """Per sequence: step - the oldest version among its real tokens. versions, mask [B, N] -> [B] int
-    (0 for a sequence without tokens)."""
-    v = np.where(np.asarray(mask) > 0, np.asarray(versions), np.iinfo(np.int32).max)
-    oldest = v.min(1)
-    return np.where(oldest == np.iinfo(np.int32).max, 0, step - oldest).astype(np.int64)
-
-
-def staleness_histogram(stale, k: int, keys: int = 4) -> dict:
-    """Sequences per staleness, as a handful of metric keys whatever k is: rollout/staleness_i for
-    i < min(k, keys), and the last key counting every staleness from there to k (`staleness_K` when
-    that is k itself, else `staleness_{i}plus`); sequences staler than k are dropped, not counted here."""
-    top, stale = min(k, keys), np.asarray(stale)
-    hist = np.bincount(np.minimum(stale[stale <= k], top), minlength=top + 1)[:top + 1]  # past k: rollout/dropped
-    out = {f"rollout/staleness_{i}": float(c) for i, c in enumerate(hist[:top])}
-    out[f"rollout/staleness_{top}" + ("plus" if top < k else "")] = float(hist[top])
-    return out
 
 
 def copy_params(params, shardings=None):
@@ -120,7 +101,7 @@ class Pipeline:
             self.cv.notify_all()
 
     def take(self, step: int) -> Batch:
-        """Batch `step`, waiting for the sampler; its metrics in Batch.async_metrics."""
+        """Batch `step`, waiting for the sampler; its metrics in Batch.metrics."""
         t0 = time.perf_counter()
         with self.cv:
             while step not in self.ready and self.error is None:
@@ -133,9 +114,9 @@ class Pipeline:
             self.timeline.append(("taken", step, time.perf_counter()))
             self.cv.notify_all()
         batch.timeline = self.timeline  # the whole run's, shared (tests and benchmarks read the overlap)
-        batch.async_metrics["time/rollout_wait"] = time.perf_counter() - t0
-        batch.async_metrics["time/weight_sync"] = self.sync_s
-        batch.async_metrics["time/learner_wait"], self.learner_wait_s = self.learner_wait_s, 0.0
+        batch.metrics["time/rollout_wait"] = time.perf_counter() - t0
+        batch.metrics["time/weight_sync"] = self.sync_s
+        batch.metrics["time/learner_wait"], self.learner_wait_s = self.learner_wait_s, 0.0
         return batch
 
     def close(self):
@@ -180,7 +161,7 @@ class Pipeline:
 
     def _sample(self):
         stream = Stream(self.engine, self.group)
-        self.stream = stream
+        self.stream, self._stats = stream, dataclasses.replace(stream.stats, handed_back=[])
         nxt = self.start
         while not self.stopping:
             if not stream.queue and self._may_start(nxt):
@@ -211,24 +192,11 @@ class Pipeline:
     def _finish(self, stream: Stream, b: int):
         examples = stream.batches[b].examples
         roll, versions, pmask = stream.take(b)
-        h = self.ro.horizon(b)
-        if h is not None:  # a rollout horizon: the batch is cut to it (opd_jax.horizon)
-            roll, versions = truncate(roll, self.run.cfg.data.max_prompt_len, h), versions[:, :h]
-        mask = dist.to_host(roll.mask)
-        stale = staleness(versions, mask, b)
-        drop = stale > self.k
-        if drop.any():
-            roll = roll._replace(mask=self.ro._global(mask * ~drop[:, None]))
-        rep = [ex for ex in examples for _ in range(self.group)]
-        part, texts, rewards = self.ro.complete(roll, pmask, rep, decode=True)
-        batch = Batch({"on": part}, rep, texts, rewards, stream.stats)
-        if "off" in self.ro.rows.parts:
-            batch.arrays["off"] = self.ro.off_policy(examples)
-        batch.async_metrics = staleness_histogram(stale, self.k)
-        batch.async_metrics["rollout/dropped"] = float(drop.sum())
-        batch.async_metrics["rollout/staleness_mean"] = float(stale.mean())
-        batch.versions = versions
-        batch.pop_xtok()
+        now = dataclasses.replace(stream.stats, handed_back=[])  # the stream's statistics since the last batch
+        stats = dataclasses.replace(now, **{f: getattr(now, f) - getattr(self._stats, f) for f in (
+            "decode_steps", "generated", "dispatches", "prefill_rows", "queued_steps", "queued_generated")})
+        self._stats = now
+        batch = self.ro.finish(b, examples, roll, pmask, stats, params=stream.params, versions=versions)
         with self.cv:
             self.finished.add(b)
             self.ready[b] = batch

@@ -19,11 +19,8 @@ the hand counts above stay as the printed breakdown. `cost_analysis()` gives the
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -32,12 +29,12 @@ from flax import nnx
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.layout import RowLayout
-from opd_jax.losses.registry import estimator_for, handover, needs_teachers
-from opd_jax.models import ModelConfig
-from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
+from opd_jax.losses.registry import handover, needs_teachers
+from opd_jax.models.transformer import CACHE_AXES, Transformer
 from opd_jax.rollout_plan import compile_rollout
-from opd_jax.train_step import TrainState, state_shardings
-from opd_jax.xtok_teacher import xtok_names
+from opd_jax.train_step import state_shardings
+from opd_jax.update_compile import (abstract_params, compile_update_for, model_config, teacher_configs,  # noqa: F401
+                                    teacher_outputs)
 
 GiB = 1024 ** 3
 
@@ -53,28 +50,6 @@ def mesh_shape(mc, n_devices: int) -> MeshShape:
         return MeshShape(shd.mesh_sizes((mc.data, mc.fsdp, mc.tensor), n_devices))
     except ValueError as e:
         raise OpdError(f"mesh: {e}") from None
-
-
-def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
-    """The ModelConfig of a student/teacher spec from its config.json (weights are not read)."""
-    if getattr(spec, "path", None) in ("self", "self_live"):
-        return student_cfg
-    if spec.path:
-        cfg_file = Path(spec.path) / "config.json"
-        if not cfg_file.exists():
-            raise OpdError(f"no config.json in {spec.path}")
-        return ModelConfig.from_hf(json.loads(cfg_file.read_text()), param_dtype=spec.dtype)
-    init = dict(getattr(spec, "init", None) or {})
-    return ModelConfig(**{"param_dtype": spec.dtype, "dtype": spec.dtype, **init})
-
-
-def abstract_params(mcfg: ModelConfig):
-    """(pure dict of jax.ShapeDtypeStruct, pure dict of logical-axes tuples) without allocating."""
-    state = nnx.state(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))))
-    shapes = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype), state,
-                          is_leaf=lambda x: isinstance(x, nnx.Variable))
-    axes = jax.tree.map(lambda v: v.get_metadata()["logical_axes"], state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return nnx.to_pure_dict(shapes), nnx.to_pure_dict(axes)
 
 
 def shard_bytes(shape, dtype, spec, mesh: MeshShape) -> float:
@@ -239,79 +214,6 @@ def step_roofline(cfg, scfg, rl: RowLayout, tcfgs: dict, update, mesh, n_devices
     out["step_seconds"] = sum(out[n]["seconds_per_call"] * calls[n] for n in est)
     out["new_tokens_per_s_per_chip"] = rows * dc.max_new_tokens / out["step_seconds"] / n_devices
     return out
-
-
-def teacher_configs(cfg, scfg, rl: RowLayout) -> dict:
-    """name -> ModelConfig of every teacher the run loads (none for pure reward RL)."""
-    if not needs_teachers(cfg.loss):
-        return {}
-    used = set(rl.teachers())
-    return {t.name: model_config(t, scfg) for t in cfg.teachers if t.name in used and not t.url}  # served: elsewhere
-
-
-def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
-    """Abstract teacher hand-over of one batch part of `rows` rows (`Estimator.teacher_shape`): hidden
-    states {name: [its rows, N, D_t]} in the teacher's compute dtype, top-k (log-probs, ids)
-    [B, N, k] (served teachers), or [B, N] float32 log-probs (also the zeros a run without teachers
-    feeds)."""
-    lc = cfg.loss
-    est = estimator_for(lc)
-    what = handover(cfg) if needs_teachers(lc) else "logprobs"
-    if what == "topk":
-        return (jax.ShapeDtypeStruct((rows, n_new, lc.topk), jnp.float32),
-                jax.ShapeDtypeStruct((rows, n_new, lc.topk), jnp.int32))
-    if what != "hidden" or not tcfgs:
-        return jax.ShapeDtypeStruct((rows, n_new), jnp.float32)
-    return {n: est.teacher_shape(len(idx), n_new, tcfgs[n].hidden_size, tcfgs[n].dtype)
-            for n, idx in rl.groups(rows).items()}
-
-
-def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> dict:
-    """The update's batch as jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy);
-    n_on: the on-policy part's completion length (a rollout horizon, `opd_jax.horizon`; default N)."""
-    dc = cfg.data
-    P = dc.max_prompt_len
-    sds = jax.ShapeDtypeStruct
-    out = {}
-    for part in rl.parts:
-        b = rl.rows(part)
-        N = n_on if part == "on" and n_on else dc.max_new_tokens
-        out[part] = {"tokens": sds((b, P + N), jnp.int32), "prompt_mask": sds((b, P), jnp.int32),
-                     "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg, rl, b, N, tcfgs)}
-        if needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers()):  # cross-tokenizer: covered positions
-            out[part]["loss_mask"] = sds((b, N), jnp.int32)
-        if part == "on":
-            out[part].update(sampler_logprobs=sds((b, N), jnp.float32), rewards=sds((b,), jnp.float32))
-    return out
-
-
-def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: RowLayout, mesh, unroll: bool = False,
-                       n_on: int | None = None):
-    """Compile the run's update for `mesh` from shapes (`params`: arrays or ShapeDtypeStructs): the
-    one executable the trainer runs and the fit check measures. -> train_step.UpdateProgram."""
-    from opd_jax.train_step import compile_update
-
-    scfg = model_config(cfg.student)
-    tcfgs = teacher_configs(cfg, scfg, rl)
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, shapes), jax.ShapeDtypeStruct((), jnp.int32),
-                                jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-                                jax.ShapeDtypeStruct((), jnp.int32))
-    teacher_w = None
-    if needs_teachers(cfg.loss) and handover(cfg) == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
-        trules = shd.rules_named(cfg.mesh.teacher_rules)
-        V = scfg.vocab_size
-        cross = xtok_names(cfg)
-        teacher_w = {}
-        for n, c in tcfgs.items():
-            v = c.vocab_size if n in cross else V  # a cross-tokenizer teacher: its own vocabulary, and the map
-            w = jax.ShapeDtypeStruct((c.hidden_size, v), c.dtype, sharding=shd.named_sharding(
-                ("embed", "vocab"), (c.hidden_size, v), mesh, trules))
-            teacher_w[n] = w if n not in cross else {"w": w, "map": jax.ShapeDtypeStruct(
-                (v,), jnp.int32, sharding=shd.replicated(mesh))}
-    with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
-        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, n_on),
-                              teacher_w, mesh=mesh, rules=shd.rules_named(cfg.mesh.rules))
 
 
 def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, mesh=None, unroll: bool = False):

@@ -50,7 +50,7 @@ def keep_layers(model, keep: list[int]):
 
 def held_out_text(model, tokenizer, stop, prompts=HELD_OUT, max_new_tokens: int = 32):
     """(ids [B, T], mask [B, T]) of each prompt (chat template) + the model's greedy answer, left-padded."""
-    from opd_jax.sampling import generate
+    from opd_jax.engine import generate
     from opd_jax.tasks.prompts import pad_left
 
     rows = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,

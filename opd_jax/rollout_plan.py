@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opd_jax import sharding as shd
-from opd_jax.engine import SLOT_AXES, EngineSpec, _decode, _insert, _prefill, empty_slots
+from opd_jax.engine import EngineSpec
+from opd_jax.rollout_programs import SLOT_AXES, decode, empty_slots, insert, prefill
 from opd_jax.models.transformer import CACHE_AXES, Transformer, unrolled_layers
 
 
@@ -46,7 +47,9 @@ def _per_device(tree) -> float:
 def compile_rollout(cfg, scfg, rows: int, prompts: int, mesh, *, unroll: bool = False) -> dict:
     """Compile prefill / insert / decode (one step per call) for `rows` sampled rows of `prompts`
     prompts on `mesh` in the rollout layout. -> per-device bytes, the decode step's collective bytes
-    and the compiled programs (under "programs")."""
+    and the compiled programs (under "programs"). With a slot per row the engine runs the same prefill
+    and decode steps as one program (`rollout_programs.whole_rollout`), whose cache is the slots'; it is
+    not compiled here (the slot programs' figures stand for it)."""
     from opd_jax.roofline import collective_bytes
 
     rules = shd.rules_named(cfg.mesh.rollout_rules)
@@ -66,21 +69,21 @@ def compile_rollout(cfg, scfg, rows: int, prompts: int, mesh, *, unroll: bool = 
     vec = lambda dt: jax.ShapeDtypeStruct((spec.slots,), dt, sharding=repl)  # noqa: E731
     static = dict(mesh=mesh, rules=rt)
     with unrolled_layers() if unroll else contextlib.nullcontext():
-        prefill = _prefill.lower(graphdef, params, ids, ids, **static).compile()
-        store_shapes = jax.eval_shape(lambda p, i: _prefill(graphdef, p, i, i, **static), params, ids)
+        pre = prefill.lower(graphdef, params, ids, ids, **static).compile()
+        store_shapes = jax.eval_shape(lambda p, i: prefill(graphdef, p, i, i, **static), params, ids)
         store = _sds(store_shapes, (CACHE_AXES, CACHE_AXES, ("batch", None), ("batch", None)), mesh, rules)
-        insert = _insert.lower(slots, store, vec(bool), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32),
+        ins = insert.lower(slots, store, vec(bool), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32),
                                jax.ShapeDtypeStruct(slots.base.shape, slots.base.dtype, sharding=slots.base.sharding),
                                spec=spec, **static).compile()
-        decode = _decode.lower(graphdef, params, slots, spec=spec, **static).compile()
-    temps = {name: float(p.memory_analysis().temp_size_in_bytes) for name, p in
-             (("prefill", prefill), ("insert", insert), ("decode", decode))}
+        dec = decode.lower(graphdef, params, slots, spec=spec, **static).compile()
+        programs = {"prefill": pre, "insert": ins, "decode": dec}
+    temps = {name: float(p.memory_analysis().temp_size_in_bytes) for name, p in programs.items()}
     return {"rollout_slots": spec.slots, "rollout_prompts": prompts,
             "rollout_weight_bytes_per_device": _per_device(params),
             "slot_bytes_per_device": _per_device(slots), "prompt_store_bytes_per_device": _per_device(store),
             "rollout_temp_bytes_per_device": max(temps.values()), "rollout_temps": temps,
-            "decode_collective_bytes_per_step": collective_bytes(decode.as_text()),
-            "programs": {"prefill": prefill, "insert": insert, "decode": decode}}
+            "decode_collective_bytes_per_step": collective_bytes(dec.as_text()),
+            "programs": programs}
 
 
 def slots_that_fit(p: dict, limit: float, shards: int) -> int:

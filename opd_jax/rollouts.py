@@ -25,11 +25,31 @@ from opd_jax.engine import Engine, EngineSpec
 from opd_jax.evaluate import decode_completions, per_domain, rewards_for
 from opd_jax.horizon import horizon_tokens, truncate
 from opd_jax.layout import RowLayout
+from opd_jax.losses.registry import uses_rl
 from opd_jax.tasks import encode_pairs
 from opd_jax.teachers import score_batch
 from opd_jax.timing import NO_TIMER, PhaseTimer
 
 PROBE_STREAM, EVAL_STREAM = 2, 1  # prompt streams held out from training (stream 0)
+
+
+def staleness(versions, mask, step: int) -> np.ndarray:
+    """Per sequence: step - the oldest version among its real tokens. versions, mask [B, N] -> [B] int
+    (0 for a sequence without tokens)."""
+    v = np.where(np.asarray(mask) > 0, np.asarray(versions), np.iinfo(np.int32).max)
+    oldest = v.min(1)
+    return np.where(oldest == np.iinfo(np.int32).max, 0, step - oldest).astype(np.int64)
+
+
+def staleness_histogram(stale, k: int, keys: int = 4) -> dict:
+    """Sequences per staleness, as a handful of metric keys whatever k is: rollout/staleness_i for
+    i < min(k, keys), and the last key counting every staleness from there to k (`staleness_K` when
+    that is k itself, else `staleness_{i}plus`); sequences staler than k are dropped, not counted here."""
+    top, stale = min(k, keys), np.asarray(stale)
+    hist = np.bincount(np.minimum(stale[stale <= k], top), minlength=top + 1)[:top + 1]  # past k: rollout/dropped
+    out = {f"rollout/staleness_{i}": float(c) for i, c in enumerate(hist[:top])}
+    out[f"rollout/staleness_{top}" + ("plus" if top < k else "")] = float(hist[top])
+    return out
 
 
 @dataclass
@@ -43,15 +63,15 @@ class Batch:
     texts: list | None = None
     rewards: np.ndarray | None = None
     engine: object = None  # the on-policy rollout's engine.EngineStats (occupancy, decode steps)
-    async_metrics: dict = field(default_factory=dict)  # asynchronous runs: staleness, drops, waits (opd_jax.pipeline)
-    versions: np.ndarray | None = None  # asynchronous runs: the policy version of every sampled token [B, N]
+    metrics: dict = field(default_factory=dict)  # staleness, drops, cross-tokenizer statistics; asynchronous waits
+    versions: np.ndarray | None = None  # the policy version of every sampled token [B, N]
     timeline: list | None = None  # asynchronous runs: (event, batch / version, time) of the pipeline so far
 
     def pop_xtok(self) -> "Batch":
         """Move the parts' cross-tokenizer statistics (not arrays the update takes) into the logged metrics."""
         for key, part in self.arrays.items():
             for k, v in (part.pop("_xtok", None) or {}).items():
-                self.async_metrics[k if key == "on" else k.replace("xtok/", "xtok_off/")] = v
+                self.metrics[k if key == "on" else k.replace("xtok/", "xtok_off/")] = v
         return self
 
 
@@ -201,26 +221,36 @@ class Rollouts:
                                   dist.to_host(mask), self.stop)
 
     # ---------------------------------------------------------------- parts
-    def on_policy(self, params, examples, key, *, decode: bool = True, timer: PhaseTimer = NO_TIMER,
-                  horizon: int | None = None):
-        """The sampled part for `examples` (one per prompt, group_size samples each, one prefill per
-        prompt). decode: bring the completions to the host and score them with the verifiers;
-        otherwise texts and rewards are None. horizon: end every sequence at this many new tokens and
-        cut the part to them (`opd_jax.horizon`). -> (part, repeated examples, texts, rewards, EngineStats)."""
+    def sample_part(self, params, examples, key, *, timer: PhaseTimer = NO_TIMER, horizon: int | None = None):
+        """Sample `examples` (one per prompt, group_size samples each, one prefill per prompt) from
+        `params`; horizon: end every sequence at this many new tokens. -> (Rollout, host prompt mask
+        [B, P] one row per sample, EngineStats)."""
         g = self.cfg.data.group_size
-        rep = [ex for ex in examples for _ in range(g)]
         ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
         timer.mark("host")
         engine = self.engine(ids.shape[0] * g, self.cfg.data.temperature)
         placed = timer.mark("weight_sync", engine.place(params))  # learner -> sampler layout (and devices)
         caps = None if horizon is None else np.full(ids.shape[0] * g, horizon, np.int32)
         roll, stats = engine.run(placed, ids, pmask, key, group=g, caps=caps)
+        timer.mark("sample", roll)
+        return roll, np.repeat(pmask, g, 0), stats
+
+    def on_policy(self, params, examples, key, *, decode: bool = True, timer: PhaseTimer = NO_TIMER,
+                  horizon: int | None = None):
+        """The sampled part for `examples` alone (no step: tests and experiments); `finish` builds a
+        step's batch. -> (part, repeated examples, texts, rewards, EngineStats)."""
+        roll, pmask, stats = self.sample_part(params, examples, key, timer=timer, horizon=horizon)
         if horizon is not None:
             roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
-        timer.mark("sample", roll)
-        part, texts, rewards = self.complete(roll, np.repeat(pmask, g, 0), rep, decode=decode, timer=timer,
-                                             params=params)
+        rep = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
+        part, texts, rewards = self.complete(roll, pmask, rep, decode=decode, timer=timer, params=params)
         return part, rep, texts, rewards, stats
+
+    def needs_texts(self, step: int) -> bool:
+        """Whether step `step`'s batch brings its completions to the host (texts, verifier rewards): RL
+        terms need rewards at every step, an evaluation step logs samples."""
+        tc, done = self.cfg.train, step + 1
+        return uses_rl(self.cfg.loss) or done % tc.eval_every == 0 or done == tc.steps
 
     def complete(self, roll, pmask, rep, *, decode: bool = True, timer: PhaseTimer = NO_TIMER, params=None):
         """The on-policy part from a finished rollout: pmask [B, P] (host, one row per sample), rep the
@@ -268,17 +298,47 @@ class Rollouts:
         self._loss_mask(part, extras)
         return part
 
-    def collect(self, step: int, state, *, decode: bool = False, timer: PhaseTimer = NO_TIMER) -> Batch:
+    def collect(self, step: int, state, *, decode: bool | None = None, timer: PhaseTimer = NO_TIMER) -> Batch:
         """Step `step`'s batch for the update: its prompts (data position `step`), sampled from
-        state.params with fold_in(state.rng, step), scored by the teachers."""
+        state.params with fold_in(state.rng, step), then `finish` (decode: None = `needs_texts(step)`)."""
         examples = self.source.batch(step, self.cfg.data.per_domain)
-        batch = Batch({})
+        roll = pmask = stats = None
         if "on" in self.rows.parts:
             key = jax.random.fold_in(state.key(), step)
-            batch.arrays["on"], batch.examples, batch.texts, batch.rewards, batch.engine = self.on_policy(
-                state.params, examples, key, decode=decode, timer=timer, horizon=self.horizon(step))
+            roll, pmask, stats = self.sample_part(state.params, examples, key, timer=timer, horizon=self.horizon(step))
+        return self.finish(step, examples, roll, pmask, stats, params=state.params, decode=decode, timer=timer)
+
+    def finish(self, step: int, examples, roll, pmask, stats, *, params, versions=None, decode: bool | None = None,
+               timer: PhaseTimer = NO_TIMER) -> Batch:
+        """Step `step`'s batch from its finished rollout: the one batch path of the synchronous `collect`
+        and the asynchronous pipeline. roll: the rollout of `examples` x group_size (None without an
+        on-policy part), pmask [B, P] its host prompt mask, stats its EngineStats; versions [B, N]: the
+        policy version of every token (default: all `step`, a synchronous step). In order: cut to the
+        step's horizon; a sequence more than train.max_staleness versions old is dropped (mask zeroed);
+        texts and verifier rewards when `decode` (None: `needs_texts(step)`); the teachers' scores
+        (params: the student's current parameters, for self_live teachers); the off-policy part;
+        staleness and cross-tokenizer statistics into `Batch.metrics`."""
+        batch = Batch({})
+        if roll is not None:
+            h = self.horizon(step)
+            if h is not None:
+                roll = truncate(roll, self.cfg.data.max_prompt_len, h)
+            versions = np.full(roll.mask.shape, step) if versions is None else np.asarray(versions)[:, :roll.mask.shape[1]]
+            mask = dist.to_host(roll.mask)
+            stale = staleness(versions, mask, step)
+            k = self.cfg.train.max_staleness
+            drop = stale > k
+            if drop.any():
+                roll = roll._replace(mask=self._global(mask * ~drop[:, None]))
+            batch.examples = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
+            batch.arrays["on"], batch.texts, batch.rewards = self.complete(
+                roll, pmask, batch.examples, decode=self.needs_texts(step) if decode is None else decode, timer=timer,
+                params=params)
+            batch.engine, batch.versions = stats, versions
+            batch.metrics.update(staleness_histogram(stale, k), **{"rollout/dropped": float(drop.sum()),
+                                                                    "rollout/staleness_mean": float(stale.mean())})
         if "off" in self.rows.parts:
-            batch.arrays["off"] = self.off_policy(examples, timer=timer, params=state.params)
+            batch.arrays["off"] = self.off_policy(examples, timer=timer, params=params)
         return batch.pop_xtok()
 
     # ---------------------------------------------------------------- probe and evaluation

@@ -102,7 +102,8 @@ def get_tokenizer(cfg: Config):
 
 def build_run(cfg: Config) -> Run:
     """Check, build and compile everything a run of `cfg` needs (see the module docstring)."""
-    from opd_jax.plan import check_fits, compile_update_for
+    from opd_jax.plan import check_fits
+    from opd_jax.update_compile import compile_update_for
 
     from opd_jax.guard import check_guard
 
@@ -113,7 +114,7 @@ def build_run(cfg: Config) -> Run:
     for t in cfg.teachers:  # self_live: the teacher is the learner's current weights
         if t.path == "self_live":
             why = ("train.max_staleness >= 1 (the sampler's weights are older than the learner's)"
-                   if cfg.train.max_staleness else f"a device set of its own in mesh.roles" if t.name in cfg.mesh.roles
+                   if cfg.train.max_staleness else "a device set of its own in mesh.roles" if t.name in cfg.mesh.roles
                    else "the EffOPD guard / line search (it scores candidate weights against a fixed teacher)"
                    if check_guard(cfg.optim, True) else None)
             if why:

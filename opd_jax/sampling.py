@@ -1,10 +1,6 @@
-"""Sampling maths (temperature / top-k / top-p filtering, drawing a token per row) and `generate`,
-the simple public call on top of the rollout engine (`opd_jax.engine`).
-
-The engine's cache layout: a prompt occupies slots [0, P) (left-padded, so its last token is at slot
-P-1) and new token i goes to slot P+i. RoPE positions come from the mask, so padding never shifts a
-row's positions.
-"""
+"""Sampling maths (temperature / top-k / top-p filtering, drawing a token per row) and `Rollout`,
+what a rollout returns. The rollout engine that uses them: `opd_jax.engine` (`generate` is its
+simple call)."""
 
 from __future__ import annotations
 
@@ -12,17 +8,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from opd_jax.errors import OpdError
-from opd_jax import sharding as shd
-
-def trace_count() -> int:
-    """How many times the engine's decoding programs (the slot loop's decode, the whole-rollout program)
-    have been traced (= compiled) in this process."""
-    from opd_jax.engine import TRACES
-    return TRACES["decode"] + TRACES["whole"]
 
 
 class Rollout(NamedTuple):
@@ -74,36 +59,3 @@ def sample_rows(logits, keys, temperature: float, top_k: int, top_p: float):
     x = filter_logits(logits, temperature, top_k, top_p)
     tok = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
     return tok, jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], axis=-1)[:, 0]
-
-
-def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, eos_id: int | list[int] | None = None, pad_id: int = 0,
-             mesh=None, rules=None, slots: int | None = None, group: int = 1, steps_per_call: int = 8) -> Rollout:
-    """Sample up to `max_new_tokens` tokens after left-padded prompts, through the rollout engine
-    (`opd_jax.engine`; this is its simple call).
-
-    eos_id: the stop ids, one int or several (for example the tokenizer's EOS and every id in
-    generation_config.json's eos_token_id); a row ends after the first of them, which counts in its
-    mask. Finished rows are filled with pad_id, which may itself be a stop id (Qwen's
-    <|endoftext|>): padding never ends a live row early or counts in the mask.
-
-    prompt_ids, prompt_mask: [B, P] (mask 1 on real tokens, left padding 0). `temperature=0` is
-    greedy. group: samples per prompt (rows = B * group, sample g of prompt j at row j * group + g;
-    the prompt is prefilled once). slots: decode slots (default every row). Row q draws token i with
-    fold_in(fold_in(key, q), i): the result does not depend on `slots`. With `mesh`, the weights are
-    placed in the rollout layout (`rules`, default `sharding.ROLLOUT_RULES`) and the slots over the
-    batch axes. Compiled once per (shapes, settings).
-    """
-    from opd_jax.engine import Engine, EngineSpec
-
-    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
-        raise OpdError(f"prompt_ids and prompt_mask must both be [B, P]; got {prompt_ids.shape} and "
-                       f"{prompt_mask.shape}")
-    stop = tuple(sorted({int(eos_id)} if isinstance(eos_id, (int, np.integer)) else {int(i) for i in eos_id or ()}))
-    graphdef, state = nnx.split(model)
-    spec = EngineSpec(prompt_len=prompt_ids.shape[1], max_new_tokens=max_new_tokens,
-                      slots=slots or prompt_ids.shape[0] * group, temperature=float(temperature), top_k=int(top_k),
-                      top_p=float(top_p), stop=stop, pad_id=int(pad_id), steps_per_call=steps_per_call)
-    rules = shd.ROLLOUT_RULES if rules is None and mesh is not None else rules
-    engine = Engine(graphdef, model.cfg, spec, mesh, rules)
-    return engine.run(nnx.to_pure_dict(state), prompt_ids, prompt_mask, key, group=group)[0]

@@ -28,7 +28,8 @@ import numpy as np
 
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
-from opd_jax.engine import Engine, EngineStats, _decode, _empty, _gather, _insert, _prefill, sequence_keys
+from opd_jax.engine import Engine, EngineStats, sequence_keys
+from opd_jax.rollout_programs import decode, empty, gather_rows, insert, prefill
 from opd_jax.errors import OpdError
 from opd_jax.sampling import Rollout
 
@@ -48,8 +49,8 @@ class Stream:
 
     def __init__(self, engine: Engine, group: int = 1):
         self.engine, self.group, self.spec = engine, group, engine.spec
-        self.st = engine._static()
-        self.slots = _empty(cfg=engine.model_cfg, spec=self.spec, **self.st)
+        self.st = engine.static()
+        self.slots = empty(cfg=engine.model_cfg, spec=self.spec, **self.st)
         s, n = self.spec.slots, self.spec.max_new_tokens
         self.held = np.full((s, 2), -1)  # (batch, sequence) per slot; -1 = free
         self.seen = np.zeros(s, np.int64)  # tokens of the slot's sequence already tagged
@@ -79,8 +80,8 @@ class Stream:
         ids, pmask = dist.to_host(ids).astype(np.int32), dist.to_host(pmask).astype(np.int32)
         if ids.shape[1] != self.spec.prompt_len:
             raise OpdError(f"prompts are {ids.shape[1]} tokens long; this engine was built for {self.spec.prompt_len}")
-        put = self.engine._put
-        store = _prefill(self.engine.graphdef, self.params, put(ids, self._rows(ids)), put(pmask, self._rows(pmask)),
+        put = self.engine.put
+        store = prefill(self.engine.graphdef, self.params, put(ids, self._rows(ids)), put(pmask, self._rows(pmask)),
                          **self.st)
         n_seq = ids.shape[0] * self.group
         self.batches[b] = _Batch(ids, pmask, store, sequence_keys(key, np.arange(n_seq)), n_seq,
@@ -98,7 +99,7 @@ class Stream:
 
     def _refill(self):
         free = np.flatnonzero(self.held[:, 0] < 0)
-        spec, put, s = self.spec, self.engine._put, self.spec.slots
+        spec, put, s = self.spec, self.engine.put, self.spec.slots
         by_batch: dict = {}
         for slot in free[:len(self.queue)]:
             b, q = self.queue.popleft()
@@ -113,7 +114,7 @@ class Stream:
                 self.held[slot] = (b, q)
                 self.seen[slot], self.tags[slot] = 0, -1
                 self.logit_version[slot] = bat.prefill_version
-            self.slots = _insert(self.slots, bat.store, put(take), put(src), put(seq), put(cap),
+            self.slots = insert(self.slots, bat.store, put(take), put(src), put(seq), put(cap),
                                  put(base, self._rows(base)), spec=spec, **self.st)
 
     def advance(self) -> list[int]:
@@ -123,7 +124,7 @@ class Stream:
         if not self.live:
             return []
         queued = bool(self.queue)
-        self.slots, ran = _decode(self.engine.graphdef, self.params, self.slots, spec=self.spec, **self.st)
+        self.slots, ran = decode(self.engine.graphdef, self.params, self.slots, spec=self.spec, **self.st)
         live, gen = (dist.to_host(x) for x in (self.slots.live, self.slots.gen))
         ran = int(dist.to_host(ran))
         st, busy = self.stats, self.held[:, 0] >= 0
@@ -143,8 +144,8 @@ class Stream:
         if done.size:
             width = min(self.spec.slots, 1 << int(np.ceil(np.log2(done.size))))  # few compiled sizes
             idx = np.concatenate([done, np.repeat(done[-1:], width - done.size)])
-            tok, lp = (dist.to_host(x)[:done.size] for x in _gather(self.slots.tokens, self.slots.logprobs,
-                                                                    self.engine._put(idx)))
+            tok, lp = (dist.to_host(x)[:done.size] for x in gather_rows(self.slots.tokens, self.slots.logprobs,
+                                                                    self.engine.put(idx)))
             for j, slot in enumerate(done):
                 (b, q), g = self.held[slot], int(gen[slot])
                 bat = self.batches[b]
@@ -164,6 +165,6 @@ class Stream:
         if bat.left:
             raise OpdError(f"batch {b} still has {bat.left} sequences running")
         tokens = np.concatenate([np.repeat(bat.ids, self.group, 0), bat.tokens], 1)
-        place = lambda a: self.engine._put(a, self._rows(a))  # noqa: E731
+        place = lambda a: self.engine.put(a, self._rows(a))  # noqa: E731
         roll = Rollout(place(tokens), place(bat.logprobs), place(bat.mask), jnp.int32(self.stats.decode_steps))
         return roll, bat.versions, np.repeat(bat.pmask, self.group, 0)

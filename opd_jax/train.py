@@ -32,7 +32,6 @@ from opd_jax.errors import OpdError
 from opd_jax.export import export_student, restore_run_params  # noqa: F401 - public names kept here too
 from opd_jax.guard import EffOPDGuard, check_guard
 from opd_jax.hooks import Checkpoints, HorizonTrace, Logger, Progress, SkipCounter, StepContext, StopRateGuard
-from opd_jax.losses.registry import uses_rl
 from opd_jax.pipeline import Pipeline
 from opd_jax.metrics import MetricsWriter, SamplesWriter, plot_metrics
 from opd_jax.preemption import Preemption, StepAbandoned
@@ -46,7 +45,6 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
     eval steps and the last step) wait for the previous step and time each phase; the others are
     dispatched asynchronously."""
     tc = run.cfg.train
-    decode_always = uses_rl(run.cfg.loss)  # rewards need the completions on the host
     pipe = Pipeline(run, state, start=start, end=end) if tc.max_staleness else None  # asynchronous OPD
     try:
         for step in range(start, end):
@@ -58,7 +56,7 @@ def train_loop(run: Run, state, hooks: list, *, start: int, end: int):
             timer = PhaseTimer(sync=log)
             try:
                 if pipe is None:
-                    batch = run.rollouts.collect(step, state, decode=evaluating or decode_always, timer=timer)
+                    batch = run.rollouts.collect(step, state, timer=timer)  # texts when needed: needs_texts(step)
                 else:  # sampled (and scored) by the sampler thread while the previous update ran
                     batch = pipe.take(step)
                     timer.mark("rollout_wait")

@@ -1,7 +1,7 @@
 """Bytes per scored token of a served teacher's reply (the vLLM prompt_logprobs protocol, JSON), against
 the same numbers packed as int32 id + float32 log-prob, for k = 1 (sampled-token estimators), 8 and 32.
 
-A loopback `opd_jax.serving.serve` of a small random model with a 2,374-token vocabulary, 8 rows of
+A loopback `opd_jax.teacher_server.serve` of a small random model with a 2,374-token vocabulary, 8 rows of
 32 prompt + 128 completion tokens. Its ids have at most 4 digits; Qwen3's have up to 6, so a Qwen3
 teacher's JSON is somewhat larger. The reply covers every position of a row (the protocol
 scores the whole prompt), so the prompt's entries are part of each completion token's cost.
@@ -12,7 +12,8 @@ scores the whole prompt), so the prompt's entries are part of each completion to
 import numpy as np
 
 from opd_jax.models import ModelConfig, init_model
-from opd_jax.serving import ServedTeacher, serve
+from opd_jax.serving import ServedTeacher
+from opd_jax.teacher_server import serve
 
 
 def main():

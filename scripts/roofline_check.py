@@ -31,7 +31,8 @@ def main(argv=None):
     import numpy as np
     from flax import nnx
 
-    from opd_jax.engine import EngineSpec, _decode, _empty, _insert, _prefill, sequence_keys
+    from opd_jax.engine import EngineSpec, sequence_keys
+    from opd_jax.rollout_programs import decode, empty, insert, prefill
     from opd_jax.models import init_model
     from opd_jax.models.released import qwen3_config
     from opd_jax.models.transformer import unrolled_layers
@@ -61,26 +62,26 @@ def main(argv=None):
         ids = jnp.asarray(rng.integers(3, cfg.vocab_size, (s, args.prompt)), jnp.int32)
         mask = jnp.ones_like(ids)
         st = dict(mesh=None, rules=None)
-        pre = lambda p, i, m: _prefill(graphdef, p, i, m, **st)  # noqa: E731
+        pre = lambda p, i, m: prefill(graphdef, p, i, m, **st)  # noqa: E731
         t_pre, store = timed(pre, params, ids, mask)
-        slots = _empty(cfg=cfg, spec=spec, **st)
+        slots = empty(cfg=cfg, spec=spec, **st)
         every = jnp.ones((s,), bool)
-        slots = _insert(slots, store, every, jnp.arange(s, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32),
+        slots = insert(slots, store, every, jnp.arange(s, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32),
                         jnp.full((s,), args.new, jnp.int32), jnp.asarray(sequence_keys(jax.random.key(0), np.arange(s))),
                         spec=spec, **st)
         # decode: one step per call; the cache fills as it runs (time the steps after a warm-up of 64)
         for _ in range(64):
-            slots, _ = _decode(graphdef, params, slots, spec=spec, **st)
+            slots, _ = decode(graphdef, params, slots, spec=spec, **st)
         jax.block_until_ready(slots.gen)
         n = 64
         t = time.perf_counter()
         for _ in range(n):
-            slots, _ = _decode(graphdef, params, slots, spec=spec, **st)
+            slots, _ = decode(graphdef, params, slots, spec=spec, **st)
         jax.block_until_ready(slots.gen)
         t_dec = (time.perf_counter() - t) / n
         with unrolled_layers():
-            e_pre = estimate(_prefill.lower(graphdef, params, ids, mask, **st).compile(), chip)
-            e_dec = estimate(_decode.lower(graphdef, params, slots, spec=spec, **st).compile(), chip)
+            e_pre = estimate(prefill.lower(graphdef, params, ids, mask, **st).compile(), chip)
+            e_dec = estimate(decode.lower(graphdef, params, slots, spec=spec, **st).compile(), chip)
         for name, t_meas, e in (("prefill", t_pre, e_pre), ("decode step", t_dec, e_dec)):
             print(f"  {s:>4} slots {name:<12} measured {t_meas * 1e3:9.3f} ms, roofline {e.seconds * 1e3:9.3f} ms "
                   f"({e.bound}-bound: {e.flops / 1e9:.1f} GFLOP, {e.hbm_bytes / 1e9:.2f} GB), "

@@ -143,9 +143,10 @@ def rigged_model(table: dict[int, int], vocab=64, margin=10.0):
     return model
 
 
-def run_readme_block(heading: str, config: str, folder):
-    """Run the first bash block under README's `heading` as written, in `folder` holding configs/`config`,
-    with one CPU device as a user's shell has -> the finished subprocess (its return code checked)."""
+def run_readme_block(heading: str, config: str, folder, doc: str = "README.md"):
+    """Run the first bash block under `heading` of `doc` (README.md or a file in docs/) as written, in
+    `folder` holding configs/`config`, with one CPU device as a user's shell has -> the finished
+    subprocess (its return code checked)."""
     import re
     import shutil
     import subprocess
@@ -153,7 +154,7 @@ def run_readme_block(heading: str, config: str, folder):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
+    readme = (root / doc).read_text()
     block = re.search(r"```bash\n(.*?)```", readme[readme.index(heading):], re.S).group(1)
     (folder / "configs").mkdir()
     shutil.copy(root / "configs" / config, folder / "configs")
@@ -162,3 +163,14 @@ def run_readme_block(heading: str, config: str, folder):
     res = subprocess.run(["bash", "-e", "-c", block], cwd=folder, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     return res
+
+
+# the longest modules first: with --dist loadscope a module runs on one worker, and a long one started
+# last leaves the other worker idle at the end
+SLOW_FIRST = ["test_real_model_readme.py", "test_real_model.py", "test_tpu_recipes.py", "test_opsd.py", "test_train.py",
+              "test_plan.py", "test_multihost.py", "test_xtok_train.py", "test_train_modes.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -161,14 +161,39 @@ def test_one_step_stale_pipeline_tags_weights_and_drops_nothing(tmp_path):
         assert (batch.versions[m == 1] == max(0, step - 1)).all()
         r = rec.records[step]
         assert r["rollout/dropped"] == 0 and r["rollout/staleness_%d" % min(step, 1)] == m.shape[0]
-        assert "on_policy/is_clip_fraction" in r and r["time/weight_sync"] >= 0
+        assert "on_policy/is_clip_fraction" in r and "time/weight_sync" in r
     # overlap, from the pipeline's timestamps (sampler thread and learner in one process): rollout t+1
     # starts before update t has finished (its weights published), and update t starts (batch t taken)
     # before rollout t+1 is ready: the update never waits for the next rollout
     at = {(e, i): t for e, i, t in rec.batches[-1].timeline}
+    assert [i for e, i, _ in rec.batches[-1].timeline if e == "published"] == [0, 1, 2, 3, 4]  # a sync per update
     for t in range(1, 3):
         assert at[("started", t + 1)] < at[("published", t + 1)]
         assert at[("taken", t)] < at[("ready", t + 1)]
+
+
+def test_both_paths_build_batches_with_one_function_and_log_the_same_rollout_keys(tmp_path, monkeypatch):
+    """k = 0 (collect) and k = 1 (the pipeline's sampler thread) both build every batch with
+    `Rollouts.finish`, and log the same per-step rollout keys (the staleness histogram's buckets, one
+    per staleness up to k, aside). The asynchronous decode steps are the stream's per batch: they add
+    up to its lifetime count."""
+    import re
+
+    from opd_jax.rollouts import Rollouts
+
+    calls, pipes, real, init = [], [], Rollouts.finish, Pipeline.__init__
+    monkeypatch.setattr(Rollouts, "finish", lambda self, step, *a, **kw: calls.append(step) or real(self, step, *a, **kw))
+    monkeypatch.setattr(Pipeline, "__init__", lambda self, *a, **kw: pipes.append(self) or init(self, *a, **kw))
+    keys = {}
+    for k in (0, 1):
+        calls.clear()
+        _, rec = _steps(build_run(_cfg(tmp_path, f"p{k}", **{"train.max_staleness": k, "train.steps": 3})), 3)
+        assert sorted(calls) == [0, 1, 2]
+        keys[k] = [sorted(x for x in r if x.startswith("rollout/") and not re.fullmatch(r"rollout/staleness_\d+(plus)?", x))
+                   for r in rec.records]
+        steps = [r["rollout/decode_steps"] for r in rec.records]
+    assert keys[0] == keys[1] and {"rollout/occupancy", "rollout/decode_steps", "rollout/dropped"} <= set(keys[0][0])
+    assert len(pipes) == 1 and sum(steps) == pipes[0].stream.stats.decode_steps and min(steps) > 0
 
 
 def test_sequences_older_than_k_are_dropped(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from opd_jax import OpdError
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.models.attention import blockwise_attention, naive_attention, resolve, splash_attention
 from opd_jax.models.transformer import with_runtime
-from opd_jax.sampling import generate
+from opd_jax.engine import generate
 
 
 def _inputs(b, t, s, h, k, d, pad, seed=0):

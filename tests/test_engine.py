@@ -8,7 +8,8 @@ import pytest
 
 import opd_jax
 from opd_jax import sharding as shd
-from opd_jax.engine import Engine, EngineSpec, _decode, _empty, _prefill
+from opd_jax.engine import Engine, EngineSpec
+from opd_jax.rollout_programs import decode, empty, prefill, whole_rollout
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.roofline import collective_bytes
 
@@ -83,7 +84,7 @@ def test_one_prefill_per_prompt_equals_separate_prefills(small):
 
     def flops(n):
         x = jax.ShapeDtypeStruct((n, ids.shape[1]), jnp.int32)
-        cost = _prefill.lower(graphdef, params, x, x, mesh=None, rules=None).compile().cost_analysis()
+        cost = prefill.lower(graphdef, params, x, x, mesh=None, rules=None).compile().cost_analysis()
         return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     assert flops(12) / flops(4) == pytest.approx(3.0, rel=0.1)
     engine = Engine(graphdef, small.cfg, EngineSpec(prompt_len=ids.shape[1], max_new_tokens=8, slots=5))
@@ -119,9 +120,15 @@ def _decode_collectives(model, rules_name):
     engine = Engine(graphdef, model.cfg, spec, mesh, rules)
     params = engine.place(nnx.to_pure_dict(state))
     rt = tuple(sorted(rules.items()))
-    slots = _empty(cfg=model.cfg, spec=spec, mesh=mesh, rules=rt)
-    text = _decode.lower(graphdef, params, slots, spec=spec, mesh=mesh, rules=rt).compile().as_text()
-    return collective_bytes(text), sum(x.nbytes for x in jax.tree.leaves(params)), text
+    slots = empty(cfg=model.cfg, spec=spec, mesh=mesh, rules=rt)
+    text = decode.lower(graphdef, params, slots, spec=spec, mesh=mesh, rules=rt).compile().as_text()
+    # the one-program rollout (a slot per row): prefill, KV copy and every decode step
+    rows = lambda *tail: shd.rows_sharding(16, 1 + len(tail), mesh, rules)  # noqa: E731
+    ids = jax.ShapeDtypeStruct((16, 8), jnp.int32, sharding=rows(8))
+    whole = whole_rollout.lower(graphdef, params, ids, ids, jax.ShapeDtypeStruct((16, 2), jnp.uint32, sharding=rows(2)),
+                                jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows()), spec=spec, group=1, mesh=mesh,
+                                rules=rt).compile().as_text()
+    return collective_bytes(text), sum(x.nbytes for x in jax.tree.leaves(params)), text, whole
 
 
 def test_the_rollout_layout_moves_no_weights_and_keeps_the_logits():
@@ -129,10 +136,11 @@ def test_the_rollout_layout_moves_no_weights_and_keeps_the_logits():
     layout its collectives are under 0.1% of the weights' bytes and no all-gather is left. The
     sampled tokens and log-probs on the mesh equal the unsharded ones."""
     model = init_model(ModelConfig.for_family("qwen3", vocab_size=256, num_heads=8, num_kv_heads=4), seed=6)
-    train, weights, _ = _decode_collectives(model, "default")
-    rollout, _, text = _decode_collectives(model, "rollout")
+    train, weights, _, train_whole = _decode_collectives(model, "default")
+    rollout, _, text, whole = _decode_collectives(model, "rollout")
     assert train > 0.5 * weights  # the check sees weights cross the chips
     assert rollout < 1e-3 * weights and "all-gather" not in text
+    assert "all-gather" in train_whole and "all-gather" not in whole  # the one-program rollout as well
     ids, mask = _prompts(seed=4, b=16, vocab=256)
     kw = dict(key=jax.random.key(1), max_new_tokens=8, temperature=1.0, eos_id=[3], slots=8)
     ref = _arrays(opd_jax.generate(model, ids, mask, **kw))

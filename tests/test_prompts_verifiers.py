@@ -298,11 +298,11 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 def test_the_readme_example_runs_as_written(tmp_path):
-    """The bash block of README's "Your own prompts and models", run as written (in a scratch folder
+    """The bash block of docs/training.md's "Your own prompts and models", run as written (in a scratch folder
     holding the config it names): training writes rendered samples, eval prints greedy and pass@4."""
     from conftest import run_readme_block
 
-    res = run_readme_block("## Your own prompts and models", "chat_example.yaml", tmp_path)
+    res = run_readme_block("## Your own prompts and models", "chat_example.yaml", tmp_path, doc="docs/training.md")
     first = json.loads((tmp_path / "runs/chat_opd/samples.jsonl").read_text().splitlines()[0])
     assert first["prompt"].startswith("<|im_start|>") and first["prompt"].endswith("<think>\n\n</think>\n\n")
     out = json.loads(res.stdout[res.stdout.rindex('{\n  "greedy_accuracy"'):])

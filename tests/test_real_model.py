@@ -91,7 +91,7 @@ def test_greedy_generation_through_the_engine_equals_transformers_generate(smoll
     tokens as transformers' generate, stop included; the answer to the first is Paris."""
     import torch
 
-    from opd_jax.sampling import generate
+    from opd_jax.engine import generate
     from opd_jax.tasks import stop_ids
 
     folder, tok, model, hf = smollm2
@@ -118,7 +118,7 @@ def test_sampled_log_probs_equal_a_transformers_forward(smollm2):
     the sampled tokens."""
     import torch
 
-    from opd_jax.sampling import generate
+    from opd_jax.engine import generate
     from opd_jax.tasks import stop_ids
 
     folder, tok, model, hf = smollm2
@@ -147,7 +147,7 @@ def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(smollm2):
     import transformers
 
     from opd_jax.models import load_model
-    from opd_jax.sampling import generate
+    from opd_jax.engine import generate
     from opd_jax.tasks import stop_ids
 
     folder, tok, _, hf = smollm2
@@ -155,12 +155,13 @@ def test_bfloat16_is_as_close_to_float32_as_transformers_bfloat16(smollm2):
     hf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     m16 = load_model(folder, dtype="bfloat16")
     fwd = jax.jit(lambda x: m16(x).astype(jnp.float32))
-    gaps, means, agree = {"hf": [], "opd": []}, {"hf": [], "opd": []}, {"hf": [], "opd": []}
+    width = max(map(len, rows))  # each row alone, right-padded to one length (one compile; causal: its
+    gaps, means, agree = {"hf": [], "opd": []}, {"hf": [], "opd": []}, {"hf": [], "opd": []}  # positions unchanged)
     for r in rows:
         with torch.no_grad():
             ref = hf(torch.tensor([r])).logits[0].numpy()
             theirs = hf16(torch.tensor([r])).logits[0].float().numpy()
-        mine = np.asarray(fwd(jnp.asarray([r])))[0]
+        mine = np.asarray(fwd(jnp.asarray([list(r) + [0] * (width - len(r))])))[0, :len(r)]
         for who, x in (("hf", theirs), ("opd", mine)):
             gaps[who].append(np.abs(x - ref).max())
             means[who].append(np.abs(x - ref).mean())

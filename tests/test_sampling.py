@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import opd_jax
-from opd_jax import sampling
+from opd_jax import engine, sampling
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.sharding import make_mesh, shard_model
 
@@ -94,14 +94,14 @@ def test_loop_stops_when_every_row_is_done():
 def test_deterministic_for_a_key_and_compiled_once():
     model = init_model(ModelConfig.for_family("qwen3"), seed=4)
     ids, mask = _prompts(vocab=256)
-    before = sampling.trace_count()
+    before = engine.trace_count()
     kw = dict(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9, eos_id=2)
     a = opd_jax.generate(model, ids, mask, key=jax.random.key(7), **kw)
     b = opd_jax.generate(model, ids, mask, key=jax.random.key(7), **kw)
     c = opd_jax.generate(model, ids + 0, mask, key=jax.random.key(8), **kw)
     model.embed[...] = model.embed[...] * 1.01  # new parameter values, same shapes
     opd_jax.generate(model, ids, mask, key=jax.random.key(7), **kw)
-    assert sampling.trace_count() - before == 1
+    assert engine.trace_count() - before == 1
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
 

@@ -15,7 +15,8 @@ from opd_jax.config import load_config
 from opd_jax.errors import OpdError
 from opd_jax.models import ModelConfig, init_model, save_model
 from opd_jax.run import build_run
-from opd_jax.serving import ServedTeacher, serve
+from opd_jax.serving import ServedTeacher
+from opd_jax.teacher_server import serve
 from opd_jax.teachers import teacher_scores
 from opd_jax.train import train
 

@@ -21,7 +21,8 @@ import yaml
 from opd_jax.config import load_config
 from opd_jax.errors import OpdError
 from opd_jax.models import ModelConfig, init_model, save_model
-from opd_jax.serving import ServedTeacher, serve
+from opd_jax.serving import ServedTeacher
+from opd_jax.teacher_server import serve
 
 from conftest import TINY, tiny_overrides
 

@@ -243,14 +243,14 @@ def test_bad_cross_tokenizer_input_is_refused_in_one_line(folders, tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_cross_tokenizer_example_runs_as_written(tmp_path):
-    """The bash block of README's "A teacher with another tokenizer", as written (in a scratch folder with
+    """The bash block of docs/training.md's "A teacher with another tokenizer", as written (in a scratch folder with
     the config it names): two tiny random models with different tokenizers and templates train, and the
     log shows the alignment statistics."""
     import json
 
     from conftest import run_readme_block
 
-    res = run_readme_block("## A teacher with another tokenizer", "xtok_example.yaml", tmp_path)
+    res = run_readme_block("## A teacher with another tokenizer", "xtok_example.yaml", tmp_path, doc="docs/training.md")
     last = json.loads(res.stdout.strip().splitlines()[-1])
     assert last["step"] == 4 and 0.0 < last["xtok/aligned_fraction"] <= 1.0 and last["xtok/align_seconds"] > 0
     from opd_jax.tasks import load_tokenizer

@@ -16,7 +16,7 @@ def load_params(path: str | Path):
     """Parameters (pure dict) from a Hugging Face folder, a run folder (newest checkpoint) or a run's
     `checkpoints/<step>` folder."""
     from opd_jax.models import load_model
-    from opd_jax.train import restore_run_params
+    from opd_jax.export import restore_run_params
 
     path = Path(path)
     if not path.exists():
@@ -30,7 +30,7 @@ def load_params(path: str | Path):
 
 def run_series(run_dir: str | Path):
     """Every checkpoint of a run, oldest first: [(step, params)]."""
-    from opd_jax.train import restore_run_params
+    from opd_jax.export import restore_run_params
 
     steps = sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
     return [(s, restore_run_params(run_dir, s)[1]) for s in steps]

@@ -30,7 +30,7 @@ from common import run_arm  # noqa: E402
 from opd_jax.demo import DOMAINS, MAX_NEW, MAX_PROMPT, opd_config, prepare
 from opd_jax.evaluate import decode_completions
 from opd_jax.models import load_model
-from opd_jax.sampling import generate
+from opd_jax.engine import generate
 from opd_jax.sft import sft_train
 from opd_jax.tasks import PromptSource, encode_prompts
 

@@ -47,7 +47,7 @@ from opd_jax.config import load_config
 from opd_jax.evaluate import decode_completions, rewards_for
 from opd_jax.export import restore_run_params
 from opd_jax.models import load_model
-from opd_jax.sampling import generate
+from opd_jax.engine import generate
 from opd_jax.sft import sft_train
 from opd_jax.tasks import Example, Prompter, PromptSource, load_tokenizer, stop_ids, verifiers_for
 from opd_jax.train import train
