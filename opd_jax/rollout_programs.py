@@ -1,4 +1,5 @@
-"""The rollout engine's compiled programs (the host loop that runs them: `opd_jax.engine`).
+"""The rollout engine's settings (`EngineSpec`), statistics, per-sequence keys and compiled programs
+(the host loops that run them: `opd_jax.stream`, `opd_jax.engine`).
 
     prefill(params, ids [n, P], pmask [n, P]) -> store: the prompts' KV [n, L, P, K, Dh] and next-token
         logits [n, V]; one row per *prompt*: its G samples share it
@@ -20,17 +21,99 @@ Decode loops take each layer's weights once, outside the loop (`Transformer.spli
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from opd_jax import distributed as dist
 from opd_jax import sharding as shd
+from opd_jax.errors import OpdError
 from opd_jax.models.transformer import CACHE_AXES, activation_layout, init_cache, positions_from_mask
 from opd_jax.sampling import sample_rows
 
 TRACES = {"prefill": 0, "insert": 0, "decode": 0, "whole": 0}  # times each program was traced (= compiled)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything static about a rollout: prompt length P, new tokens N (the longest a sequence may
+    get), slots S, the sampling settings (temperature 0 = greedy), stop ids, the pad id and the decode
+    steps per dispatch."""
+
+    prompt_len: int
+    max_new_tokens: int
+    slots: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple = ()
+    pad_id: int = 0
+    steps_per_call: int = 8
+
+    @classmethod
+    def for_data(cls, dc, n_seq: int, temperature: float, *, stop=(), pad_id: int = 0,
+                 steps_per_call: int | None = None) -> "EngineSpec":
+        """The engine settings of a run's `data` config for `n_seq` sequences: data.rollout_slots slots
+        (0 = one per sequence; at most n_seq); temperature 0 (greedy) drops top-k / top-p."""
+        return cls(prompt_len=dc.max_prompt_len, max_new_tokens=dc.max_new_tokens,
+                   slots=min(dc.rollout_slots or n_seq, n_seq), temperature=float(temperature),
+                   top_k=dc.top_k if temperature else 0, top_p=dc.top_p if temperature else 1.0,
+                   stop=tuple(sorted(stop)), pad_id=pad_id, steps_per_call=steps_per_call or dc.decode_steps_per_call)
+
+    def check(self, context: int):
+        if self.slots < 1:
+            raise OpdError(f"rollout slots must be >= 1, got {self.slots}")
+        if self.max_new_tokens < 1:
+            raise OpdError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.steps_per_call < 1:
+            raise OpdError(f"decode steps per call must be >= 1, got {self.steps_per_call}")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0 or self.top_k < 0:
+            raise OpdError(f"bad sampling settings: temperature={self.temperature}, top_k={self.top_k}, "
+                           f"top_p={self.top_p}")
+        total = self.prompt_len + self.max_new_tokens
+        if total > context:
+            raise OpdError(f"prompt length {self.prompt_len} + max_new_tokens {self.max_new_tokens} = {total} "
+                           f"exceeds the model context {context}")
+        return self
+
+
+@dataclass
+class EngineStats:
+    """decode_steps: steps run (each over every slot); generated: tokens produced; handed_back: the
+    sequence ids in the order their rows were handed back; dispatches: decode calls; prefill_rows:
+    prompts prefilled."""
+
+    slots: int
+    decode_steps: int = 0
+    generated: int = 0
+    dispatches: int = 0
+    prefill_rows: int = 0
+    handed_back: list = field(default_factory=list)
+    queued_steps: int = 0  # decode steps of calls made while sequences were still waiting for a slot
+    queued_generated: int = 0  # tokens those calls produced
+
+    @property
+    def occupancy(self) -> float:
+        return self.generated / max(1, self.slots * self.decode_steps)
+
+    @property
+    def occupancy_while_queued(self) -> float:
+        """Occupancy of the calls made while sequences waited for a slot: what refilling achieves; the
+        rest is the drain at the end, when no sequence is left to start (bounded by the longest one)."""
+        return self.queued_generated / max(1, self.slots * self.queued_steps)
+
+
+def sequence_keys(key, seq) -> np.ndarray:
+    """Key data [n, 2] of sequences `seq` [n] under `key`: fold_in(key, q), the base every token of
+    sequence q draws from (token i: fold_in(base, i))."""
+    seq = jnp.asarray(np.asarray(seq, np.int32))
+    key = jax.random.wrap_key_data(jnp.asarray(dist.to_host(jax.random.key_data(key))))  # a host copy
+    return np.asarray(jax.random.key_data(jax.vmap(lambda q: jax.random.fold_in(key, q))(seq)))
+
 
 
 class Slots(NamedTuple):

@@ -28,10 +28,19 @@ import numpy as np
 
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
-from opd_jax.engine import Engine, EngineStats, sequence_keys
-from opd_jax.rollout_programs import decode, empty, gather_rows, insert, prefill
 from opd_jax.errors import OpdError
+from opd_jax.rollout_programs import EngineStats, decode, empty, gather_rows, insert, prefill, sequence_keys
 from opd_jax.sampling import Rollout
+
+
+def length_caps(caps, n_seq: int, n_max: int) -> np.ndarray:
+    """Per-sequence length caps [n_seq] int32 (None: n_max each), or a one-line error unless each is in
+    [1, n_max]."""
+    caps = np.full(n_seq, n_max, np.int32) if caps is None else np.asarray(caps, np.int32)
+    if caps.shape != (n_seq,) or caps.min() < 1 or caps.max() > n_max:
+        raise OpdError(f"length caps must be {n_seq} numbers in [1, {n_max}]; got shape {caps.shape}, "
+                       f"range [{caps.min()}, {caps.max()}]")
+    return caps
 
 
 class _Batch:
@@ -47,7 +56,7 @@ class _Batch:
 class Stream:
     """Persistent decode slots over batches of `group` samples per prompt (see the module docstring)."""
 
-    def __init__(self, engine: Engine, group: int = 1):
+    def __init__(self, engine, group: int = 1):
         self.engine, self.group, self.spec = engine, group, engine.spec
         self.st = engine.static()
         self.slots = empty(cfg=engine.model_cfg, spec=self.spec, **self.st)
@@ -87,8 +96,7 @@ class Stream:
         self.batches[b] = _Batch(ids, pmask, store, sequence_keys(key, np.arange(n_seq)), n_seq,
                                  self.spec.max_new_tokens, self.spec.pad_id)
         self.batches[b].prefill_version = self.version
-        self.batches[b].caps = (np.full(n_seq, self.spec.max_new_tokens, np.int32) if caps is None
-                                else np.asarray(caps, np.int32))
+        self.batches[b].caps = length_caps(caps, n_seq, self.spec.max_new_tokens)
         self.stats.prefill_rows += ids.shape[0]
         self.queue.extend((b, q) for q in range(n_seq))
 

@@ -12,16 +12,12 @@ from opd_jax.engine import Engine, EngineSpec
 from opd_jax.rollout_programs import decode, empty, prefill, whole_rollout
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.roofline import collective_bytes
+from references import left_padded_prompts
 
 
 def _prompts(seed=0, b=8, p=7, vocab=64):
     """Left-padded prompts of mixed lengths (1 to p real tokens)."""
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(3, vocab, (b, p))
-    mask = np.ones_like(ids)
-    for row in range(b):
-        mask[row, : rng.randint(0, p)] = 0
-    return np.where(mask == 1, ids, 0), mask
+    return left_padded_prompts(seed, b, p, vocab, min_real=1)
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +83,17 @@ def test_one_prefill_per_prompt_equals_separate_prefills(small):
         cost = prefill.lower(graphdef, params, x, x, mesh=None, rules=None).compile().cost_analysis()
         return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
     assert flops(12) / flops(4) == pytest.approx(3.0, rel=0.1)
-    engine = Engine(graphdef, small.cfg, EngineSpec(prompt_len=ids.shape[1], max_new_tokens=8, slots=5))
-    _, stats = engine.run(params, ids, mask, jax.random.key(0), group=3)
-    assert stats.prefill_rows == 4
+    import opd_jax.stream as stream_mod
+
+    seen, real = [], stream_mod.prefill  # what the slot loop actually hands its prefill program
+    stream_mod.prefill = lambda graphdef, params, ids, pmask, **kw: seen.append(ids.shape[0]) or real(
+        graphdef, params, ids, pmask, **kw)
+    try:
+        engine = Engine(graphdef, small.cfg, EngineSpec(prompt_len=ids.shape[1], max_new_tokens=8, slots=5))
+        _, stats = engine.run(params, ids, mask, jax.random.key(0), group=3)
+    finally:
+        stream_mod.prefill = real
+    assert seen == [4] and stats.prefill_rows == 4  # one call over the 4 prompts, not 12 rows
 
 
 def test_collective_bytes_follow_loops_by_hand_count():

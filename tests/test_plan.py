@@ -134,11 +134,14 @@ def test_the_fit_check_measures_and_the_trainer_runs_one_compiled_update(tmp_pat
     assert train_step.TRACES["update"] - traces == 1
     run_steps(run, 3)
     assert train_step.TRACES["update"] - traces == 1
-    for k in ("total_bytes_per_device", "activation_bytes_per_device", "compiled_argument_bytes_per_device"):
-        assert run.plan[k] == want[k], k
+    # the figures are XLA's own for the executable the loop runs (not the planner's arithmetic)
+    mem = run.update.full.compiled.memory_analysis()
+    assert want["compiled_argument_bytes_per_device"] == mem.argument_size_in_bytes > 0
+    assert want["activation_bytes_per_device"] == mem.temp_size_in_bytes > 0
+    assert run.plan["total_bytes_per_device"] == want["total_bytes_per_device"]
     # the compiled total: the teachers + the larger of the two phases, which never overlap: the update's own
     # arguments + temporaries, or the rollout's (training state, rollout weight copy, slots, prompts, temporaries)
-    update = want["compiled_argument_bytes_per_device"] + want["activation_bytes_per_device"]
+    update = mem.argument_size_in_bytes + mem.temp_size_in_bytes
     rollout = (want["student_bytes_per_device"] + want["optimizer_bytes_per_device"]
                + want["rollout_weight_bytes_per_device"] + want["kv_cache_bytes_per_device"]
                + want["prompt_store_bytes_per_device"] + want["rollout_temp_bytes_per_device"])

@@ -10,15 +10,13 @@ import opd_jax
 from opd_jax import engine, sampling
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.sharding import make_mesh, shard_model
+from references import left_padded_prompts
 
 
 def _prompts(seed=0, b=4, p=7, vocab=128):
-    rng = np.random.RandomState(seed)
-    ids = rng.randint(3, vocab, (b, p))
-    mask = np.ones_like(ids)
-    for row in range(b):
-        mask[row, : rng.randint(0, p - 1)] = 0
-    return jnp.asarray(np.where(mask == 1, ids, 0)), jnp.asarray(mask)
+    """Left-padded prompts with 2 to p real tokens, as device arrays."""
+    ids, mask = left_padded_prompts(seed, b, p, vocab, min_real=2)
+    return jnp.asarray(ids), jnp.asarray(mask)
 
 
 @pytest.mark.parametrize("new,slots", [(10, None), (240, None), (10, 3)])  # 240: the cache outgrows the first
