@@ -116,16 +116,17 @@ def nan_teacher_at_step(monkeypatch, step: int):
     once per step)."""
     from opd_jax.rollouts import Rollouts
 
-    original, calls = Rollouts.on_policy, []
+    original, calls = Rollouts.finish, []  # every step's batch is built there
 
     def poisoned(self, *a, **k):
-        part, *rest = original(self, *a, **k)
+        batch = original(self, *a, **k)
         calls.append(1)
         if len(calls) == step:
-            part["teacher"] = jax.tree.map(lambda x: x * jnp.nan, part["teacher"])
-        return part, *rest
+            on = batch.arrays["on"]
+            on["teacher"] = jax.tree.map(lambda x: x * jnp.nan, on["teacher"])
+        return batch
 
-    monkeypatch.setattr(Rollouts, "on_policy", poisoned)
+    monkeypatch.setattr(Rollouts, "finish", poisoned)
 
 
 def test_a_non_finite_step_is_skipped_on_device_and_the_run_goes_on(tmp_path, monkeypatch):
