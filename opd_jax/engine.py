@@ -62,6 +62,10 @@ class Engine:
             return jnp.asarray(x)
         return dist.to_global(x, sharding or shd.replicated(self.mesh))
 
+    def rows(self, a):
+        """The rows sharding of host array `a` on the rollout mesh (None without a mesh)."""
+        return None if self.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.mesh, self.rules)
+
     def place(self, params):
         """The student's parameters (a pure dict, any layout) in the rollout layout: one reshard per
         rollout, freed when the caller drops it."""
@@ -88,8 +92,7 @@ class Engine:
                            f"({ids.shape[0]} prompts x {group}); use at most {n_seq}")
         if spec.slots == n_seq:  # a slot per sequence: nothing to refill, the whole rollout is one program
             caps = length_caps(caps, n_seq, spec.max_new_tokens)
-            st, params = self.static(), self.place(params)
-            rows = lambda a: None if self.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.mesh, self.rules)  # noqa: E731
+            st, params, rows = self.static(), self.place(params), self.rows
             bases = sequence_keys(key, np.arange(n_seq))
             tokens, lp, mask, steps = whole_rollout(
                 self.graphdef, params, self.put(ids, rows(ids)), self.put(pmask, rows(pmask)),

@@ -323,13 +323,16 @@ class Rollouts:
             h = self.horizon(step)
             if h is not None:
                 roll = truncate(roll, self.cfg.data.max_prompt_len, h)
-            versions = np.full(roll.mask.shape, step) if versions is None else np.asarray(versions)[:, :roll.mask.shape[1]]
-            mask = dist.to_host(roll.mask)
-            stale = staleness(versions, mask, step)
             k = self.cfg.train.max_staleness
+            if versions is None:  # a synchronous step: every token is this step's (no mask read back)
+                versions, stale = np.full(roll.mask.shape, step), np.zeros(roll.mask.shape[0], np.int64)
+            else:
+                versions = np.asarray(versions)[:, :roll.mask.shape[1]]
+                mask = dist.to_host(roll.mask)
+                stale = staleness(versions, mask, step)
+                if (stale > k).any():
+                    roll = roll._replace(mask=self._global(mask * (stale <= k)[:, None]))
             drop = stale > k
-            if drop.any():
-                roll = roll._replace(mask=self._global(mask * ~drop[:, None]))
             batch.examples = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
             batch.arrays["on"], batch.texts, batch.rewards = self.complete(
                 roll, pmask, batch.examples, decode=self.needs_texts(step) if decode is None else decode, timer=timer,

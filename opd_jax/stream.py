@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import distributed as dist
-from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.rollout_programs import EngineStats, decode, empty, gather_rows, insert, prefill, sequence_keys
 from opd_jax.sampling import Rollout
@@ -70,10 +69,6 @@ class Stream:
         self.params = self.version = None
         self.stats = EngineStats(s)
 
-    def _rows(self, a):
-        return None if self.engine.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.engine.mesh,
-                                                                       self.engine.rules)
-
     def set_params(self, params, version: int):
         """Sample with `params` (any layout; placed in the rollout layout here) from the next call on."""
         self.params, self.version = self.engine.place(params), int(version)
@@ -90,7 +85,7 @@ class Stream:
         if ids.shape[1] != self.spec.prompt_len:
             raise OpdError(f"prompts are {ids.shape[1]} tokens long; this engine was built for {self.spec.prompt_len}")
         put = self.engine.put
-        store = prefill(self.engine.graphdef, self.params, put(ids, self._rows(ids)), put(pmask, self._rows(pmask)),
+        store = prefill(self.engine.graphdef, self.params, put(ids, self.engine.rows(ids)), put(pmask, self.engine.rows(pmask)),
                          **self.st)
         n_seq = ids.shape[0] * self.group
         self.batches[b] = _Batch(ids, pmask, store, sequence_keys(key, np.arange(n_seq)), n_seq,
@@ -123,7 +118,7 @@ class Stream:
                 self.seen[slot], self.tags[slot] = 0, -1
                 self.logit_version[slot] = bat.prefill_version
             self.slots = insert(self.slots, bat.store, put(take), put(src), put(seq), put(cap),
-                                 put(base, self._rows(base)), spec=spec, **self.st)
+                                 put(base, self.engine.rows(base)), spec=spec, **self.st)
 
     def advance(self) -> list[int]:
         """Refill free slots from the queue, run one decode call, hand finished rows back. -> the batches
@@ -173,6 +168,6 @@ class Stream:
         if bat.left:
             raise OpdError(f"batch {b} still has {bat.left} sequences running")
         tokens = np.concatenate([np.repeat(bat.ids, self.group, 0), bat.tokens], 1)
-        place = lambda a: self.engine.put(a, self._rows(a))  # noqa: E731
+        place = lambda a: self.engine.put(a, self.engine.rows(a))  # noqa: E731
         roll = Rollout(place(tokens), place(bat.logprobs), place(bat.mask), jnp.int32(self.stats.decode_steps))
         return roll, bat.versions, np.repeat(bat.pmask, self.group, 0)
