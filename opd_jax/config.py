@@ -56,6 +56,11 @@ class TeacherSpec:
     max_prompt_len: int = 0  # the teacher's prompt length in its own tokens (0: 2 x data.max_prompt_len)
     max_new_tokens: int = 0  # the teacher's completion length in its own tokens (0: 2 x data.max_new_tokens)
 
+    @property
+    def is_student(self) -> bool:
+        """Whether this teacher is the student's own weights (path self or self_live)."""
+        return self.path in ("self", "self_live")
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -44,7 +44,7 @@ def check_guard(oc, has_teachers: bool) -> bool:
 class EffOPDGuard:
     def __init__(self, rollouts, graphdef, spec, teacher_w, param_sh, oc, key, params):
         self.rollouts, self.graphdef, self.spec, self.param_sh, self.oc = rollouts, graphdef, spec, param_sh, oc
-        self.teacher_w = teacher_w or {n: t.w for n, t in rollouts.teachers.items()}
+        self.teacher_w = teacher_w or {n: t.output_matrix() for n, t in rollouts.teachers.items()}
         self.key = jax.random.fold_in(key, PROBE_KEY)
         self.examples = rollouts.source.batch(0, oc.effopd_probe_per_domain, stream=PROBE_STREAM)
         self.mask = load_mask(oc.mask, params) if oc.mask else None

@@ -29,7 +29,7 @@ from opd_jax.errors import OpdError
 class StepContext:
     step: int  # the step just taken (0-based); done = step + 1 updates have run
     state: object  # TrainState after the update (a hook may replace it)
-    batch: object  # rollouts.Batch
+    batch: object  # batch.Batch
     metrics: dict  # the update's metrics, on device
     timer: object  # timing.PhaseTimer (records only on log steps)
     log: bool
@@ -102,12 +102,11 @@ class Logger:
         if ctx.batch.engine is not None:  # the share of decode slot-steps that produced a token
             rec["rollout/occupancy"] = ctx.batch.engine.occupancy
             rec["rollout/decode_steps"] = ctx.batch.engine.decode_steps
-        for name, t in run.teachers.items():  # served teachers: what crossed the wire per scored token
-            if hasattr(t, "bytes_per_token"):
-                rec[f"teacher/{name}/payload_bytes_per_token"] = t.bytes_per_token
+        for t in run.teachers.values():  # e.g. served teachers: what crossed the wire per scored token
+            rec.update(t.metrics())
         if "on" in arrays:
-            rec.update(stop_metrics(arrays["on"]["tokens"], arrays["on"]["mask"], run.rollouts.stop))
-            rec["rollout/horizon"] = int(arrays["on"]["mask"].shape[1])  # new tokens sampled (data.horizon)
+            rec.update(stop_metrics(arrays["on"].tokens, arrays["on"].mask, run.rollouts.stop))
+            rec["rollout/horizon"] = int(arrays["on"].mask.shape[1])  # new tokens sampled (data.horizon)
         rec.update(ctx.batch.metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
@@ -222,7 +221,7 @@ class HorizonTrace:
     def after_step(self, ctx: StepContext):
         import json
 
-        h = int(ctx.batch.arrays["on"]["mask"].shape[1])
+        h = int(ctx.batch.arrays["on"].mask.shape[1])
         d = float(ctx.metrics["on_policy/divergence"])  # one host read per step: the next step's length needs it
         if dist.is_main():
             with self.path.open("a") as f:

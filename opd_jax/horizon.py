@@ -130,7 +130,7 @@ class UpdatePrograms:
         return getattr(self.full, name)
 
     def __call__(self, state, batch, teacher_w=None):
-        n = batch["on"]["mask"].shape[1] if "on" in batch else None
+        n = batch["on"].mask.shape[1] if "on" in batch else None
         if n is not None and n not in self.programs:
             self.programs[n] = self.compile_for(n)
         return (self.programs[n] if n is not None else self.full)(state, batch, teacher_w)

@@ -10,9 +10,7 @@ same way. The EffOPD probe and evaluation sample through the same object.
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +25,9 @@ from opd_jax.horizon import horizon_tokens, truncate
 from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import uses_rl
 from opd_jax.tasks import encode_pairs
-from opd_jax.teachers import score_batch
+from opd_jax.batch import Batch, Part
+from opd_jax.teachers import Rows, score_batch
+from opd_jax.xtok_teacher import xtok_metrics
 from opd_jax.timing import NO_TIMER, PhaseTimer
 
 PROBE_STREAM, EVAL_STREAM = 2, 1  # prompt streams held out from training (stream 0)
@@ -50,29 +50,6 @@ def staleness_histogram(stale, k: int, keys: int = 4) -> dict:
     out = {f"rollout/staleness_{i}": float(c) for i, c in enumerate(hist[:top])}
     out[f"rollout/staleness_{top}" + ("plus" if top < k else "")] = float(hist[top])
     return out
-
-
-@dataclass
-class Batch:
-    """arrays: {"on": part, "off": part} for the update (`train_step` docstring); examples: the
-    on-policy rows' prompts (repeated per sample); texts / rewards: their decoded completions and
-    verifier rewards (None when nothing read them this step); engine: the rollout engine's statistics."""
-
-    arrays: dict
-    examples: list = field(default_factory=list)
-    texts: list | None = None
-    rewards: np.ndarray | None = None
-    engine: object = None  # the on-policy rollout's engine.EngineStats (occupancy, decode steps)
-    metrics: dict = field(default_factory=dict)  # staleness, drops, cross-tokenizer statistics; asynchronous waits
-    versions: np.ndarray | None = None  # the policy version of every sampled token [B, N]
-    timeline: list | None = None  # asynchronous runs: (event, batch / version, time) of the pipeline so far
-
-    def pop_xtok(self) -> "Batch":
-        """Move the parts' cross-tokenizer statistics (not arrays the update takes) into the logged metrics."""
-        for key, part in self.arrays.items():
-            for k, v in (part.pop("_xtok", None) or {}).items():
-                self.metrics[k if key == "on" else k.replace("xtok/", "xtok_off/")] = v
-        return self
 
 
 @dataclass(frozen=True)
@@ -114,101 +91,17 @@ class Rollouts:
         t = self.cfg.data.temperature if temperature is None else temperature
         return self.engine(ids.shape[0] * group, t).run(params, ids, pmask, key, group=group)
 
-    def score(self, tokens, prompt_mask, mask, what=None, *, examples=None, params=None, extras=None):
-        """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N]). examples: the
-        rows' examples (privileged and cross-tokenizer teachers build their own prompts from them); params:
-        the student's current parameters (self_live teachers score with them). extras (a dict, optional)
-        receives "loss_mask" [B, N] (host) and "xtok/..." statistics when a teacher scores in its own tokens."""
+    def score(self, tokens, prompt_mask, mask, what=None, *, examples=None, params=None):
+        """The teachers' hand-over for rows tokens [B, P+N] (prompt_mask [B, P], mask [B, N]): each teacher
+        scores its rows (`RowLayout.groups`, `teachers.score_batch`). examples: the rows' examples
+        (privileged and cross-tokenizer teachers build their own prompts from them); params: the student's
+        current parameters (self_live teachers score with them). -> teachers.Scored (keep: the loss mask
+        when a teacher scores in its own tokens; stats: its alignment statistics)."""
         what = what or self.handover or self.estimator.teacher_output
-        full_mask = jnp.concatenate([prompt_mask, mask], 1)
-        groups = self.rows.groups(tokens.shape[0])
-        views = {name: self.privileged_view(name, idx, tokens, full_mask, examples)
-                 for name, idx in groups.items() if getattr(self.teachers[name], "privileged", "")}
-        cross = [n for n in groups if getattr(self.teachers[n], "cross", None) is not None]
-        if cross:
-            host_mask = dist.to_host(mask)  # the completions come to the host once, for every such teacher
-            comp = dist.to_host(tokens)[:, self.cfg.data.max_prompt_len:]
-            loss_mask = host_mask.astype(np.int32)
-            stats = dict.fromkeys(("aligned", "tokens", "dropped", "truncated", "partial", "seconds"), 0.0)
-            for name in cross:
-                views[name] = self.cross_view(name, groups[name], comp, host_mask, examples, what, loss_mask, stats)
-            if extras is not None:
-                extras["loss_mask"] = loss_mask
-                extras.update({"xtok/aligned_fraction": stats["aligned"] / max(stats["tokens"], 1.0),
-                               "xtok/dropped_rows": stats["dropped"], "xtok/truncated_rows": stats["truncated"],
-                               "xtok/partial_rows": stats["partial"], "xtok/align_seconds": stats["seconds"]})
-        return score_batch(self.teachers, groups, tokens, full_mask, prompt_len=self.cfg.data.max_prompt_len,
-                           temperature=self.cfg.data.temperature, what=what, topk=self.cfg.loss.topk, views=views,
-                           live=params)
-
-    def cross_view(self, name, idx, comp, mask, examples, what, loss_mask, stats):
-        """(tokens [n, P_t + M], full mask, P_t, post) of cross-tokenizer teacher `name`'s rows `idx` (host
-        completions comp [B, N], mask [B, N]): its
-        prompt through its own template, the completion re-tokenized and aligned by bytes
-        (`xtok_teacher.CrossView`); post brings its outputs to the student's positions: hidden states
-        gathered at the aligned teacher positions, or log-probs summed per segment. Writes those rows'
-        loss_mask (host [B, N]: aligned positions, or whole segments for log-probs) and adds to stats."""
-        cv = self.teachers[name].cross
-        if examples is None:
-            raise OpdError(f"teacher {name!r} scores in its own tokens but the rows' examples were not given")
-        if what not in ("hidden", "logprobs"):
-            raise OpdError(f"teacher {name!r} scores in its own tokens, which hands over hidden states or log-probs, "
-                           f"not {what!r}")
-        rows = np.asarray(idx)
-        comp, cmask = comp[rows], mask[rows]
-        t0 = time.perf_counter()
-        ids, fmask, al = cv.view([examples[i] for i in idx], comp, cmask)
-        stats["seconds"] += time.perf_counter() - t0
-        keep = al.aligned if what == "hidden" else al.whole
-        loss_mask[rows] *= keep
-        stats["aligned"] += float(np.sum(keep * cmask))
-        stats["tokens"] += float(np.sum(cmask))
-        for k in ("dropped", "truncated", "partial"):
-            stats[k] += getattr(al, k)
-        n_new = cmask.shape[1]
-        if what == "hidden":
-            gather = self._global(al.gather)
-            post = lambda h: jnp.take_along_axis(h, gather[..., None], 1)  # noqa: E731
-        else:
-            seg = self._global(al.segment)
-
-            def post(lp):
-                out = jnp.zeros((lp.shape[0], n_new + 1), jnp.float32)
-                return out.at[jnp.arange(lp.shape[0])[:, None], seg].add(lp)[:, :n_new]
-        return self._global(ids), self._global(fmask), cv.p_len, post
-
-    def privileged_view(self, name, idx, tokens, full_mask, examples):
-        """(tokens [n, P_t + N], full mask, P_t) of teacher `name`'s rows `idx` as it sees them: its prompt
-        is its template filled with each row's prompt and reference answer (P_t = data.max_privileged_len,
-        left-padded), then the student's completion unchanged."""
-        t, dc = self.teachers[name], self.cfg.data
-        if examples is None:
-            raise OpdError(f"teacher {name!r} is privileged but the rows' examples were not given")
-        p_t = dc.max_privileged_len or 2 * dc.max_prompt_len
-        rows = [examples[i] for i in idx]
-        shown = []
-        for ex in rows:
-            if ex.answer is None and t.privileged == "answer":
-                what = ex.prompt if ex.prompt is not None else ex.messages[-1][1]
-                raise OpdError(f"teacher {name!r} is privileged (answer) but a {ex.domain!r} row has no answer: "
-                               f"{what!r:.60}")
-            if ex.messages is not None:  # the last user message carries the template
-                (role, content), head = ex.messages[-1], ex.messages[:-1]
-                ex = dataclasses.replace(ex, messages=head + ((role, t.template.format(prompt=content, answer=ex.answer or "")),))
-            else:
-                ex = dataclasses.replace(ex, prompt=t.template.format(prompt=ex.prompt, answer=ex.answer or ""))
-            shown.append(ex)
-        try:
-            ids, pm = self.prompter.encode(shown, p_t)
-        except OpdError as e:
-            raise OpdError(f"teacher {name!r}'s privileged prompt: {e} (the privileged prompts' limit is "
-                           f"data.max_privileged_len, now {p_t})") from None
-        whole = list(idx) == list(range(tokens.shape[0]))
-        take = (lambda x: x) if whole else (lambda x: x[np.asarray(idx)])
-        p = dc.max_prompt_len
-        tok = jnp.concatenate([self._global(ids), take(tokens)[:, p:]], 1)
-        fm = jnp.concatenate([self._global(pm), take(full_mask)[:, p:]], 1)
-        return tok, fm, p_t
+        rows = Rows(tokens, jnp.concatenate([prompt_mask, mask], 1), self.cfg.data.max_prompt_len, examples, params,
+                    self._global)
+        return score_batch(self.teachers, self.rows.groups(tokens.shape[0]), rows, what=what,
+                           temperature=self.cfg.data.temperature, topk=self.cfg.loss.topk)
 
     def horizon(self, step: int) -> int | None:
         """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`); None: the whole max_new_tokens."""
@@ -243,7 +136,7 @@ class Rollouts:
         if horizon is not None:
             roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
         rep = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
-        part, texts, rewards = self.complete(roll, pmask, rep, decode=decode, timer=timer, params=params)
+        part, texts, rewards, _ = self.complete(roll, pmask, rep, decode=decode, timer=timer, params=params)
         return part, rep, texts, rewards, stats
 
     def needs_texts(self, step: int) -> bool:
@@ -255,7 +148,8 @@ class Rollouts:
     def complete(self, roll, pmask, rep, *, decode: bool = True, timer: PhaseTimer = NO_TIMER, params=None):
         """The on-policy part from a finished rollout: pmask [B, P] (host, one row per sample), rep the
         examples per row; with `decode`, the completions' texts and verifier rewards; then the teachers'
-        scores (params: the student's current parameters, for self_live teachers). -> (part, texts, rewards)."""
+        scores (params: the student's current parameters, for self_live teachers). -> (part, texts, rewards,
+        metrics)."""
         if self.sampler_mesh is not None:  # sampled on the sampler's devices: the batch moves to the learner's
             roll = roll._replace(**{f: shd.placed(getattr(roll, f), shd.rows_sharding(
                 getattr(roll, f).shape[0], getattr(roll, f).ndim, self.mesh, self.rules))
@@ -265,38 +159,32 @@ class Rollouts:
             texts = self.decode(roll.tokens, roll.mask)
             rewards = rewards_for(rep, texts, self.verifiers)
         pmask = self._global(pmask)
-        part = {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask, "sampler_logprobs": roll.logprobs,
-                "rewards": self._global(np.zeros(len(rep), np.float32) if rewards is None else rewards)}
+        part = Part(roll.tokens, pmask, roll.mask, sampler_logprobs=roll.logprobs,
+                    rewards=self._global(np.zeros(len(rep), np.float32) if rewards is None else rewards))
         timer.mark("host")
-        extras = {}
-        part["teacher"] = (timer.mark("teacher", self.score(roll.tokens, pmask, roll.mask, examples=rep, params=params,
-                                                            extras=extras))
-                           if self.teachers else self._global(np.zeros(roll.mask.shape, np.float32)))
-        self._loss_mask(part, extras)
-        return part, texts, rewards
+        part, metrics = self._scored(part, rep, params, timer)
+        return part, texts, rewards, metrics
 
-    def _loss_mask(self, part, extras):
-        """Cross-tokenizer runs: the part's loss mask (the positions the teachers' hand-over covers) and the
-        alignment statistics (kept in the part under "_xtok", taken out before the update)."""
+    def _scored(self, part: Part, examples, params, timer: PhaseTimer, prefix: str = "xtok"):
+        """`part` with its teachers' hand-over (and, across tokenizers, its loss mask) -> (part, metrics)."""
+        if not self.teachers:
+            return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), {}
+        scored = timer.mark("teacher", self.score(part.tokens, part.prompt_mask, part.mask, examples=examples,
+                                                  params=params))
         if self.cross:
-            lm = extras.get("loss_mask", dist.to_host(part["mask"]))
-            part["loss_mask"] = self._global(np.asarray(lm, np.int32))
-            part["_xtok"] = {k: v for k, v in extras.items() if k.startswith("xtok/")}
+            keep = scored.keep if scored.keep is not None else dist.to_host(part.mask)
+            part = part._replace(loss_mask=self._global(np.asarray(keep, np.int32)))
+        return part._replace(teacher=scored.out), xtok_metrics(scored.stats, prefix)
 
-    def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER, params=None) -> dict:
-        """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers."""
+    def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER, params=None) -> tuple[Part, dict]:
+        """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers. -> (part, metrics)."""
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
         dc = self.cfg.data
         tokens, pmask, amask = (self._global(x) for x in encode_pairs(
             self.prompter, examples, [e.answer for e in examples], dc.max_prompt_len, dc.max_new_tokens))
         timer.mark("host")
-        extras = {}
-        teacher = timer.mark("teacher", self.score(tokens, pmask, amask, examples=examples, params=params,
-                                                   extras=extras))
-        part = {"tokens": tokens, "prompt_mask": pmask, "mask": amask, "teacher": teacher}
-        self._loss_mask(part, extras)
-        return part
+        return self._scored(Part(tokens, pmask, amask), examples, params, timer, prefix="xtok_off")
 
     def collect(self, step: int, state, *, decode: bool | None = None, timer: PhaseTimer = NO_TIMER) -> Batch:
         """Step `step`'s batch for the update: its prompts (data position `step`), sampled from
@@ -334,25 +222,27 @@ class Rollouts:
                     roll = roll._replace(mask=self._global(mask * (stale <= k)[:, None]))
             drop = stale > k
             batch.examples = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
-            batch.arrays["on"], batch.texts, batch.rewards = self.complete(
+            batch.arrays["on"], batch.texts, batch.rewards, xtok = self.complete(
                 roll, pmask, batch.examples, decode=self.needs_texts(step) if decode is None else decode, timer=timer,
                 params=params)
             batch.engine, batch.versions = stats, versions
+            batch.metrics.update(xtok)
             batch.metrics.update(staleness_histogram(stale, k), **{"rollout/dropped": float(drop.sum()),
                                                                     "rollout/staleness_mean": float(stale.mean())})
         if "off" in self.rows.parts:
-            batch.arrays["off"] = self.off_policy(examples, timer=timer, params=params)
-        return batch.pop_xtok()
+            batch.arrays["off"], xtok = self.off_policy(examples, timer=timer, params=params)
+            batch.metrics.update(xtok)
+        return batch
 
     # ---------------------------------------------------------------- probe and evaluation
-    def probe_batch(self, params, examples, key) -> dict:
+    def probe_batch(self, params, examples, key) -> Part:
         """Completions of `examples` (one each) sampled from `params` with `key`, with the teachers'
         hidden states: the fixed batch the EffOPD guard scores candidate parameters on."""
         ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
         roll, _ = self.sample(params, ids, pmask, key)
         pmask = self._global(pmask)
-        return {"tokens": roll.tokens, "prompt_mask": pmask, "mask": roll.mask,
-                "teacher": self.score(roll.tokens, pmask, roll.mask, what="hidden", examples=examples, params=params)}
+        return Part(roll.tokens, pmask, roll.mask, self.score(roll.tokens, pmask, roll.mask, what="hidden",
+                                                              examples=examples, params=params).out)
 
     def evaluate(self, params, examples):
         """Greedy completions of `examples`, scored by the verifiers -> ({domain: accuracy, "mean"},

@@ -161,7 +161,8 @@ def build_run(cfg: Config) -> Run:
     teachers = (build_teachers(cfg.teachers, cfg.routing, source.domains, student, mesh=mesh,
                                rules=shd.rules_named(cfg.mesh.teacher_rules), tokenizer=tokenizer,
                                roles=cfg.mesh, privileged_rows=(dc.max_privileged_len or 2 * dc.max_prompt_len,
-                                                                dc.max_new_tokens), cfg=cfg, stop=stop)
+                                                                dc.max_new_tokens), cfg=cfg, stop=stop,
+                               prompter=prompter)
                 if needs_teachers(cfg.loss) else {})
     graphdef, state = nnx.split(student)
     # explicit shardings at the update's boundary: the state in and out alike, so every step reuses one
@@ -179,10 +180,9 @@ def build_run(cfg: Config) -> Run:
         cfg, spec, graphdef, optimizer, state_sh, shapes, rows, mesh, n_on=h))
     teacher_w = live_w = None
     if teachers and handover(cfg) == "hidden":  # the loss applies each teacher's output matrix
-        teacher_w = {n: shd.placed(t.w, program.teacher_w_sh[n]) if t.cross is None else  # cross-tokenizer: + map
-                     {"w": shd.placed(t.w, program.teacher_w_sh[n]["w"]),
-                      "map": shd.placed(t.cross.vmap, program.teacher_w_sh[n]["map"])} for n, t in teachers.items()}
-        live = [n for n, t in teachers.items() if getattr(t, "live", False)]
+        teacher_w = {n: jax.tree.map(shd.placed, t.output_matrix(), program.teacher_w_sh[n])  # across tokenizers: + map
+                     for n, t in teachers.items()}
+        live = [n for n, t in teachers.items() if t.live]
         if live:  # self_live: the current student's output matrix, as data (no gradient reaches it)
             out_w = jax.jit(lambda p: jax.lax.stop_gradient(nnx.merge(graphdef, p).output_matrix()))
 
@@ -200,7 +200,7 @@ def build_run(cfg: Config) -> Run:
                         sampler_mesh=(shd.mesh_from_config(cfg.mesh, "sampler") if "sampler" in cfg.mesh.roles
                                       else None),
                         progressive=ProgressiveHorizon(dc) if dc.horizon_schedule == "progressive" else None,
-                        cross=any(getattr(t, "cross", None) is not None for t in teachers.values()))
+                        cross=bool(spec.cross))
     if plan:
         plan = {k: v for k, v in plan.items() if k != "program"}
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,

@@ -75,8 +75,7 @@ class ServedTeacher:
     vocab_size: int = 0  # the student's vocabulary, set by `check` (0: ids are only checked to be >= 0)
     payload_bytes: int = 0  # response bytes received so far
     payload_tokens: int = 0  # completion tokens they scored
-    privileged: str = ""  # OPSD: as teachers.Teacher (the server scores whatever prompt it is sent)
-    template: str = ""
+    live = False  # the teachers.Teacher protocol: never the student's current weights
 
     def __post_init__(self):
         check_served(self.url, self.timeout, self.retries, f"teacher {self.name!r}")
@@ -215,7 +214,22 @@ class ServedTeacher:
             raise OpdError(f"teacher {self.name!r} at {self.url} tokenizes differently from the student; they "
                            "must share a tokenizer")
 
-    def score(self, tokens, full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
+    def score(self, rows, what: str, *, temperature: float, topk: int = 0):
+        """The `teachers.Teacher` protocol: `score_ids` of the rows' tokens, brought to the host."""
+        from opd_jax.distributed import to_host
+        from opd_jax.batch import Scored
+
+        return Scored(self.score_ids(to_host(rows.tokens), to_host(rows.full_mask), prompt_len=rows.prompt_len,
+                                     temperature=temperature, what=what, topk=topk))
+
+    def output_matrix(self):
+        return None  # it hands over scores, not hidden states
+
+    def metrics(self) -> dict:
+        """What crossed the wire per scored token."""
+        return {f"teacher/{self.name}/payload_bytes_per_token": self.bytes_per_token}
+
+    def score_ids(self, tokens, full_mask, *, prompt_len: int, temperature: float, what: str, topk: int = 0):
         """tokens, full_mask [B, P+N] (host) -> what="logprobs": [B, N] float32 log q(y_t); "topk":
         (log-probs [B, N, k] float32, ids [B, N, k] int32); zeros past each row's end. Nothing is
         returned from a reply that fails `parse_scores`."""

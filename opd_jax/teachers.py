@@ -8,22 +8,47 @@ domain), so each teacher scores only its own contiguous, fixed-size slice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from opd_jax.batch import Rows, Scored
 from opd_jax.errors import OpdError
 from opd_jax.models import load_model
 from opd_jax.models.transformer import activation_layout, with_runtime
-from opd_jax.xtok_teacher import build_cross_view, xtok_names
+from opd_jax.xtok_teacher import CrossTokenizer, build_cross_view, xtok_names
+
+
+class Teacher(Protocol):
+    """What the batch code asks of a teacher. name; vocab_size; score(rows, what, *, temperature, topk) ->
+    Scored, what in "hidden" | "logits" | "logprobs" | "topk" (`teacher_scores`); output_matrix(): the
+    matrix the loss applies to hidden states ([D_t, V], or {"w": [D_t, V_t], "map": [V_t]} across
+    tokenizers; None for a teacher that hands over scores); live: scores with the student's current
+    parameters; metrics(): per-step figures for the log. Implementations: `LocalTeacher` (a folder,
+    self, self_live), `Privileged` (OPSD and context distillation, around any teacher),
+    `xtok_teacher.CrossTokenizer` (its own tokens) and `serving.ServedTeacher` (over HTTP)."""
+
+    name: str
+    vocab_size: int
+    live: bool
+
+    def score(self, rows: Rows, what: str, *, temperature: float, topk: int = 0) -> Scored: ...
+
+    def output_matrix(self): ...
+
+    def metrics(self) -> dict: ...
 
 
 @dataclass
-class Teacher:
+class LocalTeacher:
+    """A teacher in this process: a frozen model's (graphdef, state) and a jitted forward."""
+
     name: str
     graphdef: object
     state: object  # nnx.State, frozen
@@ -32,10 +57,71 @@ class Teacher:
     w: object = None  # output matrix [D_t, V] in the compute dtype: the loss applies it chunk by chunk
     rules: tuple = ()  # the teacher rules (mesh.teacher_rules) as sorted items: its parameters and activations
     live: bool = False  # path self_live: scored with the student's current parameters (given per call)
-    privileged: str = ""  # "answer": its prompt is `template` filled with the row's prompt and answer (OPSD);
-    # "context": `template` filled with the prompt alone (an instruction the student does not see)
-    template: str = ""
-    cross: object = None  # a cross-tokenizer teacher (loss.cross_tokenizer): its xtok_teacher.CrossView
+
+    def score(self, rows: Rows, what: str, *, temperature: float, topk: int = 0) -> Scored:
+        t = self
+        if self.live:
+            if rows.params is None:
+                raise OpdError(f"teacher {self.name!r} is self_live but no current parameters were given")
+            t = dataclasses.replace(self, state=rows.params)
+        return Scored(teacher_forward(t, rows.tokens, rows.full_mask, prompt_len=rows.prompt_len,
+                                      temperature=temperature, what=what, topk=topk))
+
+    def output_matrix(self):
+        return self.w
+
+    def metrics(self) -> dict:
+        return {}
+
+
+@dataclass
+class Privileged:
+    """A teacher that reads a privileged prompt (OPSD, `mode` "answer"; context distillation, "context"):
+    its prompt is `template` filled with each row's prompt (and reference answer), encoded by `prompter`
+    to `prompt_len` tokens (left-padded), then the student's completion unchanged."""
+
+    inner: object  # the Teacher that scores the privileged rows
+    mode: str
+    template: str
+    prompter: object
+    prompt_len: int
+
+    name = property(lambda self: self.inner.name)
+    vocab_size = property(lambda self: self.inner.vocab_size)
+    live = property(lambda self: self.inner.live)
+
+    def score(self, rows: Rows, what: str, *, temperature: float, topk: int = 0) -> Scored:
+        if rows.examples is None:
+            raise OpdError(f"teacher {self.name!r} is privileged but the rows' examples were not given")
+        shown = []
+        for ex in rows.examples:
+            if ex.answer is None and self.mode == "answer":
+                text = ex.prompt if ex.prompt is not None else ex.messages[-1][1]
+                raise OpdError(f"teacher {self.name!r} is privileged (answer) but a {ex.domain!r} row has no answer: "
+                               f"{text!r:.60}")
+            if ex.messages is not None:  # the last user message carries the template
+                (role, content), head = ex.messages[-1], ex.messages[:-1]
+                filled = self.template.format(prompt=content, answer=ex.answer or "")
+                ex = dataclasses.replace(ex, messages=head + ((role, filled),))
+            else:
+                ex = dataclasses.replace(ex, prompt=self.template.format(prompt=ex.prompt, answer=ex.answer or ""))
+            shown.append(ex)
+        try:
+            ids, pm = self.prompter.encode(shown, self.prompt_len)
+        except OpdError as e:
+            raise OpdError(f"teacher {self.name!r}'s privileged prompt: {e} (the privileged prompts' limit is "
+                           f"data.max_privileged_len, now {self.prompt_len})") from None
+        p = rows.prompt_len
+        tok = jnp.concatenate([rows.put(ids), rows.tokens[:, p:]], 1)
+        fm = jnp.concatenate([rows.put(pm), rows.full_mask[:, p:]], 1)
+        return self.inner.score(rows._replace(tokens=tok, full_mask=fm, prompt_len=self.prompt_len), what,
+                                temperature=temperature, topk=topk)
+
+    def output_matrix(self):
+        return self.inner.output_matrix()
+
+    def metrics(self) -> dict:
+        return self.inner.metrics()
 
 
 def check_privileged(spec):
@@ -71,66 +157,79 @@ def check_routing(specs, routing: dict, domains) -> dict:
 
 def build_teachers(specs, routing: dict, domains: list[str], student, mesh=None, rules=None,
                    tokenizer=None, roles=None, privileged_rows: tuple = (0, 0), cfg=None,
-                   stop: tuple = ()) -> dict[str, Teacher]:
+                   stop: tuple = (), prompter=None) -> dict[str, Teacher]:
     """Load every teacher named in `specs`; check routing and vocabularies before any compute.
 
     specs: TeacherSpec items (path = HF folder or "self"). routing: domain -> teacher name; a
     missing domain, an unknown teacher name or a vocabulary that differs from the student's is a
     clear error. roles: the MeshConfig whose mesh.roles may give a teacher devices of its own (its
     outputs then move to the learner's devices at the update). privileged_rows: (data.max_privileged_len,
-    max_new_tokens), checked against a privileged teacher's context. cfg (with loss.cross_tokenizer
-    set): teachers from folders are scored in their own tokens (`xtok_teacher`), `stop` the student's
-    stop ids. Returns name -> Teacher (or
-    serving.ServedTeacher) for the teachers that some domain uses.
+    max_new_tokens), checked against a privileged teacher's context; prompter: the student's, which
+    renders a privileged teacher's prompts. cfg (with loss.cross_tokenizer set): teachers from folders
+    are scored in their own tokens (`xtok_teacher`), `stop` the student's stop ids. Returns name ->
+    Teacher for the teachers that some domain uses.
     """
     names = check_routing(specs, routing, domains)
     out = {}
     for name in sorted({routing[d] for d in domains}):
         spec = names[name]
         check_privileged(spec)
-        if spec.url:  # behind a server: checked now (reachable, same vocabulary), scored over HTTP
-            if spec.path:
-                raise OpdError(f"teacher {name!r} has both a path and a url; give one")
-            from opd_jax.serving import ServedTeacher
-            served = ServedTeacher(name, spec.url, spec.model, spec.timeout, spec.retries)
-            served.check(student.cfg.vocab_size, tokenizer)
-            served.privileged, served.template = spec.privileged, spec.privileged_template
-            out[name] = served
-            continue
-        tmesh = mesh
-        if mesh is not None and roles is not None:  # mesh.roles: a teacher on devices of its own
-            from opd_jax.sharding import mesh_from_config
-            tmesh = mesh_from_config(roles, name)
-        if spec.path in ("self", "self_live"):
-            graphdef, state = nnx.split(student)
-            state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
-            if mesh is not None:
-                from opd_jax.distributed import put_global
-                from opd_jax.sharding import state_shardings
-                state = put_global(state, state_shardings(state, tmesh, rules))
-            vocab = student.cfg.vocab_size
-        else:
-            if not spec.path:
-                raise OpdError(f"teacher {name!r} needs a path (a Hugging Face folder) or path: self")
-            model = load_model(spec.path, dtype=spec.dtype, mesh=tmesh, rules=rules)
-            with_runtime(model, attention=spec.attention, remat="none")
-            graphdef, state = nnx.split(model)
-            vocab = model.cfg.vocab_size
-        context = (student.cfg if spec.path in ("self", "self_live") else model.cfg).max_position_embeddings
-        if spec.privileged and sum(privileged_rows) > context:
-            raise OpdError(f"teacher {name!r}: data.max_privileged_len {privileged_rows[0]} + max_new_tokens "
-                           f"{privileged_rows[1]} = {sum(privileged_rows)} exceeds its context {context}")
-        cross = None
-        if cfg is not None and name in xtok_names(cfg):
-            cross = build_cross_view(spec, cfg, tokenizer, stop, vocab, context, model.cfg)
-        elif vocab != student.cfg.vocab_size:
-            raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
-                           "they must share a tokenizer, or set loss.cross_tokenizer bpm (or uld)")
-        w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
-        out[name] = Teacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())),
-                            live=spec.path == "self_live", privileged=spec.privileged, template=spec.privileged_template,
-                            cross=cross)
+        out[name] = _privileged(spec, _load_teacher(spec, student, mesh, rules, tokenizer, roles, privileged_rows,
+                                                    cfg, stop), prompter, privileged_rows[0])
     return out
+
+
+def _privileged(spec, teacher, prompter, prompt_len: int):
+    if not spec.privileged:
+        return teacher
+    if prompter is None:
+        raise OpdError(f"teacher {spec.name!r} is privileged but no prompter was given to render its prompts")
+    return Privileged(teacher, spec.privileged, spec.privileged_template, prompter, prompt_len)
+
+
+def _load_teacher(spec, student, mesh, rules, tokenizer, roles, privileged_rows, cfg, stop):
+    """The teacher of `spec` itself (served, or local; across tokenizers when cfg says so)."""
+    name = spec.name
+    if spec.url:  # behind a server: checked now (reachable, same vocabulary), scored over HTTP
+        if spec.path:
+            raise OpdError(f"teacher {name!r} has both a path and a url; give one")
+        from opd_jax.serving import ServedTeacher
+        served = ServedTeacher(name, spec.url, spec.model, spec.timeout, spec.retries)
+        served.check(student.cfg.vocab_size, tokenizer)
+        return served
+    tmesh = mesh
+    if mesh is not None and roles is not None:  # mesh.roles: a teacher on devices of its own
+        from opd_jax.sharding import mesh_from_config
+        tmesh = mesh_from_config(roles, name)
+    if spec.is_student:
+        graphdef, state = nnx.split(student)
+        state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
+        if mesh is not None:
+            from opd_jax.distributed import put_global
+            from opd_jax.sharding import state_shardings
+            state = put_global(state, state_shardings(state, tmesh, rules))
+        model_cfg = student.cfg
+    else:
+        if not spec.path:
+            raise OpdError(f"teacher {name!r} needs a path (a Hugging Face folder) or path: self")
+        model = load_model(spec.path, dtype=spec.dtype, mesh=tmesh, rules=rules)
+        with_runtime(model, attention=spec.attention, remat="none")
+        graphdef, state = nnx.split(model)
+        model_cfg = model.cfg
+    vocab, context = model_cfg.vocab_size, model_cfg.max_position_embeddings
+    if spec.privileged and sum(privileged_rows) > context:
+        raise OpdError(f"teacher {name!r}: data.max_privileged_len {privileged_rows[0]} + max_new_tokens "
+                       f"{privileged_rows[1]} = {sum(privileged_rows)} exceeds its context {context}")
+    cross = cfg is not None and name in xtok_names(cfg)
+    if not cross and vocab != student.cfg.vocab_size:
+        raise OpdError(f"teacher {name!r} has vocabulary {vocab} but the student has {student.cfg.vocab_size}; "
+                       "they must share a tokenizer, or set loss.cross_tokenizer bpm (or uld)")
+    w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
+    local = LocalTeacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())),
+                         live=spec.path == "self_live")
+    if cross:
+        return CrossTokenizer(local, build_cross_view(spec, cfg, tokenizer, stop, vocab, context, model_cfg))
+    return local
 
 
 def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0, layout=None):
@@ -162,15 +261,10 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
 teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))
 
 
-def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
-    """`teacher_scores` for one teacher; on a mesh, jitted with explicit shardings: the teacher's
+def teacher_forward(t: LocalTeacher, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
+    """`teacher_scores` for one local teacher; on a mesh, jitted with explicit shardings: the teacher's
     parameters as placed, tokens / mask / outputs with rows over the batch mesh axes, activations
     constrained by the teacher's own rules (`mesh.teacher_rules`)."""
-    if not isinstance(t, Teacher):  # a served teacher (opd_jax.serving.ServedTeacher): host arrays over HTTP
-        from opd_jax.distributed import to_host
-        out = t.score(to_host(tokens), to_host(full_mask), prompt_len=prompt_len, temperature=temperature, what=what,
-                      topk=topk)
-        return jax.tree.map(jnp.asarray, out)
     if t.mesh is None:
         return teacher_scores(t.graphdef, t.state, tokens, full_mask, prompt_len=prompt_len, temperature=temperature,
                               what=what, topk=topk)
@@ -180,7 +274,7 @@ def teacher_forward(t: Teacher, tokens, full_mask, *, prompt_len, temperature, w
     return fn(t.state, placed(tokens, in_sh), placed(full_mask, in_sh))
 
 
-def teacher_program(t: Teacher, shape, *, prompt_len, temperature, what, topk=0):
+def teacher_program(t: LocalTeacher, shape, *, prompt_len, temperature, what, topk=0):
     """(jitted forward, token sharding) of teacher `t` on its mesh for tokens of `shape` [B, P+N]."""
     from opd_jax.sharding import rows_sharding
 
@@ -206,41 +300,35 @@ def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temp
                    in_shardings=(jax.tree.unflatten(treedef, state_sh), in_sh, in_sh), out_shardings=out_sh)
 
 
-def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], tokens, full_mask, *, prompt_len: int,
-                temperature: float, what: str, topk: int = 0, views: dict | None = None, live=None):
-    """Score a batch whose rows are routed by `groups` (teacher name -> row indices,
-    `RowLayout.groups`): each teacher runs once, on all of its rows.
+def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], rows: Rows, *, what: str,
+                temperature: float, topk: int = 0) -> Scored:
+    """Score a batch whose rows are routed by `groups` (teacher name -> row indices, `RowLayout.groups`):
+    each teacher scores all of its rows once (`Teacher.score`).
 
-    views: {name: (tokens, full_mask, prompt_len[, post])} of that teacher's rows as it sees them (a
-    privileged teacher: its own prompt [n, P_t], then the same completion; a cross-tokenizer teacher: its
-    own tokens, and `post` bringing its outputs to the student's positions); live: the student's current
-    parameters, for self_live teachers. what="hidden": {name: [rows of that teacher, N, D_t]} (its
-    rows in `groups` order; teachers may differ in width). Otherwise the scores in batch row order
-    (the layout of `teacher_scores`).
+    -> Scored: out, what="hidden": {name: [rows of that teacher, N, D_t]} (its rows in `groups` order;
+    teachers may differ in width), otherwise the scores in batch row order (the layout of
+    `teacher_scores`); keep [B, N] (host int32): the completion mask times each teacher's covered
+    positions, or None when every teacher covers every position; stats summed over the teachers.
     """
-    import dataclasses
-
-    outs = {}
+    outs, keeps, stats = {}, {}, {}
     for name, idx in groups.items():
-        whole = idx == list(range(tokens.shape[0]))
-        take = (lambda x: x) if whole else (lambda x, i=np.asarray(idx): x[i])
-        t = teachers[name]
-        if getattr(t, "live", False):
-            if live is None:
-                raise OpdError(f"teacher {name!r} is self_live but no current parameters were given")
-            t = dataclasses.replace(t, state=live)
-        post = lambda x: x  # noqa: E731
-        if views and name in views:
-            toks, fmask, plen, *rest = views[name]
-            post = rest[0] if rest else post
-        else:
-            toks, fmask, plen = take(tokens), take(full_mask), prompt_len
-        outs[name] = post(teacher_forward(t, toks, fmask, prompt_len=plen, temperature=temperature, what=what,
-                                          topk=topk))
+        s = teachers[name].score(rows.take(idx), what, temperature=temperature, topk=topk)
+        outs[name] = jax.tree.map(jnp.asarray, s.out)
+        if s.keep is not None:
+            keeps[name] = s.keep
+        for k, v in s.stats.items():
+            stats[k] = stats.get(k, 0.0) + v
+    keep = None
+    if keeps:
+        keep = np.asarray(rows.completions()[1], np.int32).copy()
+        for name, k in keeps.items():
+            keep[np.asarray(groups[name])] *= np.asarray(k, np.int32)
     if what == "hidden":
-        return outs
+        return Scored(outs, keep, stats)
     inverse = np.argsort(np.concatenate([groups[n] for n in outs]))  # back to batch row order
     back = (lambda x: x) if len(outs) == 1 else (lambda x: x[inverse])
     if what == "topk":
-        return tuple(back(jnp.concatenate([o[k] for o in outs.values()])) for k in (0, 1))
-    return back(jnp.concatenate(list(outs.values())))
+        out = tuple(back(jnp.concatenate([o[k] for o in outs.values()])) for k in (0, 1))
+    else:
+        out = back(jnp.concatenate(list(outs.values())))
+    return Scored(out, keep, stats)

@@ -1,16 +1,9 @@
 """The update: `update(state, batch) -> (state, metrics)`, pure and jitted.
 
 It recomputes the student on the rollout, takes the configured estimator's loss
-(`opd_jax.losses.registry`) and steps optax. The batch is {"on": part, "off": part} (GKD: `on` from
-the student's samples, `off` from dataset answers; either may be absent when loss.lam is 1 or 0; the
-loss is lam * L(on) + (1 - lam) * L(off)), each part a dict of arrays with rows grouped by domain
-(`opd_jax.layout.RowLayout`):
-  tokens [B, P+N], prompt_mask [B, P], mask [B, N] (1 on generated tokens incl. EOS),
-  sampler_logprobs [B, N] (on-policy), rewards [B] (on-policy), loss_mask [B, N] (cross-tokenizer teachers:
-  the positions their hand-over covers; the loss is masked by it), and the teachers' hand-over at the
-  completion positions: hidden-state estimators: teacher = {name: [rows routed to it, N, D_t]} with
-  the teachers' output matrices `teacher_w` = {name: [D_t, V]} beside the batch (the loss forms
-  logits chunk by chunk; no [B, N, V] array exists); log-prob estimators: teacher = [B, N].
+(`opd_jax.losses.registry`) and steps optax. The batch is {"on": Part, "off": Part} (`opd_jax.batch`
+gives the parts' arrays and shapes); for hidden-state estimators the teachers' output matrices
+`teacher_w` = {name: [D_t, V]} come beside the batch.
 Everything static about the update is one hashable `StepSpec`; the state is one `TrainState`.
 """
 
@@ -82,6 +75,8 @@ class StepSpec:
     max_update_ratio: float = 0.0
     layout: Callable | None = None
     is_cap: float = 0.0  # > 0: asynchronous, sampled-token / RL terms weighted by min(pi / pi_sampler, is_cap)
+    handover: str = ""  # what the teachers hand over (losses.registry.handover); "": the estimator's own
+    cross: tuple = ()  # the teachers that score in their own tokens: parts carry a loss_mask, teacher_w a map
 
     def groups(self, rows: int) -> dict:
         return row_groups(self.routes, rows)
@@ -89,35 +84,40 @@ class StepSpec:
     @classmethod
     def from_config(cls, cfg, routes: tuple, micro: int = 0, layout=None) -> "StepSpec":
         """Synchronous runs (train.max_staleness 0) never apply importance weights (is_cap 0)."""
-        dc = cfg.data
+        from opd_jax.losses.registry import handover, needs_teachers
+        from opd_jax.xtok_teacher import xtok_names
+
+        dc, teachers = cfg.data, needs_teachers(cfg.loss)
+        used = set(routes)
         return cls(cfg.loss, dc.max_prompt_len, dc.group_size, dc.temperature, tuple(routes), micro,
-                   cfg.train.max_update_ratio, layout, cfg.loss.is_cap if cfg.train.max_staleness else 0.0)
+                   cfg.train.max_update_ratio, layout, cfg.loss.is_cap if cfg.train.max_staleness else 0.0,
+                   handover(cfg) if teachers else "logprobs",
+                   tuple(sorted(set(xtok_names(cfg)) & used)) if teachers else ())
 
 
 def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: float, layout=None, teacher=None,
-                teacher_w=None, is_cap: float = 0.0):
+                teacher_w=None, is_cap: float = 0.0, handover: str = "", cross: bool = False):
     """(loss, metrics) of one part against one teacher's hand-over `teacher` (its output matrix
     `teacher_w` in the hidden-state estimators; without it: full logits [B, N, V] or top-k
     (log-probs, ids), for small models and hand-built batches). `layout(x, logical_axes)` (optional,
     on a mesh) pins the hidden states' rows to the batch axes and gathers the output matrix's width
-    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch."""
-    mask = b["mask"]
-    h = model.completion_hidden(b["tokens"], jnp.concatenate([b["prompt_mask"], mask], axis=1), prompt_len)
+    (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch. b: a
+    `batch.Part`; handover / cross: as `StepSpec` (cross: this teacher scores in its own tokens)."""
+    h = model.completion_hidden(b.tokens, jnp.concatenate([b.prompt_mask, b.mask], axis=1), prompt_len)
     w = model.output_matrix()
     if layout is not None:
         h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
         if teacher_w is not None:
             teacher = layout(teacher, ("batch", None, None))
-            teacher_w = ({**teacher_w, "w": layout(teacher_w["w"], (None, "vocab"))} if isinstance(teacher_w, dict)
+            teacher_w = ({**teacher_w, "w": layout(teacher_w["w"], (None, "vocab"))} if cross
                          else layout(teacher_w, (None, "vocab")))
-    if "loss_mask" in b:  # a cross-tokenizer teacher covers only the positions aligned with its tokens
-        mask = b["loss_mask"]
-        b = {**b, "mask": mask}
+    mask = b.scored_mask  # a cross-tokenizer teacher covers only the positions aligned with its tokens
+    b = b._replace(mask=mask)
     loss, m = estimator_for(lc).loss(h, w, b, teacher, teacher_w, lc, group_size=group_size, temperature=temperature,
-                                     is_cap=is_cap)
+                                     is_cap=is_cap, handover=handover, cross=cross)
     slp = m.pop("token_logprob")
-    if "sampler_logprobs" in b and "logprob_mismatch" not in m:
-        m["logprob_mismatch"] = L.masked_mean(jnp.abs(slp - b["sampler_logprobs"]), mask)
+    if b.sampler_logprobs is not None and "logprob_mismatch" not in m:
+        m["logprob_mismatch"] = L.masked_mean(jnp.abs(slp - b.sampler_logprobs), mask)
     m["student_logprob"] = L.masked_mean(slp, mask)
     per_tok = m.pop("per_token_divergence")
     m["row_divergence"] = jnp.sum(L.clean(per_tok, mask), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
@@ -156,23 +156,23 @@ def _take_rows(x, idx: list[int]):
 def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     """((loss, metrics), grads) of one batch part.
 
-    Hidden-state estimators (`teacher_w` = {name: [D_t, V]}, b["teacher"] = {name: hidden}): the rows
+    Hidden-state estimators (`teacher_w` = {name: [D_t, V]}, b.teacher = {name: hidden}): the rows
     of each teacher (`spec.groups`) go through their own forward/backward against that teacher's
     output matrix, and grads = sum_g w_g grad L_g with w_g the group's share of the normaliser
     (per-row metrics put back in row order). Each group, or the whole batch, may be cut into
     micro-batches (`micro_value_and_grad`)."""
     if teacher_w is None:
         return micro_value_and_grad(graphdef, params, b, spec)
-    groups = spec.groups(b["tokens"].shape[0])
+    groups = spec.groups(b.tokens.shape[0])
     if len(groups) == 1:
         (name,) = groups
-        return micro_value_and_grad(graphdef, params, {**b, "teacher": b["teacher"][name]}, spec, teacher_w[name])
+        return micro_value_and_grad(graphdef, params, b._replace(teacher=b.teacher[name]), spec, teacher_w[name],
+                                    cross=name in spec.cross)
     outs, counts = [], []
     for name, idx in groups.items():
-        sub = {k: _take_rows(v, idx) for k, v in b.items() if k != "teacher"}
-        outs.append(micro_value_and_grad(graphdef, params, {**sub, "teacher": b["teacher"][name]}, spec,
-                                         teacher_w[name]))
-        counts.append(_normaliser(sub.get("loss_mask", sub["mask"]), spec.lc.normalize))
+        sub = b.rows(lambda x, idx=idx: _take_rows(x, idx))._replace(teacher=b.teacher[name])
+        outs.append(micro_value_and_grad(graphdef, params, sub, spec, teacher_w[name], cross=name in spec.cross))
+        counts.append(_normaliser(sub.scored_mask, spec.lc.normalize))
     w = _shares(jnp.stack(counts))
     order = np.argsort(np.concatenate([idx for idx in groups.values()]))
     ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1]
@@ -184,7 +184,7 @@ def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     return (loss, metrics), grads
 
 
-def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
+def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cross: bool = False):
     """((loss, metrics), grads) of one batch against one teacher, in micro-batches of `spec.micro` rows.
 
     With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
@@ -197,16 +197,16 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     def loss_of(p, bb):
         with activation_layout(layout):
             return policy_loss(nnx.merge(graphdef, p), bb, spec.lc, spec.prompt_len, spec.group_size,
-                               spec.temperature, layout, bb["teacher"], teacher_w, spec.is_cap)
+                               spec.temperature, layout, bb.teacher, teacher_w, spec.is_cap, spec.handover, cross)
 
-    rows, micro = b["tokens"].shape[0], spec.micro
+    rows, micro = b.tokens.shape[0], spec.micro
     if not micro or micro >= rows:
         return jax.value_and_grad(loss_of, has_aux=True)(params, b)
     n = rows // micro
     mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
-    w = _shares(_normaliser(mbs.get("loss_mask", mbs["mask"]), spec.lc.normalize))
+    w = _shares(_normaliser(mbs.scored_mask, spec.lc.normalize))
 
     def body(acc, xs):
         bb, wi = xs
@@ -305,16 +305,16 @@ class UpdateProgram:
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"))
 def probe_divergence(graphdef, params, batch, teacher_w, *, spec: StepSpec):
     """Exact token-mean divergence D_f(teacher || student) (full vocabulary, kind from `spec.lc`) on a
-    fixed batch: tokens [B, P+N], prompt_mask [B, P], mask [B, N], teacher {name: hidden [rows, N, D_t]}
-    routed as in the update, teacher_w {name: [D_t, V]}. -> scalar."""
+    fixed batch: a `batch.Part` with teacher {name: hidden [rows, N, D_t]} routed as in the update, teacher_w
+    {name: [D_t, V]}. -> scalar."""
     lc = spec.lc
     model = nnx.merge(graphdef, params)
-    tokens, mask = batch["tokens"], batch["mask"]
-    h = model.completion_hidden(tokens, jnp.concatenate([batch["prompt_mask"], mask], 1), spec.prompt_len)
+    tokens, mask = batch.tokens, batch.mask
+    h = model.completion_hidden(tokens, jnp.concatenate([batch.prompt_mask, mask], 1), spec.prompt_len)
     total = 0.0
     for name, idx in spec.groups(tokens.shape[0]).items():
         d, _ = L.chunked_divergence(_take_rows(h, idx), model.output_matrix(), lc.kind,
-                                    teacher_hidden=batch["teacher"][name], teacher_w=teacher_w[name],
+                                    teacher_hidden=batch.teacher[name], teacher_w=teacher_w[name],
                                     temperature=spec.temperature, beta=lc.beta, alpha=lc.alpha_div,
                                     seq_chunk=lc.seq_chunk)
         total = total + jnp.sum(L.clean(d, _take_rows(mask, idx)))

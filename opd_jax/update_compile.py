@@ -20,12 +20,13 @@ from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import Transformer, unrolled_layers
 from opd_jax.train_step import TrainState, compile_update
+from opd_jax.batch import Part
 from opd_jax.xtok_teacher import xtok_names
 
 
 def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
     """The ModelConfig of a student/teacher spec from its config.json (weights are not read)."""
-    if getattr(spec, "path", None) in ("self", "self_live"):
+    if getattr(spec, "path", None) in ("self", "self_live"):  # TeacherSpec.is_student (spec may be None)
         return student_cfg
     if spec.path:
         cfg_file = Path(spec.path) / "config.json"
@@ -71,7 +72,7 @@ def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
 
 
 def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> dict:
-    """The update's batch as jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy);
+    """The update's batch {"on": Part, "off": Part} of jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy);
     n_on: the on-policy part's completion length (a rollout horizon, `opd_jax.horizon`; default N)."""
     dc = cfg.data
     P = dc.max_prompt_len
@@ -80,12 +81,11 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> 
     for part in rl.parts:
         b = rl.rows(part)
         N = n_on if part == "on" and n_on else dc.max_new_tokens
-        out[part] = {"tokens": sds((b, P + N), jnp.int32), "prompt_mask": sds((b, P), jnp.int32),
-                     "mask": sds((b, N), jnp.int32), "teacher": teacher_outputs(cfg, rl, b, N, tcfgs)}
-        if needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers()):  # cross-tokenizer: covered positions
-            out[part]["loss_mask"] = sds((b, N), jnp.int32)
-        if part == "on":
-            out[part].update(sampler_logprobs=sds((b, N), jnp.float32), rewards=sds((b,), jnp.float32))
+        cross = needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers())  # covered positions
+        on = part == "on"
+        out[part] = Part(sds((b, P + N), jnp.int32), sds((b, P), jnp.int32), sds((b, N), jnp.int32),
+                         teacher_outputs(cfg, rl, b, N, tcfgs), sds((b, N), jnp.float32) if on else None,
+                         sds((b,), jnp.float32) if on else None, sds((b, N), jnp.int32) if cross else None)
     return out
 
 

@@ -12,6 +12,7 @@ vocabulary map {"w": [D_t, V_t], "map": [V_t]} (`opd_jax.losses.xtok`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ def xtok_names(cfg) -> list[str]:
     """The teachers scored across tokenizers: all loaded from a folder when loss.cross_tokenizer is set."""
     if not cfg.loss.cross_tokenizer:
         return []
-    return [t.name for t in cfg.teachers if t.path not in ("self", "self_live")]
+    return [t.name for t in cfg.teachers if not t.is_student]
 
 
 def check_xtok(cfg):
@@ -37,7 +38,7 @@ def check_xtok(cfg):
     if not how:
         return
     for t in cfg.teachers:
-        if t.path in ("self", "self_live"):
+        if t.is_student:
             continue
         if t.url:
             raise OpdError(f"teacher {t.name!r} is served (url): a server scores the student's own token ids, so it "
@@ -80,6 +81,64 @@ class CrossView:
         al = align_rows(comp, comp_mask, self.student_table, self.stop, self.tokenizer, self.table, self.m_len,
                         pad_id=self.tokenizer.pad_token_id or 0)
         return np.concatenate([ids, al.tokens], 1), np.concatenate([pmask, al.mask], 1), al
+
+
+@dataclass
+class CrossTokenizer:
+    """A teacher that scores the student's rows in its own tokens (`CrossView`), around the local teacher
+    `inner`: its hand-over comes back at the student's positions (hidden states gathered at the aligned
+    teacher positions, or log-probs summed per segment), with the positions it covers (`Scored.keep`) and
+    the alignment statistics."""
+
+    inner: object
+    cross: CrossView
+
+    name = property(lambda self: self.inner.name)
+    vocab_size = property(lambda self: self.inner.vocab_size)
+    live = property(lambda self: self.inner.live)
+
+    def score(self, rows, what: str, *, temperature: float, topk: int = 0):
+        import jax.numpy as jnp
+
+        from opd_jax.batch import Rows, Scored
+
+        if rows.examples is None:
+            raise OpdError(f"teacher {self.name!r} scores in its own tokens but the rows' examples were not given")
+        if what not in ("hidden", "logprobs"):
+            raise OpdError(f"teacher {self.name!r} scores in its own tokens, which hands over hidden states or "
+                           f"log-probs, not {what!r}")
+        comp, cmask = rows.completions()
+        t0 = time.perf_counter()
+        ids, fmask, al = self.cross.view(rows.examples, comp, cmask)
+        seconds = time.perf_counter() - t0
+        keep = al.aligned if what == "hidden" else al.whole
+        stats = {"aligned": float(np.sum(keep * cmask)), "tokens": float(np.sum(cmask)), "seconds": seconds,
+                 **{k: float(getattr(al, k)) for k in ("dropped", "truncated", "partial")}}
+        own = Rows(rows.put(ids), rows.put(fmask), self.cross.p_len, rows.examples, rows.params, rows.place)
+        out = self.inner.score(own, what, temperature=temperature, topk=topk).out
+        n_new = cmask.shape[1]
+        if what == "hidden":
+            out = jnp.take_along_axis(out, rows.put(al.gather)[..., None], 1)
+        else:
+            seg = rows.put(al.segment)
+            out = jnp.zeros((out.shape[0], n_new + 1), jnp.float32).at[jnp.arange(out.shape[0])[:, None], seg].add(
+                out)[:, :n_new]
+        return Scored(out, keep, stats)
+
+    def output_matrix(self):
+        return {"w": self.inner.w, "map": self.cross.vmap}
+
+    def metrics(self) -> dict:
+        return {}
+
+
+def xtok_metrics(stats: dict, prefix: str = "xtok") -> dict:
+    """The log's cross-tokenizer figures from `score_batch`'s summed statistics (nothing without them)."""
+    if "tokens" not in stats:
+        return {}
+    return {f"{prefix}/aligned_fraction": stats["aligned"] / max(stats["tokens"], 1.0),
+            f"{prefix}/dropped_rows": stats["dropped"], f"{prefix}/truncated_rows": stats["truncated"],
+            f"{prefix}/partial_rows": stats["partial"], f"{prefix}/align_seconds": stats["seconds"]}
 
 
 def tokenizer_folder(spec) -> str:

@@ -27,7 +27,7 @@ def main():
     try:
         for k, what in ((1, "logprobs"), (8, "topk"), (32, "topk")):
             client = ServedTeacher("t", url)
-            client.score(tokens, mask, prompt_len=32, temperature=1.0, what=what, topk=k)
+            client.score_ids(tokens, mask, prompt_len=32, temperature=1.0, what=what, topk=k)
             print(f"k={k:2d} {what:8s}: {client.bytes_per_token:8.1f} bytes per scored token (JSON); packed "
                   f"int32 + float32: {(k + 1) * 8} bytes ({client.bytes_per_token / ((k + 1) * 8):.1f}x)")
     finally:

@@ -157,7 +157,7 @@ def test_one_step_stale_pipeline_tags_weights_and_drops_nothing(tmp_path):
     assert run.spec.is_cap == 2.0
     _, rec = _steps(run, 4)
     for step, batch in enumerate(rec.batches):
-        m = np.asarray(batch.arrays["on"]["mask"])
+        m = np.asarray(batch.arrays["on"].mask)
         assert (batch.versions[m == 1] == max(0, step - 1)).all()
         r = rec.records[step]
         assert r["rollout/dropped"] == 0 and r["rollout/staleness_%d" % min(step, 1)] == m.shape[0]
@@ -202,10 +202,10 @@ def test_sequences_older_than_k_are_dropped(tmp_path, monkeypatch):
     monkeypatch.setattr(Pipeline, "sampler_version", lambda self, b: max(self.start, b - self.k - 1))
     run = build_run(_cfg(tmp_path, "d", **{"train.max_staleness": 1, "train.steps": 3}))
     _, rec = _steps(run, 3)
-    rows = rec.batches[0].arrays["on"]["mask"].shape[0]
+    rows = rec.batches[0].arrays["on"].mask.shape[0]
     assert [r["rollout/dropped"] for r in rec.records] == [0, 0, rows]
     assert rec.records[2]["on_policy/tokens"] == 0 and rec.records[1]["on_policy/tokens"] > 0
-    assert int(np.asarray(rec.batches[2].arrays["on"]["mask"]).sum()) == 0
+    assert int(np.asarray(rec.batches[2].arrays["on"].mask).sum()) == 0
 
 
 def test_one_step_stale_training_reaches_the_synchronous_divergence(tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from opd_jax.batch import Part
 from opd_jax.config import LossConfig, load_config
 from opd_jax.errors import OpdError
 from opd_jax.horizon import buckets, horizon_tokens
@@ -46,10 +47,8 @@ def test_the_cut_step_equals_a_full_length_step_with_a_prefix_mask(lc):
                else jnp.asarray(-rng.rand(B, N) * 3, jnp.float32))
     slp = jnp.asarray(-rng.rand(B, N), jnp.float32)
     spec = StepSpec(lc, prompt_len=P, group_size=1, temperature=1.0)
-    full = {"tokens": tokens, "prompt_mask": pmask, "mask": mask * (jnp.arange(N)[None] < h),
-            "teacher": teacher, "sampler_logprobs": slp, "rewards": jnp.zeros(B)}
-    cut = {"tokens": tokens[:, :P + h], "prompt_mask": pmask, "mask": mask[:, :h], "teacher": teacher[:, :h],
-           "sampler_logprobs": slp[:, :h], "rewards": jnp.zeros(B)}
+    full = Part(tokens, pmask, mask * (jnp.arange(N)[None] < h), teacher, slp, jnp.zeros(B))
+    cut = Part(tokens[:, :P + h], pmask, mask[:, :h], teacher[:, :h], slp[:, :h], jnp.zeros(B))
     step = jax.jit(lambda p, b: part_value_and_grad(graphdef, p, b, spec))
     (l_full, _), g_full = step(params, full)
     (l_cut, _), g_cut = step(params, cut)
@@ -73,7 +72,7 @@ def test_decoding_stops_at_the_horizon_and_each_length_compiles_once(tmp_path):
     class Keep:
         def after_step(self, ctx):
             records.append(dict(ctx.record))
-            assert ctx.batch.arrays["on"]["mask"].shape[1] == hs[ctx.step]
+            assert ctx.batch.arrays["on"].mask.shape[1] == hs[ctx.step]
 
     from opd_jax.hooks import Logger
     from opd_jax.train import train_loop

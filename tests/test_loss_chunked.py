@@ -131,7 +131,9 @@ def test_the_topk_estimator_takes_its_ids_from_loss_topk_from():
     from opd_jax.config import LossConfig
     from opd_jax.losses.registry import estimator_for
 
-    b = {"tokens": jnp.zeros((B, T + 1), jnp.int32), "mask": MASK}  # the completion ids: the last T
+    from opd_jax.batch import Part
+
+    b = Part(jnp.zeros((B, T + 1), jnp.int32), jnp.ones((B, 1), jnp.int32), MASK)  # the completion ids: the last T
     out = {}
     for side in ("teacher", "student"):
         lc = LossConfig(estimator_type="topk", kind="reverse_kl", topk=4, topk_from=side, seq_chunk=4)

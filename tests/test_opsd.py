@@ -52,10 +52,10 @@ def _check_scores(run, batch, models, template=TEMPLATE):
     """Each teacher's hand-over (hidden states x its output matrix) equals the direct forward of
     [privileged prompt; completion] at every completion token."""
     on, p = batch.arrays["on"], run.cfg.data.max_prompt_len
-    tokens, mask = np.asarray(on["tokens"]), np.asarray(on["mask"])
+    tokens, mask = np.asarray(on.tokens), np.asarray(on.mask)
     groups = run.rows.groups(tokens.shape[0])
     for name, idx in groups.items():
-        hidden = np.asarray(on["teacher"][name], np.float64)
+        hidden = np.asarray(on.teacher[name], np.float64)
         w = np.asarray(models[name].output_matrix(), np.float64)
         for j, i in enumerate(idx):
             n = int(mask[i].sum())

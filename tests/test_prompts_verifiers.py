@@ -222,8 +222,8 @@ def test_rollouts_stop_at_either_stop_id_and_padding_never_counts(tmp_path, qwen
     stops = qwen_folders["stops"]
     assert tr.rollouts.stop == tuple(sorted(stops)) and tr.tokenizer.pad_token_id == stops[1]
     batch = tr.rollouts.on_policy(tr.init.params, tr.source.batch(0, 16), tr.init.key())[0]
-    comp = np.asarray(batch["tokens"])[:, tr.cfg.data.max_prompt_len:]
-    mask = np.asarray(batch["mask"])
+    comp = np.asarray(batch.tokens)[:, tr.cfg.data.max_prompt_len:]
+    mask = np.asarray(batch.mask)
     ended = {s: 0 for s in stops}
     for row, m in zip(comp, mask):
         n = int(m.sum())

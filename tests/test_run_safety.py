@@ -300,9 +300,10 @@ def test_an_update_that_multiplies_the_parameter_norm_is_skipped(ratio):
     params = nnx.to_pure_dict(state)
     rng = np.random.RandomState(0)
     B, P, N = 4, 4, 3
-    batch = {"on": {"tokens": jnp.asarray(rng.randint(3, 64, (B, P + N)), jnp.int32),
-                    "prompt_mask": jnp.ones((B, P), jnp.int32), "mask": jnp.ones((B, N), jnp.int32),
-                    "teacher": jnp.asarray(rng.normal(0, 3, (B, N, 64)), jnp.float32)}}
+    from opd_jax.batch import Part
+
+    batch = {"on": Part(jnp.asarray(rng.randint(3, 64, (B, P + N)), jnp.int32), jnp.ones((B, P), jnp.int32),
+                        jnp.ones((B, N), jnp.int32), jnp.asarray(rng.normal(0, 3, (B, N, 64)), jnp.float32))}
     opt = optax.sgd(1e4)
     p0 = jax.tree.map(np.asarray, params)
     st = TrainState(params, opt.init(params), jnp.zeros((), jnp.int32), jax.random.key_data(jax.random.key(0)),

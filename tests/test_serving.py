@@ -52,12 +52,12 @@ def test_served_scores_equal_in_process_scores(teacher, temperature):
     tokens, mask = _batch()
     client = ServedTeacher("t", url)
     kw = dict(prompt_len=6, temperature=temperature)
-    lp, ids = client.score(tokens, mask, what="topk", topk=4, **kw)
+    lp, ids = client.score_ids(tokens, mask, what="topk", topk=4, **kw)
     ref_lp, ref_ids = (np.asarray(x) for x in teacher_scores(graphdef, state, tokens, mask, what="topk", topk=4, **kw))
     real = mask[:, 6:] == 1
     np.testing.assert_allclose(lp[real], ref_lp[real], atol=1e-5)
     np.testing.assert_array_equal(ids[real], ref_ids[real])
-    sampled = client.score(tokens, mask, what="logprobs", **kw)
+    sampled = client.score_ids(tokens, mask, what="logprobs", **kw)
     ref = np.asarray(teacher_scores(graphdef, state, tokens, mask, what="logprobs", **kw))
     np.testing.assert_allclose(sampled[real], ref[real], atol=1e-5)
     assert (sampled[~real] == 0).all()
@@ -143,7 +143,7 @@ def test_a_malformed_reply_is_retried_then_one_line_error():
         client = ServedTeacher("t", url, retries=2, backoff=0.01)
         tokens, mask = _batch()
         with pytest.raises(OpdError) as e:
-            client.score(tokens, mask, prompt_len=6, temperature=1.0, what="logprobs")
+            client.score_ids(tokens, mask, prompt_len=6, temperature=1.0, what="logprobs")
         assert _Garbage.calls == 3 and "\n" not in str(e.value)
         assert url in str(e.value) and "after 3 tries: malformed reply" in str(e.value)
     finally:
@@ -205,7 +205,7 @@ def test_serve_teacher_cli_serves_until_sigterm(teacher):
         client = ServedTeacher("t", url)
         client.check(64)
         tokens, mask = _batch()
-        assert client.score(tokens, mask, prompt_len=6, temperature=1.0, what="logprobs").shape == (5, 7)
+        assert client.score_ids(tokens, mask, prompt_len=6, temperature=1.0, what="logprobs").shape == (5, 7)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

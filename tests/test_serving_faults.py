@@ -123,7 +123,7 @@ def test_a_trickling_reply_meets_one_deadline_for_the_whole_call():
         client = ServedTeacher("slow", fake.url, timeout=2.0, retries=5, backoff=0.1)
         t0 = time.monotonic()
         with pytest.raises(OpdError) as e:
-            client.score(*_batch(), prompt_len=4, temperature=1.0, what="logprobs")
+            client.score_ids(*_batch(), prompt_len=4, temperature=1.0, what="logprobs")
         took = time.monotonic() - t0
     finally:
         fake.close()
@@ -242,7 +242,7 @@ def test_a_bad_reply_is_retried_then_stops_in_one_line_naming_the_place(real, ca
     try:
         client = ServedTeacher("bad", fake.url, timeout=20, retries=1, backoff=0.01, vocab_size=VOCAB)
         with pytest.raises(OpdError) as e:
-            client.score(tokens, mask, prompt_len=4, temperature=1.0, what="topk", topk=8)
+            client.score_ids(tokens, mask, prompt_len=4, temperature=1.0, what="topk", topk=8)
     finally:
         fake.close()
     msg = str(e.value)
@@ -259,9 +259,9 @@ def test_reordered_choices_are_put_back_in_row_order(real):
     fake = _scored_reply(url, lambda r: r["choices"].reverse())
     try:
         tokens, mask = _batch()
-        got = ServedTeacher("t", fake.url, vocab_size=VOCAB).score(tokens, mask, prompt_len=4, temperature=1.0,
+        got = ServedTeacher("t", fake.url, vocab_size=VOCAB).score_ids(tokens, mask, prompt_len=4, temperature=1.0,
                                                                     what="logprobs")
-        ref = ServedTeacher("t", url, vocab_size=VOCAB).score(tokens, mask, prompt_len=4, temperature=1.0,
+        ref = ServedTeacher("t", url, vocab_size=VOCAB).score_ids(tokens, mask, prompt_len=4, temperature=1.0,
                                                               what="logprobs")
     finally:
         fake.close()
@@ -288,7 +288,7 @@ def test_the_openai_client_form_of_the_url_is_accepted(real):
     kw = dict(prompt_len=4, temperature=1.0, what="logprobs")
     a = ServedTeacher("t", url + "/v1")
     a.check(VOCAB)
-    np.testing.assert_array_equal(a.score(tokens, mask, **kw), ServedTeacher("t", url + "/").score(tokens, mask, **kw))
+    np.testing.assert_array_equal(a.score_ids(tokens, mask, **kw), ServedTeacher("t", url + "/").score_ids(tokens, mask, **kw))
 
 
 @pytest.mark.parametrize("models, what", [
@@ -420,7 +420,7 @@ def test_serve_teacher_refuses_bad_requests_with_a_400(real, change, what):
 def test_serve_teacher_at_a_small_temperature_gives_finite_scores(real):
     model, _, url = real
     tokens, mask = _batch()
-    lp = ServedTeacher("t", url, vocab_size=VOCAB).score(tokens, mask, prompt_len=4, temperature=1e-3,
+    lp = ServedTeacher("t", url, vocab_size=VOCAB).score_ids(tokens, mask, prompt_len=4, temperature=1e-3,
                                                          what="topk", topk=4)[0]
     assert np.isfinite(lp).all() and (lp <= 1e-4).all()  # float32 rounding of log-sum-exp: a few 1e-6 above 0
 

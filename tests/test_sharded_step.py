@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from opd_jax.batch import Part
 from opd_jax.config import LossConfig
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.sharding import batch_sharding, make_mesh, param_shardings
@@ -23,11 +24,9 @@ def _batches():
     for _ in range(3):
         mask = (rng.uniform(size=(B, N)) > 0.2).astype(np.int32)
         mask[:, 0] = 1
-        out.append({"on": {"tokens": jnp.asarray(rng.randint(3, 64, (B, P + N)), jnp.int32),
-                           "prompt_mask": jnp.ones((B, P), jnp.int32), "mask": jnp.asarray(mask),
-                           "sampler_logprobs": jnp.asarray(-rng.uniform(0, 3, (B, N)), jnp.float32),
-                           "rewards": jnp.zeros((B,), jnp.float32),
-                           "teacher": jnp.asarray(rng.normal(size=(B, N, 64)), jnp.float32)}})
+        out.append({"on": Part(jnp.asarray(rng.randint(3, 64, (B, P + N)), jnp.int32), jnp.ones((B, P), jnp.int32),
+                               jnp.asarray(mask), jnp.asarray(rng.normal(size=(B, N, 64)), jnp.float32),
+                               jnp.asarray(-rng.uniform(0, 3, (B, N)), jnp.float32), jnp.zeros((B,), jnp.float32))})
     return out
 
 

@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from opd_jax.batch import Part
 from opd_jax.config import LossConfig
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.teachers import teacher_scores
@@ -56,9 +57,8 @@ def test_no_rows_by_tokens_by_vocabulary_array_in_the_step(estimator):
     routes = ("a", "b", "a")
     teacher = {"a": sds((4, N, 32), jnp.float32), "b": sds((2, N, 48), jnp.float32)}
     teacher_w = {"a": sds((32, V), jnp.float32), "b": sds((48, V), jnp.float32)}
-    batch = {"on": {"tokens": sds((B, P + N), jnp.int32), "prompt_mask": sds((B, P), jnp.int32),
-                    "mask": sds((B, N), jnp.int32), "sampler_logprobs": sds((B, N), jnp.float32),
-                    "rewards": sds((B,), jnp.float32), "teacher": teacher}}
+    batch = {"on": Part(sds((B, P + N), jnp.int32), sds((B, P), jnp.int32), sds((B, N), jnp.int32), teacher,
+                        sds((B, N), jnp.float32), sds((B,), jnp.float32))}
     state = TrainState(params, jax.eval_shape(opt.init, params), sds((), jnp.int32), sds((2,), jnp.uint32),
                        sds((), jnp.int32))
     spec = StepSpec(lc, prompt_len=P, group_size=1, temperature=0.8, routes=routes)

@@ -123,7 +123,7 @@ def nan_teacher_at_step(monkeypatch, step: int):
         calls.append(1)
         if len(calls) == step:
             on = batch.arrays["on"]
-            on["teacher"] = jax.tree.map(lambda x: x * jnp.nan, on["teacher"])
+            batch.arrays["on"] = on._replace(teacher=jax.tree.map(lambda x: x * jnp.nan, on.teacher))
         return batch
 
     monkeypatch.setattr(Rollouts, "finish", poisoned)
@@ -302,9 +302,9 @@ def test_effopd_line_search_keeps_the_step_size_with_the_lowest_probe_divergence
     _, batch = probe.probe(placed(plain))  # the guard's probe tokens (its fixed key)
     from opd_jax.models import load_model
 
-    tokens, full = (np.asarray(batch["tokens"]), np.concatenate([np.asarray(batch["prompt_mask"]),
-                                                                 np.asarray(batch["mask"])], 1))
-    p, m = run.cfg.data.max_prompt_len, np.asarray(batch["mask"], np.float64)
+    tokens, full = (np.asarray(batch.tokens), np.concatenate([np.asarray(batch.prompt_mask),
+                                                                 np.asarray(batch.mask)], 1))
+    p, m = run.cfg.data.max_prompt_len, np.asarray(batch.mask, np.float64)
     teacher = load_model(tmp_path / "teacher")
     assert run.cfg.loss.kind == "reverse_kl" and run.cfg.data.temperature == 1.0
 

@@ -141,7 +141,7 @@ def on_policy_rows(tr, step):
     examples = tr.source.batch(step, tr.cfg.data.per_domain)
     key = jax.random.fold_in(tr.init.key(), step)
     batch, rep, _, rewards, _ = tr.rollouts.on_policy(tr.init.params, examples, key)
-    b = {k: np.asarray(batch[k]) for k in ("tokens", "prompt_mask", "mask", "sampler_logprobs")}
+    b = {k: np.asarray(getattr(batch, k)) for k in ("tokens", "prompt_mask", "mask", "sampler_logprobs")}
     b["full_mask"] = np.concatenate([b["prompt_mask"], b["mask"]], 1)
     b["rewards"] = np.asarray(rewards, np.float32)
     assert b["mask"].sum() > len(rep)  # real multi-token completions

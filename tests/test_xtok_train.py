@@ -101,7 +101,7 @@ def test_one_tokenizer_on_both_sides_is_same_tokenizer_distillation(folders):
     for run in (plain, cross):
         roll, pmask, rep = _roll(run, texts, stopped)
         parts.append(run.rollouts.complete(roll, pmask, rep, decode=False)[0])
-    np.testing.assert_array_equal(np.asarray(parts[1]["loss_mask"]), np.asarray(parts[1]["mask"]))  # all aligned
+    np.testing.assert_array_equal(np.asarray(parts[1].loss_mask), np.asarray(parts[1].mask))  # all aligned
     loss0, g0 = _value_and_grad(plain, parts[0])
     for how in ("bpm", "uld"):
         loss1, g1 = _value_and_grad(cross, parts[1], dataclasses.replace(cross.cfg.loss, cross_tokenizer=how))
@@ -117,14 +117,14 @@ def test_one_tokenizer_on_both_sides_is_same_tokenizer_distillation(folders):
     # the sampled estimator: the teacher's log-probs, summed per segment, are the same-tokenizer ones
     lps = []
     for run, part in zip((plain, cross), parts):
-        lps.append(run.rollouts.score(part["tokens"], part["prompt_mask"], part["mask"], what="logprobs",
+        lps.append(run.rollouts.score(part.tokens, part.prompt_mask, part.mask, what="logprobs",
                                       examples=[ex for ex in run.source.batch(0, run.cfg.data.per_domain)
-                                                for _ in range(run.cfg.data.group_size)]))
-    m = np.asarray(parts[0]["mask"]) > 0
+                                                for _ in range(run.cfg.data.group_size)]).out)
+    m = np.asarray(parts[0].mask) > 0
     np.testing.assert_allclose(np.asarray(lps[1])[m], np.asarray(lps[0])[m], atol=1e-5)
     sampled = dataclasses.replace(plain.cfg.loss, estimator_type="sampled")
-    loss0, g0 = _value_and_grad(plain, {**parts[0], "teacher": lps[0]}, sampled)
-    loss1, g1 = _value_and_grad(cross, {**parts[1], "teacher": lps[1]},
+    loss0, g0 = _value_and_grad(plain, parts[0]._replace(teacher=lps[0]), sampled)
+    loss1, g1 = _value_and_grad(cross, parts[1]._replace(teacher=lps[1]),
                                 dataclasses.replace(sampled, cross_tokenizer="bpm"))
     np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), g1, g0)
@@ -155,11 +155,11 @@ def _reference_bpm_loss(run, teacher_folder, part, rep, texts, stopped):
         best = max((s for s in s_strs if text.startswith(s_strs[s])), key=lambda s: len(s_strs[s]), default=-1)
         target[u] = best
     p_len = run.cfg.data.max_prompt_len
-    tokens, mask = np.asarray(part["tokens"]), np.asarray(part["mask"])
+    tokens, mask = np.asarray(part.tokens), np.asarray(part.mask)
     total, count = 0.0, 0
     for r, (text, s) in enumerate(zip(texts, stopped)):
         n = int(mask[r].sum())
-        s_prompt = [i for i, m in zip(tokens[r, :p_len], np.asarray(part["prompt_mask"])[r]) if m]
+        s_prompt = [i for i, m in zip(tokens[r, :p_len], np.asarray(part.prompt_mask)[r]) if m]
         lp = _log_softmax(student(jnp.asarray([s_prompt + tokens[r, p_len:p_len + n].tolist()]))[0])[
             len(s_prompt) - 1:-1]
         t_prompt = [t_tok.bos_token_id] + t_tok.encode(rep[r].prompt, add_special_tokens=False)
@@ -201,17 +201,16 @@ def test_a_bpe_teacher_matches_a_reference_built_from_direct_forwards(folders):
     texts, stopped = _texts(n, run.cfg.data.max_new_tokens, np.random.RandomState(2), alphabet="0123456789=")
     texts[0], stopped[0] = "1*2", True  # "*" never occurs in the teacher's corpus
     roll, pmask, rep = _roll(run, texts, stopped)
-    extras = {}
     part = run.rollouts.complete(roll, pmask, rep, decode=False)[0]
-    run.rollouts.score(part["tokens"], part["prompt_mask"], part["mask"], examples=rep, extras=extras)
-    assert extras["xtok/dropped_rows"] == 1 and np.asarray(part["loss_mask"])[0].sum() == 0
+    stats = run.rollouts.score(part.tokens, part.prompt_mask, part.mask, examples=rep).stats
+    assert stats["dropped"] == 1 and np.asarray(part.loss_mask)[0].sum() == 0
     ref, count = _reference_bpm_loss(run, bpe, part, rep, texts, stopped)
-    assert count == int(np.asarray(part["loss_mask"]).sum()) > n  # the reference scores the same positions
+    assert count == int(np.asarray(part.loss_mask).sum()) > n  # the reference scores the same positions
     loss, _ = _value_and_grad(run, part)
     np.testing.assert_allclose(loss, ref, rtol=1e-5)
     # sampled: each row's segment sums add up to the teacher's log-probability of its own tokenization
-    lp = np.asarray(run.rollouts.score(part["tokens"], part["prompt_mask"], part["mask"], what="logprobs",
-                                       examples=rep))
+    lp = np.asarray(run.rollouts.score(part.tokens, part.prompt_mask, part.mask, what="logprobs",
+                                       examples=rep).out)
     teacher, t_tok = load_model(bpe), run.teachers["t"].cross.tokenizer
     for r in range(1, 4):
         t_prompt = [t_tok.bos_token_id] + t_tok.encode(rep[r].prompt, add_special_tokens=False)

@@ -35,9 +35,13 @@ from opd_jax.losses.xtok import xtok_divergence_loss
 @dataclass(frozen=True)
 class Estimator:
     """name; `teacher_output`: "hidden" (final hidden states, the loss applies the teacher's output
-    matrix chunk by chunk) or "logprobs" (the sampled tokens' log-probs); `loss(h, w, batch, teacher,
-    teacher_w, lc, *, group_size, temperature, is_cap=0.0)` -> (loss, metrics); is_cap > 0 (asynchronous
-    runs) weights the sampled-token and RL terms by truncated importance weights."""
+    matrix chunk by chunk) or "logprobs" (the sampled tokens' log-probs); `loss(h, w, part, teacher,
+    teacher_w, lc, *, group_size, temperature, is_cap=0.0, handover="", cross=False)` -> (loss, metrics);
+    part: a `batch.Part`; is_cap > 0 (asynchronous runs) weights the sampled-token and RL terms by truncated
+    importance weights; handover: what the teacher gave when not hidden states with `teacher_w` ("topk": its
+    top k (log-probs, ids) [B, N, k], chunked; otherwise full logits [B, N, V] or a top-k of any size on
+    materialised student logits, for small models and hand-built batches); cross: the teacher scores in its
+    own tokens (`teacher_w` is {"w", "map"})."""
 
     name: str
     teacher_output: str
@@ -54,33 +58,33 @@ def _div(lc) -> dict:
     return dict(kind=lc.kind, beta=lc.beta, alpha=lc.alpha_div)
 
 
-def _full(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
+def _full(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0, handover="", cross=False):
     """Exact D_f per position; without `teacher_w`, `teacher` is full logits [B, N, V] (small models);
     teacher_w {"w", "map"}: a teacher with its own tokenizer (`losses.xtok`, loss.cross_tokenizer)."""
-    if isinstance(teacher_w, dict):
+    if cross:
         return _cross(h, w, b, teacher, teacher_w, lc, temperature, topk=0)
     t = dict(teacher_hidden=teacher, teacher_w=teacher_w) if teacher_w is not None else dict(teacher_logits=teacher)
-    return chunked_divergence_loss(h, w, b["mask"], temperature=temperature, normalize=lc.normalize,
-                                   seq_chunk=lc.seq_chunk, ids=b["tokens"][:, -b["mask"].shape[1]:], **t, **_div(lc))
+    return chunked_divergence_loss(h, w, b.mask, temperature=temperature, normalize=lc.normalize,
+                                   seq_chunk=lc.seq_chunk, ids=b.tokens[:, -b.mask.shape[1]:], **t, **_div(lc))
 
 
-def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
+def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0, handover="", cross=False):
     """Teacher top-k + tail bucket; without `teacher_w`, `teacher` is (log-probs, ids) [B, N, k]."""
-    comp = b["tokens"][:, -b["mask"].shape[1]:]
-    if isinstance(teacher_w, dict):
+    comp = b.tokens[:, -b.mask.shape[1]:]
+    if cross:
         return _cross(h, w, b, teacher, teacher_w, lc, temperature, topk=lc.topk)
     if teacher_w is not None:
-        return chunked_topk_loss(h, w, teacher, teacher_w, b["mask"], lc.topk, temperature=temperature,
+        return chunked_topk_loss(h, w, teacher, teacher_w, b.mask, lc.topk, temperature=temperature,
                                  normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, top_from=lc.topk_from,
                                  **_div(lc))
-    if teacher[0].shape[-1] == lc.topk:  # a served (or in-process "topk") hand-over: chunked, no [B, N, V]
-        return chunked_topk_loss(h, w, None, None, b["mask"], lc.topk, temperature=temperature,
+    if handover == "topk":  # a served hand-over: chunked, no [B, N, V]
+        return chunked_topk_loss(h, w, None, None, b.mask, lc.topk, temperature=temperature,
                                  normalize=lc.normalize, seq_chunk=lc.seq_chunk, ids=comp, teacher_topk=teacher,
                                  top_from=lc.topk_from, **_div(lc))
     if lc.topk_from == "student":
         raise OpdError("loss.topk_from=student needs the teacher's hidden states, not a top-k hand-over")
     logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
-    loss, m = topk_distill_loss(logits, teacher[0], teacher[1], b["mask"], temperature=temperature,
+    loss, m = topk_distill_loss(logits, teacher[0], teacher[1], b.mask, temperature=temperature,
                                 normalize=lc.normalize, **_div(lc))
     lp = jax.nn.log_softmax(logits / temperature, -1)
     m["token_logprob"] = jax.lax.stop_gradient(jnp.take_along_axis(lp, comp[..., None], -1)[..., 0])
@@ -88,30 +92,30 @@ def _topk(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.
 
 
 def _cross(h, w, b, teacher, teacher_w, lc, temperature, *, topk):
-    return xtok_divergence_loss(h, w, teacher, teacher_w["w"], teacher_w["map"], b["mask"], lc.cross_tokenizer,
+    return xtok_divergence_loss(h, w, teacher, teacher_w["w"], teacher_w["map"], b.mask, lc.cross_tokenizer,
                                 temperature=temperature, normalize=lc.normalize, seq_chunk=lc.seq_chunk,
-                                ids=b["tokens"][:, -b["mask"].shape[1]:], topk=topk, top_from=lc.topk_from, **_div(lc))
+                                ids=b.tokens[:, -b.mask.shape[1]:], topk=topk, top_from=lc.topk_from, **_div(lc))
 
 
 def _student_logprobs(h, w, b, lc, temperature):
-    return chunked_token_logprobs(h, w, b["tokens"][:, -b["mask"].shape[1]:], temperature=temperature,
+    return chunked_token_logprobs(h, w, b.tokens[:, -b.mask.shape[1]:], temperature=temperature,
                                   seq_chunk=lc.seq_chunk)
 
 
-def _sampled(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
+def _sampled(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0, handover="", cross=False):
     slp = _student_logprobs(h, w, b, lc, temperature)
-    loss, m = sampled_surrogate(slp, teacher, b["mask"], estimator=lc.estimator, level=lc.level,
-                                baseline=lc.baseline, sampler_logprobs=b.get("sampler_logprobs"),
+    loss, m = sampled_surrogate(slp, teacher, b.mask, estimator=lc.estimator, level=lc.level,
+                                baseline=lc.baseline, sampler_logprobs=b.sampler_logprobs,
                                 clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap, **_div(lc))
     m["token_logprob"] = jax.lax.stop_gradient(slp)
     return loss, m
 
 
-def _rl(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0):
+def _rl(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0, handover="", cross=False):
     slp = _student_logprobs(h, w, b, lc, temperature)
-    loss, m = rl_opd_surrogate(slp, teacher, b["rewards"], b["mask"], group_size=group_size, alpha=lc.rl_alpha,
+    loss, m = rl_opd_surrogate(slp, teacher, b.rewards, b.mask, group_size=group_size, alpha=lc.rl_alpha,
                                mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator, beta=lc.beta,
-                               div_alpha=lc.alpha_div, sampler_logprobs=b.get("sampler_logprobs"),
+                               div_alpha=lc.alpha_div, sampler_logprobs=b.sampler_logprobs,
                                clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap)
     m["token_logprob"] = jax.lax.stop_gradient(slp)
     return loss, m
