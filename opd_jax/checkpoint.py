@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole `TrainState`: student params, optimizer state, step, RNG, data position.
+"""Orbax checkpoints of the whole `TrainState`: student params, optimizer state, step, RNG, data position,
+horizon state.
 
 Saved synchronously through a `CheckpointManager` (an interrupted save leaves no finalized step).
 Restoring falls back: when the newest checkpoint cannot be read (a damaged file), it is named in a
@@ -25,7 +26,7 @@ def manager(folder: str | Path, keep: int = 2) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(Path(folder).absolute(), options=opts)
 
 
-SCALARS = ("step", "rng", "data_position")  # saved as host numpy values, identical on every process
+SCALARS = ("step", "rng", "data_position", "horizon")  # saved as host numpy values, identical on every process
 
 
 def saved_form(state) -> dict:
@@ -34,8 +35,10 @@ def saved_form(state) -> dict:
     restores on any topology."""
     import numpy as np
 
-    out = state._asdict()
+    out = {k: v for k, v in state._asdict().items() if v is not None}  # a hand-built state may have no horizon
     for k in SCALARS:
+        if k not in out:
+            continue
         x = out[k]
         out[k] = np.asarray(x.addressable_shards[0].data if isinstance(x, jax.Array) else x)
     return out
@@ -46,7 +49,8 @@ def placed_state(cls, restored: dict, shardings):
     scalars placed like `shardings`' (replicated; every process fills its own copy)."""
     from opd_jax.distributed import put_global
 
-    scalars = put_global({k: restored[k] for k in SCALARS}, {k: getattr(shardings, k) for k in SCALARS})
+    have = [k for k in SCALARS if k in restored]
+    scalars = put_global({k: restored[k] for k in have}, {k: getattr(shardings, k) for k in have})
     return cls(**{**restored, **scalars})
 
 

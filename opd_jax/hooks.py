@@ -203,20 +203,18 @@ class Progress:
 
 class HorizonTrace:
     """data.horizon_schedule=progressive: feeds each step's teacher divergence to the schedule
-    (`horizon.ProgressiveHorizon`) and appends {"step", "h", "divergence"} to horizon.jsonl, from
-    which a resumed run replays the schedule's state (lines after the resume step are dropped)."""
+    (`horizon.ProgressiveHorizon`), whose state is the TrainState's `horizon` (so a checkpoint resumes
+    it), and appends {"step", "h", "divergence"} to horizon.jsonl, a trace for the reader (lines after
+    a resume step are dropped)."""
 
-    def __init__(self, ctl, out, resume_step: int | None):
-        import json
+    def __init__(self, ctl, sharding, out, resume_step: int | None):
         from pathlib import Path
 
         from opd_jax.metrics import _reset_jsonl
 
-        self.ctl, self.path = ctl, Path(out) / "horizon.jsonl"
+        self.ctl, self.sharding, self.path = ctl, sharding, Path(out) / "horizon.jsonl"
         if dist.is_main():
             _reset_jsonl(self.path, resume_step)
-        if resume_step is not None and self.path.exists():
-            ctl.replay([json.loads(x) for x in self.path.read_text().splitlines() if x])
 
     def after_step(self, ctx: StepContext):
         import json
@@ -226,7 +224,8 @@ class HorizonTrace:
         if dist.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps({"step": ctx.done, "h": h, "divergence": d}) + "\n")
-        self.ctl.observe(d)
+        new = self.ctl.observe(dist.to_host(ctx.state.horizon), d)
+        ctx.state = ctx.state._replace(horizon=dist.put_global(new, self.sharding))
 
 
 class Checkpoints:

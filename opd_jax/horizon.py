@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from opd_jax.errors import OpdError
 
 SCHEDULES = ("fixed", "linear", "progressive")
@@ -81,33 +83,42 @@ class ProgressiveHorizon:
         mean(d[-w:]) >= mean(d[-2w:-w])   (the divergence stopped falling)  ->  next bucket, history cleared
 
     The divergence is compared only within one length (a longer horizon adds later, harder tokens, so
-    its level is not comparable). The full length is the last bucket. Deterministic given the steps'
-    divergences, so a resumed run replays its trace (`trace` lines: {"step", "h", "divergence"})."""
+    its level is not comparable). The full length is the last bucket.
+
+    The schedule's state lives in the TrainState (`TrainState.horizon`, so a checkpoint resumes it): a
+    float32 vector [1 + 2w], the bucket index then the last 2w divergences at that length (NaN where
+    fewer were seen). This object holds only the settings; `initial`, `h` and `observe` are pure."""
 
     def __init__(self, dc):
         self.levels = buckets(dc.max_new_tokens)
         start = _raw(dc.horizon, dc.max_new_tokens)
-        self.level = next(i for i, b in enumerate(self.levels) if b >= min(start, dc.max_new_tokens))
+        self.start = next(i for i, b in enumerate(self.levels) if b >= min(start, dc.max_new_tokens))
         self.window = dc.horizon_window
-        self.history: list[float] = []
 
-    @property
-    def h(self) -> int:
-        return self.levels[self.level]
+    def initial(self) -> np.ndarray:
+        """The state at step 0: the starting bucket, no divergences."""
+        return np.concatenate([[self.start], np.full(2 * self.window, np.nan)]).astype(np.float32)
 
-    def observe(self, divergence: float) -> bool:
-        """Record one step's divergence at the current length; True when the horizon grows."""
-        self.history.append(float(divergence))
-        w, d = self.window, self.history
-        if self.level + 1 < len(self.levels) and len(d) >= 2 * w and sum(d[-w:]) >= sum(d[-2 * w:-w]):
-            self.level, self.history = self.level + 1, []
-            return True
-        return False
+    def h(self, state) -> int:
+        """The horizon (new tokens) of `state`."""
+        return self.levels[int(np.asarray(state)[0])]
 
-    def replay(self, trace: list[dict]):
-        """Rebuild the state from a run's trace (steps already trained, in order)."""
-        for rec in trace:
-            self.observe(rec["divergence"])
+    def observe(self, state, divergence: float) -> np.ndarray:
+        """The state after one more step's divergence at the current length (the next bucket, history
+        cleared, when the rule fires)."""
+        state = np.asarray(state, np.float32)
+        level, d = int(state[0]), np.append(state[2:], np.float32(divergence)).astype(np.float64)
+        w = self.window
+        if level + 1 < len(self.levels) and not np.isnan(d).any() and d[-w:].sum() >= d[:w].sum():
+            return np.concatenate([[level + 1], np.full(2 * w, np.nan)]).astype(np.float32)
+        return np.concatenate([[level], d]).astype(np.float32)
+
+
+def initial_state(dc) -> np.ndarray:
+    """TrainState.horizon at step 0: the progressive schedule's (`ProgressiveHorizon.initial`), else [0.]."""
+    if dc.horizon_schedule == "progressive":
+        return ProgressiveHorizon(dc).initial()
+    return np.zeros(1, np.float32)
 
 
 def truncate(roll, prompt_len: int, h: int):

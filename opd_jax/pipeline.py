@@ -178,7 +178,7 @@ class Pipeline:
                 stream.add(nxt, ids, pmask, jax.random.fold_in(self.key, nxt),
                            caps=None if h is None else np.full(ids.shape[0] * self.group, h, np.int32))
                 self.timeline.append(("started", nxt, time.perf_counter()))
-                stream.batches[nxt].examples = examples
+                stream.batches[nxt].examples, stream.batches[nxt].horizon = examples, h
                 nxt += 1
                 continue
             if not stream.live and not stream.queue:
@@ -191,13 +191,14 @@ class Pipeline:
                 self._finish(stream, b)
 
     def _finish(self, stream: Stream, b: int):
-        examples = stream.batches[b].examples
+        examples, h = stream.batches[b].examples, stream.batches[b].horizon
         roll, versions, pmask = stream.take(b)
         now = dataclasses.replace(stream.stats, handed_back=[])  # the stream's statistics since the last batch
         stats = dataclasses.replace(now, **{f: getattr(now, f) - getattr(self._stats, f) for f in (
             "decode_steps", "generated", "dispatches", "prefill_rows", "queued_steps", "queued_generated")})
         self._stats = now
-        batch = self.ro.finish(b, examples, roll, pmask, stats, params=stream.params, versions=versions)
+        batch = self.ro.finish(b, examples, roll, pmask, stats, params=stream.params,
+                               horizon=h, versions=versions)
         with self.cv:
             self.finished.add(b)
             self.ready[b] = batch

@@ -69,7 +69,7 @@ class Rollouts:
     rollout_rules: dict | None = None  # the layout the engine places the weights in (mesh.rollout_rules)
     sampler_mesh: object = None  # the sampler's devices (mesh.roles.sampler); None: the learner's mesh
     handover: str | None = None  # what the teachers hand over (losses.registry.handover); None: the estimator's
-    progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (stateful)
+    progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (state: TrainState.horizon)
     cross: bool = False  # some teacher scores in its own tokens (loss.cross_tokenizer): parts carry a loss_mask
 
     # ---------------------------------------------------------------- pieces
@@ -103,10 +103,15 @@ class Rollouts:
         return score_batch(self.teachers, self.rows.groups(tokens.shape[0]), rows, what=what,
                            temperature=self.cfg.data.temperature, topk=self.cfg.loss.topk)
 
-    def horizon(self, step: int) -> int | None:
-        """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`); None: the whole max_new_tokens."""
-        h = self.progressive.h if self.progressive is not None else horizon_tokens(self.cfg.data, step,
-                                                                                   self.cfg.train.steps)
+    def horizon(self, step: int, state=None) -> int | None:
+        """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`; a progressive schedule reads
+        state.horizon); None: the whole max_new_tokens."""
+        if self.progressive is not None:
+            if state is None or state.horizon is None:
+                raise OpdError("data.horizon_schedule=progressive: the step's horizon needs the TrainState")
+            h = self.progressive.h(dist.to_host(state.horizon))
+        else:
+            h = horizon_tokens(self.cfg.data, step, self.cfg.train.steps)
         return None if h == self.cfg.data.max_new_tokens else h
 
     def decode(self, tokens, mask) -> list[str]:
@@ -191,26 +196,27 @@ class Rollouts:
         state.params with fold_in(state.rng, step), then `finish` (decode: None = `needs_texts(step)`)."""
         examples = self.source.batch(step, self.cfg.data.per_domain)
         roll = pmask = stats = None
+        h = self.horizon(step, state)
         if "on" in self.rows.parts:
             key = jax.random.fold_in(state.key(), step)
-            roll, pmask, stats = self.sample_part(state.params, examples, key, timer=timer, horizon=self.horizon(step))
-        return self.finish(step, examples, roll, pmask, stats, params=state.params, decode=decode, timer=timer)
+            roll, pmask, stats = self.sample_part(state.params, examples, key, timer=timer, horizon=h)
+        return self.finish(step, examples, roll, pmask, stats, params=state.params, horizon=h, decode=decode,
+                           timer=timer)
 
-    def finish(self, step: int, examples, roll, pmask, stats, *, params, versions=None, decode: bool | None = None,
-               timer: PhaseTimer = NO_TIMER) -> Batch:
+    def finish(self, step: int, examples, roll, pmask, stats, *, params, horizon: int | None = None, versions=None,
+               decode: bool | None = None, timer: PhaseTimer = NO_TIMER) -> Batch:
         """Step `step`'s batch from its finished rollout: the one batch path of the synchronous `collect`
         and the asynchronous pipeline. roll: the rollout of `examples` x group_size (None without an
         on-policy part), pmask [B, P] its host prompt mask, stats its EngineStats; versions [B, N]: the
         policy version of every token (default: all `step`, a synchronous step). In order: cut to the
-        step's horizon; a sequence more than train.max_staleness versions old is dropped (mask zeroed);
+        step's horizon (`horizon` new tokens; None: uncut); a sequence more than train.max_staleness versions old is dropped (mask zeroed);
         texts and verifier rewards when `decode` (None: `needs_texts(step)`); the teachers' scores
         (params: the student's current parameters, for self_live teachers); the off-policy part;
         staleness and cross-tokenizer statistics into `Batch.metrics`."""
         batch = Batch({})
         if roll is not None:
-            h = self.horizon(step)
-            if h is not None:
-                roll = truncate(roll, self.cfg.data.max_prompt_len, h)
+            if horizon is not None:
+                roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
             k = self.cfg.train.max_staleness
             if versions is None:  # a synchronous step: every token is this step's (no mask read back)
                 versions, stale = np.full(roll.mask.shape, step), np.zeros(roll.mask.shape[0], np.int64)

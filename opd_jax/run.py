@@ -23,7 +23,7 @@ from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.config import Config, validate
 from opd_jax.errors import OpdError
-from opd_jax.horizon import ProgressiveHorizon, UpdatePrograms, check_horizon
+from opd_jax.horizon import ProgressiveHorizon, UpdatePrograms, check_horizon, initial_state
 from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
@@ -191,7 +191,8 @@ def build_run(cfg: Config) -> Run:
                 return {**teacher_w, **{n: w for n in live}}
     opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
     # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
-    init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed))._asdict(), state_sh)
+    init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed),
+                                                   initial_state(dc))._asdict(), state_sh)
     rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
                         stop=stop, verifiers=verifiers_for(dc.verifiers, source.domains),
                         teachers=teachers, estimator=est, source=source,

@@ -173,7 +173,7 @@ def _train(run: Run, state, start: int, out: Path, resume: bool, stop_after: int
     logger = Logger(run, MetricsWriter(out, resume_step=resume_step), SamplesWriter(out, resume_step=resume_step))
     hooks += [skips, logger]
     if run.rollouts.progressive is not None:
-        hooks.append(HorizonTrace(run.rollouts.progressive, out, resume_step))
+        hooks.append(HorizonTrace(run.rollouts.progressive, run.state_sh.horizon, out, resume_step))
     if tc.min_eos_rate > 0:
         hooks.append(StopRateGuard(tc.min_eos_rate, tc.eos_patience))
     if tc.progress and dist.is_main():

@@ -31,13 +31,16 @@ class TrainState(NamedTuple):
     """Everything a run carries from step to step, and exactly what a checkpoint holds.
     params / opt_state: the student's pure-dict parameters and optax state; step: updates taken;
     rng: the run's base key data (uint32; step s samples with fold_in(key, s)); data_position: prompt
-    batches consumed (batch s of the prompt source is read at position s)."""
+    batches consumed (batch s of the prompt source is read at position s); horizon: the progressive
+    horizon's state (`horizon.ProgressiveHorizon`: float32 [1 + 2w]; [0.] when the schedule is not
+    progressive; None in hand-built states), which the update passes through unchanged."""
 
     params: dict
     opt_state: object
     step: jax.Array
     rng: jax.Array
     data_position: jax.Array
+    horizon: jax.Array | None = None
 
     def key(self):
         return jax.random.wrap_key_data(self.rng)
@@ -49,13 +52,14 @@ def state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
     from opd_jax import sharding as shd
 
     repl = shd.replicated(mesh)
-    return TrainState(param_sh, shd.opt_state_shardings(optimizer, params, param_sh, mesh), repl, repl, repl)
+    return TrainState(param_sh, shd.opt_state_shardings(optimizer, params, param_sh, mesh), repl, repl, repl, repl)
 
 
-def new_state(params, opt_state, key) -> TrainState:
-    """The state at step 0 (step, rng and data position as host numpy values)."""
+def new_state(params, opt_state, key, horizon=None) -> TrainState:
+    """The state at step 0 (step, rng, data position and horizon state as host numpy values); horizon:
+    the progressive schedule's initial state (default [0.])."""
     return TrainState(params, opt_state, np.zeros((), np.int32), np.asarray(jax.random.key_data(key)),
-                      np.zeros((), np.int32))
+                      np.zeros((), np.int32), np.zeros(1, np.float32) if horizon is None else np.asarray(horizon))
 
 
 @dataclass(frozen=True)
@@ -249,7 +253,7 @@ def update(graphdef, optimizer, spec: StepSpec, state: TrainState, batch: dict, 
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     return TrainState(jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, state.opt_state),
-                      state.step + 1, state.rng, state.data_position + 1), metrics
+                      state.step + 1, state.rng, state.data_position + 1, state.horizon), metrics
 
 
 # Shardings follow the (committed) inputs; a run uses `compile_update` instead.

@@ -21,6 +21,7 @@ from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import Transformer, unrolled_layers
 from opd_jax.train_step import TrainState, compile_update
 from opd_jax.batch import Part
+from opd_jax.horizon import initial_state
 from opd_jax.xtok_teacher import xtok_names
 
 
@@ -98,7 +99,8 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, shapes), jax.ShapeDtypeStruct((), jnp.int32),
                                 jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
-                                jax.ShapeDtypeStruct((), jnp.int32))  # params, opt_state, step, rng, data position
+                                jax.ShapeDtypeStruct((), jnp.int32),  # params, opt_state, step, rng, data position
+                                jax.ShapeDtypeStruct(initial_state(cfg.data).shape, jnp.float32))  # horizon state
     teacher_w = None
     if needs_teachers(cfg.loss) and handover(cfg) == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
         trules = shd.rules_named(cfg.mesh.teacher_rules)

@@ -116,10 +116,10 @@ def test_progressive_rule_on_a_given_divergence_sequence():
                              "data.horizon_window=2"])
     ctl = ProgressiveHorizon(cfg.data)
     ds = [5, 4, 3, 2, 2.5, 2.4, 9, 8, 7, 7.5, 7, 8, 1, 1, 1, 1, 1, 1, 1, 1]
-    seen = []
+    seen, state = [], ctl.initial()
     for d in ds:
-        seen.append(ctl.h)
-        ctl.observe(d)
+        seen.append(ctl.h(state))
+        state = ctl.observe(state, d)
     # by hand (buckets 2, 4, ..., 16; start 4; w = 2): the window means fall until step 7 ((2.4, 9) = 5.7 >=
     # (2, 2.5) = 2.25) -> 6; at 6: (7.5, 7) < (8, 7), then (7, 8) = 7.5 >= (7, 7.5) = 7.25 -> 8 from step 13;
     # at 8: four 1s, equal windows -> 10 from step 17
@@ -128,9 +128,10 @@ def test_progressive_rule_on_a_given_divergence_sequence():
 
 
 def test_progressive_horizon_trains_by_the_rule_and_resumes_its_state(tmp_path):
-    """The trainer follows the rule on its own logged divergences; a run stopped after 2 steps and
-    resumed replays its trace (horizon.jsonl). SGD at learning rate 20 makes the divergence rise at step 3,
-    so the horizon grows after it, a decision that needs steps 1-2's divergences from before the resume."""
+    """The trainer follows the rule on its own logged divergences; a run stopped after 2 steps resumes the
+    schedule from its checkpoint alone (horizon.jsonl, the trace, is deleted before the resume). SGD at
+    learning rate 20 makes the divergence rise at step 3, so the horizon grows after it, a decision that
+    needs steps 1-2's divergences from before the resume."""
     import json
 
     from opd_jax.train import train
@@ -141,8 +142,10 @@ def test_progressive_horizon_trains_by_the_rule_and_resumes_its_state(tmp_path):
             **random_teacher(tmp_path)}
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **over))
     train(cfg, stop_after=2)
+    first = (tmp_path / "r" / "horizon.jsonl").read_text()
+    (tmp_path / "r" / "horizon.jsonl").unlink()  # the checkpoint alone carries the schedule's state
     train(cfg, resume=True)
-    trace = [json.loads(x) for x in (tmp_path / "r" / "horizon.jsonl").read_text().splitlines()]
+    trace = [json.loads(x) for x in (first + (tmp_path / "r" / "horizon.jsonl").read_text()).splitlines()]
     assert [t["step"] for t in trace] == [1, 2, 3, 4]
     assert [t["h"] for t in trace] == _popd_lengths(list(buckets(8)), 2, 1, [t["divergence"] for t in trace])
     assert trace[-1]["h"] > 2  # it grew (after the resume: from the replayed trace)
