@@ -11,13 +11,13 @@ import difflib
 import math
 import types
 import typing
-import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from opd_jax.errors import OpdError
+from opd_jax.urls import split_url  # noqa: F401 (public here too)
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,7 @@ class TeacherSpec:
     max_new_tokens: int = 0  # the teacher's completion length in its own tokens (0: 2 x data.max_new_tokens)
 
     @property
-    def is_student(self) -> bool:
-        """Whether this teacher is the student's own weights (path self or self_live)."""
+    def is_student(self) -> bool:  # path self or self_live: the student's own weights
         return self.path in ("self", "self_live")
 
 
@@ -382,22 +381,6 @@ def check_served(url, timeout, retries, where: str):
         raise OpdError(f"{where}.retries must be a whole number >= 0, got {retries!r}")
     if url is not None:
         split_url(url, f"{where}.url")
-
-
-def split_url(url: str, what: str = "url") -> tuple[str, str, int, str]:
-    """http(s)://host[:port][/base][/v1] -> (scheme, host, port, base path without /v1); one-line error
-    for anything else."""
-    u = urllib.parse.urlsplit(str(url))
-    try:
-        port = u.port
-    except ValueError:
-        port = -1
-    if u.scheme not in ("http", "https") or not u.hostname or port == -1 or u.query or u.fragment:
-        raise OpdError(f"{what} {url!r} is not an http(s)://host:port address of a server")
-    base = u.path.rstrip("/")
-    if base.endswith("/v1"):  # the OpenAI client's form (what vLLM users type): the routes add /v1 themselves
-        base = base[:-3]
-    return u.scheme, u.hostname, port or (443 if u.scheme == "https" else 80), base
 
 
 def to_dict(cfg) -> dict:

@@ -21,9 +21,10 @@ from flax import nnx
 from opd_jax import checkpoint as ckpt
 from opd_jax import distributed as dist
 from opd_jax import sharding as shd
-from opd_jax.config import Config, validate
+from opd_jax.checks import check
+from opd_jax.config import Config
 from opd_jax.errors import OpdError
-from opd_jax.horizon import ProgressiveHorizon, UpdatePrograms, check_horizon, initial_state
+from opd_jax.horizon import ProgressiveHorizon, UpdatePrograms, initial_state
 from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
@@ -32,7 +33,6 @@ from opd_jax.optim import make_optimizer
 from opd_jax.rollouts import Rollouts
 from opd_jax.tasks import Prompter, PromptSource, build_char_tokenizer, load_tokenizer, stop_ids, verifiers_for
 from opd_jax.teachers import build_teachers
-from opd_jax.xtok_teacher import check_xtok
 from opd_jax.train_step import StepSpec, TrainState, new_state, state_shardings
 
 
@@ -100,39 +100,22 @@ def get_tokenizer(cfg: Config):
     return build_char_tokenizer(None)
 
 
-def build_run(cfg: Config) -> Run:
-    """Check, build and compile everything a run of `cfg` needs (see the module docstring)."""
+def build_run(cfg: Config, *, checked: bool = False) -> Run:
+    """Check, build and compile everything a run of `cfg` needs (see the module docstring); checked: the
+    caller already ran `checks.check(cfg)`."""
     from opd_jax.plan import check_fits
     from opd_jax.update_compile import compile_update_for
 
-    from opd_jax.guard import check_guard
-
-    validate(cfg)
+    if not checked:
+        check(cfg)
     est = estimator_for(cfg.loss)
-    check_xtok(cfg)
-    check_horizon(cfg)
-    for t in cfg.teachers:  # self_live: the teacher is the learner's current weights
-        if t.path == "self_live":
-            why = ("train.max_staleness >= 1 (the sampler's weights are older than the learner's)"
-                   if cfg.train.max_staleness else "a device set of its own in mesh.roles" if t.name in cfg.mesh.roles
-                   else "the EffOPD guard / line search (it scores candidate weights against a fixed teacher)"
-                   if check_guard(cfg.optim, True) else None)
-            if why:
-                raise OpdError(f"teacher {t.name!r} is self_live (the student's current weights) and cannot be used "
-                               f"with {why}; use path: self for the frozen snapshot")
-    if check_guard(cfg.optim, needs_teachers(cfg.loss)) and cfg.train.max_staleness:
-        raise OpdError("the EffOPD guard / line search (optim.effopd_guard, effopd_line_search) needs synchronous "
-                       "training; set train.max_staleness 0")
     if cfg.student.path:
         check_model_folder(cfg.student.path, "student.path")
     dist.initialize(cfg.distributed)
     if cfg.train.max_staleness and jax.process_count() > 1:
         raise OpdError("train.max_staleness >= 1 runs on one host for now: the sampler thread's collectives "
                        "are not ordered with the learner's across processes; set train.max_staleness 0")
-    roles = ("learner", "sampler") + tuple(t.name for t in cfg.teachers)
     for role in cfg.mesh.roles:
-        if role not in roles:
-            raise OpdError(f"mesh.roles names {role!r}, which is not a role; roles are {', '.join(roles)}")
         shd.role_devices(cfg.mesh, role)
     mesh = shd.mesh_from_config(cfg.mesh)
     rules = shd.rules_named(cfg.mesh.rules)

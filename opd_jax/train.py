@@ -27,7 +27,8 @@ import jax
 
 from opd_jax import checkpoint as ckpt
 from opd_jax import distributed as dist
-from opd_jax.config import Config, to_dict, validate
+from opd_jax.checks import check
+from opd_jax.config import Config, to_dict
 from opd_jax.errors import OpdError
 from opd_jax.export import export_student, restore_run_params  # noqa: F401 - public names kept here too
 from opd_jax.guard import EffOPDGuard, check_guard
@@ -105,7 +106,7 @@ def _setup_signal(seen: threading.Event):
 
 def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, stop_after: int | None = None) -> dict:
     """Run (or resume) training from a config; returns the last log step's record."""
-    validate(cfg)
+    check(cfg)  # every configuration check, before the run folder is touched
     out = Path(cfg.train.out_dir)
     check_writable(out, input_paths(cfg))
     dist.initialize(cfg.distributed)
@@ -122,7 +123,7 @@ def train(cfg: Config, *, resume: bool = False, resume_step: int | None = None, 
             raise OpdError(f"--resume given but {out / 'checkpoints'} holds no checkpoint")
         if resume:
             check_resume_config(out, to_dict(cfg))
-        run = build_run(cfg)
+        run = build_run(cfg, checked=True)
         state, start = run.init, 0
         if resume:
             restored = ckpt.restore_latest(mgr, ckpt.saved_form(run.init), step=resume_step)
