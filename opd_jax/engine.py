@@ -33,7 +33,7 @@ from opd_jax import distributed as dist
 from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.rollout_programs import (TRACES, EngineSpec, EngineStats, sequence_keys,  # noqa: F401 (public here)
-                                      whole_rollout)
+                                      default_split, whole_rollout)
 from opd_jax.sampling import Rollout
 from opd_jax.stream import Stream, length_caps
 
@@ -120,7 +120,8 @@ def trace_count() -> int:
 
 def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | list[int] | None = None, pad_id: int = 0,
-             mesh=None, rules=None, slots: int | None = None, group: int = 1, steps_per_call: int = 8) -> Rollout:
+             mesh=None, rules=None, slots: int | None = None, group: int = 1, steps_per_call: int = 8,
+             split_layers: bool | None = None) -> Rollout:
     """Sample up to `max_new_tokens` tokens after left-padded prompts, through the rollout engine
     (`opd_jax.engine`; this is its simple call).
 
@@ -143,7 +144,8 @@ def generate(model, prompt_ids, prompt_mask, *, key, max_new_tokens: int, temper
     graphdef, state = nnx.split(model)
     spec = EngineSpec(prompt_len=prompt_ids.shape[1], max_new_tokens=max_new_tokens,
                       slots=slots or prompt_ids.shape[0] * group, temperature=float(temperature), top_k=int(top_k),
-                      top_p=float(top_p), stop=stop, pad_id=int(pad_id), steps_per_call=steps_per_call)
+                      top_p=float(top_p), stop=stop, pad_id=int(pad_id), steps_per_call=steps_per_call,
+                      split_layers=default_split() if split_layers is None else split_layers)
     rules = shd.ROLLOUT_RULES if rules is None and mesh is not None else rules
     engine = Engine(graphdef, model.cfg, spec, mesh, rules)
     return engine.run(nnx.to_pure_dict(state), prompt_ids, prompt_mask, key, group=group)[0]

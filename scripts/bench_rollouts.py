@@ -88,6 +88,7 @@ def main(argv=None):
     from flax import nnx
 
     from opd_jax.engine import Engine, EngineSpec
+    from opd_jax.rollout_programs import default_split
     from opd_jax.models import ModelConfig, init_model
 
     cfg = ModelConfig.for_family("qwen3", vocab_size=args.vocab, hidden_size=args.width, intermediate_size=3 * args.width,
@@ -108,7 +109,7 @@ def main(argv=None):
     results = {}
     for name, slots in (("static", args.rows), ("engine", args.slots)):
         spec = EngineSpec(prompt_len=args.prompt, max_new_tokens=args.cap, slots=slots, temperature=1.0,
-                          stop=(), steps_per_call=args.steps_per_call)
+                          stop=(), steps_per_call=args.steps_per_call, split_layers=default_split())
         engine = Engine(graphdef, cfg, spec)
         engine.run(params, ids, mask, jax.random.key(1), group=args.group, caps=lengths)  # compiles
         t = time.perf_counter()
@@ -132,7 +133,7 @@ def main(argv=None):
     # weights: the upper bound of train.max_staleness >= 1); against the engine run batch by batch
     from opd_jax.stream import Stream
     spec = EngineSpec(prompt_len=args.prompt, max_new_tokens=args.cap, slots=args.slots, temperature=1.0, stop=(),
-                      steps_per_call=args.steps_per_call)
+                      steps_per_call=args.steps_per_call, split_layers=default_split())
     draws = [draw_lengths(args.rows, args.median, args.p99, args.cap, args.seed + 1 + b) for b in range(args.batches)]
     engine = Engine(graphdef, cfg, spec)
     t, steps = time.perf_counter(), 0

@@ -33,15 +33,18 @@ def _arrays(roll):
                          ids=["greedy", "temperature-top-k-top-p"])
 def test_fewer_slots_give_every_sequence_the_same_tokens(small, sampling):
     """3 slots refilled as sequences end (several stop ids, mixed prompt lengths) give each row the
-    tokens, log-probs and mask of one slot per row: a sequence draws from its own key."""
+    tokens, log-probs and mask of one slot per row: a sequence draws from its own key. Decode with the
+    layers' weights split outside the loop (the CPU default) or read from the stacked weights in place
+    (`EngineSpec.split_layers`) gives the same sequences."""
     ids, mask = _prompts()
     kw = dict(key=jax.random.key(5), max_new_tokens=12, eos_id=[3, 4, 5, 6, 7, 8], **sampling)
     ref = _arrays(opd_jax.generate(small, ids, mask, **kw))
     lengths = ref[2].sum(1)
     if sampling["temperature"]:
         assert lengths.min() < 12 and lengths.max() == 12  # rows end at a stop id and at the cap
-    for slots, per_call in ((3, 1), (3, 4), (5, 8)):
-        got = _arrays(opd_jax.generate(small, ids, mask, slots=slots, steps_per_call=per_call, **kw))
+    for slots, per_call, split in ((3, 1, True), (3, 4, False), (5, 8, True), (None, 8, False)):
+        got = _arrays(opd_jax.generate(small, ids, mask, slots=slots, steps_per_call=per_call, split_layers=split,
+                                       **kw))
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_allclose(got[1], ref[1], atol=1e-6)
         np.testing.assert_array_equal(got[2], ref[2])
