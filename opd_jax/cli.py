@@ -128,10 +128,10 @@ def _plan(args) -> int:
     print(format_plan(p))
     limit = device_memory_bytes(cfg)
     if limit is not None:
-        verdict = "fits" if p["total_bytes_per_device"] <= limit else "does NOT fit"
+        verdict = "fits" if p.total_bytes_per_device <= limit else "does NOT fit"
         print(f"  device memory        {limit / GiB:9.3f} GiB -> {verdict}")
     if args.json:
-        print(json.dumps(p, indent=2))
+        print(json.dumps(p.as_dict(), indent=2))
     return 0
 
 

@@ -36,7 +36,7 @@ from opd_jax.train_step import state_shardings
 from opd_jax.update_compile import (abstract_params, compile_update_for, model_config, teacher_configs,  # noqa: F401
                                     teacher_outputs)
 
-GiB = 1024 ** 3
+from opd_jax.plan_report import GiB, Plan, format_plan, refusal  # noqa: F401 (public here too)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def optimizer_bytes(optimizer, shapes, axes, mesh: MeshShape, rules) -> tuple[fl
 
 
 def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: bool = False, mesh=None,
-         domains=None, keep_program: bool = False, roofline: str | None = None) -> dict:
+         domains=None, keep_program: bool = False, roofline: str | None = None) -> Plan:
     """Per-device bytes of every part of a run of `cfg` on `n_devices` (default: all devices) and,
     with `compile`, the temporary bytes of the compiled step: the same scanned, rematerialised program
     the trainer runs (its attention and `train.remat`). `flops` compiles once more with the layer loop
@@ -131,49 +131,47 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     tout_dev = sum(shard_bytes(x.shape, x.dtype, shd.rows_spec(x.shape[0], x.ndim, mesh, rules), mesh)
                    for x in jax.tree.leaves(teacher_outputs(cfg, rl, rows, dc.max_new_tokens, tcfgs)))
 
-    out = {"devices": n_devices, "mesh": mesh.shape, "rows_per_step": rows, "sequence": seq,
-           "student_weight_bytes": sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)),
-           "student_params": n_params, "student_bytes_per_device": p_dev,
-           "optimizer_bytes_per_device": o_dev, "optimizer_bytes_total": o_total,
-           "teachers": teachers, "teacher_bytes_per_device": t_dev,
-           "kv_cache_bytes_per_device": cache_dev, "teacher_output_bytes_per_device": tout_dev}
-    out["total_bytes_per_device"] = p_dev + o_dev + t_dev + cache_dev + tout_dev
-    out["micro_batch"] = cfg.train.micro_batch
+    hand = p_dev + o_dev + t_dev + cache_dev + tout_dev
+    out = Plan(devices=n_devices, mesh=mesh.shape, rows_per_step=rows, sequence=seq, micro_batch=cfg.train.micro_batch,
+               student_weight_bytes=sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)),
+               student_params=n_params, student_bytes_per_device=p_dev, optimizer_bytes_per_device=o_dev,
+               optimizer_bytes_total=o_total, teachers=teachers, teacher_bytes_per_device=t_dev,
+               kv_cache_bytes_per_device=cache_dev, teacher_output_bytes_per_device=tout_dev,
+               hand_total_bytes_per_device=hand, total_bytes_per_device=hand)
     if compile or flops:
         if cfg.train.micro_batch == "auto":
             raise OpdError("plan(): resolve train.micro_batch=auto first (fit_micro_batch)")
         real_mesh = real_mesh or target_mesh(cfg, n_devices)
         mem, program = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh)
-        out.update(mem)
         # the compiled update's own figures: its arguments (parameters, optimizer state, every batch part
         # with the teachers' outputs, the output matrices) and temporaries
-        out["update_phase_bytes_per_device"] = mem["compiled_argument_bytes_per_device"] + mem["activation_bytes_per_device"]
-        out["rollout_phase_bytes_per_device"] = 0.0
+        out.activation_bytes_per_device = mem["activation_bytes_per_device"]
+        out.compiled_argument_bytes_per_device = mem["compiled_argument_bytes_per_device"]
+        out.update_phase_bytes_per_device = out.compiled_argument_bytes_per_device + out.activation_bytes_per_device
+        out.rollout_phase_bytes_per_device = 0.0
         if "on" in rl.parts:  # the rollout: the engine's programs in the rollout layout beside the training state
             ro = compile_rollout(cfg, scfg, rows, rows // dc.group_size, real_mesh)
-            out.update({k: v for k, v in ro.items() if k != "programs"})
-            out["kv_cache_bytes_per_device"] = cache_dev = ro["slot_bytes_per_device"]
-            out["rollout_phase_bytes_per_device"] = (p_dev + o_dev + ro["rollout_weight_bytes_per_device"] + cache_dev
-                                                     + ro["prompt_store_bytes_per_device"]
-                                                     + ro["rollout_temp_bytes_per_device"])
+            for k, v in ro.items():
+                if k != "programs":
+                    setattr(out, k, v)
+            out.rollout_phase_bytes_per_device = (p_dev + o_dev + ro["rollout_weight_bytes_per_device"]
+                                                  + ro["slot_bytes_per_device"] + ro["prompt_store_bytes_per_device"]
+                                                  + ro["rollout_temp_bytes_per_device"])
         # the two phases never overlap: the rollout copy and the slots are freed before the update
-        out["total_bytes_per_device"] = t_dev + max(out["update_phase_bytes_per_device"],
-                                                    out["rollout_phase_bytes_per_device"])
+        out.total_bytes_per_device = t_dev + max(out.update_phase_bytes_per_device, out.rollout_phase_bytes_per_device)
         if cfg.mesh.roles:  # roles on devices of their own: each device's load, role by role (compiled)
             from opd_jax.role_plan import plan_roles
             what = handover(cfg) if needs_teachers(cfg.loss) else "logprobs"
-            rp = plan_roles(cfg, {**out, "update_phase_bytes_per_device": t_dev + out["update_phase_bytes_per_device"],
-                                  "rollout_phase_bytes_per_device": t_dev + out["rollout_phase_bytes_per_device"]},
-                            scfg, {n: tcfgs[n] for n in own}, rows, rows // dc.group_size, what, n_total)
-            out["roles"], out["devices_total"] = rp["roles"], rp["devices_used"]
-            out["total_bytes_per_device"] = rp["per_device_max"]
+            rp = plan_roles(cfg, out, scfg, {n: tcfgs[n] for n in own}, rows, rows // dc.group_size, what, n_total)
+            out.roles, out.devices_total = rp["roles"], rp["devices_used"]
+            out.total_bytes_per_device = rp["per_device_max"]
         if keep_program:
-            out["program"] = program
+            out.program = program
     if flops or roofline:
         _, unrolled = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh, unroll=True)
-        out["flops_per_step_per_device"] = unrolled.flops()
+        out.flops_per_step_per_device = unrolled.flops()
     if roofline:
-        out["roofline"] = step_roofline(cfg, scfg, rl, tcfgs, unrolled, real_mesh or target_mesh(cfg, n_devices),
+        out.roofline = step_roofline(cfg, scfg, rl, tcfgs, unrolled, real_mesh or target_mesh(cfg, n_devices),
                                         n_devices, roofline)
     return out
 
@@ -278,37 +276,9 @@ def fit_micro_batch(cfg, n_devices: int | None = None, limit: float | None = Non
     for m in micro_batch_candidates(cfg, n_devices, domains):
         p = plan(with_micro(m), n_devices=n_devices, compile=True, mesh=mesh, domains=domains,
                  keep_program=keep_program)
-        if p["total_bytes_per_device"] <= limit:
+        if p.total_bytes_per_device <= limit:
             return m, p
     raise OpdError(refusal(p, limit, with_micro(m)))
-
-
-def refusal(p: dict, limit: float, cfg) -> str:
-    """The one-line message for a run that does not fit: every part, then what to change."""
-    parts = [("student", "student_bytes_per_device"), ("optimizer", "optimizer_bytes_per_device"),
-             ("teachers", "teacher_bytes_per_device"), ("KV cache", "kv_cache_bytes_per_device"),
-             ("teacher outputs", "teacher_output_bytes_per_device"), ("activations", "activation_bytes_per_device")]
-    have = ", ".join(f"{name} {p[key] / GiB:.2f}" for name, key in parts if key in p)
-    when = "" if "activation_bytes_per_device" in p else " before activations"
-    m = cfg.train.micro_batch
-    if p.get("rollout_phase_bytes_per_device", 0) > p.get("update_phase_bytes_per_device", float("inf")):
-        from opd_jax.rollout_plan import slots_that_fit
-        mc = p["mesh"]
-        fit = slots_that_fit(p, limit, mc.get("data", 1) * mc.get("fsdp", 1))
-        return (f"this run's rollout needs about {p['total_bytes_per_device'] / GiB:.2f} GiB per device (KV of "
-                f"{p['rollout_slots']} slots {p['kv_cache_bytes_per_device'] / GiB:.2f}, rollout weights "
-                f"{p['rollout_weight_bytes_per_device'] / GiB:.2f}, training state and teachers "
-                f"{(p['student_bytes_per_device'] + p['optimizer_bytes_per_device'] + p['teacher_bytes_per_device']) / GiB:.2f})"
-                f" but a device has {limit / GiB:.2f} GiB: set data.rollout_slots to {fit} or fewer"
-                + (" (none fit: shard wider or shorten data.max_new_tokens)" if fit == 0 else ""))
-    from opd_jax.role_plan import teacher_layout_hint
-    return (f"this run needs about {p['total_bytes_per_device'] / GiB:.2f} GiB per device{when} ({have}) but a device "
-            f"has {limit / GiB:.2f} GiB: lower the activations with train.remat=full (now {cfg.train.remat}), "
-            f"a smaller train.micro_batch (now {m or 'all'} of {p['rows_per_step']} rows at once; auto picks the "
-            f"largest that fits) or a smaller loss.seq_chunk (now {cfg.loss.seq_chunk}); or shard wider (mesh "
-            f"{p['mesh']} on {p['devices']} devices: more devices or a larger mesh.fsdp), use bfloat16 "
-            "(student.dtype / teachers[].dtype), fewer rows per step (data.per_domain, data.group_size), "
-            "loss.estimator_type=sampled, or optim.name=sgd" + teacher_layout_hint(p, limit, cfg))
 
 
 def check_fits(cfg, n_devices: int | None = None, *, mesh=None, domains=None) -> tuple[int, dict | None]:
@@ -325,63 +295,9 @@ def check_fits(cfg, n_devices: int | None = None, *, mesh=None, domains=None) ->
     if limit is None:
         return micro, None
     p = plan(cfg, n_devices=n_devices, compile=True, mesh=mesh, domains=domains, keep_program=True)
-    if p["total_bytes_per_device"] > limit:
+    if p.total_bytes_per_device > limit:
         raise OpdError(refusal(p, limit, cfg))
     return micro, p
-
-
-def format_plan(p: dict) -> str:
-    gib = lambda b: f"{b / GiB:9.3f} GiB"  # noqa: E731
-    micro = p.get("micro_batch") or "all"
-    lines = [f"mesh {p['mesh']} on {p['devices']} devices; {p['rows_per_step']} rows x {p['sequence']} tokens per step "
-             f"({micro} rows per micro-batch)",
-             f"  student parameters   {gib(p['student_bytes_per_device'])}  ({p['student_params'] / 1e9:.3f} B params)",
-             f"  optimizer state      {gib(p['optimizer_bytes_per_device'])}"]
-    for name, t in p["teachers"].items():
-        lines.append(f"  teacher {name:<12} {gib(t['bytes_per_device'])}  ({t['params'] / 1e9:.3f} B params)")
-    lines += [f"  KV cache (slots)     {gib(p['kv_cache_bytes_per_device'])}",
-              f"  teacher outputs      {gib(p['teacher_output_bytes_per_device'])}"]
-    if "activation_bytes_per_device" in p:
-        lines.append(f"  activations (XLA)    {gib(p['activation_bytes_per_device'])}")
-        lines.append(f"  update arguments     {gib(p['compiled_argument_bytes_per_device'])}  (XLA: parameters, "
-                     "optimizer state, batch; the total counts these, not the hand counts above)")
-        lines.append(f"  update phase         {gib(p['update_phase_bytes_per_device'])}  (arguments + activations)")
-    if "rollout_slots" in p:
-        w = p["rollout_weight_bytes_per_device"]
-        lines += [f"  rollout weights      {gib(w)}  (rollout layout; made before each rollout, freed after it)",
-                  f"  rollout prompts      {gib(p['prompt_store_bytes_per_device'])}  ({p['rollout_prompts']} "
-                  f"prompts, one prefill each)",
-                  f"  rollout temporaries  {gib(p['rollout_temp_bytes_per_device'])}",
-                  f"  rollout phase        {gib(p['rollout_phase_bytes_per_device'])}  (training state + the four "
-                  f"above + KV of {p['rollout_slots']} slots)",
-                  f"  decode step moves    {p['decode_collective_bytes_per_step'] / 1e6:9.3f} MB between chips "
-                  f"({p['decode_collective_bytes_per_step'] / max(1.0, p['student_weight_bytes']):.2%} of the "
-                  "student's weights)"]
-    if "flops_per_step_per_device" in p:
-        lines.append(f"  FLOPs per step       {p['flops_per_step_per_device']:.3e} per device")
-    for role, r in p.get("roles", {}).items():
-        if role == "learner":
-            lines.append(f"  role learner         {r['devices']} devices (the figures above)")
-        elif role == "sampler":
-            lines.append(f"  role sampler         {gib(r['rollout_bytes_per_device'])}  on {r['devices']} devices of its "
-                         "own (rollout copy + slots + prompts + temporaries)")
-        else:
-            lines.append(f"  role {role:<15} {gib(r['weight_bytes_per_device'] + r['forward_temp_bytes_per_device'])}"
-                         f"  on {r['devices']} devices of its own (weights {r['weight_bytes_per_device'] / GiB:.3f} + "
-                         f"compiled forward {r['forward_temp_bytes_per_device'] / GiB:.3f})")
-    total = ("the largest device over every role" if "roles" in p else
-             "teachers + the larger phase" if "update_phase_bytes_per_device" in p else "hand count")
-    lines.append(f"  total                {gib(p['total_bytes_per_device'])} per device ({total})")
-    if "roofline" in p and "step_seconds" in p["roofline"]:
-        r = p["roofline"]
-        lines.append(f"  roofline on {r['chip']} (peak rates; decode counted to max_new_tokens):")
-        for name in ("prefill", "insert", "decode", "teachers", "update"):
-            e = r[name]
-            lines.append(f"    {name:<9} {e['seconds_per_call'] * 1e3:10.3f} ms x {e['calls']:>6} calls  "
-                         f"({e['bound']}-bound)")
-        lines.append(f"    step      {r['step_seconds']:10.3f} s;  {r['new_tokens_per_s_per_chip']:.1f} new tokens/s "
-                     "per chip")
-    return "\n".join(lines)
 
 
 __all__ = ["plan", "check_fits", "fit_micro_batch", "micro_batch_candidates", "format_plan", "abstract_params", "mesh_shape"]

@@ -51,8 +51,9 @@ def compile_teacher(cfg, tcfg, rows: int, mesh, what: str) -> dict:
             "forward_temp_bytes_per_device": float(compiled.memory_analysis().temp_size_in_bytes)}
 
 
-def plan_roles(cfg, out: dict, scfg, tcfgs: dict, rows: int, prompts: int, what: str, n_devices: int) -> dict:
-    """Per-role and per-device bytes of a run with mesh.roles, from the learner's compiled plan `out`
+def plan_roles(cfg, out, scfg, tcfgs: dict, rows: int, prompts: int, what: str, n_devices: int) -> dict:
+    """Per-role and per-device bytes of a run with mesh.roles, from the learner's compiled plan `out` (a
+    plan_report.Plan)
     (update phase, training state) -> {"roles": {role: {...}}, "per_device_max": bytes}."""
     from opd_jax.rollout_plan import compile_rollout
 
@@ -61,11 +62,13 @@ def plan_roles(cfg, out: dict, scfg, tcfgs: dict, rows: int, prompts: int, what:
     learner = role_indices(mc, "learner", everything)
     sampler = role_indices(mc, "sampler", learner) if "sampler" in mc.roles else learner
     per = {d: 0.0 for d in set(learner) | set(sampler)}
-    roles = {"learner": {"devices": len(learner), "update_phase_bytes_per_device": out["update_phase_bytes_per_device"]}}
-    state = out["student_bytes_per_device"] + out["optimizer_bytes_per_device"]
+    t_dev = out.teacher_bytes_per_device  # the teachers that share the learner's devices weigh on both phases
+    update_phase, rollout_phase = t_dev + out.update_phase_bytes_per_device, t_dev + out.rollout_phase_bytes_per_device
+    roles = {"learner": {"devices": len(learner), "update_phase_bytes_per_device": update_phase}}
+    state = out.student_bytes_per_device + out.optimizer_bytes_per_device
     if sampler == learner:
         for d in learner:
-            per[d] += max(out["update_phase_bytes_per_device"], out.get("rollout_phase_bytes_per_device", 0.0))
+            per[d] += max(update_phase, rollout_phase)
     else:
         smesh = shd.make_mesh((1, -1, 1), [jax.devices()[i] for i in sampler])
         ro = compile_rollout(cfg, scfg, rows, prompts, smesh)
@@ -74,7 +77,7 @@ def plan_roles(cfg, out: dict, scfg, tcfgs: dict, rows: int, prompts: int, what:
         roles["sampler"] = {"devices": len(sampler), "rollout_bytes_per_device": alone,
                             "decode_collective_bytes_per_step": ro["decode_collective_bytes_per_step"]}
         for d in learner:
-            per[d] += out["update_phase_bytes_per_device"]
+            per[d] += update_phase
         for d in sampler:
             per[d] = per.get(d, 0.0) + alone + (state if d in learner else 0.0)
     for name, tcfg in tcfgs.items():
@@ -90,14 +93,14 @@ def plan_roles(cfg, out: dict, scfg, tcfgs: dict, rows: int, prompts: int, what:
     return {"roles": roles, "per_device_max": max(per.values()), "devices_used": len(per)}
 
 
-def teacher_layout_hint(p: dict, limit: float, cfg) -> str:
+def teacher_layout_hint(p, limit: float, cfg) -> str:
     """When co-located teachers weigh on the learner's devices: the mesh.roles that gives them devices
-    of their own (enough for their weights at 60% of a device), for the refusal message."""
-    if not p.get("teacher_bytes_per_device") or cfg.mesh.roles:
+    of their own (enough for their weights at 60% of a device), for the refusal message (p: a Plan)."""
+    if not p.teacher_bytes_per_device or cfg.mesh.roles:
         return ""
-    n = p["devices"]
-    total = p["teacher_bytes_per_device"] * n  # teachers are sharded over all n devices
+    n = p.devices
+    total = p.teacher_bytes_per_device * n  # teachers are sharded over all n devices
     need = 1 << max(0, math.ceil(math.log2(max(1.0, total / (0.6 * limit)))))
-    names = ", ".join(f"{t}: {n}-{n + need - 1}" for t in p["teachers"])
+    names = ", ".join(f"{t}: {n}-{n + need - 1}" for t in p.teachers)
     return (f"; or give the teachers devices of their own: mesh.roles {{learner: 0-{n - 1}, {names}}} "
             f"(plan it with opd-jax plan --devices {n + need})")

@@ -88,11 +88,12 @@ def compile_rollout(cfg, scfg, rows: int, prompts: int, mesh, *, unroll: bool = 
             "programs": programs}
 
 
-def slots_that_fit(p: dict, limit: float, shards: int) -> int:
+def slots_that_fit(p, limit: float, shards: int) -> int:
     """The most slots (a multiple of the batch shards) whose rollout phase fits `limit` bytes, from a
-    plan's rollout figures (slot bytes scale with the number of slots); 0 when none do."""
-    per_slot = p["slot_bytes_per_device"] / p["rollout_slots"]
-    fixed = p["rollout_phase_bytes_per_device"] - p["slot_bytes_per_device"] + p["teacher_bytes_per_device"]
-    n = int((limit - fixed) // per_slot) if per_slot else p["rows_per_step"]
-    n = min(n, p["rows_per_step"])
+    compiled plan's rollout figures (a plan_report.Plan; slot bytes scale with the number of slots); 0
+    when none do."""
+    per_slot = p.slot_bytes_per_device / p.rollout_slots
+    fixed = p.rollout_phase_bytes_per_device - p.slot_bytes_per_device + p.teacher_bytes_per_device
+    n = int((limit - fixed) // per_slot) if per_slot else p.rows_per_step
+    n = min(n, p.rows_per_step)
     return max(0, n - n % shards) if n >= shards else max(0, n)

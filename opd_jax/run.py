@@ -55,7 +55,7 @@ class Run:
     update: object  # compiled `update(state, batch, teacher_w) -> (state, metrics)` (train_step.UpdateProgram)
     rollouts: Rollouts
     init: TrainState  # the state at step 0 (its buffers are donated to the first update)
-    plan: dict | None  # the fit check's plan (None when the device memory is unknown)
+    plan: object  # the fit check's plan_report.Plan, its program dropped (None when the device memory is unknown)
     live_w: object = None  # self_live teachers: params -> teacher_w with their output matrices from params
 
     @property
@@ -155,7 +155,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
     optimizer = make_optimizer(cfg.optim, tc.steps, params)
     state_sh = state_shardings(optimizer, params, param_sh, mesh)
     spec = StepSpec.from_config(cfg, rows.routes, micro, shd.layout_fn(mesh, rules))
-    program = plan.get("program") if plan else None
+    program = plan.program if plan else None
     if program is None:
         program = compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rows, mesh)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)  # params are donated later
@@ -186,7 +186,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
                         progressive=ProgressiveHorizon(dc) if dc.horizon_schedule == "progressive" else None,
                         cross=bool(spec.cross))
     if plan:
-        plan = {k: v for k, v in plan.items() if k != "program"}
+        plan.program = None  # the run holds it as `update`
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,
                eval_examples=eval_examples, graphdef=graphdef, teachers=teachers, teacher_w=teacher_w,
                optimizer=optimizer, state_sh=state_sh, spec=spec, update=program, rollouts=rollouts, init=init,

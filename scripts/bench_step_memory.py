@@ -45,12 +45,12 @@ def main(argv=None):
             cfg = load_config(recipe, [*args.set, f"data.max_new_tokens={n}"])
             t0 = time.time()
             p = plan(cfg, n_devices=args.devices, compile=True)
-            act = p["activation_bytes_per_device"]
+            act = p.activation_bytes_per_device
             growth = f"{act / prev:.2f}x" if prev else ""
-            hand = sum(p[k] for k in ("student_bytes_per_device", "optimizer_bytes_per_device", "teacher_bytes_per_device",
+            hand = sum(getattr(p, k) for k in ("student_bytes_per_device", "optimizer_bytes_per_device", "teacher_bytes_per_device",
                                       "kv_cache_bytes_per_device", "teacher_output_bytes_per_device")) + act
-            print(f"{n:>10} {act / GiB:>16.2f} {p['compiled_argument_bytes_per_device'] / GiB:>14.2f} "
-                  f"{p['total_bytes_per_device'] / GiB:>10.2f} {hand / GiB:>10.2f} {growth:>7} {time.time() - t0:>9.0f}",
+            print(f"{n:>10} {act / GiB:>16.2f} {p.compiled_argument_bytes_per_device / GiB:>14.2f} "
+                  f"{p.total_bytes_per_device / GiB:>10.2f} {hand / GiB:>10.2f} {growth:>7} {time.time() - t0:>9.0f}",
                   flush=True)
             prev = act
 

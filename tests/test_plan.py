@@ -31,32 +31,32 @@ def test_qwen3_8b_parameter_and_optimizer_bytes_match_an_exact_count():
     total, norms = qwen3_8b_counts()
     assert total == 8_190_735_360  # the published parameter count of Qwen3-8B
     one = plan(_cfg(**{"mesh.fsdp": 1}), n_devices=1)
-    assert one["student_params"] == total
-    assert one["student_bytes_per_device"] == 2 * total  # bfloat16
+    assert one.student_params == total
+    assert one.student_bytes_per_device == 2 * total  # bfloat16
     # AdamW keeps two moments in the parameter dtype, plus a step count or two (int32)
-    assert 0 <= one["optimizer_bytes_per_device"] - 4 * total <= 16
+    assert 0 <= one.optimizer_bytes_per_device - 4 * total <= 16
     for shape in ((1, 8, 1), (1, 2, 4), (2, 2, 2)):
         p = plan(_cfg(**{"mesh.data": shape[0], "mesh.fsdp": shape[1], "mesh.tensor": shape[2]}), n_devices=8)
         split = 8 // shape[0]  # data-parallel replicas hold whole copies of their slice
         expect = 2 * ((total - norms) / split + norms)  # every matrix divides; norms are replicated
-        assert p["student_bytes_per_device"] == pytest.approx(expect, rel=1e-12), shape
-        assert 0 <= p["optimizer_bytes_per_device"] - 2 * expect <= 16
-        assert p["teachers"]["big"]["params"] == total
+        assert p.student_bytes_per_device == pytest.approx(expect, rel=1e-12), shape
+        assert 0 <= p.optimizer_bytes_per_device - 2 * expect <= 16
+        assert p.teachers["big"]["params"] == total
     sgd = plan(_cfg(**{"optim.name": "sgd", "mesh.fsdp": 1}), n_devices=1)
-    assert 0 <= sgd["optimizer_bytes_per_device"] - 2 * total <= 16  # one momentum buffer
+    assert 0 <= sgd.optimizer_bytes_per_device - 2 * total <= 16  # one momentum buffer
 
 
 def test_compiled_plan_reports_activations_and_flops_that_scale_with_the_batch():
     # rows 24 and 48 both split over the 8 devices (rows that do not divide are replicated instead)
     small = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4})), n_devices=8, flops=True)
     large = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 8})), n_devices=8, flops=True)
-    assert small["activation_bytes_per_device"] > 0 and small["flops_per_step_per_device"] > 0
-    assert 1.7 < large["flops_per_step_per_device"] / small["flops_per_step_per_device"] < 2.3
-    assert large["rows_per_step"] == 2 * small["rows_per_step"] == 48  # 3 domains x 8 prompts x 2 samples
+    assert small.activation_bytes_per_device > 0 and small.flops_per_step_per_device > 0
+    assert 1.7 < large.flops_per_step_per_device / small.flops_per_step_per_device < 2.3
+    assert large.rows_per_step == 2 * small.rows_per_step == 48  # 3 domains x 8 prompts x 2 samples
     # every layer counts (the layer loop is unrolled for the cost analysis): 4 layers cost far more than 2
     deep = plan(load_config(None, tiny_overrides("/tmp/unused", **{"data.per_domain": 4, "student.init": TINY.replace(
         "num_layers: 2", "num_layers: 4")})), n_devices=8, flops=True)
-    assert deep["flops_per_step_per_device"] / small["flops_per_step_per_device"] > 1.5
+    assert deep.flops_per_step_per_device / small.flops_per_step_per_device > 1.5
 
 
 def test_trainer_refuses_a_run_that_cannot_fit(tmp_path):
@@ -82,13 +82,13 @@ def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
     base = load_config(None, tiny_overrides(tmp_path / "r", **over))
     assert micro_batch_candidates(base, 8) == [0, 24, 16, 8]
     need = {m: plan(load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": m})),
-                    n_devices=8, compile=True)["total_bytes_per_device"] for m in (0, 24, 16, 8)}
+                    n_devices=8, compile=True).total_bytes_per_device for m in (0, 24, 16, 8)}
     assert need[0] > need[24] > need[16] > need[8]
     gb = (need[24] + need[16]) / 2 / GiB
     auto = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
                                                                          "mesh.device_memory_gb": gb}))
     run = build_run(auto)  # its fit check tries all rows, 24, then 16, and runs the one that fits
-    assert run.micro == 16 and run.plan["total_bytes_per_device"] == need[16]
+    assert run.micro == 16 and run.plan.total_bytes_per_device == need[16]
     tight = load_config(None, tiny_overrides(tmp_path / "r", **over, **{"train.micro_batch": "auto",
                                                                           "mesh.device_memory_gb": need[8] / 2 / GiB}))
     with pytest.raises(OpdError, match=r"train\.micro_batch \(now 8 of 48 rows"):
@@ -112,7 +112,7 @@ def test_micro_batches_and_remat_lower_the_compiled_activations():
         over = {"data.per_domain": 8, "data.max_new_tokens": 24, "student.init": TINY.replace(
             "num_layers: 2", "num_layers: 4"), **kw}
         return plan(load_config(None, tiny_overrides("/tmp/unused", **over)), n_devices=8,
-                    compile=True)["activation_bytes_per_device"]
+                    compile=True).activation_bytes_per_device
 
     whole = act(**{"train.remat": "none"})
     assert act(**{"train.remat": "none", "train.micro_batch": 16}) < 0.8 * whole  # 2 rows a device, not 6
@@ -136,17 +136,17 @@ def test_the_fit_check_measures_and_the_trainer_runs_one_compiled_update(tmp_pat
     assert train_step.TRACES["update"] - traces == 1
     # the figures are XLA's own for the executable the loop runs (not the planner's arithmetic)
     mem = run.update.full.compiled.memory_analysis()
-    assert want["compiled_argument_bytes_per_device"] == mem.argument_size_in_bytes > 0
-    assert want["activation_bytes_per_device"] == mem.temp_size_in_bytes > 0
-    assert run.plan["total_bytes_per_device"] == want["total_bytes_per_device"]
+    assert want.compiled_argument_bytes_per_device == mem.argument_size_in_bytes > 0
+    assert want.activation_bytes_per_device == mem.temp_size_in_bytes > 0
+    assert run.plan.total_bytes_per_device == want.total_bytes_per_device
     # the compiled total: the teachers + the larger of the two phases, which never overlap: the update's own
     # arguments + temporaries, or the rollout's (training state, rollout weight copy, slots, prompts, temporaries)
     update = mem.argument_size_in_bytes + mem.temp_size_in_bytes
-    rollout = (want["student_bytes_per_device"] + want["optimizer_bytes_per_device"]
-               + want["rollout_weight_bytes_per_device"] + want["kv_cache_bytes_per_device"]
-               + want["prompt_store_bytes_per_device"] + want["rollout_temp_bytes_per_device"])
-    assert want["total_bytes_per_device"] == want["teacher_bytes_per_device"] + max(update, rollout)
-    assert want["rollout_weight_bytes_per_device"] == want["student_weight_bytes"]  # whole on every chip (tensor 1)
+    rollout = (want.student_bytes_per_device + want.optimizer_bytes_per_device
+               + want.rollout_weight_bytes_per_device + want.slot_bytes_per_device
+               + want.prompt_store_bytes_per_device + want.rollout_temp_bytes_per_device)
+    assert want.total_bytes_per_device == want.teacher_bytes_per_device + max(update, rollout)
+    assert want.rollout_weight_bytes_per_device == want.student_weight_bytes  # whole on every chip (tensor 1)
 
 
 def test_a_gkd_run_is_planned_with_both_of_its_parts(tmp_path):
@@ -155,12 +155,12 @@ def test_a_gkd_run_is_planned_with_both_of_its_parts(tmp_path):
     their second forward/backward."""
     on = plan(load_config(None, tiny_overrides(tmp_path / "r")), n_devices=8, compile=True)
     both = plan(load_config(None, tiny_overrides(tmp_path / "r", **{"loss.lam": 0.5})), n_devices=8, compile=True)
-    assert both["compiled_argument_bytes_per_device"] > on["compiled_argument_bytes_per_device"]
-    assert both["activation_bytes_per_device"] >= on["activation_bytes_per_device"]
+    assert both.compiled_argument_bytes_per_device > on.compiled_argument_bytes_per_device
+    assert both.activation_bytes_per_device >= on.activation_bytes_per_device
     # pure reward RL loads no teacher: none is planned
     grpo = plan(load_config(None, tiny_overrides(tmp_path / "r", **{
         "loss.estimator_type": "sampled", "loss.rl_alpha": 0.0})), n_devices=8)
-    assert grpo["teachers"] == {} and grpo["teacher_bytes_per_device"] == 0
+    assert grpo.teachers == {} and grpo.teacher_bytes_per_device == 0
 
 
 def test_plan_refuses_a_run_without_teachers_in_one_line():
@@ -179,15 +179,15 @@ def test_roles_are_planned_on_their_own_devices(tmp_path):
     total is the fuller side."""
     p = plan(_cfg(**{"mesh.roles": "{learner: 0-3, big: 4-7}", "data.max_new_tokens": 4, "data.max_prompt_len": 4,
                      "student.init.num_layers": 2}), n_devices=8, compile=True)
-    assert p["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and p["devices_total"] == 8
-    t = p["roles"]["big"]
-    assert t["devices"] == 4 and p["teacher_bytes_per_device"] == 0  # not on the learner's devices
+    assert p.mesh == {"data": 1, "fsdp": 4, "tensor": 1} and p.devices_total == 8
+    t = p.roles["big"]
+    assert t["devices"] == 4 and p.teacher_bytes_per_device == 0  # not on the learner's devices
     total, _ = qwen3_8b_counts()
     per_layer = (total - 2 * 151936 * 4096 - 4096) // 36
     norms = 2 * (2 * 4096 + 2 * 128) + 4096
     assert t["weight_bytes_per_device"] == (2 * 151936 * 4096 + 2 * per_layer + 4096 - norms) * 2 / 4 + norms * 2
     assert t["forward_temp_bytes_per_device"] > 0
-    assert p["total_bytes_per_device"] == max(p["update_phase_bytes_per_device"], p["rollout_phase_bytes_per_device"],
+    assert p.total_bytes_per_device == max(p.update_phase_bytes_per_device, p.rollout_phase_bytes_per_device,
                                               t["weight_bytes_per_device"] + t["forward_temp_bytes_per_device"])
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from opd_jax.config import load_config
 from opd_jax.models.released import config_only_recipe
-from opd_jax.plan import GiB, plan
+from opd_jax.plan import GiB, Plan, plan
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
@@ -24,7 +24,7 @@ import json, os, sys
 os.environ["XLA_FLAGS"] = os.environ.get("OPD_TEST_XLA_FLAGS", "") + " --xla_force_host_platform_device_count=" + sys.argv[2]
 from opd_jax.config import load_config
 from opd_jax.plan import plan
-print(json.dumps(plan(load_config(sys.argv[1]), n_devices=int(sys.argv[2]), compile=True)))
+print(json.dumps(plan(load_config(sys.argv[1]), n_devices=int(sys.argv[2]), compile=True).as_dict()))
 """
 
 
@@ -63,23 +63,23 @@ def test_recipes_fit_their_chips_with_activations(tmp_path, recipe):
     run = subprocess.run([sys.executable, "-c", PLAN, str(path), str(chips)], capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert run.returncode == 0, run.stderr[-2000:]
-    p = json.loads(run.stdout.strip().splitlines()[-1])
+    p = Plan(**json.loads(run.stdout.strip().splitlines()[-1]))
     student = re.search(r"student: \{path: /mnt/shared/models/([\w.\-]+)", recipe.read_text()).group(1)
-    assert p["student_params"] == PUBLISHED[student]
+    assert p.student_params == PUBLISHED[student]
     # the 8B teachers (exact) and the 32B one (Qwen3-32B's card: 32.8B; 31.2B without the embeddings)
-    assert all(t["params"] == 8_190_735_360 for t in p["teachers"].values())
-    for name, r in p.get("roles", {}).items():
+    assert all(t["params"] == 8_190_735_360 for t in p.teachers.values())
+    for name, r in (p.roles or {}).items():
         if name not in ("learner", "sampler"):
             assert r["devices"] == 16 and r["weight_bytes_per_device"] * 16 / 2 == pytest.approx(32.8e9, rel=2e-3)
-    assert p["activation_bytes_per_device"] > 0  # the compiled step's temporaries are counted
-    assert p["total_bytes_per_device"] <= 0.8 * mc.device_memory_gb * GiB
+    assert p.activation_bytes_per_device > 0  # the compiled step's temporaries are counted
+    assert p.total_bytes_per_device <= 0.8 * mc.device_memory_gb * GiB
     one = plan(load_config(path, ["mesh.fsdp=1", "mesh.roles={}"]), n_devices=1)  # shapes only, one chip
     # sharding divides what is sharded: the update's arguments and the slots' KV (the rollout weight copy is
     # whole on every chip by design: a decode step then moves no weights)
-    assert p["compiled_argument_bytes_per_device"] < one["total_bytes_per_device"] / (devices / 2)
-    assert p["kv_cache_bytes_per_device"] <= one["kv_cache_bytes_per_device"] / devices * 1.01
-    assert p["rollout_weight_bytes_per_device"] == p["student_weight_bytes"]
-    assert p["decode_collective_bytes_per_step"] < 1e-3 * p["student_weight_bytes"]
+    assert p.compiled_argument_bytes_per_device < one.total_bytes_per_device / (devices / 2)
+    assert p.slot_bytes_per_device <= one.kv_cache_bytes_per_device / devices * 1.01
+    assert p.rollout_weight_bytes_per_device == p.student_weight_bytes
+    assert p.decode_collective_bytes_per_step < 1e-3 * p.student_weight_bytes
 
 
 def test_tpu_scripts_issue_the_expected_gcloud_commands(tmp_path):
