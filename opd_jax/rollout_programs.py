@@ -241,7 +241,6 @@ def whole_rollout(graphdef, params, ids, pmask, base, cap, *, spec, group, mesh,
     grow = lambda c: jnp.pad(rows(c), ((0, 0), (0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731  [R, L, P+N, K, Dh]
     k, v, logits, pm = put(grow(k), CACHE_AXES), put(grow(v), CACHE_AXES), rows(logits), rows(pmask)
     r = pm.shape[0]
-    stop = jnp.asarray(spec.stop or (-1,), jnp.int32)
     start = dict(i=jnp.int32(0), k=k, v=v, valid=jnp.concatenate([pm.astype(bool), jnp.zeros((r, n), bool)], 1),
                  live=jnp.ones((r,), bool), gen=jnp.zeros((r,), jnp.int32), logits=logits,
                  tokens=jnp.full((r, n), spec.pad_id, jnp.int32), logprobs=jnp.zeros((r, n), jnp.float32))
@@ -250,11 +249,8 @@ def whole_rollout(graphdef, params, ids, pmask, base, cap, *, spec, group, mesh,
 
     def body(c):
         i, live = c["i"], c["live"]
-        keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.wrap_key_data(b), i))(base)
-        tok, lp = sample_rows(c["logits"], keys, spec.temperature, spec.top_k, spec.top_p)
-        tok = jnp.where(live, tok, spec.pad_id)
+        tok, lp, ended = next_tokens(c["logits"], base, jnp.full(live.shape, i), live, cap, spec)
         col = lambda buf, x, at: jax.lax.dynamic_update_slice(buf, x[:, None].astype(buf.dtype), (0, at))  # noqa: E731
-        ended = live & ((jnp.isin(tok, stop) if spec.stop else False) | (i + 1 >= cap))
         valid = col(c["valid"], live, p + i)
         with activation_layout(layout):
             h, (k, v) = model.run(tok[:, None], (pos0 + i)[:, None], (p + i)[None], valid, (c["k"], c["v"]), p + i,
@@ -277,7 +273,6 @@ def decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
     model = nnx.merge(graphdef, params)
     p, n = spec.prompt_len, spec.max_new_tokens
     c = p + n
-    stop = jnp.asarray(spec.stop or (-1,), jnp.int32)
     layers = model.split_layers() if spec.split_layers else None  # once, outside the loop
 
     def cond(carry):
@@ -286,14 +281,11 @@ def decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
 
     def body(carry):
         i, s = carry
-        keys = jax.vmap(lambda b, g: jax.random.fold_in(jax.random.wrap_key_data(b), g))(s.base, s.gen)
-        tok, lp = sample_rows(s.logits, keys, spec.temperature, spec.top_k, spec.top_p)
         live = s.live
-        tok = jnp.where(live, tok, spec.pad_id)
+        tok, lp, ended = next_tokens(s.logits, s.base, s.gen, live, s.cap, spec)
         at = jnp.minimum(s.gen, n - 1)  # an ended slot rewrites what it holds there
         tokens = set_rows(s.tokens, at, tok, live)
         logprobs = set_rows(s.logprobs, at, lp, live)
-        ended = live & ((jnp.isin(tok, stop) if spec.stop else False) | (s.gen + 1 >= s.cap))
         w = jnp.minimum(p + s.gen, c - 1)  # this token's cache slot
         valid = set_rows(s.valid, w, jnp.ones_like(live), live)
         reach = jnp.max(jnp.where(live, w, 0))[None]  # attention reads up to the furthest live slot
@@ -306,6 +298,19 @@ def decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
 
     steps, slots = jax.lax.while_loop(cond, body, (jnp.int32(0), slots))
     return slots, steps
+
+
+def next_tokens(logits, base, step, live, cap, spec):
+    """One decode step's sampling for every row: logits [R, V], base [R, 2] the rows' key data, step [R]
+    each row's new-token index (its key is fold_in(base, step)), live [R], cap [R] each row's length cap.
+    -> (tokens [R] (pad where not live), their log-probs [R], ended [R]: live rows that drew a stop id or
+    reached their cap)."""
+    keys = jax.vmap(lambda b, g: jax.random.fold_in(jax.random.wrap_key_data(b), g))(base, step)
+    tok, lp = sample_rows(logits, keys, spec.temperature, spec.top_k, spec.top_p)
+    tok = jnp.where(live, tok, spec.pad_id)
+    stop = jnp.asarray(spec.stop or (-1,), jnp.int32)
+    ended = live & ((jnp.isin(tok, stop) if spec.stop else False) | (step + 1 >= cap))
+    return tok, lp, ended
 
 
 def set_rows(buf, at, values, where):
