@@ -91,7 +91,7 @@ def test_no_gradient_flows_through_the_live_teacher(opsd):
     batch = run.rollouts.collect(1, state)
     on, p = batch.arrays["on"], run.cfg.data.max_prompt_len
     (_, _), grads = part_value_and_grad(run.graphdef, state.params, on, run.spec, run.live_w(state.params))
-    tokens, pmask, mask = (np.asarray(on[k]) for k in ("tokens", "prompt_mask", "mask"))
+    tokens, pmask, mask = (np.asarray(getattr(on, k)) for k in ("tokens", "prompt_mask", "mask"))
     live_rows = run.rows.groups(tokens.shape[0])["live"]
     tok = run.tokenizer
 
@@ -125,15 +125,18 @@ def test_no_gradient_flows_through_the_live_teacher(opsd):
 
 def test_a_row_without_an_answer_and_bad_privileged_configs_are_one_line_errors(opsd, tmp_path):
     run, _ = opsd
-    on = run.rollouts
+    from opd_jax.batch import Rows
+
+    priv = run.teachers["priv"]
     toks = jnp.zeros((1, run.cfg.data.max_prompt_len + run.cfg.data.max_new_tokens), jnp.int32)
+    rows = lambda ex: Rows(toks, jnp.ones_like(toks), run.cfg.data.max_prompt_len, [ex])  # noqa: E731
     with pytest.raises(OpdError, match=r"teacher 'priv' is privileged \(answer\) but a 'addition' row has no "
                                        r"answer: 'add:1\+2='") as e:
-        on.privileged_view("priv", [0], toks, jnp.ones_like(toks), [Example("add:1+2=", None, "addition")])
+        priv.score(rows(Example("add:1+2=", None, "addition")), "hidden", temperature=1.0)
     assert "\n" not in str(e.value)
     long = Example("add:1+2=", "3" * 40, "addition")
     with pytest.raises(OpdError, match=r"privileged prompt: .*data.max_privileged_len, now 32"):
-        on.privileged_view("priv", [0], toks, jnp.ones_like(toks), [long])
+        priv.score(rows(long), "hidden", temperature=1.0)
     for extra, message in [
         ({"teachers": "[{name: t, path: self, privileged: answer, privileged_template: 'no fields'}]"},
          r"privileged_template must contain \{prompt\}"),
