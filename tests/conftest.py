@@ -167,9 +167,11 @@ def run_readme_block(heading: str, config: str, folder, doc: str = "README.md"):
 
 # the longest modules first: with --dist loadscope a module runs on one worker, and a long one started
 # last leaves the other worker idle at the end
-SLOW_FIRST = ["test_real_model_readme.py", "test_real_model.py", "test_tpu_recipes.py", "test_train.py", "test_opsd.py",
-              "test_plan.py", "test_xtok_train.py", "test_train_modes.py", "test_multihost.py", "test_prompts_verifiers.py",
-              "test_roles.py", "test_horizon.py", "test_serving_faults.py"]
+SLOW_FIRST = ["test_real_model_readme.py", "test_plan.py", "test_xtok_train.py", "test_preemption.py",
+              "test_tpu_recipes.py", "test_real_model.py", "test_train.py", "test_train_modes.py", "test_guard.py",
+              "test_attention.py", "test_multihost.py", "test_prompts_verifiers.py", "test_async.py", "test_serving.py",
+              "test_sharded_step.py", "test_opsd.py", "test_horizon.py", "test_roles.py", "test_run_safety.py",
+              "test_engine.py", "test_serving_faults.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

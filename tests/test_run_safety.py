@@ -354,7 +354,7 @@ def test_sigterm_whose_exception_is_swallowed_during_setup_still_stops_the_run(t
 
     import opd_jax.train as tr
 
-    def build_run(cfg):
+    def build_run(cfg, **kw):
         try:
             signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
         except BaseException:  # noqa: BLE001 - what a gc callback does with it
