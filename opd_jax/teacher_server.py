@@ -132,6 +132,7 @@ def make_scorer(model):
     top k at position j and token j). All rows in one batched forward through the local teachers'
     chunked scorer (`teachers.teacher_scores`, no [T, V] log-softmax), padded to powers of two so few
     shapes compile. A token outside the top k gets rank null (its rank is not computed)."""
+    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -147,11 +148,9 @@ def make_scorer(model):
         for i, r in enumerate(rows):
             tokens[i, :len(r)], mask[i, :len(r)] = r, 1
         kw = dict(prompt_len=1, temperature=float(temperature))  # position 0 is the "prompt": every later one scored
-        with lock:
-            tok_lp = np.asarray(teacher_scores(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
-                                               what="logprobs", **kw))
-            top_lp, top_id = (np.asarray(x) for x in teacher_scores(graphdef, state, jnp.asarray(tokens),
-                                                                    jnp.asarray(mask), what="topk", topk=k, **kw))
+        with lock:  # one forward gives both the sampled tokens' log-probs and the top k
+            tok_lp, (top_lp, top_id) = jax.tree.map(np.asarray, teacher_scores(
+                graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), what="logprobs+topk", topk=k, **kw))
         out = []
         for i, r in enumerate(rows):
             entries = [None]

@@ -239,7 +239,8 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     dtype (the loss applies the output matrix `Teacher.w` and the temperature chunk by chunk, so no
     [B, N, V] array exists); "logits": [B, N, V] float32 raw logits (small models and tests only);
     "logprobs": [B, N] log q_T(y_t) of the sampled tokens at the temperature; "topk": (log-probs
-    [B, N, k], ids [B, N, k]) at the temperature; both formed 128 positions at a time.
+    [B, N, k], ids [B, N, k]) at the temperature; both formed 128 positions at a time; "logprobs+topk":
+    (logprobs, (top-k log-probs, ids)) from one forward (a teacher server's reply needs both).
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
     with activation_layout(layout):  # on a mesh: rows stay on the batch axes through every layer
@@ -253,9 +254,13 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     # chunk by chunk over the completion (`losses.chunked`): no [B, N, V] log-softmax is formed
     from opd_jax.losses.chunked import chunked_token_logprobs, chunked_topk
 
+    w = model.output_matrix()
     if what == "logprobs":
-        return chunked_token_logprobs(h, model.output_matrix(), tokens[:, prompt_len:], temperature=temperature)
-    return chunked_topk(h, model.output_matrix(), topk, temperature=temperature)
+        return chunked_token_logprobs(h, w, tokens[:, prompt_len:], temperature=temperature)
+    if what == "logprobs+topk":
+        return (chunked_token_logprobs(h, w, tokens[:, prompt_len:], temperature=temperature),
+                chunked_topk(h, w, topk, temperature=temperature))
+    return chunked_topk(h, w, topk, temperature=temperature)
 
 
 teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))
