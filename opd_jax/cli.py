@@ -84,7 +84,7 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from opd_jax.train import export_student
+    from opd_jax.export import export_student
 
     _at_least(args, 0, "step")
     path = export_student(args.run, args.out, step=args.step, force=args.force)

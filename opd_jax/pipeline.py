@@ -45,7 +45,6 @@ from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.preemption import STOP, StepAbandoned
 from opd_jax.batch import Batch
-from opd_jax.rollouts import staleness, staleness_histogram  # noqa: F401 (public here too)
 from opd_jax.stream import Stream
 
 

@@ -161,7 +161,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
         out.total_bytes_per_device = t_dev + max(out.update_phase_bytes_per_device, out.rollout_phase_bytes_per_device)
         if cfg.mesh.roles:  # roles on devices of their own: each device's load, role by role (compiled)
             from opd_jax.role_plan import plan_roles
-            what = handover(cfg) if needs_teachers(cfg.loss) else "logprobs"
+            what = handover(cfg)
             rp = plan_roles(cfg, out, scfg, {n: tcfgs[n] for n in own}, rows, rows // dc.group_size, what, n_total)
             out.roles, out.devices_total = rp["roles"], rp["devices_used"]
             out.total_bytes_per_device = rp["per_device_max"]
@@ -245,7 +245,7 @@ def micro_batch_candidates(cfg, n_devices: int, domains=None) -> list[int]:
     together and still spread over the batch mesh axes (fewer rows than batch shards would be
     replicated and save nothing)."""
     rl = RowLayout.from_config(cfg, domains)
-    hidden = needs_teachers(cfg.loss) and handover(cfg) == "hidden"
+    hidden = handover(cfg) == "hidden"
     mesh = mesh_shape(cfg.mesh, n_devices)
     shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     out = [0]

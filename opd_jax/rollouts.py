@@ -54,7 +54,9 @@ def staleness_histogram(stale, k: int, keys: int = 4) -> dict:
 
 @dataclass(frozen=True)
 class Rollouts:
-    cfg: object
+    data: object  # config sections: data (prompts, lengths, sampling, horizon)
+    loss: object  # loss (topk, whether rewards are read)
+    train: object  # train (steps, eval_every, max_staleness)
     graphdef: object
     mesh: object
     rules: dict
@@ -63,12 +65,11 @@ class Rollouts:
     stop: tuple
     verifiers: dict
     teachers: dict
-    estimator: object
     source: object
     model_cfg: object = None  # the student's ModelConfig (context length, vocabulary)
     rollout_rules: dict | None = None  # the layout the engine places the weights in (mesh.rollout_rules)
     sampler_mesh: object = None  # the sampler's devices (mesh.roles.sampler); None: the learner's mesh
-    handover: str | None = None  # what the teachers hand over (losses.registry.handover); None: the estimator's
+    handover: str = "logprobs"  # what the teachers hand over (StepSpec.handover, losses.registry.handover)
     progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (state: TrainState.horizon)
     cross: bool = False  # some teacher scores in its own tokens (loss.cross_tokenizer): parts carry a loss_mask
 
@@ -81,14 +82,14 @@ class Rollouts:
     def engine(self, n_seq: int, temperature: float) -> Engine:
         """The rollout engine for `n_seq` sequences: data.rollout_slots slots (0 = one per sequence; at
         most n_seq), data settings, the rollout layout."""
-        spec = EngineSpec.for_data(self.cfg.data, n_seq, temperature, stop=self.stop,
+        spec = EngineSpec.for_data(self.data, n_seq, temperature, stop=self.stop,
                                    pad_id=self.prompter.tokenizer.pad_token_id or 0)
         return Engine(self.graphdef, self.model_cfg, spec, self.sampler_mesh or self.mesh, self.rollout_rules)
 
     def sample(self, params, ids, pmask, key, *, group: int = 1, temperature=None):
         """`group` completions of each encoded prompt ids / pmask [n, P] from `params` (data settings;
         temperature 0 is greedy), one prefill per prompt. -> (sampling.Rollout, engine.EngineStats)."""
-        t = self.cfg.data.temperature if temperature is None else temperature
+        t = self.data.temperature if temperature is None else temperature
         return self.engine(ids.shape[0] * group, t).run(params, ids, pmask, key, group=group)
 
     def score(self, tokens, prompt_mask, mask, what=None, *, examples=None, params=None):
@@ -97,11 +98,11 @@ class Rollouts:
         (privileged and cross-tokenizer teachers build their own prompts from them); params: the student's
         current parameters (self_live teachers score with them). -> teachers.Scored (keep: the loss mask
         when a teacher scores in its own tokens; stats: its alignment statistics)."""
-        what = what or self.handover or self.estimator.teacher_output
-        rows = Rows(tokens, jnp.concatenate([prompt_mask, mask], 1), self.cfg.data.max_prompt_len, examples, params,
+        what = what or self.handover
+        rows = Rows(tokens, jnp.concatenate([prompt_mask, mask], 1), self.data.max_prompt_len, examples, params,
                     self._global)
         return score_batch(self.teachers, self.rows.groups(tokens.shape[0]), rows, what=what,
-                           temperature=self.cfg.data.temperature, topk=self.cfg.loss.topk)
+                           temperature=self.data.temperature, topk=self.loss.topk)
 
     def horizon(self, step: int, state=None) -> int | None:
         """New tokens sampled at `step` (data.horizon, `opd_jax.horizon`; a progressive schedule reads
@@ -111,11 +112,11 @@ class Rollouts:
                 raise OpdError("data.horizon_schedule=progressive: the step's horizon needs the TrainState")
             h = self.progressive.h(dist.to_host(state.horizon))
         else:
-            h = horizon_tokens(self.cfg.data, step, self.cfg.train.steps)
-        return None if h == self.cfg.data.max_new_tokens else h
+            h = horizon_tokens(self.data, step, self.train.steps)
+        return None if h == self.data.max_new_tokens else h
 
     def decode(self, tokens, mask) -> list[str]:
-        return decode_completions(self.prompter.tokenizer, dist.to_host(tokens)[:, self.cfg.data.max_prompt_len:],
+        return decode_completions(self.prompter.tokenizer, dist.to_host(tokens)[:, self.data.max_prompt_len:],
                                   dist.to_host(mask), self.stop)
 
     # ---------------------------------------------------------------- parts
@@ -123,10 +124,10 @@ class Rollouts:
         """Sample `examples` (one per prompt, group_size samples each, one prefill per prompt) from
         `params`; horizon: end every sequence at this many new tokens. -> (Rollout, host prompt mask
         [B, P] one row per sample, EngineStats)."""
-        g = self.cfg.data.group_size
-        ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
+        g = self.data.group_size
+        ids, pmask = self.prompter.encode(examples, self.data.max_prompt_len)
         timer.mark("host")
-        engine = self.engine(ids.shape[0] * g, self.cfg.data.temperature)
+        engine = self.engine(ids.shape[0] * g, self.data.temperature)
         placed = timer.mark("weight_sync", engine.place(params))  # learner -> sampler layout (and devices)
         caps = None if horizon is None else np.full(ids.shape[0] * g, horizon, np.int32)
         roll, stats = engine.run(placed, ids, pmask, key, group=g, caps=caps)
@@ -139,16 +140,16 @@ class Rollouts:
         step's batch. -> (part, repeated examples, texts, rewards, EngineStats)."""
         roll, pmask, stats = self.sample_part(params, examples, key, timer=timer, horizon=horizon)
         if horizon is not None:
-            roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
-        rep = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
+            roll = truncate(roll, self.data.max_prompt_len, horizon)
+        rep = [ex for ex in examples for _ in range(self.data.group_size)]
         part, texts, rewards, _ = self.complete(roll, pmask, rep, decode=decode, timer=timer, params=params)
         return part, rep, texts, rewards, stats
 
     def needs_texts(self, step: int) -> bool:
         """Whether step `step`'s batch brings its completions to the host (texts, verifier rewards): RL
         terms need rewards at every step, an evaluation step logs samples."""
-        tc, done = self.cfg.train, step + 1
-        return uses_rl(self.cfg.loss) or done % tc.eval_every == 0 or done == tc.steps
+        tc, done = self.train, step + 1
+        return uses_rl(self.loss) or done % tc.eval_every == 0 or done == tc.steps
 
     def complete(self, roll, pmask, rep, *, decode: bool = True, timer: PhaseTimer = NO_TIMER, params=None):
         """The on-policy part from a finished rollout: pmask [B, P] (host, one row per sample), rep the
@@ -185,7 +186,7 @@ class Rollouts:
         """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers. -> (part, metrics)."""
         if any(e.answer is None for e in examples):
             raise OpdError("loss.lam < 1 needs dataset answers, but some prompts have no 'answer'")
-        dc = self.cfg.data
+        dc = self.data
         tokens, pmask, amask = (self._global(x) for x in encode_pairs(
             self.prompter, examples, [e.answer for e in examples], dc.max_prompt_len, dc.max_new_tokens))
         timer.mark("host")
@@ -194,7 +195,7 @@ class Rollouts:
     def collect(self, step: int, state, *, decode: bool | None = None, timer: PhaseTimer = NO_TIMER) -> Batch:
         """Step `step`'s batch for the update: its prompts (data position `step`), sampled from
         state.params with fold_in(state.rng, step), then `finish` (decode: None = `needs_texts(step)`)."""
-        examples = self.source.batch(step, self.cfg.data.per_domain)
+        examples = self.source.batch(step, self.data.per_domain)
         roll = pmask = stats = None
         h = self.horizon(step, state)
         if "on" in self.rows.parts:
@@ -216,8 +217,8 @@ class Rollouts:
         batch = Batch({})
         if roll is not None:
             if horizon is not None:
-                roll = truncate(roll, self.cfg.data.max_prompt_len, horizon)
-            k = self.cfg.train.max_staleness
+                roll = truncate(roll, self.data.max_prompt_len, horizon)
+            k = self.train.max_staleness
             if versions is None:  # a synchronous step: every token is this step's (no mask read back)
                 versions, stale = np.full(roll.mask.shape, step), np.zeros(roll.mask.shape[0], np.int64)
             else:
@@ -227,7 +228,7 @@ class Rollouts:
                 if (stale > k).any():
                     roll = roll._replace(mask=self._global(mask * (stale <= k)[:, None]))
             drop = stale > k
-            batch.examples = [ex for ex in examples for _ in range(self.cfg.data.group_size)]
+            batch.examples = [ex for ex in examples for _ in range(self.data.group_size)]
             batch.arrays["on"], batch.texts, batch.rewards, xtok = self.complete(
                 roll, pmask, batch.examples, decode=self.needs_texts(step) if decode is None else decode, timer=timer,
                 params=params)
@@ -244,7 +245,7 @@ class Rollouts:
     def probe_batch(self, params, examples, key) -> Part:
         """Completions of `examples` (one each) sampled from `params` with `key`, with the teachers'
         hidden states: the fixed batch the EffOPD guard scores candidate parameters on."""
-        ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
+        ids, pmask = self.prompter.encode(examples, self.data.max_prompt_len)
         roll, _ = self.sample(params, ids, pmask, key)
         pmask = self._global(pmask)
         return Part(roll.tokens, pmask, roll.mask, self.score(roll.tokens, pmask, roll.mask, what="hidden",
@@ -253,7 +254,7 @@ class Rollouts:
     def evaluate(self, params, examples):
         """Greedy completions of `examples`, scored by the verifiers -> ({domain: accuracy, "mean"},
         texts, rewards)."""
-        ids, pmask = self.prompter.encode(examples, self.cfg.data.max_prompt_len)
+        ids, pmask = self.prompter.encode(examples, self.data.max_prompt_len)
         roll, _ = self.sample(params, ids, pmask, jax.random.key(0), temperature=0.0)
         texts = self.decode(roll.tokens, roll.mask)
         rewards = rewards_for(examples, texts, self.verifiers)

@@ -26,7 +26,7 @@ from opd_jax.config import Config
 from opd_jax.errors import OpdError
 from opd_jax.horizon import ProgressiveHorizon, UpdatePrograms, initial_state
 from opd_jax.layout import RowLayout
-from opd_jax.losses.registry import estimator_for, handover, needs_teachers
+from opd_jax.losses.registry import handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
 from opd_jax.models.transformer import with_runtime
 from opd_jax.optim import make_optimizer
@@ -108,7 +108,6 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
 
     if not checked:
         check(cfg)
-    est = estimator_for(cfg.loss)
     if cfg.student.path:
         check_model_folder(cfg.student.path, "student.path")
     dist.initialize(cfg.distributed)
@@ -129,7 +128,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
         raise OpdError(f"config data.rollout_slots {dc.rollout_slots} exceeds the {rows.rows('on')} rows sampled per "
                        f"step (prompts x group_size {dc.group_size}); use at most {rows.rows('on')}, or 0 for one each")
     if tc.micro_batch != "auto":
-        rows.check_micro_batch(tc.micro_batch, needs_teachers(cfg.loss) and handover(cfg) == "hidden",
+        rows.check_micro_batch(tc.micro_batch, handover(cfg) == "hidden",
                                cfg.loss.baseline)
     tokenizer = get_tokenizer(cfg)
     prompter = Prompter(tokenizer, dc.chat_template, dc.chat_template_kwargs)
@@ -162,7 +161,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
     program = UpdatePrograms(program, dc.max_new_tokens, lambda h: compile_update_for(  # shorter horizons
         cfg, spec, graphdef, optimizer, state_sh, shapes, rows, mesh, n_on=h))
     teacher_w = live_w = None
-    if teachers and handover(cfg) == "hidden":  # the loss applies each teacher's output matrix
+    if teachers and spec.handover == "hidden":  # the loss applies each teacher's output matrix
         teacher_w = {n: jax.tree.map(shd.placed, t.output_matrix(), program.teacher_w_sh[n])  # across tokenizers: + map
                      for n, t in teachers.items()}
         live = [n for n, t in teachers.items() if t.live]
@@ -176,10 +175,10 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
     # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
     init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed),
                                                    initial_state(dc))._asdict(), state_sh)
-    rollouts = Rollouts(cfg=cfg, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
+    rollouts = Rollouts(data=dc, loss=cfg.loss, train=tc, graphdef=graphdef, mesh=mesh, rules=rules, rows=rows, prompter=prompter,
                         stop=stop, verifiers=verifiers_for(dc.verifiers, source.domains),
-                        teachers=teachers, estimator=est, source=source,
-                        handover=handover(cfg) if needs_teachers(cfg.loss) else "logprobs", model_cfg=student.cfg,
+                        teachers=teachers, source=source,
+                        handover=spec.handover, model_cfg=student.cfg,
                         rollout_rules=shd.rules_named(cfg.mesh.rollout_rules),
                         sampler_mesh=(shd.mesh_from_config(cfg.mesh, "sampler") if "sampler" in cfg.mesh.roles
                                       else None),

@@ -325,7 +325,9 @@ def score_batch(teachers: dict[str, Teacher], groups: dict[str, list[int]], rows
             stats[k] = stats.get(k, 0.0) + v
     keep = None
     if keeps:
-        keep = np.asarray(rows.completions()[1], np.int32).copy()
+        from opd_jax.distributed import to_host
+
+        keep = np.asarray(to_host(rows.full_mask)[:, rows.prompt_len:], np.int32).copy()  # the mask alone
         for name, k in keeps.items():
             keep[np.asarray(groups[name])] *= np.asarray(k, np.int32)
     if what == "hidden":

@@ -95,7 +95,7 @@ class StepSpec:
         used = set(routes)
         return cls(cfg.loss, dc.max_prompt_len, dc.group_size, dc.temperature, tuple(routes), micro,
                    cfg.train.max_update_ratio, layout, cfg.loss.is_cap if cfg.train.max_staleness else 0.0,
-                   handover(cfg) if teachers else "logprobs",
+                   handover(cfg),
                    tuple(sorted(set(xtok_names(cfg)) & used)) if teachers else ())
 
 

@@ -62,7 +62,7 @@ def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
     feeds)."""
     lc = cfg.loss
     est = estimator_for(lc)
-    what = handover(cfg) if needs_teachers(lc) else "logprobs"
+    what = handover(cfg)
     if what == "topk":
         return (jax.ShapeDtypeStruct((rows, n_new, lc.topk), jnp.float32),
                 jax.ShapeDtypeStruct((rows, n_new, lc.topk), jnp.int32))
@@ -102,7 +102,7 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
                                 jax.ShapeDtypeStruct((), jnp.int32),  # params, opt_state, step, rng, data position
                                 jax.ShapeDtypeStruct(initial_state(cfg.data).shape, jnp.float32))  # horizon state
     teacher_w = None
-    if needs_teachers(cfg.loss) and handover(cfg) == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
+    if handover(cfg) == "hidden" and tcfgs:  # placed as its weights are (teacher rules)
         trules = shd.rules_named(cfg.mesh.teacher_rules)
         V = scfg.vocab_size
         cross = xtok_names(cfg)

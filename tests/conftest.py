@@ -84,14 +84,29 @@ def tiny_overrides(out, **extra):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def random_teacher(folder) -> dict:
-    """Overrides routing every domain to a tiny random teacher saved under `folder` (unlike `self`,
-    it disagrees with the student, so the loss and its gradient are far from 0)."""
+def tiny_model(seed=0, *, scale=1.0, folder=None, family=None, **shape):
+    """The tests' one builder of a tiny random opd_jax model: TINY's shape with `shape` overrides (family:
+    that family's defaults under them, e.g. qwen3's q/k norm), init seed `seed`, every matrix multiplied by
+    `scale` (> 1: sharper next-token distributions that differ from position to position). -> the model,
+    or the Hugging Face folder it is saved to when `folder` is given."""
     import yaml
+    from flax import nnx
 
     from opd_jax.models import ModelConfig, init_model, save_model
 
-    teacher = save_model(init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11), folder / "teacher")
+    kw = {**yaml.safe_load(TINY), **shape}
+    model = init_model(ModelConfig.for_family(family, **kw) if family else ModelConfig(**kw), seed=seed)
+    if scale != 1.0:
+        for _, p in nnx.iter_graph(model):
+            if isinstance(p, nnx.Param) and p[...].ndim > 1:
+                p[...] = p[...] * scale
+    return model if folder is None else save_model(model, folder)
+
+
+def random_teacher(folder) -> dict:
+    """Overrides routing every domain to a tiny random teacher saved under `folder` (unlike `self`,
+    it disagrees with the student, so the loss and its gradient are far from 0)."""
+    teacher = tiny_model(11, folder=folder / "teacher")
     return {"teachers": f"[{{name: t, path: {teacher}}}]", "routing": "{addition: t, reverse: t, sort: t}"}
 
 

@@ -5,7 +5,6 @@ the synchronous loop exactly."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from opd_jax.config import load_config
@@ -13,12 +12,13 @@ from opd_jax.engine import Engine, EngineSpec
 from opd_jax.hooks import Logger, SkipCounter
 from opd_jax.losses.sampled import importance_weights, sampled_surrogate
 from opd_jax.models import ModelConfig, init_model
-from opd_jax.pipeline import Pipeline, staleness
+from opd_jax.pipeline import Pipeline
+from opd_jax.rollouts import staleness
 from opd_jax.run import build_run
 from opd_jax.stream import Stream
 from opd_jax.train import train_loop
 
-from conftest import host, random_teacher, rigged_model, run_steps, tiny_overrides
+from conftest import host, random_teacher, rigged_model, tiny_overrides
 
 
 def _params(model):

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from opd_jax import OpdError
-from opd_jax.models import ModelConfig, init_model
 from opd_jax.models.attention import blockwise_attention, naive_attention, resolve, splash_attention
 from opd_jax.models.transformer import with_runtime
 from opd_jax.engine import generate
+
+from conftest import tiny_model
 
 
 def _inputs(b, t, s, h, k, d, pad, seed=0):
@@ -86,9 +87,8 @@ def test_model_gradient_keeps_no_per_block_pair_arrays_across_the_layer_loop():
 
 
 def _model(attention="naive", remat="none", block=8, seed=0):
-    cfg = ModelConfig.for_family("qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                                 num_heads=4, num_kv_heads=2, head_dim=16)
-    return with_runtime(init_model(cfg, seed), attention=attention, remat=remat, attention_block=block)
+    return with_runtime(tiny_model(seed, family="qwen3", num_heads=4, num_kv_heads=2, max_position_embeddings=4096),
+                        attention=attention, remat=remat, attention_block=block)
 
 
 def test_model_logits_and_sampling_unchanged_with_blockwise_attention():

@@ -15,7 +15,7 @@ from opd_jax.models import ModelConfig, init_model
 from opd_jax.run import build_run
 from opd_jax.train_step import TRACES, StepSpec, part_value_and_grad
 
-from conftest import random_teacher, run_steps, tiny_overrides
+from conftest import random_teacher, tiny_overrides
 
 
 def test_horizon_lengths_are_at_most_8_buckets():

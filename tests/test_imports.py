@@ -1,6 +1,7 @@
 """The package's import graph, read from the source with `ast` (every import, the ones inside functions
 included): no circle, and no module imports one of a higher tier than its own in the order that
-docs/architecture.md documents. Every module of the package is placed in a tier."""
+docs/architecture.md documents. Every module of the package is placed in a tier, and its module -> test
+map names every module and only test files that exist."""
 
 import ast
 import re
@@ -102,3 +103,20 @@ def test_no_import_circle_and_no_import_up_the_documented_order():
     up = sorted(f"{a} (tier {tiers[a]}) imports {b} (tier {tiers[b]})" for a in graph if a != "opd_jax"
                 for b in graph[a] if tiers[b] > tiers[a])
     assert not up, "imports up the documented order:\n" + "\n".join(up)
+
+
+def test_every_module_has_its_tests_in_the_documented_map():
+    """docs/architecture.md's "Module -> test" rows `| `a`, `b.c` | `test_x.py`, ... |`."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    mapped, named = set(), set()
+    for line in text[text.index("## Module -> test"):].splitlines():
+        cells = line.split("|")
+        if len(cells) == 4 and "test_" in cells[2]:
+            mapped |= {f"opd_jax.{m}" for m in re.findall(r"`([\w.]+)`", cells[1]) if not m.endswith(".py")}
+            named |= set(re.findall(r"`(test_\w+\.py)`", cells[2]))
+    packages = {m for m, p in modules().items() if p.name == "__init__.py"}  # they only re-export
+    missing = sorted(set(modules()) - packages - mapped)
+    assert not missing, f"modules without tests in docs/architecture.md's map: {missing}"
+    assert not sorted(mapped - set(modules())), "the map names modules that do not exist"
+    absent = sorted(t for t in named if not (ROOT / "tests" / t).exists())
+    assert not absent, f"the map names test files that do not exist: {absent}"

@@ -22,7 +22,7 @@ from opd_jax.cli import main
 from opd_jax.config import load_config
 from opd_jax.train import export_student, restore_run_params, train
 
-from conftest import TINY, char_tokenizer_dir, random_teacher, tiny_overrides
+from conftest import char_tokenizer_dir, random_teacher, tiny_model, tiny_overrides
 
 
 def one_line_error(argv, capsys) -> str:
@@ -195,12 +195,9 @@ def test_export_never_overwrites_a_model_folder(tmp_path, finished, capsys):
 # ------------------------------------------------------------------------------------------ inputs
 
 def test_a_student_folder_without_a_tokenizer_is_refused_unless_data_tokenizer_names_one(tmp_path):
-    import yaml
-
-    from opd_jax.models import ModelConfig, init_model, save_model
     from opd_jax.run import get_tokenizer
 
-    folder = save_model(init_model(ModelConfig(**yaml.safe_load(TINY)), seed=0), tmp_path / "student")
+    folder = tiny_model(0, folder=tmp_path / "student")
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"student.path": str(folder), "student.init": "{}"}))
     with pytest.raises(OpdError, match="has no tokenizer .*set data.tokenizer"):
         train(cfg)
@@ -245,12 +242,8 @@ def test_bad_paths_get_messages_that_name_the_real_problem(tmp_path, finished, c
 
 
 def test_analyze_refuses_models_of_different_shapes_and_writes_nothing(tmp_path, finished, capsys):
-    import yaml
-
-    from opd_jax.models import ModelConfig, init_model, save_model
-
     run, _ = finished
-    wide = save_model(init_model(ModelConfig(**{**yaml.safe_load(TINY), "hidden_size": 48}), seed=0), tmp_path / "wide")
+    wide = tiny_model(0, folder=tmp_path / "wide", hidden_size=48)
     out = tmp_path / "an"
     err = one_line_error(["analyze", "--before", str(run), "--after", str(wide), "--out", str(out)], capsys)
     assert "different models" in err and not out.exists()
@@ -290,12 +283,9 @@ def test_an_update_that_multiplies_the_parameter_norm_is_skipped(ratio):
     from flax import nnx
 
     from opd_jax.config import LossConfig
-    from opd_jax.models import ModelConfig, init_model
     from opd_jax.train_step import StepSpec, TrainState, train_step
 
-    import yaml
-
-    model = init_model(ModelConfig(**yaml.safe_load(TINY)), seed=0)
+    model = tiny_model(0)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     rng = np.random.RandomState(0)

@@ -5,28 +5,26 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import jax
 import numpy as np
 import pytest
-import yaml
 from flax import nnx
 
 from opd_jax.config import load_config
 from opd_jax.errors import OpdError
-from opd_jax.models import ModelConfig, init_model, save_model
+from opd_jax.models import save_model
 from opd_jax.run import build_run
 from opd_jax.serving import ServedTeacher
 from opd_jax.teacher_server import serve
 from opd_jax.teachers import teacher_scores
 from opd_jax.train import train
 
-from conftest import TINY, run_steps, tiny_overrides
+from conftest import tiny_model, tiny_overrides
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("served")
-    model = init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11)
+    model = tiny_model(11)
     path = save_model(model, folder / "teacher")
     server = serve(model, 0)
     yield model, path, f"http://127.0.0.1:{server.server_address[1]}"
@@ -95,7 +93,7 @@ def test_a_served_teacher_trains_like_the_in_process_one(teacher, tmp_path, esti
 
 
 def test_a_served_teacher_with_another_vocabulary_is_refused(tmp_path):
-    other = init_model(ModelConfig(**{**yaml.safe_load(TINY), "vocab_size": 80}), seed=1)
+    other = tiny_model(1, vocab_size=80)
     server = serve(other, 0)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -12,19 +12,17 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from opd_jax.config import load_config
 from opd_jax.errors import OpdError
-from opd_jax.models import ModelConfig, init_model, save_model
+from opd_jax.models import save_model
 from opd_jax.serving import ServedTeacher
 from opd_jax.teacher_server import serve
 
-from conftest import TINY, tiny_overrides
+from conftest import tiny_model, tiny_overrides
 
 VOCAB = 64
 
@@ -32,7 +30,7 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
     """A tiny teacher served by `serve` (short read timeout), its folder and URL."""
-    model = init_model(ModelConfig(**yaml.safe_load(TINY)), seed=11)
+    model = tiny_model(11)
     path = save_model(model, tmp_path_factory.mktemp("faults") / "teacher")
     server = serve(model, 0, read_timeout=1.0)
     yield model, path, f"http://127.0.0.1:{server.server_address[1]}"
@@ -350,7 +348,7 @@ def test_a_privileged_row_without_an_answer_is_refused_when_the_file_is_read(tmp
 
 
 def test_the_staleness_histogram_keeps_a_handful_of_keys():
-    from opd_jax.pipeline import staleness_histogram
+    from opd_jax.rollouts import staleness_histogram
 
     h = staleness_histogram([0, 1, 1, 7, 900, 1001], k=1000)
     assert h == {"rollout/staleness_0": 1, "rollout/staleness_1": 2, "rollout/staleness_2": 0,

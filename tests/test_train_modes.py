@@ -14,16 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import yaml
 from flax import nnx
 
 import opd_jax
 from opd_jax import losses as L
 from opd_jax.config import load_config
-from opd_jax.models import ModelConfig, init_model, save_model
+from opd_jax.models import save_model
 from opd_jax.run import build_run
 
-from conftest import TINY, char_tokenizer_dir, host, rigged_model, tiny_overrides
+from conftest import char_tokenizer_dir, host, rigged_model, tiny_model, tiny_overrides
 from conftest import run_steps as loop_steps
 
 DOMAINS = ("addition", "reverse", "sort")
@@ -31,11 +30,7 @@ DOMAINS = ("addition", "reverse", "sort")
 
 def random_model(folder, seed, std=0.05, **shape):
     """A tiny model with N(0, std) matrices (peaked, distinct distributions), saved as an HF folder."""
-    model = init_model(ModelConfig(**{**yaml.safe_load(TINY), **shape}), seed=seed)
-    for _, p in nnx.iter_graph(model):
-        if isinstance(p, nnx.Param) and p[...].ndim > 1:
-            p[...] = p[...] * (std / 0.02)
-    return save_model(model, folder)
+    return tiny_model(seed, scale=std / 0.02, folder=folder, **shape)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import yaml
 from opd_jax.config import load_config
 from opd_jax.errors import OpdError
 from opd_jax.losses.xtok import EMPTY_LOGPROB
-from opd_jax.models import ModelConfig, init_model, load_model, save_model
+from opd_jax.models import load_model
 from opd_jax.run import build_run
 from opd_jax.sampling import Rollout
 from opd_jax.tasks import build_char_tokenizer
@@ -23,7 +23,7 @@ from opd_jax.tasks.tokenizer import build_bpe_tokenizer
 from opd_jax.train_step import part_value_and_grad
 from opd_jax.xtok_teacher import check_xtok
 
-from conftest import TINY, tiny_overrides
+from conftest import TINY, tiny_model, tiny_overrides
 
 CHAR_V = len(build_char_tokenizer(None))
 
@@ -31,15 +31,7 @@ CHAR_V = len(build_char_tokenizer(None))
 def _model(folder, vocab, seed, scale=1.0):
     """A tiny random model saved to `folder`; scale > 1 multiplies its matrices (sharper next-token
     distributions that change from position to position, so a misaligned position shows)."""
-    from flax import nnx
-
-    cfg = yaml.safe_load(TINY)
-    cfg["vocab_size"] = vocab
-    model = init_model(ModelConfig(**cfg), seed=seed)
-    if scale != 1.0:
-        graphdef, state = nnx.split(model)
-        model = nnx.merge(graphdef, jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, state))
-    return save_model(model, folder)
+    return tiny_model(seed, scale=scale, folder=folder, vocab_size=vocab)
 
 
 def _cfg(out, teacher, teacher_keys="", **extra):

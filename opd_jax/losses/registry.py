@@ -153,7 +153,10 @@ def handover(cfg) -> str:
     """What the run's teachers hand the update: "hidden" (final hidden states + output matrices),
     "topk" (log-probs and ids of the teacher's top loss.topk, in batch row order) or "logprobs" (the
     sampled tokens'). A teacher behind a server (teachers[].url) sends top-k or log-probs, so with one
-    the topk estimator takes "topk" from every teacher and the exact full-vocabulary one is refused."""
+    the topk estimator takes "topk" from every teacher and the exact full-vocabulary one is refused. A run
+    without teachers (pure reward RL) hands over nothing and says "logprobs", the cheapest shape."""
+    if not needs_teachers(cfg.loss):
+        return "logprobs"
     out = estimator_for(cfg.loss).teacher_output
     served = [t.name for t in cfg.teachers if getattr(t, "url", None)]
     if served and out == "hidden":
