@@ -18,6 +18,17 @@ loss.lam < 1); the loss is lam * L(on) + (1 - lam) * L(off). Rows are grouped by
     loss_mask         [B, N]   int32   cross-tokenizer runs: the positions the teachers' hand-over covers
                                        (the loss is masked by it); None otherwise
 
+A packed part (`opd_jax.packing`, data.pack_tokens) holds the same sequences end to end in R rows of L
+tokens: tokens [R, L], prompt_mask [R, 1] (unused), and every per-token array at the position that
+predicts it, [R, L - 1] (the targets are tokens[:, 1:]), plus
+
+    segments, positions [R, L]    int32   each token's sequence in its row (0: padding) and its position in it
+    seq_index         [R, L - 1]  int32   the sequence (0 .. n - 1) each target belongs to; n elsewhere
+    seq_tokens        [n]         float32 each sequence's completion tokens (per-sequence sums divide by it)
+
+With normalize="sequence", loss_mask holds 1 / seq_tokens on each target (so a token-normalised sum is
+the mean over sequences of each sequence's mean).
+
 What kind of hand-over the teacher field holds is decided once, in the update's `StepSpec` (its
 `handover` and `cross`), not read back from shapes.
 """
@@ -40,11 +51,20 @@ class Part(NamedTuple):
     sampler_logprobs: object = None
     rewards: object = None
     loss_mask: object = None
+    segments: object = None
+    positions: object = None
+    seq_index: object = None
+    seq_tokens: object = None
 
     def rows(self, take) -> "Part":
-        """This part with take(x) applied to every row array except the teachers' hand-over."""
+        """This part with take(x) applied to every row array except the teachers' hand-over (and a packed
+        part's per-sequence seq_tokens)."""
         return self._replace(**{f: take(getattr(self, f)) for f in self._fields
-                                if f != "teacher" and getattr(self, f) is not None})
+                                if f not in ("teacher", "seq_tokens") and getattr(self, f) is not None})
+
+    @property
+    def packed(self) -> bool:
+        return self.segments is not None
 
     @property
     def scored_mask(self):

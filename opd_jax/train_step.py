@@ -9,6 +9,7 @@ Everything static about the update is one hashable `StepSpec`; the state is one 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -107,7 +108,10 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     on a mesh) pins the hidden states' rows to the batch axes and gathers the output matrix's width
     (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch. b: a
     `batch.Part`; handover / cross: as `StepSpec` (cross: this teacher scores in its own tokens)."""
-    h = model.completion_hidden(b.tokens, jnp.concatenate([b.prompt_mask, b.mask], axis=1), prompt_len)
+    if b.packed:  # whole sequences end to end: the hidden state at column j predicts token j + 1
+        h = model.packed_hidden(b.tokens, b.segments, b.positions)[:, :-1]
+    else:
+        h = model.completion_hidden(b.tokens, jnp.concatenate([b.prompt_mask, b.mask], axis=1), prompt_len)
     w = model.output_matrix()
     if layout is not None:
         h, w = layout(h, ("batch", None, None)), layout(w, (None, "vocab"))
@@ -115,15 +119,25 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
             teacher = layout(teacher, ("batch", None, None))
             teacher_w = ({**teacher_w, "w": layout(teacher_w["w"], (None, "vocab"))} if cross
                          else layout(teacher_w, (None, "vocab")))
+    if b.packed and lc.normalize == "sequence":  # the 1 / seq_tokens weights in loss_mask make it per sequence
+        lc = dataclasses.replace(lc, normalize="token")
     mask = b.scored_mask  # a cross-tokenizer teacher covers only the positions aligned with its tokens
+    real = b.mask if b.packed else mask  # a packed part's loss_mask may hold weights: metrics count tokens
     b = b._replace(mask=mask)
     loss, m = estimator_for(lc).loss(h, w, b, teacher, teacher_w, lc, group_size=group_size, temperature=temperature,
                                      is_cap=is_cap, handover=handover, cross=cross)
     slp = m.pop("token_logprob")
     if b.sampler_logprobs is not None and "logprob_mismatch" not in m:
-        m["logprob_mismatch"] = L.masked_mean(jnp.abs(slp - b.sampler_logprobs), mask)
-    m["student_logprob"] = L.masked_mean(slp, mask)
+        m["logprob_mismatch"] = L.masked_mean(jnp.abs(slp - b.sampler_logprobs), real)
+    m["student_logprob"] = L.masked_mean(slp, real)
     per_tok = m.pop("per_token_divergence")
+    if b.packed:  # per sequence [n]: its tokens' divergence over its token count (summable over micro-batches)
+        n = b.seq_tokens.shape[0]
+        real = real.astype(jnp.float32)
+        m["tokens"] = jnp.sum(real)  # loss_mask may hold 1 / seq_tokens weights, not counts
+        per_seq = jax.ops.segment_sum(jnp.ravel(L.clean(per_tok, real) * real), jnp.ravel(b.seq_index), n + 1)[:n]
+        m["row_divergence"] = per_seq / jnp.maximum(b.seq_tokens, 1.0)
+        return loss, m
     m["row_divergence"] = jnp.sum(L.clean(per_tok, mask), -1) / jnp.maximum(jnp.sum(mask, -1), 1)
     return loss, m
 
@@ -132,6 +146,12 @@ def _normaliser(mask, normalize: str):
     """What the loss divides by, mask [..., rows, N] -> [...]: tokens (normalize="token") or rows with a token."""
     m = mask.astype(jnp.float32)
     return jnp.sum(m, (-2, -1)) if normalize == "token" else jnp.sum((jnp.sum(m, -1) > 0).astype(jnp.float32), -1)
+
+
+def _normalize(lc, b) -> str:
+    """The normalisation a part's loss runs with: a packed part's per-sequence weights are in its loss_mask,
+    so it always sums per token."""
+    return "token" if b.packed else lc.normalize
 
 
 def _shares(counts):
@@ -176,7 +196,7 @@ def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     for name, idx in groups.items():
         sub = b.rows(lambda x, idx=idx: _take_rows(x, idx))._replace(teacher=b.teacher[name])
         outs.append(micro_value_and_grad(graphdef, params, sub, spec, teacher_w[name], cross=name in spec.cross))
-        counts.append(_normaliser(sub.scored_mask, spec.lc.normalize))
+        counts.append(_normaliser(sub.scored_mask, _normalize(spec.lc, sub)))
     w = _shares(jnp.stack(counts))
     order = np.argsort(np.concatenate([idx for idx in groups.values()]))
     ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1]
@@ -210,7 +230,7 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cr
     mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
-    w = _shares(_normaliser(mbs.scored_mask, spec.lc.normalize))
+    w = _shares(_normaliser(mbs.scored_mask, _normalize(spec.lc, b)))
 
     def body(acc, xs):
         bb, wi = xs
@@ -221,7 +241,8 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cr
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     acc, (losses, ms) = jax.lax.scan(body, zeros, (mbs, w))
     grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
-    row_div = ms.pop("row_divergence").reshape(rows)
+    row_div = ms.pop("row_divergence")
+    row_div = row_div.sum(0) if b.packed else row_div.reshape(rows)  # packed: per-sequence partial sums
     return _combine(w, losses, ms, row_div), grads
 
 

@@ -34,14 +34,17 @@ IMPLEMENTATIONS = ("auto", "blockwise", "naive", "splash")
 AUTO_NAIVE_MAX = 256 * 256  # "auto" keeps the plain path while T * S is at most this (tiny shapes, decode steps)
 
 
-def naive_attention(q, k, v, q_slots, key_valid):
-    """The reference: scores and softmax in float32 over all S slots. Returns [B, T, H, Dh]."""
+def naive_attention(q, k, v, q_slots, key_valid, segments=None):
+    """The reference: scores and softmax in float32 over all S slots. Returns [B, T, H, Dh].
+    segments [B, S] int (packed rows, optional): query t also needs segments[t] == segments[s]."""
     b, t, h, dh = q.shape
     kv = k.shape[2]
     qg = q.reshape(b, t, kv, h // kv, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(dh)
     visible = (jnp.arange(k.shape[1])[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]
+    if segments is not None:
+        visible = visible & (jnp.take(segments, q_slots, axis=1)[:, :, None] == segments[:, None, :])
     scores = jnp.where(visible[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -55,11 +58,13 @@ def _unblocks(x, axis):
     return jnp.moveaxis(x, 0, axis)
 
 
-def _scores(qb, kb, slots_q, slots_k, valid_k, scale):
-    """Masked float32 scores of one block pair: qb [B, bq, K, G, Dh], kb [B, bk, K, Dh] ->
-    ([B, K, G, bq, bk], visible mask of the same shape)."""
+def _scores(qb, kb, slots_q, slots_k, seg_q, seg_k, scale):
+    """Masked float32 scores of one block pair: qb [B, bq, K, G, Dh], kb [B, bk, K, Dh], segment ids
+    seg_q [B, bq], seg_k [B, bk] (0: a padded key) -> ([B, K, G, bq, bk], visible mask of that shape):
+    causal, real keys, same segment."""
     s = jnp.einsum("btkgd,bskd->bkgts", qb, kb, preferred_element_type=jnp.float32) * scale
-    vis = (slots_k[None, :] <= slots_q[:, None])[None] & valid_k[:, None, :]  # [B, bq, bk]
+    vis = ((slots_k[None, :] <= slots_q[:, None])[None] & (seg_k[:, None, :] != 0)
+           & (seg_q[:, :, None] == seg_k[:, None, :]))  # [B, bq, bk]
     vis = vis[:, None, None]
     return jnp.where(vis, s, NEG_INF), vis
 
@@ -73,21 +78,23 @@ def _tie(*xs):
     return jax.lax.optimization_barrier(xs)
 
 
-def _forward(q, k, v, q_slots, key_valid, bq, bk):
-    """-> out [B, T, H, Dh] (q's dtype) and lse [nq, B, K, G, bq] float32 (per padded query block)."""
-    q, k, v, q_slots, key_valid = _tie(q, k, v, q_slots, key_valid)
+def _forward(q, k, v, q_slots, seg_q, seg_k, bq, bk):
+    """-> out [B, T, H, Dh] (q's dtype) and lse [nq, B, K, G, bq] float32 (per padded query block).
+    seg_q [B, T], seg_k [B, S]: segment ids (0: padding key; see `_scores`)."""
+    q, k, v, q_slots, seg_q, seg_k = _tie(q, k, v, q_slots, seg_q, seg_k)
     b, t, h, dh = q.shape
     kv = k.shape[2]
     g = h // kv
     scale = 1.0 / math.sqrt(dh)
     qb = _blocks(_pad(q.reshape(b, t, kv, g, dh), 1, bq), 1, bq)  # [nq, B, bq, K, G, Dh]
     slots_q = _blocks(_pad(q_slots, 0, bq, -1), 0, bq)  # padded queries see nothing
+    segs_q = _blocks(_pad(seg_q, 1, bq), 1, bq)  # [nq, B, bq]
     kb, vb = (_blocks(_pad(x, 1, bk), 1, bk) for x in (k, v))  # [nk, B, bk, K, Dh]
     slots_k = _blocks(jnp.arange(kb.shape[0] * bk), 0, bk)
-    valid_k = _blocks(_pad(key_valid, 1, bk, False), 1, bk)  # [nk, B, bk]
+    segs_k = _blocks(_pad(seg_k, 1, bk), 1, bk)  # [nk, B, bk]; padded keys: segment 0
 
     def per_q_block(xs):
-        qblk, sq = xs
+        qblk, sq, gq = xs
         init = (jnp.full((b, kv, g, bq), NEG_INF, jnp.float32), jnp.zeros((b, kv, g, bq), jnp.float32),
                 jnp.zeros((b, kv, g, bq, dh), jnp.float32))
 
@@ -96,7 +103,7 @@ def _forward(q, k, v, q_slots, key_valid, bq, bk):
 
             def compute(c):
                 m, l, acc = c
-                s, vis = _scores(qblk, kblk, sq, sk, vk, scale)
+                s, vis = _scores(qblk, kblk, sq, sk, gq, vk, scale)
                 m_new = jnp.maximum(m, jnp.max(s, -1))
                 p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
                 corr = jnp.exp(m - m_new)
@@ -106,29 +113,29 @@ def _forward(q, k, v, q_slots, key_valid, bq, bk):
 
             return jax.lax.cond(sk[0] > jnp.max(sq), lambda c: c, compute, carry), None
 
-        (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, slots_k, valid_k))
+        (m, l, acc), _ = jax.lax.scan(step, init, (kb, vb, slots_k, segs_k))
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)  # inf: P = 0 in the backward
         return out, lse
 
-    out, lse = jax.lax.map(per_q_block, (qb, slots_q))  # out [nq, B, K, G, bq, Dh]
+    out, lse = jax.lax.map(per_q_block, (qb, slots_q, segs_q))  # out [nq, B, K, G, bq, Dh]
     out = jnp.moveaxis(out, 4, 2)  # [nq, B, bq, K, G, Dh]
     out = _unblocks(out, 1)[:, :t].reshape(b, t, h, dh).astype(q.dtype)
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _flash(q, k, v, q_slots, key_valid, bq, bk):
-    return _forward(q, k, v, q_slots, key_valid, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, q_slots, seg_q, seg_k, bq, bk):
+    return _forward(q, k, v, q_slots, seg_q, seg_k, bq, bk)[0]
 
 
-def _flash_fwd(q, k, v, q_slots, key_valid, bq, bk):
-    out, lse = _forward(q, k, v, q_slots, key_valid, bq, bk)
-    return out, (q, k, v, q_slots, key_valid, out, lse)
+def _flash_fwd(q, k, v, q_slots, seg_q, seg_k, bq, bk):
+    out, lse = _forward(q, k, v, q_slots, seg_q, seg_k, bq, bk)
+    return out, (q, k, v, q_slots, seg_q, seg_k, out, lse)
 
 
 def _flash_bwd(bq, bk, res, d_out):
-    q, k, v, q_slots, key_valid, out, lse, d_out = _tie(*res, d_out)
+    q, k, v, q_slots, seg_q, seg_k, out, lse, d_out = _tie(*res, d_out)
     b, t, h, dh = q.shape
     s_len, kv = k.shape[1], k.shape[2]
     g = h // kv
@@ -138,20 +145,21 @@ def _flash_bwd(bq, bk, res, d_out):
     # D_t = rowsum(dO * O), per query: [nq, B, K, G, bq]
     dd = jnp.moveaxis(jnp.sum(dob.astype(jnp.float32) * grouped(out).astype(jnp.float32), -1), 2, -1)
     slots_q = _blocks(_pad(q_slots, 0, bq, -1), 0, bq)
+    segs_q = _blocks(_pad(seg_q, 1, bq), 1, bq)
     kb, vb = (_blocks(_pad(x, 1, bk), 1, bk) for x in (k, v))
     slots_k = _blocks(jnp.arange(kb.shape[0] * bk), 0, bk)
-    valid_k = _blocks(_pad(key_valid, 1, bk, False), 1, bk)
+    segs_k = _blocks(_pad(seg_k, 1, bk), 1, bk)
 
     def per_k_block(dq_acc, ys):
         kblk, vblk, sk, vk = ys
 
         def per_q_block(carry, xs):
             dk, dv = carry
-            qblk, doblk, sq, lse_q, d_q = xs
+            qblk, doblk, sq, gq, lse_q, d_q = xs
 
             def compute(c):
                 dk, dv = c
-                s, vis = _scores(qblk, kblk, sq, sk, vk, scale)
+                s, vis = _scores(qblk, kblk, sq, sk, gq, vk, scale)
                 p = jnp.where(vis, jnp.exp(s - lse_q[..., None]), 0.0)  # [B, K, G, bq, bk]
                 dv = dv + jnp.einsum("bkgts,btkgd->bskd", p, doblk.astype(jnp.float32))
                 dp = jnp.einsum("btkgd,bskd->bkgts", doblk.astype(jnp.float32), vblk.astype(jnp.float32))
@@ -165,25 +173,33 @@ def _flash_bwd(bq, bk, res, d_out):
             return (dk, dv), dq
 
         zeros = jnp.zeros(kblk.shape, jnp.float32)
-        (dk, dv), dq = jax.lax.scan(per_q_block, (zeros, zeros), (qb, dob, slots_q, lse, dd))
+        (dk, dv), dq = jax.lax.scan(per_q_block, (zeros, zeros), (qb, dob, slots_q, segs_q, lse, dd))
         return dq_acc + dq, (dk, dv)
 
     dq0 = jnp.zeros(qb.shape, jnp.float32)
-    dq, (dk, dv) = jax.lax.scan(per_k_block, dq0, (kb, vb, slots_k, valid_k))
+    dq, (dk, dv) = jax.lax.scan(per_k_block, dq0, (kb, vb, slots_k, segs_k))
     dq = _unblocks(dq, 1)[:, :t].reshape(b, t, h, dh).astype(q.dtype)
     dk = _unblocks(dk, 1)[:, :s_len].astype(k.dtype)
     dv = _unblocks(dv, 1)[:, :s_len].astype(v.dtype)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def blockwise_attention(q, k, v, q_slots, key_valid, *, block_q: int = 512, block_k: int = 512):
-    """Flash-style attention (see the module docstring); same contract as `naive_attention`."""
+def blockwise_attention(q, k, v, q_slots, key_valid, *, block_q: int = 512, block_k: int = 512, segments=None):
+    """Flash-style attention (see the module docstring); same contract as `naive_attention`. Without
+    segments every query is segment 1 and a key is segment key_valid (0 or 1)."""
     bq = max(1, min(block_q, q.shape[1]))
     bk = max(1, min(block_k, k.shape[1]))
-    return _flash(q, k, v, jnp.asarray(q_slots, jnp.int32), key_valid.astype(bool), bq, bk)
+    q_slots = jnp.asarray(q_slots, jnp.int32)
+    if segments is None:
+        seg_k = key_valid.astype(jnp.int32)
+        seg_q = jnp.ones((q.shape[0], q.shape[1]), jnp.int32)
+    else:
+        seg_k = jnp.where(key_valid, segments, 0).astype(jnp.int32)
+        seg_q = jnp.take(segments, q_slots, axis=1).astype(jnp.int32)
+    return _flash(q, k, v, q_slots, seg_q, seg_k, bq, bk)
 
 
 def _splash_kernel(t_pad: int, groups: int, block: int, interpret: bool):
@@ -199,7 +215,7 @@ def _splash_kernel(t_pad: int, groups: int, block: int, interpret: bool):
     return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret), sk.SegmentIds
 
 
-def splash_attention(q, k, v, key_valid, *, block: int = 512, interpret: bool | None = None):
+def splash_attention(q, k, v, key_valid, *, block: int = 512, interpret: bool | None = None, segments=None):
     """Pallas splash attention (TPU kernel; `interpret` runs it in Pallas' interpreter elsewhere) for
     a whole sequence without a cache: query t sees key s iff s <= t and both are real (padding is a
     separate segment, so a real query never sees a padded key). q [B, T, H, Dh], k, v [B, T, K, Dh],
@@ -211,14 +227,15 @@ def splash_attention(q, k, v, key_valid, *, block: int = 512, interpret: bool | 
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     t_pad = -(-t // 128) * 128
-    kernel, segments = _splash_kernel(t_pad, g, block, interpret)
+    kernel, segment_ids = _splash_kernel(t_pad, g, block, interpret)
     pad = lambda x: _pad(x, 1, t_pad)  # noqa: E731
-    seg = pad(key_valid.astype(jnp.int32))  # padded tail: segment 0, like left padding
+    # padded tail: segment 0, like left padding; packed rows: their segment ids (0 where padded)
+    seg = pad(key_valid.astype(jnp.int32) if segments is None else jnp.where(key_valid, segments, 0).astype(jnp.int32))
     qg = pad(q * jnp.asarray(1.0 / math.sqrt(dh), q.dtype)).reshape(b, t_pad, kv, g, dh).transpose(0, 2, 3, 1, 4)
     kg, vg = (pad(x).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, T, Dh]
 
     def one_row(qr, kr, vr, sr):  # qr [K, G, T, Dh], kr / vr [K, T, Dh], sr [T]
-        ids = segments(q=sr, kv=sr)
+        ids = segment_ids(q=sr, kv=sr)
         return jax.vmap(lambda a, c, d: kernel(a, c, d, segment_ids=ids))(qr, kr, vr)
 
     out = jax.vmap(one_row)(qg, kg, vg, seg)  # [B, K, G, T, Dh]
@@ -299,14 +316,19 @@ def decode_attention(q, cache_k, cache_v, layer, q_slots, key_valid):
 
 
 def attention(q, k, v, q_slots, key_valid, impl: str = "naive", block: int = 512, *, cached: bool = False,
-              layout=None):
+              layout=None, segments=None):
     """Dispatch to the implementation `resolve` names. `cached`: keys come from a KV cache (slots
     beyond this call's queries). `layout` (the step's `sharding.layout_fn`, optional): on a mesh, the
-    splash kernel runs under shard_map over the batch axes."""
+    splash kernel runs under shard_map over the batch axes. segments [B, S] int (packed rows, whole
+    sequences only): a query sees only keys of its own segment."""
     which = resolve(impl, q.shape[1], k.shape[1], cached=cached, head_dim=q.shape[-1])
     if which == "naive":
-        return naive_attention(q, k, v, q_slots, key_valid)
+        return naive_attention(q, k, v, q_slots, key_valid, segments)
     if which == "splash":
-        fn = functools.partial(splash_attention, block=block)
-        return fn(q, k, v, key_valid) if layout is None else _on_mesh(fn, layout, q, k, v, key_valid)
-    return blockwise_attention(q, k, v, q_slots, key_valid, block_q=block, block_k=block)
+        if segments is None:
+            fn = functools.partial(splash_attention, block=block)
+            return fn(q, k, v, key_valid) if layout is None else _on_mesh(fn, layout, q, k, v, key_valid)
+        fn = lambda q, k, v, kv, sg: splash_attention(q, k, v, kv, block=block, segments=sg)  # noqa: E731
+        return fn(q, k, v, key_valid, segments) if layout is None else _on_mesh(fn, layout, q, k, v, key_valid,
+                                                                                segments)
+    return blockwise_attention(q, k, v, q_slots, key_valid, block_q=block, block_k=block, segments=segments)

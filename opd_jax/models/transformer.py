@@ -97,6 +97,15 @@ class Transformer(nnx.Module):
         (positions P-1 .. P+N-2): the one alignment every loss and teacher score uses."""
         return self.hidden_states(tokens, full_mask)[:, prompt_len - 1:-1]
 
+    def packed_hidden(self, tokens, segments, positions):
+        """Final hidden states [R, L, D] of packed rows: tokens [R, L] hold whole sequences end to end,
+        segments [R, L] int their sequence (1, 2, ... within a row; 0: padding), positions [R, L] each
+        token's position in its own sequence (RoPE restarts at 0). A token attends only to earlier tokens
+        of its own segment, so each sequence gets what a forward pass of it alone gives."""
+        segments = segments.astype(jnp.int32)
+        h, _ = self.run(tokens, positions, jnp.arange(tokens.shape[1]), segments != 0, segments=segments)
+        return h
+
     def output_matrix(self):
         """W_out [D, V] in the compute dtype, so logits = hidden_states @ W_out."""
         w = self.embed[...].T if self.cfg.tie_word_embeddings else self.lm_head[...]
@@ -115,7 +124,7 @@ class Transformer(nnx.Module):
         stacked = {name: getattr(self.layers, name)[...] for name in layer_param_specs(self.cfg)}
         return tuple({name: w[i].astype(dt) for name, w in stacked.items()} for i in range(self.cfg.num_layers))
 
-    def run(self, input_ids, positions, q_slots, key_valid, cache=None, write_index=0, layers=None):
+    def run(self, input_ids, positions, q_slots, key_valid, cache=None, write_index=0, layers=None, segments=None):
         """One pass over all layers.
 
         input_ids [B, T], positions [B, T] (RoPE positions), q_slots [T] (cache slot of each
@@ -123,7 +132,8 @@ class Transformer(nnx.Module):
         [B, L, S, K, Dh], the new keys/values are written at slots write_index..write_index+T-1
         (or, with write_index [B] and T = 1, each row at its own slot) and attention runs over all S
         slots; without a cache S = T. `layers` (from `split_layers`): run the layers unrolled on those
-        weights (the decode loops) instead of one loop over the stacked weights.
+        weights (the decode loops) instead of one loop over the stacked weights. `segments` [B, T] int
+        (packed rows, without a cache): attention stays within each segment (`packed_hidden`).
         Returns (final normed hidden [B, T, D], new cache or None).
         """
         cfg = self.cfg
@@ -174,7 +184,7 @@ class Transformer(nnx.Module):
                     k = from_cache(jax.lax.dynamic_index_in_dim(ck, i, axis=1, keepdims=False), dt)
                     v = from_cache(jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False), dt)
                 o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block,
-                              cached=cache is not None, layout=layout)
+                              cached=cache is not None, layout=layout, segments=segments)
             h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])

@@ -1,0 +1,154 @@
+"""`opd_jax.packing` and the packed forward: first-fit decreasing against a brute-force optimum, each
+packed sequence equal to a forward pass of it alone (attention inside its segment, positions restarted),
+and the packed loss and gradient equal to the padded ones."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from opd_jax.batch import Part
+from opd_jax.config import LossConfig
+from opd_jax.errors import OpdError
+from opd_jax.models.transformer import with_runtime
+from opd_jax.packing import first_fit_decreasing, gather_tokens, pack_part, packed_part, plan_packing
+from opd_jax.train_step import policy_loss
+
+from conftest import tiny_model
+
+
+def _optimum(lengths, budget):
+    """The fewest rows any assignment needs (brute force over every row label)."""
+    n = len(lengths)
+    for rows in range(1, n + 1):
+        for labels in itertools.product(range(rows), repeat=n):
+            load = np.bincount(labels, weights=lengths, minlength=rows)
+            if load.max() <= budget:
+                return rows
+    return n
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_first_fit_decreasing_is_valid_near_optimal_and_first_fit(seed):
+    rng = np.random.RandomState(seed)
+    budget = int(rng.randint(8, 20))
+    lengths = rng.randint(1, budget + 1, size=int(rng.randint(1, 7)))
+    rows = first_fit_decreasing(lengths, budget)
+    assert sorted(i for r in rows for i in r) == list(range(len(lengths)))  # each sequence once
+    assert all(sum(lengths[i] for i in r) <= budget for r in rows)
+    assert len(rows) <= 11 / 9 * _optimum(lengths, budget) + 6 / 9  # FFD's bound
+    # the definition, replayed: longest first, each into the first row that had room at that moment
+    row_of = {i: r for r, members in enumerate(rows) for i in members}
+    load = [0] * len(rows)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = row_of[i]
+        assert all(load[e] + lengths[i] > budget for e in range(r)), "an earlier row had room"
+        assert r == 0 or load[r - 1] > 0  # rows open in order
+        load[r] += lengths[i]
+
+
+def test_too_long_a_sequence_and_too_few_rows_are_one_line_errors():
+    with pytest.raises(OpdError, match="sequence 1 has 9 tokens, more than the packing budget"):
+        first_fit_decreasing([3, 9], 8)
+    with pytest.raises(OpdError, match="need 2 packed rows of 8, more than the 1 compiled"):
+        plan_packing(np.ones((2, 4)), np.ones((2, 3)), 8, rows=1)
+
+
+def _padded(seed=0, n=5, P=6, N=7, vocab=64):
+    """n sequences: prompts left-padded to P (1..P real), completions right-padded to N (1..N real)."""
+    rng = np.random.RandomState(seed)
+    p, c = rng.randint(1, P + 1, n), rng.randint(1, N + 1, n)
+    tokens = rng.randint(3, vocab, (n, P + N)).astype(np.int32)
+    pmask = (np.arange(P)[None] >= P - p[:, None]).astype(np.int32)
+    mask = (np.arange(N)[None] < c[:, None]).astype(np.int32)
+    tokens[:, :P] *= pmask
+    tokens[:, P:] *= mask
+    return tokens, pmask, mask
+
+
+@pytest.mark.parametrize("attention", ["naive", "blockwise", "splash"])
+def test_each_packed_sequence_equals_its_forward_alone(attention):
+    """Positions restart and attention stays inside the segment: every real token's hidden state in the
+    packed rows equals a forward pass over that sequence alone (no padding at all)."""
+    model = with_runtime(tiny_model(3, family="qwen3", num_heads=4, num_kv_heads=2, max_position_embeddings=128),
+                         attention=attention, attention_block=4)
+    tokens, pmask, mask = _padded()
+    pk = plan_packing(pmask, mask, 16)
+    d = pack_part(pk, tokens, pmask, mask)
+    assert pk.rows < tokens.shape[0]  # several sequences share a row
+    packed = np.asarray(model.packed_hidden(jnp.asarray(d["tokens"]), jnp.asarray(d["segments"]),
+                                            jnp.asarray(d["positions"])))
+    P = pmask.shape[1]
+    for i in range(tokens.shape[0]):
+        p, c = pmask[i].sum(), mask[i].sum()
+        alone = np.concatenate([tokens[i, P - p:P], tokens[i, P:P + c]])[None]
+        want = np.asarray(model.hidden_states(jnp.asarray(alone)))[0]
+        got = packed[pk.row[i], pk.start[i]:pk.start[i] + p + c]
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"sequence {i}")
+
+
+def test_a_token_does_not_see_the_other_sequences_of_its_row():
+    model = tiny_model(4)
+    tokens, pmask, mask = _padded(seed=1)
+    pk = plan_packing(pmask, mask, 16)
+    d = pack_part(pk, tokens, pmask, mask)
+    run = lambda t: np.asarray(model.packed_hidden(jnp.asarray(t), jnp.asarray(d["segments"]),  # noqa: E731
+                                                   jnp.asarray(d["positions"])))
+    base = run(d["tokens"])
+    other = d["tokens"].copy()
+    row = pk.row[0]
+    first, last = d["segments"][row] == 1, d["segments"][row] == d["segments"][row].max()
+    assert d["segments"][row].max() >= 2  # the row holds another sequence to change
+    other[row][last] = (other[row][last] + 7) % 60 + 3  # change the last sequence of the row
+    changed = run(other)
+    np.testing.assert_array_equal(changed[row][first], base[row][first])
+    assert np.abs(changed[row][last] - base[row][last]).max() > 1e-3
+
+
+def _teacher_outputs(teacher, part, P, packed):
+    if packed:
+        return teacher.packed_hidden(part.tokens, part.segments, part.positions)[:, :-1]
+    return teacher.completion_hidden(part.tokens, jnp.concatenate([part.prompt_mask, part.mask], 1), P)
+
+
+@pytest.mark.parametrize("estimator,normalize", [("full", "token"), ("full", "sequence"), ("topk", "token"),
+                                                 ("topk", "sequence"), ("sampled", "token"), ("sampled", "sequence")])
+def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize):
+    student, teacher = tiny_model(5, scale=2.0), tiny_model(6, scale=2.0)
+    tokens, pmask, mask = _padded(seed=2, n=6)
+    P = pmask.shape[1]
+    lc = LossConfig(estimator_type=estimator, normalize=normalize, kind="forward_kl", topk=4)
+    slp = np.random.RandomState(0).normal(-2.0, 0.5, mask.shape).astype(np.float32) * mask
+    padded = Part(*(jnp.asarray(x) for x in (tokens, pmask, mask)), sampler_logprobs=jnp.asarray(slp))
+    host = Part(tokens, pmask, mask, sampler_logprobs=slp)
+    pp, pk, where = packed_part(host, 16, normalize=normalize)
+    packed = jax.tree.map(jnp.asarray, pp)
+    assert pk.real_token_fraction > (pmask.sum() + mask.sum()) / tokens.size
+    w_t = teacher.output_matrix()
+    graphdef, params = nnx.split(student)
+
+    def run(part, is_packed):
+        if estimator == "sampled":  # the teacher's log-probs of the sampled tokens
+            h = _teacher_outputs(teacher, part, P, is_packed)
+            lp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", h, w_t), -1)
+            t_out = jnp.take_along_axis(lp, part.tokens[:, -part.mask.shape[1]:, None], -1)[..., 0]
+            tw = None
+        else:
+            t_out, tw = _teacher_outputs(teacher, part, P, is_packed), w_t
+
+        def loss(p):
+            return policy_loss(nnx.merge(graphdef, p), part, lc, P, 1, 1.0, teacher=t_out, teacher_w=tw)
+        return jax.value_and_grad(loss, has_aux=True)(params)
+
+    (l0, m0), g0 = run(padded, False)
+    (l1, m1), g1 = run(packed, True)
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7), g1, g0)
+    np.testing.assert_allclose(np.asarray(m1["row_divergence"]), np.asarray(m0["row_divergence"]), rtol=1e-5, atol=1e-6)
+    assert float(m1["tokens"]) == float(m0["tokens"]) == mask.sum()
+    # the per-token student log-probs come back to their padded places
+    back = gather_tokens(where, np.asarray(packed.mask))
+    np.testing.assert_array_equal(back, mask)
