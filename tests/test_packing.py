@@ -88,6 +88,9 @@ def test_each_packed_sequence_equals_its_forward_alone(attention):
         want = np.asarray(model.hidden_states(jnp.asarray(alone)))[0]
         got = packed[pk.row[i], pk.start[i]:pk.start[i] + p + c]
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"sequence {i}")
+        # RoPE sees only position differences, so the hidden states above would survive a shifted start:
+        # the restart itself is checked on the layout
+        np.testing.assert_array_equal(d["positions"][pk.row[i], pk.start[i]:pk.start[i] + p + c], np.arange(p + c))
 
 
 def test_a_token_does_not_see_the_other_sequences_of_its_row():
