@@ -22,7 +22,8 @@ A packed part (`opd_jax.packing`, data.pack_tokens) holds the same sequences end
 tokens: tokens [R, L], prompt_mask [R, 1] (unused), and every per-token array at the position that
 predicts it, [R, L - 1] (the targets are tokens[:, 1:]), plus
 
-    segments, positions [R, L]    int32   each token's sequence in its row (0: padding) and its position in it
+    segments          [R, L]      int32   each token's sequence in its row (0: padding); positions restart
+                                          at each segment (`transformer.segment_positions`)
     seq_index         [R, L - 1]  int32   the sequence (0 .. n - 1) each target belongs to; n elsewhere
     seq_tokens        [n]         float32 each sequence's completion tokens (per-sequence sums divide by it)
 
@@ -52,7 +53,6 @@ class Part(NamedTuple):
     rewards: object = None
     loss_mask: object = None
     segments: object = None
-    positions: object = None
     seq_index: object = None
     seq_tokens: object = None
 
@@ -90,7 +90,7 @@ class Batch:
 
 class Rows(NamedTuple):
     """One teacher's rows of a batch as the student sampled them: tokens, full_mask [n, P+N] (P =
-    prompt_len), the rows' examples (privileged and cross-tokenizer teachers build their own prompts from
+    prompt_len; packed rows: tokens and segment ids [R, L], the targets tokens[:, 1:]), the rows' examples (privileged and cross-tokenizer teachers build their own prompts from
     them), params: the student's current parameters (self_live teachers score with them), place: host
     [n, ...] -> an array with rows on the batch axes (None: jnp.asarray)."""
 
@@ -100,6 +100,7 @@ class Rows(NamedTuple):
     examples: list | None = None
     params: object = None
     place: Callable | None = None
+    packed: bool = False  # packed rows (`opd_jax.packing`): full_mask holds their segment ids, prompt_len is 1
 
     def take(self, idx) -> "Rows":
         """Rows `idx` (batch row indices) of these rows."""

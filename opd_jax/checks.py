@@ -21,6 +21,7 @@ from opd_jax.errors import OpdError
 from opd_jax.guard import check_guard
 from opd_jax.horizon import check_horizon
 from opd_jax.losses.registry import estimator_for, handover, needs_teachers
+from opd_jax.packing import check_packing
 from opd_jax.teachers import check_privileged
 from opd_jax.xtok_teacher import check_xtok
 
@@ -33,6 +34,7 @@ def check(cfg: Config) -> Config:
         handover(cfg)
     check_xtok(cfg)
     check_horizon(cfg)
+    check_packing(cfg)
     for t in cfg.teachers:
         check_privileged(t)
         if t.path == "self_live":  # the teacher is the learner's current weights

@@ -85,6 +85,9 @@ class DataConfig:
     horizon_schedule: str = "fixed"  # fixed | linear | progressive
     horizon_window: int = 5  # progressive: steps over which the divergence must keep falling
     max_privileged_len: int = 0  # privileged teachers' prompt length in tokens (0: 2 x max_prompt_len)
+    # packed update (opd_jax.packing): whole sequences end to end in rows of this many tokens, so the update
+    # and the teachers compute on real tokens, not padding (0 = padded rows; at least max_prompt_len + max_new_tokens)
+    pack_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,7 @@ _LIMITS = {
     ("data", "rollout_slots"): ("must be >= 1, or 0 for one slot per sampled row", lambda v: v >= 0),
     ("data", "decode_steps_per_call"): _POSITIVE,
     ("data", "max_privileged_len"): ("must be >= 0 (0 = 2 x max_prompt_len)", lambda v: v >= 0),
+    ("data", "pack_tokens"): ("must be >= 0 (0 = padded rows)", lambda v: v >= 0),
     ("loss", "topk"): _POSITIVE, ("loss", "seq_chunk"): _POSITIVE,
     ("loss", "clip_eps"): ("must be > 0", lambda v: v > 0),
     ("loss", "is_cap"): ("must be 0 (no importance weights) or >= 1 (a cap below 1 would shrink every on-policy "

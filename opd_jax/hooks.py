@@ -104,9 +104,14 @@ class Logger:
             rec["rollout/decode_steps"] = ctx.batch.engine.decode_steps
         for t in run.teachers.values():  # e.g. served teachers: what crossed the wire per scored token
             rec.update(t.metrics())
-        if "on" in arrays:
-            rec.update(stop_metrics(arrays["on"].tokens, arrays["on"].mask, run.rollouts.stop))
-            rec["rollout/horizon"] = int(arrays["on"].mask.shape[1])  # new tokens sampled (data.horizon)
+        for name, part in arrays.items():
+            if part.packed:  # the rollouts logged stop rate, horizon and real-token fraction before packing
+                continue
+            if name == "on":
+                rec.update(stop_metrics(part.tokens, part.mask, run.rollouts.stop))
+                rec["rollout/horizon"] = int(part.mask.shape[1])  # new tokens sampled (data.horizon)
+            real = float(np.sum(dist.to_host(part.prompt_mask)) + np.sum(dist.to_host(part.mask)))
+            rec["update/real_token_fraction" + ("" if name == "on" else "_off")] = real / float(np.prod(part.tokens.shape))
         rec.update(ctx.batch.metrics)  # asynchronous runs: staleness histogram, drops, waits, weight sync
         if ctx.evaluating:
             acc, texts, rewards = run.rollouts.evaluate(ctx.state.params, run.eval_examples)
@@ -219,7 +224,8 @@ class HorizonTrace:
     def after_step(self, ctx: StepContext):
         import json
 
-        h = int(ctx.batch.arrays["on"].mask.shape[1])
+        on = ctx.batch.arrays["on"]
+        h = int(ctx.batch.metrics["rollout/horizon"] if on.packed else on.mask.shape[1])
         d = float(ctx.metrics["on_policy/divergence"])  # one host read per step: the next step's length needs it
         if dist.is_main():
             with self.path.open("a") as f:

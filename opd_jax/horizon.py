@@ -129,19 +129,25 @@ def truncate(roll, prompt_len: int, h: int):
 
 
 class UpdatePrograms:
-    """The update, one compiled program per completion length of the on-policy part: `full` (the fit
-    check's, for max_new_tokens) and others compiled by `compile_for(h)` when a horizon first uses
-    them. Called like an `UpdateProgram`."""
+    """The update, one compiled program per shape of the batch's parts: `full` (the fit check's, for
+    `full_shapes`) and others compiled by `compile_for(shapes)` when a step first brings them: a shorter
+    horizon (the on-policy rows' length), or packed rows (data.pack_tokens: the row count first fit
+    needed that step). shapes: {part: its tokens' shape}. Called like an `UpdateProgram`."""
 
-    def __init__(self, full, n_new: int, compile_for):
-        self.programs = {n_new: full}
+    def __init__(self, full, full_shapes: dict, compile_for):
+        self.programs = {self.key(full_shapes): full}
         self.full, self.compile_for = full, compile_for
+
+    @staticmethod
+    def key(shapes: dict) -> tuple:
+        return tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
 
     def __getattr__(self, name):  # batch_sh, teacher_w_sh, memory(), flops(): the full program's
         return getattr(self.full, name)
 
     def __call__(self, state, batch, teacher_w=None):
-        n = batch["on"].mask.shape[1] if "on" in batch else None
-        if n is not None and n not in self.programs:
-            self.programs[n] = self.compile_for(n)
-        return (self.programs[n] if n is not None else self.full)(state, batch, teacher_w)
+        shapes = {k: p.tokens.shape for k, p in batch.items()}
+        k = self.key(shapes)
+        if k not in self.programs:
+            self.programs[k] = self.compile_for(shapes)
+        return self.programs[k](state, batch, teacher_w)

@@ -28,6 +28,35 @@ import numpy as np
 from opd_jax.errors import OpdError
 
 
+def check_packing(cfg):
+    """One-line refusals for data.pack_tokens with what the packed update does not handle yet: sums that run
+    along a row (sampled level sequence, the leave-one-out baseline, RL advantages), teachers that do not
+    score packed rows in this process (served, cross-tokenizer, privileged prompts), several teachers in
+    one step; and a budget below the longest possible sequence."""
+    from opd_jax.losses.registry import needs_teachers, uses_rl
+
+    dc, lc = cfg.data, cfg.loss
+    if not dc.pack_tokens:
+        return
+    longest = dc.max_prompt_len + dc.max_new_tokens
+    if dc.pack_tokens < longest:
+        raise OpdError(f"data.pack_tokens {dc.pack_tokens} is shorter than the longest sequence (max_prompt_len + "
+                       f"max_new_tokens = {longest}); use at least {longest}, or 0 for padded rows")
+    why = ("RL terms (loss.rl_alpha < 1 or rl_mode replace: per-sequence advantages)" if uses_rl(lc) else
+           "loss.level sequence (its reward-to-go runs along a row)" if lc.estimator_type == "sampled"
+           and lc.level == "sequence" else
+           "loss.baseline loo (it averages over other rows)" if lc.baseline == "loo" else None)
+    used = sorted(set(cfg.routing.values())) if needs_teachers(lc) else []
+    if why is None and len(used) > 1:
+        why = f"several teachers in one step ({', '.join(used)})"
+    for t in cfg.teachers:
+        if why is None and t.name in used and (getattr(t, "url", None) or getattr(t, "tokenizer", None)
+                                                or getattr(t, "privileged", None)):
+            why = f"teacher {t.name!r} (served, with its own tokenizer or a privileged prompt)"
+    if why:
+        raise OpdError(f"data.pack_tokens does not support {why} yet; set data.pack_tokens 0")
+
+
 def first_fit_decreasing(lengths, budget: int) -> list[list[int]]:
     """Bins (rows) of sequence indices, each summing to at most `budget` tokens: sequences in order of
     decreasing length (ties: lower index first), each into the first row it fits, else a new row.
@@ -174,5 +203,5 @@ def packed_part(part, budget: int, *, rows: int | None = None, normalize: str = 
         loss_mask = np.where(d["mask"] > 0, 1.0 / np.maximum(per, 1.0), 0.0).astype(np.float32)
     slp = None if part.sampler_logprobs is None else scatter_tokens(d["where"], part.sampler_logprobs, grid)
     out = Part(d["tokens"], np.ones((grid[0], 1), np.int32), d["mask"], None, slp, None, loss_mask,
-               d["segments"], d["positions"], d["seq_index"], seq_tokens)
+               d["segments"], d["seq_index"], seq_tokens)
     return out, pk, d["where"]

@@ -21,6 +21,7 @@ from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.engine import Engine, EngineSpec
 from opd_jax.evaluate import decode_completions, per_domain, rewards_for
+from opd_jax.hooks import stop_metrics
 from opd_jax.horizon import horizon_tokens, truncate
 from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import uses_rl
@@ -72,6 +73,7 @@ class Rollouts:
     handover: str = "logprobs"  # what the teachers hand over (StepSpec.handover, losses.registry.handover)
     progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (state: TrainState.horizon)
     cross: bool = False  # some teacher scores in its own tokens (loss.cross_tokenizer): parts carry a loss_mask
+    pack_unit: tuple = (1, 1)  # data.pack_tokens: (row unit, batch shards), `update_compile.pack_unit`
 
     # ---------------------------------------------------------------- pieces
     def _global(self, x):
@@ -168,11 +170,41 @@ class Rollouts:
         part = Part(roll.tokens, pmask, roll.mask, sampler_logprobs=roll.logprobs,
                     rewards=self._global(np.zeros(len(rep), np.float32) if rewards is None else rewards))
         timer.mark("host")
+        packing = {}
+        if self.data.pack_tokens:  # what the Logger reads from a padded part, before the rows are packed
+            packing = {**stop_metrics(roll.tokens, roll.mask, self.stop), "rollout/horizon": int(roll.mask.shape[1])}
         part, metrics = self._scored(part, rep, params, timer)
-        return part, texts, rewards, metrics
+        return part, texts, rewards, {**metrics, **packing}
 
-    def _scored(self, part: Part, examples, params, timer: PhaseTimer, prefix: str = "xtok"):
-        """`part` with its teachers' hand-over (and, across tokenizers, its loss mask) -> (part, metrics)."""
+    def _pack(self, part: Part, name: str) -> tuple[Part, dict]:
+        """data.pack_tokens: the part's sequences packed end to end (`opd_jax.packing`; host-side, so the
+        masks come to the host every step) in rows rounded as `update_compile.packed_rows` says -> (packed
+        part, metrics)."""
+        from opd_jax.packing import packed_part, plan_packing
+
+        host = Part(*(None if x is None else dist.to_host(x) for x in
+                      (part.tokens, part.prompt_mask, part.mask, None, part.sampler_logprobs)))
+        from opd_jax.update_compile import packed_rows
+
+        need = plan_packing(host.prompt_mask, host.mask, self.data.pack_tokens).rows  # first fit's row count
+        rows = packed_rows(need, host.tokens.shape[0], *self.pack_unit)
+        packed, pk, _ = packed_part(host, self.data.pack_tokens, rows=rows, normalize=self.loss.normalize,
+                                    pad_id=self.prompter.tokenizer.pad_token_id or 0)
+        key = "update/real_token_fraction" + ("" if name == "on" else "_off")
+        return jax.tree.map(self._global, packed), {key: pk.real_token_fraction}
+
+    def _scored(self, part: Part, examples, params, timer: PhaseTimer, prefix: str = "xtok", name: str = "on"):
+        """`part` with its teachers' hand-over (and, across tokenizers, its loss mask) -> (part, metrics);
+        with data.pack_tokens the part is packed first and the teachers score the packed rows."""
+        if self.data.pack_tokens:
+            part, pack_metrics = self._pack(part, name)
+            if self.teachers:
+                rows = Rows(part.tokens, part.segments, 1, examples, params, self._global, packed=True)
+                scored = timer.mark("teacher", score_batch(self.teachers, self.rows.groups(part.tokens.shape[0]), rows,
+                                                           what=self.handover, temperature=self.data.temperature,
+                                                           topk=self.loss.topk))
+                return part._replace(teacher=scored.out), pack_metrics
+            return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), pack_metrics
         if not self.teachers:
             return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), {}
         scored = timer.mark("teacher", self.score(part.tokens, part.prompt_mask, part.mask, examples=examples,
@@ -190,7 +222,7 @@ class Rollouts:
         tokens, pmask, amask = (self._global(x) for x in encode_pairs(
             self.prompter, examples, [e.answer for e in examples], dc.max_prompt_len, dc.max_new_tokens))
         timer.mark("host")
-        return self._scored(Part(tokens, pmask, amask), examples, params, timer, prefix="xtok_off")
+        return self._scored(Part(tokens, pmask, amask), examples, params, timer, prefix="xtok_off", name="off")
 
     def collect(self, step: int, state, *, decode: bool | None = None, timer: PhaseTimer = NO_TIMER) -> Batch:
         """Step `step`'s batch for the update: its prompts (data position `step`), sampled from

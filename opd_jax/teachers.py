@@ -65,7 +65,7 @@ class LocalTeacher:
                 raise OpdError(f"teacher {self.name!r} is self_live but no current parameters were given")
             t = dataclasses.replace(self, state=rows.params)
         return Scored(teacher_forward(t, rows.tokens, rows.full_mask, prompt_len=rows.prompt_len,
-                                      temperature=temperature, what=what, topk=topk))
+                                      temperature=temperature, what=what, topk=topk, packed=rows.packed))
 
     def output_matrix(self):
         return self.w
@@ -232,10 +232,12 @@ def _load_teacher(spec, student, mesh, rules, tokenizer, roles, privileged_rows,
     return local
 
 
-def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0, layout=None):
+def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what, topk=0, layout=None,
+            packed=False):
     """Teacher outputs at the completion positions (no gradient).
 
-    tokens, full_mask [B, P+N]. what="hidden": [B, N, D_t] final normed hidden states in the compute
+    tokens, full_mask [B, P+N]; packed (`opd_jax.packing`): tokens and segment ids [R, L], the outputs at
+    the [R, L - 1] positions that predict tokens[:, 1:]. what="hidden": [B, N, D_t] final normed hidden states in the compute
     dtype (the loss applies the output matrix `Teacher.w` and the temperature chunk by chunk, so no
     [B, N, V] array exists); "logits": [B, N, V] float32 raw logits (small models and tests only);
     "logprobs": [B, N] log q_T(y_t) of the sampled tokens at the temperature; "topk": (log-probs
@@ -244,7 +246,10 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     """
     model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
     with activation_layout(layout):  # on a mesh: rows stay on the batch axes through every layer
-        h = model.completion_hidden(tokens, full_mask, prompt_len)
+        h = (model.packed_hidden(tokens, full_mask)[:, :-1] if packed
+             else model.completion_hidden(tokens, full_mask, prompt_len))
+    if packed:
+        prompt_len = 1  # the targets: tokens[:, 1:]
     if layout is not None:
         h = layout(h, ("batch", None, None))
     if what == "hidden":
@@ -263,23 +268,24 @@ def _scores(graphdef, state, tokens, full_mask, *, prompt_len, temperature, what
     return chunked_topk(h, w, topk, temperature=temperature)
 
 
-teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk"))
+teacher_scores = jax.jit(_scores, static_argnames=("graphdef", "prompt_len", "temperature", "what", "topk", "packed"))
 
 
-def teacher_forward(t: LocalTeacher, tokens, full_mask, *, prompt_len, temperature, what, topk=0):
+def teacher_forward(t: LocalTeacher, tokens, full_mask, *, prompt_len, temperature, what, topk=0, packed=False):
     """`teacher_scores` for one local teacher; on a mesh, jitted with explicit shardings: the teacher's
     parameters as placed, tokens / mask / outputs with rows over the batch mesh axes, activations
     constrained by the teacher's own rules (`mesh.teacher_rules`)."""
     if t.mesh is None:
         return teacher_scores(t.graphdef, t.state, tokens, full_mask, prompt_len=prompt_len, temperature=temperature,
-                              what=what, topk=topk)
+                              what=what, topk=topk, packed=packed)
     from opd_jax.sharding import placed
 
-    fn, in_sh = teacher_program(t, tokens.shape, prompt_len=prompt_len, temperature=temperature, what=what, topk=topk)
+    fn, in_sh = teacher_program(t, tokens.shape, prompt_len=prompt_len, temperature=temperature, what=what, topk=topk,
+                                packed=packed)
     return fn(t.state, placed(tokens, in_sh), placed(full_mask, in_sh))
 
 
-def teacher_program(t: LocalTeacher, shape, *, prompt_len, temperature, what, topk=0):
+def teacher_program(t: LocalTeacher, shape, *, prompt_len, temperature, what, topk=0, packed=False):
     """(jitted forward, token sharding) of teacher `t` on its mesh for tokens of `shape` [B, P+N]."""
     from opd_jax.sharding import rows_sharding
 
@@ -291,17 +297,18 @@ def teacher_program(t: LocalTeacher, shape, *, prompt_len, temperature, what, to
         out_sh = (rows_sharding(rows, 3, t.mesh, rules),) * 2
     state_sh, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, t.state))
     return _sharded_scores(t.graphdef, treedef, tuple(state_sh), in_sh, out_sh, prompt_len, temperature, what, topk,
-                           t.mesh, t.rules), in_sh
+                           t.mesh, t.rules, packed), in_sh
 
 
 @functools.lru_cache(maxsize=64)
-def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk, mesh, rules):
+def _sharded_scores(graphdef, treedef, state_sh, in_sh, out_sh, prompt_len, temperature, what, topk, mesh, rules,
+                    packed=False):
     """One jitted teacher forward per (architecture, placement, settings): teachers of one shape (and
     a rebuilt run) share the compiled program."""
     from opd_jax.sharding import layout_fn
 
     return jax.jit(functools.partial(_scores, graphdef, prompt_len=prompt_len, temperature=temperature, what=what,
-                                     topk=topk, layout=layout_fn(mesh, dict(rules) or None)),
+                                     topk=topk, layout=layout_fn(mesh, dict(rules) or None), packed=packed),
                    in_shardings=(jax.tree.unflatten(treedef, state_sh), in_sh, in_sh), out_shardings=out_sh)
 
 

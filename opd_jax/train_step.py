@@ -109,7 +109,7 @@ def policy_loss(model, b, lc, prompt_len: int, group_size: int, temperature: flo
     (FSDP), so the [rows, chunk, V] logits are formed per row shard, never for the whole batch. b: a
     `batch.Part`; handover / cross: as `StepSpec` (cross: this teacher scores in its own tokens)."""
     if b.packed:  # whole sequences end to end: the hidden state at column j predicts token j + 1
-        h = model.packed_hidden(b.tokens, b.segments, b.positions)[:, :-1]
+        h = model.packed_hidden(b.tokens, b.segments)[:, :-1]
     else:
         h = model.completion_hidden(b.tokens, jnp.concatenate([b.prompt_mask, b.mask], axis=1), prompt_len)
     w = model.output_matrix()

@@ -72,18 +72,53 @@ def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
             for n, idx in rl.groups(rows).items()}
 
 
-def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> dict:
+def pack_unit(rl: RowLayout, mesh, rules=None, micro: int = 0) -> tuple[int, int]:
+    """data.pack_tokens: packed rows come in multiples of `unit`: the domains (each teacher's rows are whole
+    domain blocks) and the micro-batch rows; and of `unit` x the batch shards of `mesh` (rows split evenly)
+    when that is no more rows than the padded part. -> (unit, batch shards)."""
+    import math
+
+    spec = shd.rows_spec(1 << 20, 1, mesh, rules)[0]
+    axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
+    return math.lcm(len(rl.domains), micro or 1), math.prod(mesh.shape[a] for a in axes)
+
+
+def packed_rows(need: int, padded: int, unit: int, shards: int) -> int:
+    """The packed rows of a part whose sequences first fit into `need` rows (`pack_unit`'s rounding)."""
+    import math
+
+    even = -(-need // math.lcm(unit, shards)) * math.lcm(unit, shards)
+    return even if even <= padded else max(unit, -(-need // unit) * unit)
+
+
+def packed_rows_max(cfg, rl: RowLayout, unit: int, shards: int) -> dict:
+    """data.pack_tokens: the most packed rows a part can need (every sequence alone in its row: as many rows
+    as the padded part) -> {part: (rows, pack_tokens)}, the shapes the fit check compiles; a step compiles
+    the smaller row counts it brings."""
+    return {part: (packed_rows(rl.rows(part), rl.rows(part), unit, shards), cfg.data.pack_tokens) for part in rl.parts}
+
+
+def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None, shapes: dict | None = None) -> dict:
     """The update's batch {"on": Part, "off": Part} of jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy);
-    n_on: the on-policy part's completion length (a rollout horizon, `opd_jax.horizon`; default N)."""
+    n_on: the on-policy part's completion length (a rollout horizon, `opd_jax.horizon`; default N); shapes:
+    {part: its tokens' shape} (a horizon's length, or with data.pack_tokens the packed rows [R, L])."""
     dc = cfg.data
     P = dc.max_prompt_len
     sds = jax.ShapeDtypeStruct
     out = {}
     for part in rl.parts:
         b = rl.rows(part)
-        N = n_on if part == "on" and n_on else dc.max_new_tokens
-        cross = needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers())  # covered positions
         on = part == "on"
+        if dc.pack_tokens:  # packed rows (`opd_jax.packing`): per-token arrays at the [R, L - 1] targets
+            R, L = shapes[part]
+            t = sds((R, L - 1), jnp.float32)
+            out[part] = Part(sds((R, L), jnp.int32), sds((R, 1), jnp.int32), sds((R, L - 1), jnp.int32),
+                             teacher_outputs(cfg, rl, R, L - 1, tcfgs), t if on else None, None,
+                             t if cfg.loss.normalize == "sequence" else None, sds((R, L), jnp.int32),
+                             sds((R, L - 1), jnp.int32), sds((b,), jnp.float32))
+            continue
+        N = (shapes[part][1] - P if shapes else n_on if on and n_on else dc.max_new_tokens)
+        cross = needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers())  # covered positions
         out[part] = Part(sds((b, P + N), jnp.int32), sds((b, P), jnp.int32), sds((b, N), jnp.int32),
                          teacher_outputs(cfg, rl, b, N, tcfgs), sds((b, N), jnp.float32) if on else None,
                          sds((b,), jnp.float32) if on else None, sds((b, N), jnp.int32) if cross else None)
@@ -91,11 +126,13 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None) -> 
 
 
 def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: RowLayout, mesh, unroll: bool = False,
-                       n_on: int | None = None):
+                       n_on: int | None = None, batch_shapes: dict | None = None):
     """Compile the run's update for `mesh` from shapes (`params`: arrays or ShapeDtypeStructs): the
     one executable the trainer runs and the fit check measures. -> train_step.UpdateProgram."""
     scfg = model_config(cfg.student)
     tcfgs = teacher_configs(cfg, scfg, rl)
+    if cfg.data.pack_tokens and batch_shapes is None:  # the fit check: the most rows a step can need
+        batch_shapes = packed_rows_max(cfg, rl, *pack_unit(rl, mesh, shd.rules_named(cfg.mesh.rules), spec.micro))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, shapes), jax.ShapeDtypeStruct((), jnp.int32),
                                 jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
@@ -114,5 +151,5 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
             teacher_w[n] = w if n not in cross else {"w": w, "map": jax.ShapeDtypeStruct(
                 (v,), jnp.int32, sharding=shd.replicated(mesh))}
     with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
-        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, n_on),
+        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, n_on, batch_shapes),
                               teacher_w, mesh=mesh, rules=shd.rules_named(cfg.mesh.rules))

@@ -86,7 +86,7 @@ def main():
     def step(params, t_params, b):
         t = nnx.merge(t_graphdef, t_params)
         if b.packed:
-            th = t.packed_hidden(b.tokens, b.segments, b.positions)[:, :-1]
+            th = t.packed_hidden(b.tokens, b.segments)[:, :-1]
         else:
             th = t.completion_hidden(b.tokens, jnp.concatenate([b.prompt_mask, b.mask], 1), P)
         th, tw = jax.lax.stop_gradient(th), jax.lax.stop_gradient(t.output_matrix())

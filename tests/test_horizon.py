@@ -80,7 +80,8 @@ def test_decoding_stops_at_the_horizon_and_each_length_compiles_once(tmp_path):
     assert [r["rollout/horizon"] for r in records] == hs
     assert all(r["rollout/decode_steps"] <= h for r, h in zip(records, hs))
     assert TRACES["update"] - before == len(set(hs) - {8})
-    assert set(run.update.programs) == set(hs)
+    P = run.cfg.data.max_prompt_len  # one program per on-policy length (keyed by the parts' shapes)
+    assert {dict(k)["on"][1] - P for k in run.update.programs} == set(hs)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -13,7 +13,7 @@ from flax import nnx
 from opd_jax.batch import Part
 from opd_jax.config import LossConfig
 from opd_jax.errors import OpdError
-from opd_jax.models.transformer import with_runtime
+from opd_jax.models.transformer import segment_positions, with_runtime
 from opd_jax.packing import first_fit_decreasing, gather_tokens, pack_part, packed_part, plan_packing
 from opd_jax.train_step import policy_loss
 
@@ -79,8 +79,9 @@ def test_each_packed_sequence_equals_its_forward_alone(attention):
     pk = plan_packing(pmask, mask, 16)
     d = pack_part(pk, tokens, pmask, mask)
     assert pk.rows < tokens.shape[0]  # several sequences share a row
-    packed = np.asarray(model.packed_hidden(jnp.asarray(d["tokens"]), jnp.asarray(d["segments"]),
-                                            jnp.asarray(d["positions"])))
+    packed = np.asarray(model.packed_hidden(jnp.asarray(d["tokens"]), jnp.asarray(d["segments"])))
+    np.testing.assert_array_equal(np.asarray(segment_positions(jnp.asarray(d["segments"])))[d["segments"] > 0],
+                                  d["positions"][d["segments"] > 0])  # derived on device = the host layout
     P = pmask.shape[1]
     for i in range(tokens.shape[0]):
         p, c = pmask[i].sum(), mask[i].sum()
@@ -113,7 +114,7 @@ def test_a_token_does_not_see_the_other_sequences_of_its_row():
 
 def _teacher_outputs(teacher, part, P, packed):
     if packed:
-        return teacher.packed_hidden(part.tokens, part.segments, part.positions)[:, :-1]
+        return teacher.packed_hidden(part.tokens, part.segments)[:, :-1]
     return teacher.completion_hidden(part.tokens, jnp.concatenate([part.prompt_mask, part.mask], 1), P)
 
 
@@ -155,3 +156,65 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize):
     # the per-token student log-probs come back to their padded places
     back = gather_tokens(where, np.asarray(packed.mask))
     np.testing.assert_array_equal(back, mask)
+
+
+# ------------------------------------------------------------------------------------------ in a run
+
+def _one_step(tmp_path, name, extra):
+    from opd_jax.config import load_config
+    from opd_jax.run import build_run
+
+    from conftest import host, random_teacher, run_steps, tiny_overrides
+
+    over = tiny_overrides(tmp_path / name, **{"train.steps": 1, "optim.name": "sgd", "optim.lr": 1.0,
+                                              **random_teacher(tmp_path / f"{name}_t"), **extra})
+    run = build_run(load_config(None, over))
+    before, batch = host(run.init.params), run.rollouts.collect(0, run.init)  # the step's batch, as it trains
+    state, rec = run_steps(run, 1)
+    return run, jax.tree.map(lambda a, b: a - b, host(state.params), before), rec, batch  # -lr x the gradient
+
+
+@pytest.mark.parametrize("extra", [{}, {"loss.estimator_type": "sampled", "loss.normalize": "sequence"},
+                                   {"loss.lam": 0.5, "loss.estimator_type": "topk"}],
+                         ids=["full", "sampled-sequence", "gkd-topk"])
+def test_a_packed_training_step_equals_the_padded_one(tmp_path, extra):
+    """The same sampled rows (sampling does not depend on packing), scored by the teacher on packed rows and
+    trained on them: the logged loss and divergence and the SGD step (the gradient) equal the padded run's."""
+    pad_run, pad, rec0, b0 = _one_step(tmp_path, "padded", extra)
+    d = pad_run.cfg.data
+    L = 2 * (d.max_prompt_len + d.max_new_tokens)
+    run, packed, rec1, b1 = _one_step(tmp_path, "packed", {**extra, "data.pack_tokens": L})
+    for k in ("loss", "on_policy/divergence", "on_policy/tokens", "rollout/eos_rate", "rollout/horizon"):
+        assert rec1[k] == pytest.approx(rec0[k], rel=1e-5, abs=1e-7), k
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(pad))
+    assert scale > 1e-4  # the step moved the parameters
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), packed, pad)
+    assert all(p.packed for p in b1.arrays.values()) and not any(p.packed for p in b0.arrays.values())
+    on0, on1 = b0.arrays["on"], b1.arrays["on"]
+    real = int(np.asarray(on0.prompt_mask).sum() + np.asarray(on0.mask).sum())
+    assert rec0["update/real_token_fraction"] == pytest.approx(real / on0.tokens.size)  # counted by hand
+    assert int((np.asarray(on1.segments) > 0).sum()) == real  # the same tokens, packed
+    assert rec1["update/real_token_fraction"] == pytest.approx(real / on1.tokens.size)
+    assert on1.tokens.shape[1] == L and on1.tokens.shape[0] % run.rollouts.pack_unit[0] == 0
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"data.pack_tokens": 10}, "data.pack_tokens 10 is shorter than the longest sequence"),
+    ({"loss.rl_alpha": 0.5, "loss.estimator_type": "sampled"}, "does not support RL terms"),
+    ({"loss.estimator_type": "sampled", "loss.level": "sequence"}, "does not support loss.level sequence"),
+    ({"loss.estimator_type": "sampled", "loss.baseline": "loo"}, "does not support loss.baseline loo"),
+    ({"teachers": "[{name: a, path: self}, {name: b, path: self}]", "routing": "{addition: a, reverse: b, sort: b}"},
+     "does not support several teachers in one step \\(a, b\\)"),
+    ({"teachers": "[{name: s, url: 'http://127.0.0.1:9'}]", "routing": "{addition: s, reverse: s, sort: s}",
+      "loss.estimator_type": "sampled"}, "does not support teacher 's'"),
+])
+def test_what_packing_does_not_handle_yet_is_refused_in_one_line(tmp_path, extra, message):
+    from opd_jax.checks import check
+    from opd_jax.config import load_config
+
+    from conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"data.pack_tokens": 64, **extra}))
+    with pytest.raises(OpdError, match=message) as err:
+        check(cfg)
+    assert "\n" not in str(err.value)

@@ -97,12 +97,14 @@ class Transformer(nnx.Module):
         (positions P-1 .. P+N-2): the one alignment every loss and teacher score uses."""
         return self.hidden_states(tokens, full_mask)[:, prompt_len - 1:-1]
 
-    def packed_hidden(self, tokens, segments, positions):
+    def packed_hidden(self, tokens, segments, positions=None):
         """Final hidden states [R, L, D] of packed rows: tokens [R, L] hold whole sequences end to end,
         segments [R, L] int their sequence (1, 2, ... within a row; 0: padding), positions [R, L] each
-        token's position in its own sequence (RoPE restarts at 0). A token attends only to earlier tokens
-        of its own segment, so each sequence gets what a forward pass of it alone gives."""
+        token's position in its own sequence (RoPE restarts at 0; default `segment_positions`). A token
+        attends only to earlier tokens of its own segment, so each sequence gets what a forward pass of
+        it alone gives."""
         segments = segments.astype(jnp.int32)
+        positions = segment_positions(segments) if positions is None else positions
         h, _ = self.run(tokens, positions, jnp.arange(tokens.shape[1]), segments != 0, segments=segments)
         return h
 
@@ -251,6 +253,14 @@ def unrolled_layers():
         yield
     finally:
         _UNROLL.reset(token)
+
+
+def segment_positions(segments):
+    """Each token's position within its segment, for rows of contiguous segments [R, L] -> [R, L] int32:
+    t minus the column where its segment starts (a segment starts where the id changes)."""
+    t = jnp.arange(segments.shape[-1])
+    change = jnp.concatenate([jnp.ones_like(segments[..., :1], bool), segments[..., 1:] != segments[..., :-1]], -1)
+    return (t - jax.lax.cummax(jnp.where(change, t, 0), axis=segments.ndim - 1)).astype(jnp.int32)
 
 
 def positions_from_mask(mask):
