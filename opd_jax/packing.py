@@ -31,8 +31,8 @@ from opd_jax.errors import OpdError
 def check_packing(cfg):
     """One-line refusals for data.pack_tokens with what the packed update does not handle yet: sums that run
     along a row (sampled level sequence, the leave-one-out baseline, RL advantages), teachers that do not
-    score packed rows in this process (served, cross-tokenizer, privileged prompts), several teachers in
-    one step; and a budget below the longest possible sequence."""
+    score packed rows in this process (served, cross-tokenizer, privileged prompts); and a budget below the
+    longest possible sequence."""
     from opd_jax.losses.registry import needs_teachers, uses_rl
 
     dc, lc = cfg.data, cfg.loss
@@ -47,8 +47,6 @@ def check_packing(cfg):
            and lc.level == "sequence" else
            "loss.baseline loo (it averages over other rows)" if lc.baseline == "loo" else None)
     used = sorted(set(cfg.routing.values())) if needs_teachers(lc) else []
-    if why is None and len(used) > 1:
-        why = f"several teachers in one step ({', '.join(used)})"
     for t in cfg.teachers:
         if why is None and t.name in used and (getattr(t, "url", None) or getattr(t, "tokenizer", None)
                                                 or getattr(t, "privileged", None)):
@@ -183,25 +181,46 @@ def gather_tokens(where, y, fill=0):
     return jnp.where(mask, got, fill) if not isinstance(y, np.ndarray) else np.where(mask, got, fill)
 
 
-def packed_part(part, budget: int, *, rows: int | None = None, normalize: str = "token", pad_id: int = 0):
+def packed_part(part, budget: int, *, rows: int | None = None, blocks: int = 1, normalize: str = "token",
+                pad_id: int = 0):
     """A padded `batch.Part` (host arrays; its teacher field is left out: teachers score the packed rows)
-    -> (the packed Part, its Packing, where). normalize="sequence": loss_mask holds 1 / (the target's
-    sequence's completion tokens), so the token-normalised loss of the packed part is the padded part's
-    sequence-normalised one. Per-token arrays (sampler log-probs) move to the target grid."""
+    -> (the packed Part, its real-token fraction, where). The part's rows are `blocks` equal blocks (its
+    domains, each routed to one teacher), each packed on its own into `rows` rows (None: as many as the
+    fullest block needs), so the packed rows are `blocks` equal blocks too and every teacher's rows stay
+    whole blocks. normalize="sequence": loss_mask holds 1 / (the target's sequence's completion tokens),
+    so the token-normalised loss of the packed part is the padded part's sequence-normalised one.
+    Per-token arrays (sampler log-probs) move to the target grid; seq_index counts sequences over the
+    whole part (n elsewhere)."""
     from opd_jax.batch import Part
 
     if part.loss_mask is not None:
         raise OpdError("packing (data.pack_tokens) does not take a part with its own loss mask (a teacher that "
                        "scores in its own tokens); set data.pack_tokens 0")
-    pk = plan_packing(part.prompt_mask, part.mask, budget, rows)
-    d = pack_part(pk, part.tokens, part.prompt_mask, part.mask, pad_id)
+    n = part.tokens.shape[0]
+    r = n // blocks
+    cut = [slice(b * r, (b + 1) * r) for b in range(blocks)]
+    if rows is None:
+        rows = max(1, max(plan_packing(part.prompt_mask[c], part.mask[c], budget).rows for c in cut))
+    pieces, seq_tokens, real = [], [], 0
+    where_r, where_c = np.full(part.mask.shape, -1, np.int64), np.full(part.mask.shape, -1, np.int64)
+    for b, c in enumerate(cut):
+        pk = plan_packing(part.prompt_mask[c], part.mask[c], budget, rows)
+        d = pack_part(pk, part.tokens[c], part.prompt_mask[c], part.mask[c], pad_id)
+        d["seq_index"] = np.where(d["seq_index"] < r, d["seq_index"] + b * r, n).astype(np.int32)
+        wr, wc = d["where"]
+        where_r[c], where_c[c] = np.where(wr >= 0, wr + b * rows, -1), wc
+        seq_tokens.append(np.where(pk.row >= 0, pk.completion, 0))
+        real += pk.real_tokens
+        pieces.append(d)
+    d = {k: np.concatenate([x[k] for x in pieces]) for k in ("tokens", "segments", "mask", "seq_index")}
+    where = (where_r, where_c)
     grid = d["mask"].shape
-    seq_tokens = np.where(pk.row >= 0, pk.completion, 0).astype(np.float32)
+    seq_tokens = np.concatenate(seq_tokens).astype(np.float32)
     loss_mask = None
     if normalize == "sequence":
         per = np.append(seq_tokens, 1.0)[d["seq_index"]]
         loss_mask = np.where(d["mask"] > 0, 1.0 / np.maximum(per, 1.0), 0.0).astype(np.float32)
-    slp = None if part.sampler_logprobs is None else scatter_tokens(d["where"], part.sampler_logprobs, grid)
+    slp = None if part.sampler_logprobs is None else scatter_tokens(where, part.sampler_logprobs, grid)
     out = Part(d["tokens"], np.ones((grid[0], 1), np.int32), d["mask"], None, slp, None, loss_mask,
                d["segments"], d["seq_index"], seq_tokens)
-    return out, pk, d["where"]
+    return out, real / (grid[0] * budget), where

@@ -186,12 +186,15 @@ class Rollouts:
                       (part.tokens, part.prompt_mask, part.mask, None, part.sampler_logprobs)))
         from opd_jax.update_compile import packed_rows
 
-        need = plan_packing(host.prompt_mask, host.mask, self.data.pack_tokens).rows  # first fit's row count
-        rows = packed_rows(need, host.tokens.shape[0], *self.pack_unit)
-        packed, pk, _ = packed_part(host, self.data.pack_tokens, rows=rows, normalize=self.loss.normalize,
-                                    pad_id=self.prompter.tokenizer.pad_token_id or 0)
+        blocks = len(self.rows.domains)  # each domain (one teacher's rows) packed on its own, equal blocks
+        r = host.tokens.shape[0] // blocks
+        need = max(plan_packing(host.prompt_mask[b * r:(b + 1) * r], host.mask[b * r:(b + 1) * r],
+                                self.data.pack_tokens).rows for b in range(blocks))  # first fit's row count
+        rows = packed_rows(need, r, blocks, *self.pack_unit)
+        packed, fraction, _ = packed_part(host, self.data.pack_tokens, rows=rows, blocks=blocks,
+                                          normalize=self.loss.normalize, pad_id=self.prompter.tokenizer.pad_token_id or 0)
         key = "update/real_token_fraction" + ("" if name == "on" else "_off")
-        return jax.tree.map(self._global, packed), {key: pk.real_token_fraction}
+        return jax.tree.map(self._global, packed), {key: fraction}
 
     def _scored(self, part: Part, examples, params, timer: PhaseTimer, prefix: str = "xtok", name: str = "on"):
         """`part` with its teachers' hand-over (and, across tokenizers, its loss mask) -> (part, metrics);

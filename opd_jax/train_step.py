@@ -201,7 +201,10 @@ def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     order = np.argsort(np.concatenate([idx for idx in groups.values()]))
     ms = {k: jnp.stack([m[k] for (_, m), _ in outs]) for k in outs[0][0][1]
           if k != "row_divergence" and all(k in m for (_, m), _ in outs)}  # teachers of both kinds: shared metrics
-    row_div = jnp.concatenate([m["row_divergence"] for (_, m), _ in outs])[order]
+    if b.packed:  # per sequence over the whole part: each group's own sequences, zeros elsewhere
+        row_div = sum(m["row_divergence"] for (_, m), _ in outs)
+    else:
+        row_div = jnp.concatenate([m["row_divergence"] for (_, m), _ in outs])[order]
     loss, metrics = _combine(w, jnp.stack([loss for (loss, _), _ in outs]), ms, row_div)
     grads = jax.tree.map(lambda *g: sum(wi * gi.astype(jnp.float32) for wi, gi in zip(w, g)).astype(g[0].dtype),
                          *[g for _, g in outs])
@@ -227,14 +230,15 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cr
     if not micro or micro >= rows:
         return jax.value_and_grad(loss_of, has_aux=True)(params, b)
     n = rows // micro
-    mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b)
+    seq_tokens = b.seq_tokens  # a packed part's per-sequence counts: every micro-batch reads all of them
+    mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b._replace(seq_tokens=None))
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
     w = _shares(_normaliser(mbs.scored_mask, _normalize(spec.lc, b)))
 
     def body(acc, xs):
         bb, wi = xs
-        (loss, m), g = jax.value_and_grad(loss_of, has_aux=True)(params, bb)
+        (loss, m), g = jax.value_and_grad(loss_of, has_aux=True)(params, bb._replace(seq_tokens=seq_tokens))
         acc = jax.tree.map(lambda a, x: a + wi * x.astype(jnp.float32), acc, g)
         return acc, (loss, m)
 

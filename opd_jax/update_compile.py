@@ -73,29 +73,35 @@ def teacher_outputs(cfg, rl: RowLayout, rows: int, n_new: int, tcfgs: dict):
 
 
 def pack_unit(rl: RowLayout, mesh, rules=None, micro: int = 0) -> tuple[int, int]:
-    """data.pack_tokens: packed rows come in multiples of `unit`: the domains (each teacher's rows are whole
-    domain blocks) and the micro-batch rows; and of `unit` x the batch shards of `mesh` (rows split evenly)
-    when that is no more rows than the padded part. -> (unit, batch shards)."""
+    """data.pack_tokens: (the rows each domain block of a packed part comes in multiples of: the micro-batch
+    rows, so every teacher's rows split into whole micro-batches; the batch shards of `mesh`)."""
     import math
 
     spec = shd.rows_spec(1 << 20, 1, mesh, rules)[0]
     axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
-    return math.lcm(len(rl.domains), micro or 1), math.prod(mesh.shape[a] for a in axes)
+    return micro or 1, math.prod(mesh.shape[a] for a in axes)
 
 
-def packed_rows(need: int, padded: int, unit: int, shards: int) -> int:
-    """The packed rows of a part whose sequences first fit into `need` rows (`pack_unit`'s rounding)."""
+def packed_rows(need: int, padded: int, blocks: int, unit: int, shards: int) -> int:
+    """Rows per domain block of a packed part whose fullest block first-fits into `need` rows (`padded`: a
+    block's padded rows): the fewest that are a multiple of `unit`, with blocks x rows also a multiple of
+    `shards` (rows split evenly over the batch shards) while that is no more than the padded rows."""
     import math
 
-    even = -(-need // math.lcm(unit, shards)) * math.lcm(unit, shards)
-    return even if even <= padded else max(unit, -(-need // unit) * unit)
+    def fewest(step):
+        return max(step, -(-need // step) * step)
+
+    even = fewest(math.lcm(unit, shards // math.gcd(shards, blocks)))
+    return even if even <= padded else fewest(unit)
 
 
 def packed_rows_max(cfg, rl: RowLayout, unit: int, shards: int) -> dict:
     """data.pack_tokens: the most packed rows a part can need (every sequence alone in its row: as many rows
     as the padded part) -> {part: (rows, pack_tokens)}, the shapes the fit check compiles; a step compiles
     the smaller row counts it brings."""
-    return {part: (packed_rows(rl.rows(part), rl.rows(part), unit, shards), cfg.data.pack_tokens) for part in rl.parts}
+    n = len(rl.domains)
+    return {part: (n * packed_rows(rl.rows(part) // n, rl.rows(part) // n, n, unit, shards), cfg.data.pack_tokens)
+            for part in rl.parts}
 
 
 def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None, shapes: dict | None = None) -> dict:

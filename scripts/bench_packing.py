@@ -80,7 +80,7 @@ def main():
         n = int(mask.sum(1).max())
         tokens, mask = tokens[:, :P + n], mask[:, :n]
     padded = Part(*(jnp.asarray(x) for x in (tokens, pmask, mask)))
-    host, pk, _ = packed_part(Part(tokens, pmask, mask), args.pack_tokens or P + args.cap)
+    host, fraction, _ = packed_part(Part(tokens, pmask, mask), args.pack_tokens or P + args.cap)
     packed = jax.tree.map(jnp.asarray, host)
 
     def step(params, t_params, b):
@@ -113,7 +113,7 @@ def main():
     print(f"sequences: {args.rows}, completion median {np.median(comp):.0f}, p99 {np.percentile(comp, 99):.0f}, "
           f"max {comp.max()}; real tokens {real}; model {args.layers} x {args.width}, vocab {args.vocab}; "
           f"{jax.device_count()} {jax.default_backend()} device(s)")
-    print(f"real-token fraction: padded {real / tokens.size:.2f}, packed {pk.real_token_fraction:.2f}")
+    print(f"real-token fraction: padded {real / tokens.size:.2f}, packed {fraction:.2f}")
     per = {k: v / (real / 1000) for k, v in ms.items()}
     print(f"update ms per 1k real tokens: padded {per['padded']:.1f}, packed {per['packed']:.1f}, "
           f"ratio {per['padded'] / per['packed']:.2f}x")
