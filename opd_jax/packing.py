@@ -55,6 +55,19 @@ def check_packing(cfg):
         raise OpdError(f"data.pack_tokens does not support {why} yet; set data.pack_tokens 0")
 
 
+def packed_rows(need: int, padded: int, blocks: int, unit: int, shards: int) -> int:
+    """Rows per domain block of a packed part whose fullest block first-fits into `need` rows (`padded`: a
+    block's padded rows): the fewest that are a multiple of `unit`, with blocks x rows also a multiple of
+    `shards` (rows split evenly over the batch shards) while that is no more than the padded rows."""
+    import math
+
+    def fewest(step):
+        return max(step, -(-need // step) * step)
+
+    even = fewest(math.lcm(unit, shards // math.gcd(shards, blocks)))
+    return even if even <= padded else fewest(unit)
+
+
 def first_fit_decreasing(lengths, budget: int) -> list[list[int]]:
     """Bins (rows) of sequence indices, each summing to at most `budget` tokens: sequences in order of
     decreasing length (ties: lower index first), each into the first row it fits, else a new row.

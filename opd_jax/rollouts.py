@@ -178,14 +178,12 @@ class Rollouts:
 
     def _pack(self, part: Part, name: str) -> tuple[Part, dict]:
         """data.pack_tokens: the part's sequences packed end to end (`opd_jax.packing`; host-side, so the
-        masks come to the host every step) in rows rounded as `update_compile.packed_rows` says -> (packed
+        masks come to the host every step) in rows rounded as `packing.packed_rows` says -> (packed
         part, metrics)."""
-        from opd_jax.packing import packed_part, plan_packing
+        from opd_jax.packing import packed_part, packed_rows, plan_packing
 
         host = Part(*(None if x is None else dist.to_host(x) for x in
                       (part.tokens, part.prompt_mask, part.mask, None, part.sampler_logprobs)))
-        from opd_jax.update_compile import packed_rows
-
         blocks = len(self.rows.domains)  # each domain (one teacher's rows) packed on its own, equal blocks
         r = host.tokens.shape[0] // blocks
         need = max(plan_packing(host.prompt_mask[b * r:(b + 1) * r], host.mask[b * r:(b + 1) * r],

@@ -21,6 +21,7 @@ from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import Transformer, unrolled_layers
 from opd_jax.train_step import TrainState, compile_update
 from opd_jax.batch import Part
+from opd_jax.packing import packed_rows
 from opd_jax.horizon import initial_state
 from opd_jax.xtok_teacher import xtok_names
 
@@ -80,19 +81,6 @@ def pack_unit(rl: RowLayout, mesh, rules=None, micro: int = 0) -> tuple[int, int
     spec = shd.rows_spec(1 << 20, 1, mesh, rules)[0]
     axes = () if spec is None else spec if isinstance(spec, tuple) else (spec,)
     return micro or 1, math.prod(mesh.shape[a] for a in axes)
-
-
-def packed_rows(need: int, padded: int, blocks: int, unit: int, shards: int) -> int:
-    """Rows per domain block of a packed part whose fullest block first-fits into `need` rows (`padded`: a
-    block's padded rows): the fewest that are a multiple of `unit`, with blocks x rows also a multiple of
-    `shards` (rows split evenly over the batch shards) while that is no more than the padded rows."""
-    import math
-
-    def fewest(step):
-        return max(step, -(-need // step) * step)
-
-    even = fewest(math.lcm(unit, shards // math.gcd(shards, blocks)))
-    return even if even <= padded else fewest(unit)
 
 
 def packed_rows_max(cfg, rl: RowLayout, unit: int, shards: int) -> dict:
