@@ -124,7 +124,15 @@ def _plan(args) -> int:
         micro, p = fit_micro_batch(cfg, args.devices)
         print(f"train.micro_batch=auto -> {micro or 'all'} rows per micro-batch")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=micro))
-    p = plan(cfg, n_devices=args.devices, compile=args.compile, flops=args.flops, roofline=args.roofline)
+    lengths = None
+    if args.pack_lengths:
+        try:
+            lengths = tuple(float(x) for x in args.pack_lengths.split(","))
+            assert len(lengths) == 2 and 0 < lengths[0] <= lengths[1]
+        except (ValueError, AssertionError):
+            raise OpdError(f"--pack-lengths takes MEDIAN,P99 (numbers, median <= p99), got {args.pack_lengths!r}")
+    p = plan(cfg, n_devices=args.devices, compile=args.compile or bool(lengths), flops=args.flops,
+             roofline=args.roofline, pack_lengths=lengths)
     print(format_plan(p))
     limit = device_memory_bytes(cfg)
     if limit is not None:
@@ -247,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--flops", action="store_true", help="also compile it with the layer loop unrolled: FLOPs per step")
     pl.add_argument("--roofline", default=None, metavar="CHIP", help="also estimate the step's time on a TPU chip "
                     "(v5e, v5p, v6e) from the compiled programs' FLOPs, HBM and collective bytes")
+    pl.add_argument("--pack-lengths", default=None, metavar="MEDIAN,P99",
+                    help="with data.pack_tokens: compile the update for the packed rows of a step whose completion "
+                    "lengths are log-normal with this median and 99th percentile")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON too")
     pl.add_argument("overrides", nargs="*", help="key.sub=value, e.g. mesh.fsdp=8 student.dtype=bfloat16")
     pl.set_defaults(func=_plan)

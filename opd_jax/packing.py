@@ -68,6 +68,29 @@ def packed_rows(need: int, padded: int, blocks: int, unit: int, shards: int) -> 
     return even if even <= padded else fewest(unit)
 
 
+def lognormal_lengths(median: float, p99: float, n: int, cap: int, rng) -> np.ndarray:
+    """n completion lengths from a log-normal with this median and 99th percentile, cut to [1, cap]: the
+    long-tailed mix of reasoning answers (`scripts/bench_packing.py`, `opd-jax plan --pack-lengths`)."""
+    sigma = np.log(p99 / median) / 2.3263  # the 99th percentile of a standard normal
+    return np.clip(np.round(np.exp(rng.normal(np.log(median), sigma, n))), 1, cap).astype(np.int64)
+
+
+def expected_rows(cfg, rl, median: float, p99: float, unit: int, shards: int, seed: int = 0) -> dict:
+    """The packed shapes {part: (rows, pack_tokens)} of a step whose completions follow a log-normal mix
+    (`lognormal_lengths`, cut at max_new_tokens) and whose prompts are all max_prompt_len long (the most
+    they can be): first fit per domain block, rounded as the trainer rounds (`packed_rows`)."""
+    dc = cfg.data
+    rng = np.random.RandomState(seed)
+    blocks = len(rl.domains)
+    out = {}
+    for part in rl.parts:
+        r = rl.rows(part) // blocks
+        need = max(len(first_fit_decreasing(dc.max_prompt_len + lognormal_lengths(
+            median, p99, r, dc.max_new_tokens, rng), dc.pack_tokens)) for _ in range(blocks))
+        out[part] = (blocks * packed_rows(need, r, blocks, unit, shards), dc.pack_tokens)
+    return out
+
+
 def first_fit_decreasing(lengths, budget: int) -> list[list[int]]:
     """Bins (rows) of sequence indices, each summing to at most `budget` tokens: sequences in order of
     decreasing length (ties: lower index first), each into the first row it fits, else a new row.

@@ -84,14 +84,17 @@ def optimizer_bytes(optimizer, shapes, axes, mesh: MeshShape, rules) -> tuple[fl
 
 
 def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: bool = False, mesh=None,
-         domains=None, keep_program: bool = False, roofline: str | None = None) -> Plan:
+         domains=None, keep_program: bool = False, roofline: str | None = None,
+         pack_lengths: tuple | None = None) -> Plan:
     """Per-device bytes of every part of a run of `cfg` on `n_devices` (default: all devices) and,
     with `compile`, the temporary bytes of the compiled step: the same scanned, rematerialised program
     the trainer runs (its attention and `train.remat`). `flops` compiles once more with the layer loop
     unrolled, because XLA's cost analysis counts a loop body once. `mesh` (a real one; default: one
     built on the first n_devices devices) and `domains` (default `RowLayout.from_config`) are the
     trainer's; `keep_program` keeps the compiled update under "program" for the trainer to run.
-    `roofline` (a chip name, `roofline.CHIPS`) adds a roofline estimate of the step's time on it."""
+    `roofline` (a chip name, `roofline.CHIPS`) adds a roofline estimate of the step's time on it.
+    pack_lengths (median, p99) with data.pack_tokens: compile the update for the packed rows a step of
+    that long-tailed completion mix needs (`packing.expected_rows`), not for the most rows a step can need."""
     compile = compile or bool(roofline)
     from opd_jax.optim import make_optimizer
 
@@ -142,7 +145,15 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
         if cfg.train.micro_batch == "auto":
             raise OpdError("plan(): resolve train.micro_batch=auto first (fit_micro_batch)")
         real_mesh = real_mesh or target_mesh(cfg, n_devices)
-        mem, program = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh)
+        if pack_lengths:
+            if not dc.pack_tokens:
+                raise OpdError("--pack-lengths plans packed rows: set data.pack_tokens too")
+            from opd_jax.packing import expected_rows
+            from opd_jax.update_compile import pack_unit
+            out.packed_rows = expected_rows(cfg, rl, *pack_lengths, *pack_unit(
+                rl, real_mesh, rules, cfg.train.micro_batch))
+        mem, program = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh,
+                                    batch_shapes=out.packed_rows)
         # the compiled update's own figures: its arguments (parameters, optimizer state, every batch part
         # with the teachers' outputs, the output matrices) and temporaries
         out.activation_bytes_per_device = mem["activation_bytes_per_device"]
@@ -168,7 +179,8 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
         if keep_program:
             out.program = program
     if flops or roofline:
-        _, unrolled = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh, unroll=True)
+        _, unrolled = compile_step(cfg, scfg, optimizer, shapes, rl, n_devices, mesh=real_mesh, unroll=True,
+                                   batch_shapes=out.packed_rows)
         out.flops_per_step_per_device = unrolled.flops()
     if roofline:
         out.roofline = step_roofline(cfg, scfg, rl, tcfgs, unrolled, real_mesh or target_mesh(cfg, n_devices),
@@ -214,7 +226,8 @@ def step_roofline(cfg, scfg, rl: RowLayout, tcfgs: dict, update, mesh, n_devices
     return out
 
 
-def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, mesh=None, unroll: bool = False):
+def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, mesh=None, unroll: bool = False,
+                 batch_shapes: dict | None = None):
     """Lower and compile the run's update for its mesh on `n_devices` real (or fake CPU) devices ->
     (XLA's temporary bytes (activations) and argument bytes, the UpdateProgram)."""
     from opd_jax.train_step import StepSpec
@@ -224,7 +237,8 @@ def compile_step(cfg, scfg, optimizer, shapes, rl: RowLayout, n_devices: int, me
     model = nnx.eval_shape(lambda: Transformer(scfg, rngs=nnx.Rngs(0)))
     state_sh = state_shardings(optimizer, shapes, shd.param_shardings(model, mesh, rules), mesh)
     spec = StepSpec.from_config(cfg, rl.routes, cfg.train.micro_batch, shd.layout_fn(mesh, rules))
-    program = compile_update_for(cfg, spec, nnx.graphdef(model), optimizer, state_sh, shapes, rl, mesh, unroll=unroll)
+    program = compile_update_for(cfg, spec, nnx.graphdef(model), optimizer, state_sh, shapes, rl, mesh, unroll=unroll,
+                                 batch_shapes=batch_shapes)
     return program.memory(), program
 
 

@@ -51,6 +51,7 @@ class Plan:
     decode_collective_bytes_per_step: float | None = None
     # mesh.roles (`role_plan.plan_roles`), FLOPs and the roofline
     roles: dict | None = None
+    packed_rows: dict | None = None  # plan(pack_lengths=): {part: (rows, pack_tokens)} the update is compiled for
     devices_total: int | None = None
     flops_per_step_per_device: float | None = None
     roofline: dict | None = None
@@ -82,6 +83,9 @@ def format_plan(p: Plan) -> str:
         lines.append(f"  teacher {name:<12} {gib(t['bytes_per_device'])}  ({t['params'] / 1e9:.3f} B params)")
     lines += [f"  KV cache (slots)     {gib(p.slot_kv_bytes)}",
               f"  teacher outputs      {gib(p.teacher_output_bytes_per_device)}"]
+    for part, (r, L) in (p.packed_rows or {}).items():
+        lines.append(f"  packed update ({part})   {r} rows x {L} tokens (data.pack_tokens; first fit of the given "
+                     "completion-length mix)")
     if p.compiled:
         lines.append(f"  activations (XLA)    {gib(p.activation_bytes_per_device)}")
         lines.append(f"  update arguments     {gib(p.compiled_argument_bytes_per_device)}  (XLA: parameters, "

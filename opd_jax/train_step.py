@@ -23,7 +23,7 @@ from flax import nnx
 from opd_jax import losses as L
 from opd_jax.layout import row_groups
 from opd_jax.losses.registry import estimator_for
-from opd_jax.models.transformer import activation_layout
+from opd_jax.models.transformer import activation_layout, unrolling
 
 TRACES = {"update": 0}  # times the update was traced (= compiled programs; tests count them)
 
@@ -243,7 +243,7 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cr
         return acc, (loss, m)
 
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
-    acc, (losses, ms) = jax.lax.scan(body, zeros, (mbs, w))
+    acc, (losses, ms) = jax.lax.scan(body, zeros, (mbs, w), unroll=n if unrolling() else 1)  # unrolled: FLOP counts
     grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
     row_div = ms.pop("row_divergence")
     row_div = row_div.sum(0) if b.packed else row_div.reshape(rows)  # packed: per-sequence partial sums

@@ -17,7 +17,6 @@ with one CPU device: `JAX_PLATFORMS=cpu python scripts/bench_packing.py ...`).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import jax
@@ -29,14 +28,13 @@ from opd_jax.batch import Part
 from opd_jax.config import LossConfig
 from opd_jax.models import ModelConfig, init_model
 from opd_jax.models.transformer import with_runtime
-from opd_jax.packing import packed_part
+from opd_jax.packing import lognormal_lengths, packed_part
 from opd_jax.train_step import policy_loss
 
 
 def sequences(args, rng):
     """Left-padded prompts [rows, P] and right-padded completions [rows, cap] with their masks."""
-    sigma = math.log(args.p99 / args.median) / 2.3263  # the 99th percentile of a standard normal
-    comp = np.clip(np.round(np.exp(rng.normal(math.log(args.median), sigma, args.rows))), 1, args.cap).astype(int)
+    comp = lognormal_lengths(args.median, args.p99, args.rows, args.cap, rng)
     prompt = rng.randint(args.prompt // 2, args.prompt + 1, args.rows)
     P, N = args.prompt, args.cap
     pmask = (np.arange(P)[None] >= P - prompt[:, None]).astype(np.int32)

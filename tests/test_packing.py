@@ -224,3 +224,33 @@ def test_what_packing_does_not_handle_yet_is_refused_in_one_line(tmp_path, extra
     with pytest.raises(OpdError, match=message) as err:
         check(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_the_planner_compiles_the_packed_rows_of_a_length_mix(tmp_path):
+    """plan(pack_lengths=): the update is compiled for the rows first fit gives a long-tailed mix, and its
+    arguments are the padded plan's with the batch arrays swapped, counted here by hand (one device)."""
+    from opd_jax.config import load_config
+    from opd_jax.plan import plan
+
+    from conftest import tiny_overrides
+
+    over = {"data.max_new_tokens": 40, "data.max_prompt_len": 8, "data.per_domain": 4, "data.group_size": 2}
+    P, N = 8, 40
+    L = P + N
+    padded = plan(load_config(None, tiny_overrides(tmp_path / "a", **over)), n_devices=1, compile=True)
+    cfg = load_config(None, tiny_overrides(tmp_path / "b", **{**over, "data.pack_tokens": L}))
+    packed = plan(cfg, n_devices=1, pack_lengths=(4, 20), compile=True)
+    B = padded.rows_per_step
+    R, width = packed.packed_rows["on"]
+    assert width == L and R % 3 == 0 and R < B  # whole domain blocks, fewer rows than padded
+    D = 32  # the tiny teacher's width (its hidden states are the hand-over)
+
+    def batch_bytes(rows, n, packed_layout):
+        per_token = (rows * n) * (4 + 4 * D + 4)  # mask, teacher hidden states, sampler log-probs
+        if packed_layout:  # tokens [R, L], prompt mask [R, 1], segments [R, L], seq_index [R, L-1], seq_tokens [B]
+            return per_token + rows * L * 4 * 2 + rows * 4 + rows * n * 4 + B * 4
+        return per_token + rows * (P + n) * 4 + rows * P * 4 + rows * 4  # tokens, prompt mask, rewards
+
+    rest = padded.compiled_argument_bytes_per_device - batch_bytes(B, N, False)
+    assert packed.compiled_argument_bytes_per_device - batch_bytes(R, L - 1, True) == pytest.approx(rest, abs=64)
+    assert packed.activation_bytes_per_device < padded.activation_bytes_per_device

@@ -255,6 +255,12 @@ def unrolled_layers():
         _UNROLL.reset(token)
 
 
+def unrolling() -> bool:
+    """Whether loops are being traced unrolled (`unrolled_layers`): the planner's FLOP count, which XLA's
+    cost analysis takes per loop body."""
+    return _UNROLL.get()
+
+
 def segment_positions(segments):
     """Each token's position within its segment, for rows of contiguous segments [R, L] -> [R, L] int32:
     t minus the column where its segment starts (a segment starts where the id changes)."""
