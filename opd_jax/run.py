@@ -104,7 +104,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
     """Check, build and compile everything a run of `cfg` needs (see the module docstring); checked: the
     caller already ran `checks.check(cfg)`."""
     from opd_jax.plan import check_fits
-    from opd_jax.update_compile import compile_update_for, pack_unit, packed_rows_max
+    from opd_jax.update_compile import compile_update_for, full_batch_shapes, pack_unit
 
     if not checked:
         check(cfg)
@@ -158,10 +158,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
     if program is None:
         program = compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rows, mesh)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)  # params are donated later
-    unit = pack_unit(rows, mesh, rules, spec.micro)
-    full = (packed_rows_max(cfg, rows, *unit) if dc.pack_tokens else
-            {k: (rows.rows(k), dc.max_prompt_len + dc.max_new_tokens) for k in rows.parts})
-    program = UpdatePrograms(program, full, lambda sh: compile_update_for(  # shorter horizons, fewer packed rows
+    program = UpdatePrograms(program, full_batch_shapes(cfg, rows, mesh, spec.micro), lambda sh: compile_update_for(  # shorter horizons, fewer packed rows
         cfg, spec, graphdef, optimizer, state_sh, shapes, rows, mesh, batch_shapes=sh))
     teacher_w = live_w = None
     if teachers and spec.handover == "hidden":  # the loss applies each teacher's output matrix
@@ -186,7 +183,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
                         sampler_mesh=(shd.mesh_from_config(cfg.mesh, "sampler") if "sampler" in cfg.mesh.roles
                                       else None),
                         progressive=ProgressiveHorizon(dc) if dc.horizon_schedule == "progressive" else None,
-                        cross=bool(spec.cross), pack_unit=unit)
+                        cross=bool(spec.cross), pack_unit=pack_unit(rows, mesh, rules, spec.micro))
     if plan:
         plan.program = None  # the run holds it as `update`
     return Run(cfg=cfg, mesh=mesh, rules=rules, source=source, rows=rows, tokenizer=tokenizer, prompter=prompter,

@@ -83,19 +83,23 @@ def pack_unit(rl: RowLayout, mesh, rules=None, micro: int = 0) -> tuple[int, int
     return micro or 1, math.prod(mesh.shape[a] for a in axes)
 
 
-def packed_rows_max(cfg, rl: RowLayout, unit: int, shards: int) -> dict:
-    """data.pack_tokens: the most packed rows a part can need (every sequence alone in its row: as many rows
-    as the padded part) -> {part: (rows, pack_tokens)}, the shapes the fit check compiles; a step compiles
-    the smaller row counts it brings."""
+def full_batch_shapes(cfg, rl: RowLayout, mesh, micro: int = 0) -> dict:
+    """{part: its tokens' shape} of the update the fit check compiles: padded rows [B, P + N], or with
+    data.pack_tokens the most packed rows a part can need (every sequence alone in its row: as many rows as
+    the padded part) x pack_tokens; a step compiles the shorter horizons and fewer packed rows it brings."""
+    dc = cfg.data
+    if not dc.pack_tokens:
+        return {part: (rl.rows(part), dc.max_prompt_len + dc.max_new_tokens) for part in rl.parts}
+    unit, shards = pack_unit(rl, mesh, shd.rules_named(cfg.mesh.rules), micro)
     n = len(rl.domains)
-    return {part: (n * packed_rows(rl.rows(part) // n, rl.rows(part) // n, n, unit, shards), cfg.data.pack_tokens)
+    return {part: (n * packed_rows(rl.rows(part) // n, rl.rows(part) // n, n, unit, shards), dc.pack_tokens)
             for part in rl.parts}
 
 
-def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None, shapes: dict | None = None) -> dict:
-    """The update's batch {"on": Part, "off": Part} of jax.ShapeDtypeStruct: every part the run feeds it (on- and off-policy);
-    n_on: the on-policy part's completion length (a rollout horizon, `opd_jax.horizon`; default N); shapes:
-    {part: its tokens' shape} (a horizon's length, or with data.pack_tokens the packed rows [R, L])."""
+def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, shapes: dict) -> dict:
+    """The update's batch {"on": Part, "off": Part} of jax.ShapeDtypeStruct: every part the run feeds it (on- and
+    off-policy); shapes: {part: its tokens' shape} (`full_batch_shapes`, or a rollout horizon's shorter rows,
+    or with data.pack_tokens a step's packed rows [R, L])."""
     dc = cfg.data
     P = dc.max_prompt_len
     sds = jax.ShapeDtypeStruct
@@ -111,7 +115,7 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None, sha
                              t if cfg.loss.normalize == "sequence" else None, sds((R, L), jnp.int32),
                              sds((R, L - 1), jnp.int32), sds((b,), jnp.float32))
             continue
-        N = (shapes[part][1] - P if shapes else n_on if on and n_on else dc.max_new_tokens)
+        N = shapes[part][1] - P
         cross = needs_teachers(cfg.loss) and set(xtok_names(cfg)) & set(rl.teachers())  # covered positions
         out[part] = Part(sds((b, P + N), jnp.int32), sds((b, P), jnp.int32), sds((b, N), jnp.int32),
                          teacher_outputs(cfg, rl, b, N, tcfgs), sds((b, N), jnp.float32) if on else None,
@@ -120,13 +124,13 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, n_on: int | None = None, sha
 
 
 def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: RowLayout, mesh, unroll: bool = False,
-                       n_on: int | None = None, batch_shapes: dict | None = None):
+                       batch_shapes: dict | None = None):
     """Compile the run's update for `mesh` from shapes (`params`: arrays or ShapeDtypeStructs): the
-    one executable the trainer runs and the fit check measures. -> train_step.UpdateProgram."""
+    one executable the trainer runs and the fit check measures (batch_shapes: default `full_batch_shapes`).
+    -> train_step.UpdateProgram."""
     scfg = model_config(cfg.student)
     tcfgs = teacher_configs(cfg, scfg, rl)
-    if cfg.data.pack_tokens and batch_shapes is None:  # the fit check: the most rows a step can need
-        batch_shapes = packed_rows_max(cfg, rl, *pack_unit(rl, mesh, shd.rules_named(cfg.mesh.rules), spec.micro))
+    batch_shapes = batch_shapes or full_batch_shapes(cfg, rl, mesh, spec.micro)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, shapes), jax.ShapeDtypeStruct((), jnp.int32),
                                 jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
@@ -145,5 +149,5 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
             teacher_w[n] = w if n not in cross else {"w": w, "map": jax.ShapeDtypeStruct(
                 (v,), jnp.int32, sharding=shd.replicated(mesh))}
     with unrolled_layers() if unroll else contextlib.nullcontext():  # unrolled: cost_analysis() counts every layer
-        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, n_on, batch_shapes),
+        return compile_update(graphdef, optimizer, spec, state_sh, abstract_state, abstract_batch(cfg, rl, tcfgs, batch_shapes),
                               teacher_w, mesh=mesh, rules=shd.rules_named(cfg.mesh.rules))
