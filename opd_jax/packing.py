@@ -217,12 +217,11 @@ def gather_tokens(where, y, fill=0):
     return jnp.where(mask, got, fill) if not isinstance(y, np.ndarray) else np.where(mask, got, fill)
 
 
-def packed_part(part, budget: int, *, rows: int | None = None, blocks: int = 1, normalize: str = "token",
-                pad_id: int = 0):
+def packed_part(part, budget: int, *, rows=None, blocks: int = 1, normalize: str = "token", pad_id: int = 0):
     """A padded `batch.Part` (host arrays; its teacher field is left out: teachers score the packed rows)
     -> (the packed Part, its real-token fraction, where). The part's rows are `blocks` equal blocks (its
     domains, each routed to one teacher), each packed on its own into `rows` rows (None: as many as the
-    fullest block needs), so the packed rows are `blocks` equal blocks too and every teacher's rows stay
+    fullest block needs; a function: of that count, e.g. `packed_rows`' rounding), so the packed rows are `blocks` equal blocks too and every teacher's rows stay
     whole blocks. normalize="sequence": loss_mask holds 1 / (the target's sequence's completion tokens),
     so the token-normalised loss of the packed part is the padded part's sequence-normalised one.
     Per-token arrays (sampler log-probs) move to the target grid; seq_index counts sequences over the
@@ -235,12 +234,16 @@ def packed_part(part, budget: int, *, rows: int | None = None, blocks: int = 1, 
     n = part.tokens.shape[0]
     r = n // blocks
     cut = [slice(b * r, (b + 1) * r) for b in range(blocks)]
-    if rows is None:
-        rows = max(1, max(plan_packing(part.prompt_mask[c], part.mask[c], budget).rows for c in cut))
+    plans = [plan_packing(part.prompt_mask[c], part.mask[c], budget) for c in cut]  # first fit, once a block
+    need = max(pk.rows for pk in plans)
+    rows = max(1, need) if rows is None else rows(need) if callable(rows) else rows
+    if need > rows:
+        raise OpdError(f"the step's sequences need {need} packed rows of {budget} in a block, more than the {rows} "
+                       "compiled; raise data.pack_tokens")
     pieces, seq_tokens, real = [], [], 0
     where_r, where_c = np.full(part.mask.shape, -1, np.int64), np.full(part.mask.shape, -1, np.int64)
-    for b, c in enumerate(cut):
-        pk = plan_packing(part.prompt_mask[c], part.mask[c], budget, rows)
+    for b, (c, pk) in enumerate(zip(cut, plans)):
+        pk = pk._replace(rows=rows)
         d = pack_part(pk, part.tokens[c], part.prompt_mask[c], part.mask[c], pad_id)
         d["seq_index"] = np.where(d["seq_index"] < r, d["seq_index"] + b * r, n).astype(np.int32)
         wr, wc = d["where"]

@@ -180,17 +180,15 @@ class Rollouts:
         """data.pack_tokens: the part's sequences packed end to end (`opd_jax.packing`; host-side, so the
         masks come to the host every step) in rows rounded as `packing.packed_rows` says -> (packed
         part, metrics)."""
-        from opd_jax.packing import packed_part, packed_rows, plan_packing
+        from opd_jax.packing import packed_part, packed_rows
 
         host = Part(*(None if x is None else dist.to_host(x) for x in
                       (part.tokens, part.prompt_mask, part.mask, None, part.sampler_logprobs)))
         blocks = len(self.rows.domains)  # each domain (one teacher's rows) packed on its own, equal blocks
         r = host.tokens.shape[0] // blocks
-        need = max(plan_packing(host.prompt_mask[b * r:(b + 1) * r], host.mask[b * r:(b + 1) * r],
-                                self.data.pack_tokens).rows for b in range(blocks))  # first fit's row count
-        rows = packed_rows(need, r, blocks, *self.pack_unit)
-        packed, fraction, _ = packed_part(host, self.data.pack_tokens, rows=rows, blocks=blocks,
-                                          normalize=self.loss.normalize, pad_id=self.prompter.tokenizer.pad_token_id or 0)
+        packed, fraction, _ = packed_part(host, self.data.pack_tokens, blocks=blocks, normalize=self.loss.normalize,
+                                          rows=lambda need: packed_rows(need, r, blocks, *self.pack_unit),
+                                          pad_id=self.prompter.tokenizer.pad_token_id or 0)
         key = "update/real_token_fraction" + ("" if name == "on" else "_off")
         return jax.tree.map(self._global, packed), {key: fraction}
 
