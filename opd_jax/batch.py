@@ -26,6 +26,8 @@ predicts it, [R, L - 1] (the targets are tokens[:, 1:]), plus
                                           at each segment (`transformer.segment_positions`)
     seq_index         [R, L - 1]  int32   the sequence (0 .. n - 1) each target belongs to; n elsewhere
     seq_tokens        [n]         float32 each sequence's completion tokens (per-sequence sums divide by it)
+    rewards           [n]         float32 on-policy: per sequence, as padded (RL advantages gather them by
+                                          seq_index)
 
 With normalize="sequence", loss_mask holds 1 / seq_tokens on each target (so a token-normalised sum is
 the mean over sequences of each sequence's mean).
@@ -58,9 +60,14 @@ class Part(NamedTuple):
 
     def rows(self, take) -> "Part":
         """This part with take(x) applied to every row array except the teachers' hand-over (and a packed
-        part's per-sequence seq_tokens)."""
+        part's per-sequence arrays)."""
         return self._replace(**{f: take(getattr(self, f)) for f in self._fields
-                                if f not in ("teacher", "seq_tokens") and getattr(self, f) is not None})
+                                if f not in ("teacher",) + self.per_sequence and getattr(self, f) is not None})
+
+    @property
+    def per_sequence(self) -> tuple:
+        """The fields indexed by sequence [n], not by row: a packed part's seq_tokens and rewards."""
+        return ("seq_tokens", "rewards") if self.packed else ()
 
     @property
     def packed(self) -> bool:

@@ -20,6 +20,7 @@ from opd_jax.config import Config, validate
 from opd_jax.errors import OpdError
 from opd_jax.guard import check_guard
 from opd_jax.horizon import check_horizon
+from opd_jax.lora import check_lora
 from opd_jax.losses.registry import estimator_for, handover, needs_teachers
 from opd_jax.packing import check_packing
 from opd_jax.teachers import check_privileged
@@ -35,15 +36,19 @@ def check(cfg: Config) -> Config:
     check_xtok(cfg)
     check_horizon(cfg)
     check_packing(cfg)
+    check_lora(cfg.student.lora)
     for t in cfg.teachers:
         check_privileged(t)
-        if t.path == "self_live":  # the teacher is the learner's current weights
+        if t.path == "base" and not check_lora(cfg.student.lora):
+            raise OpdError(f"teacher {t.name!r} has path: base (the student's base without its LoRA adapters), but "
+                           "student.lora is not set; set it, or use path: self")
+        if t.path in ("self_live", "base"):  # the teacher is the learner's current weights
             why = ("train.max_staleness >= 1 (the sampler's weights are older than the learner's)"
                    if cfg.train.max_staleness else "a device set of its own in mesh.roles" if t.name in cfg.mesh.roles
                    else "the EffOPD guard / line search (it scores candidate weights against a fixed teacher)"
                    if check_guard(cfg.optim, True) else None)
             if why:
-                raise OpdError(f"teacher {t.name!r} is self_live (the student's current weights) and cannot be used "
+                raise OpdError(f"teacher {t.name!r} is {t.path} (the student's current weights) and cannot be used "
                                f"with {why}; use path: self for the frozen snapshot")
     if check_guard(cfg.optim, needs_teachers(cfg.loss)) and cfg.train.max_staleness:
         raise OpdError("the EffOPD guard / line search (optim.effopd_guard, effopd_line_search) needs synchronous "

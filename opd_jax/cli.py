@@ -87,7 +87,10 @@ def _export(args) -> int:
     from opd_jax.export import export_student
 
     _at_least(args, 0, "step")
-    path = export_student(args.run, args.out, step=args.step, force=args.force)
+    if args.lora and args.merge:
+        raise OpdError("export: give --lora or --merge, not both")
+    path = export_student(args.run, args.out, step=args.step, force=args.force,
+                          adapters="lora" if args.lora else "merge" if args.merge else None)
     print(f"wrote {path}")
     return 0
 
@@ -239,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="a new (or empty) folder")
     ex.add_argument("--step", type=int, default=None, help="this step's checkpoint (default: the newest)")
     ex.add_argument("--force", action="store_true", help="overwrite a non-empty --out (never the run's own folders)")
+    ex.add_argument("--lora", action="store_true", help="a LoRA run (student.lora): its adapters as a PEFT folder "
+                    "(adapter_config.json + adapter_model.safetensors) for the base model")
+    ex.add_argument("--merge", action="store_true", help="a LoRA run: the base with the adapters merged in, as a "
+                    "Hugging Face folder")
     ex.set_defaults(func=_export)
 
     an = sub.add_parser("analyze", help="where an update moved the weights: sparsity, modules, spectra, subspaces")

@@ -28,13 +28,14 @@ class ModelSpec:
     init: dict = field(default_factory=dict)  # without a path: a fresh random model with these ModelConfig fields
     dtype: str = "float32"  # float32 | bfloat16: the parameters' and the compute dtype
     attention: str = "auto"  # auto | blockwise (flash-style, no [T, S] scores) | naive | splash (Pallas TPU kernel)
+    lora: dict = field(default_factory=dict)  # {rank, alpha, targets}: train LoRA adapters on a frozen base (opd_jax.lora)
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
     name: str = "teacher"  # what routing and mesh.roles call it
-    # an HF folder, "self" (the student's frozen snapshot at step 0) or "self_live" (the student's current
-    # weights, no gradient through them)
+    # an HF folder, "self" (the student's frozen snapshot at step 0), "self_live" (the student's current
+    # weights, no gradient through them) or "base" (with student.lora: the student's frozen base, adapters off)
     path: str | None = None
     dtype: str = "float32"  # float32 | bfloat16
     attention: str = "auto"  # as student.attention
@@ -57,8 +58,8 @@ class TeacherSpec:
     max_new_tokens: int = 0  # the teacher's completion length in its own tokens (0: 2 x data.max_new_tokens)
 
     @property
-    def is_student(self) -> bool:  # path self or self_live: the student's own weights
-        return self.path in ("self", "self_live")
+    def is_student(self) -> bool:  # path self, self_live or base: the student's own weights
+        return self.path in ("self", "self_live", "base")
 
 
 @dataclass(frozen=True)

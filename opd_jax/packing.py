@@ -29,30 +29,12 @@ from opd_jax.errors import OpdError
 
 
 def check_packing(cfg):
-    """One-line refusals for data.pack_tokens with what the packed update does not handle yet: sums that run
-    along a row (sampled level sequence, the leave-one-out baseline, RL advantages), teachers that do not
-    score packed rows in this process (served, cross-tokenizer, privileged prompts); and a budget below the
-    longest possible sequence."""
-    from opd_jax.losses.registry import needs_teachers, uses_rl
-
-    dc, lc = cfg.data, cfg.loss
-    if not dc.pack_tokens:
-        return
+    """A one-line refusal for data.pack_tokens below the longest possible sequence."""
+    dc = cfg.data
     longest = dc.max_prompt_len + dc.max_new_tokens
-    if dc.pack_tokens < longest:
+    if dc.pack_tokens and dc.pack_tokens < longest:
         raise OpdError(f"data.pack_tokens {dc.pack_tokens} is shorter than the longest sequence (max_prompt_len + "
                        f"max_new_tokens = {longest}); use at least {longest}, or 0 for padded rows")
-    why = ("RL terms (loss.rl_alpha < 1 or rl_mode replace: per-sequence advantages)" if uses_rl(lc) else
-           "loss.level sequence (its reward-to-go runs along a row)" if lc.estimator_type == "sampled"
-           and lc.level == "sequence" else
-           "loss.baseline loo (it averages over other rows)" if lc.baseline == "loo" else None)
-    used = sorted(set(cfg.routing.values())) if needs_teachers(lc) else []
-    for t in cfg.teachers:
-        if why is None and t.name in used and (getattr(t, "url", None) or getattr(t, "tokenizer", None)
-                                                or getattr(t, "privileged", None)):
-            why = f"teacher {t.name!r} (served, with its own tokenizer or a privileged prompt)"
-    if why:
-        raise OpdError(f"data.pack_tokens does not support {why} yet; set data.pack_tokens 0")
 
 
 def packed_rows(need: int, padded: int, blocks: int, unit: int, shards: int) -> int:
@@ -196,7 +178,8 @@ def pack_part(pk: Packing, tokens, prompt_mask, mask, pad_id: int = 0) -> dict:
 
 
 def scatter_tokens(where, x, grid: tuple[int, int], fill=0):
-    """x [n, N, ...] (per completion token, host) -> [R, L - 1, ...] at `where` (pack_part's), fill elsewhere."""
+    """x [n, N, ...] (per completion token, host) -> [R, L - 1, ...] at `where` (pack_part's), fill elsewhere.
+    Padding slots of x (where -1) are dropped."""
     x = np.asarray(x)
     r, c = where
     out = np.full(grid + x.shape[2:], fill, x.dtype)
@@ -225,12 +208,11 @@ def packed_part(part, budget: int, *, rows=None, blocks: int = 1, normalize: str
     whole blocks. normalize="sequence": loss_mask holds 1 / (the target's sequence's completion tokens),
     so the token-normalised loss of the packed part is the padded part's sequence-normalised one.
     Per-token arrays (sampler log-probs) move to the target grid; seq_index counts sequences over the
-    whole part (n elsewhere)."""
+    whole part (n elsewhere); rewards stay per sequence [n]. A part with a loss_mask (the positions a
+    cross-tokenizer teacher covers) packs its mask as that coverage, and seq_tokens counts the covered
+    positions, as the padded loss does."""
     from opd_jax.batch import Part
 
-    if part.loss_mask is not None:
-        raise OpdError("packing (data.pack_tokens) does not take a part with its own loss mask (a teacher that "
-                       "scores in its own tokens); set data.pack_tokens 0")
     n = part.tokens.shape[0]
     r = n // blocks
     cut = [slice(b * r, (b + 1) * r) for b in range(blocks)]
@@ -255,11 +237,16 @@ def packed_part(part, budget: int, *, rows=None, blocks: int = 1, normalize: str
     where = (where_r, where_c)
     grid = d["mask"].shape
     seq_tokens = np.concatenate(seq_tokens).astype(np.float32)
+    if part.loss_mask is not None:  # a teacher covers only some positions: the packed mask is that coverage
+        keep = np.asarray(part.loss_mask) * (where_r >= 0)
+        d["mask"] = scatter_tokens(where, keep.astype(d["mask"].dtype), grid)
+        seq_tokens = keep.sum(1).astype(np.float32)
     loss_mask = None
     if normalize == "sequence":
         per = np.append(seq_tokens, 1.0)[d["seq_index"]]
         loss_mask = np.where(d["mask"] > 0, 1.0 / np.maximum(per, 1.0), 0.0).astype(np.float32)
     slp = None if part.sampler_logprobs is None else scatter_tokens(where, part.sampler_logprobs, grid)
-    out = Part(d["tokens"], np.ones((grid[0], 1), np.int32), d["mask"], None, slp, None, loss_mask,
+    rewards = None if part.rewards is None else np.asarray(part.rewards, np.float32)  # per sequence [n]
+    out = Part(d["tokens"], np.ones((grid[0], 1), np.int32), d["mask"], None, slp, rewards, loss_mask,
                d["segments"], d["seq_index"], seq_tokens)
     return out, real / (grid[0] * budget), where

@@ -176,34 +176,55 @@ class Rollouts:
         part, metrics = self._scored(part, rep, params, timer)
         return part, texts, rewards, {**metrics, **packing}
 
-    def _pack(self, part: Part, name: str) -> tuple[Part, dict]:
+    def _pack(self, part: Part, name: str) -> tuple[Part, tuple, dict]:
         """data.pack_tokens: the part's sequences packed end to end (`opd_jax.packing`; host-side, so the
         masks come to the host every step) in rows rounded as `packing.packed_rows` says -> (packed
-        part, metrics)."""
+        part, where each completion slot went, metrics)."""
         from opd_jax.packing import packed_part, packed_rows
 
         host = Part(*(None if x is None else dist.to_host(x) for x in
-                      (part.tokens, part.prompt_mask, part.mask, None, part.sampler_logprobs)))
+                      (part.tokens, part.prompt_mask, part.mask, None, part.sampler_logprobs, part.rewards,
+                       part.loss_mask)))
         blocks = len(self.rows.domains)  # each domain (one teacher's rows) packed on its own, equal blocks
         r = host.tokens.shape[0] // blocks
-        packed, fraction, _ = packed_part(host, self.data.pack_tokens, blocks=blocks, normalize=self.loss.normalize,
-                                          rows=lambda need: packed_rows(need, r, blocks, *self.pack_unit),
-                                          pad_id=self.prompter.tokenizer.pad_token_id or 0)
+        packed, fraction, where = packed_part(host, self.data.pack_tokens, blocks=blocks,
+                                              normalize=self.loss.normalize, pad_id=self.prompter.tokenizer.pad_token_id or 0,
+                                              rows=lambda need: packed_rows(need, r, blocks, *self.pack_unit))
         key = "update/real_token_fraction" + ("" if name == "on" else "_off")
-        return jax.tree.map(self._global, packed), {key: fraction}
+        return jax.tree.map(self._global, packed), where, {key: fraction}
+
+    def _scatter(self, out, where, n: int, grid: tuple):
+        """A hand-over scored on the n padded rows -> the packed rows' [R, L - 1] grid (`packing.scatter_tokens`;
+        hidden states: each teacher's own rows of both layouts)."""
+        from opd_jax.packing import scatter_tokens
+
+        if not isinstance(out, dict):
+            return jax.tree.map(lambda x: self._global(scatter_tokens(where, dist.to_host(x), grid)), out)
+        padded, packed = self.rows.groups(n), self.rows.groups(grid[0])
+        moved = {}
+        for name, x in out.items():
+            idx, local = np.asarray(padded[name]), np.full(grid[0], -1, np.int64)
+            local[np.asarray(packed[name])] = np.arange(len(packed[name]))
+            wr, wc = where[0][idx], where[1][idx]
+            moved[name] = self._global(scatter_tokens((np.where(wr >= 0, local[wr], -1), wc), dist.to_host(x),
+                                                      (len(packed[name]), grid[1])))
+        return moved
 
     def _scored(self, part: Part, examples, params, timer: PhaseTimer, prefix: str = "xtok", name: str = "on"):
-        """`part` with its teachers' hand-over (and, across tokenizers, its loss mask) -> (part, metrics);
-        with data.pack_tokens the part is packed first and the teachers score the packed rows."""
-        if self.data.pack_tokens:
-            part, pack_metrics = self._pack(part, name)
-            if self.teachers:
-                rows = Rows(part.tokens, part.segments, 1, examples, params, self._global, packed=True)
-                scored = timer.mark("teacher", score_batch(self.teachers, self.rows.groups(part.tokens.shape[0]), rows,
-                                                           what=self.handover, temperature=self.data.temperature,
-                                                           topk=self.loss.topk))
-                return part._replace(teacher=scored.out), pack_metrics
-            return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), pack_metrics
+        """`part` with its teachers' hand-over (and, across tokenizers, its loss mask) -> (part, metrics).
+        With data.pack_tokens the part is packed: local teachers then score the packed rows; a teacher that
+        reads its own tokens or prompt, or scores over HTTP (`Teacher.packs` False), scores the padded rows
+        and its hand-over moves to the packed positions."""
+        pack = bool(self.data.pack_tokens)
+        if pack and all(t.packs for t in self.teachers.values()):
+            part, _, metrics = self._pack(part, name)
+            if not self.teachers:
+                return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), metrics
+            rows = Rows(part.tokens, part.segments, 1, examples, params, self._global, packed=True)
+            scored = timer.mark("teacher", score_batch(self.teachers, self.rows.groups(part.tokens.shape[0]), rows,
+                                                       what=self.handover, temperature=self.data.temperature,
+                                                       topk=self.loss.topk))
+            return part._replace(teacher=scored.out), metrics
         if not self.teachers:
             return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), {}
         scored = timer.mark("teacher", self.score(part.tokens, part.prompt_mask, part.mask, examples=examples,
@@ -211,7 +232,12 @@ class Rollouts:
         if self.cross:
             keep = scored.keep if scored.keep is not None else dist.to_host(part.mask)
             part = part._replace(loss_mask=self._global(np.asarray(keep, np.int32)))
-        return part._replace(teacher=scored.out), xtok_metrics(scored.stats, prefix)
+        metrics = xtok_metrics(scored.stats, prefix)
+        if pack:
+            n = part.tokens.shape[0]
+            part, where, packed = self._pack(part, name)
+            return part._replace(teacher=self._scatter(scored.out, where, n, part.mask.shape)), {**metrics, **packed}
+        return part._replace(teacher=scored.out), metrics
 
     def off_policy(self, examples, *, timer: PhaseTimer = NO_TIMER, params=None) -> tuple[Part, dict]:
         """The dataset-answer part (GKD): prompt + answer rows, scored by the teachers. -> (part, metrics)."""

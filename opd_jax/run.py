@@ -29,6 +29,7 @@ from opd_jax.layout import RowLayout
 from opd_jax.losses.registry import handover, needs_teachers
 from opd_jax.models import ModelConfig, init_model, load_model
 from opd_jax.models.transformer import with_runtime
+from opd_jax.lora import add_adapters, check_lora, trainable
 from opd_jax.optim import make_optimizer
 from opd_jax.rollouts import Rollouts
 from opd_jax.tasks import Prompter, PromptSource, build_char_tokenizer, load_tokenizer, stop_ids, verifiers_for
@@ -74,6 +75,9 @@ def build_student(spec, seed: int, remat: str = "none", mesh=None, rules=None):
         except TypeError as e:
             raise OpdError(f"student.init: {e}") from None
         model = init_model(cfg, seed)
+    lora = check_lora(spec.lora)
+    if lora:  # adapters on the frozen base: only they train (opd_jax.lora)
+        add_adapters(model, *lora, seed=seed)
     return with_runtime(model, attention=spec.attention, remat=remat)
 
 
@@ -151,7 +155,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
     # executable and nothing is resharded between steps
     param_sh = shd.param_shardings(student, mesh, rules)
     params = dist.put_global(nnx.to_pure_dict(state), param_sh)
-    optimizer = make_optimizer(cfg.optim, tc.steps, params)
+    optimizer = make_optimizer(cfg.optim, tc.steps, trainable(params))  # with LoRA: the adapters alone
     state_sh = state_shardings(optimizer, params, param_sh, mesh)
     spec = StepSpec.from_config(cfg, rows.routes, micro, shd.layout_fn(mesh, rules))
     program = plan.program if plan else None
@@ -171,7 +175,7 @@ def build_run(cfg: Config, *, checked: bool = False) -> Run:
             def live_w(p):
                 w = shd.placed(out_w(p), program.teacher_w_sh[live[0]])
                 return {**teacher_w, **{n: w for n in live}}
-    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(trainable(params))
     # host scalars, placed as a restored checkpoint's are (every process fills its own copy)
     init = ckpt.placed_state(TrainState, new_state(params, opt_state, jax.random.key(tc.seed),
                                                    initial_state(dc))._asdict(), state_sh)

@@ -176,7 +176,7 @@ def check_resume_config(out: Path, now: dict):
 def input_paths(cfg) -> list[str]:
     """The folders and files a run reads (student, tokenizer, prompts, teachers): never a place to write."""
     return [p for p in [cfg.student.path, cfg.data.tokenizer, cfg.data.path] +
-            [t.path for t in cfg.teachers if t.path not in ("self", "self_live")] if p]
+            [t.path for t in cfg.teachers if not t.is_student] if p]
 
 
 def write_config(out: Path, tree: dict):

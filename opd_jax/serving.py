@@ -76,6 +76,7 @@ class ServedTeacher:
     payload_bytes: int = 0  # response bytes received so far
     payload_tokens: int = 0  # completion tokens they scored
     live = False  # the teachers.Teacher protocol: never the student's current weights
+    packs = False  # ... and it scores the padded rows (packed runs move its scores: `Rollouts._scatter`)
 
     def __post_init__(self):
         check_served(self.url, self.timeout, self.retries, f"teacher {self.name!r}")

@@ -20,6 +20,7 @@ from flax import nnx
 
 from opd_jax.batch import Rows, Scored
 from opd_jax.errors import OpdError
+from opd_jax.lora import base_config, base_graphdef, split
 from opd_jax.models import load_model
 from opd_jax.models.transformer import activation_layout, with_runtime
 from opd_jax.xtok_teacher import CrossTokenizer, build_cross_view, xtok_names
@@ -30,13 +31,15 @@ class Teacher(Protocol):
     Scored, what in "hidden" | "logits" | "logprobs" | "topk" (`teacher_scores`); output_matrix(): the
     matrix the loss applies to hidden states ([D_t, V], or {"w": [D_t, V_t], "map": [V_t]} across
     tokenizers; None for a teacher that hands over scores); live: scores with the student's current
-    parameters; metrics(): per-step figures for the log. Implementations: `LocalTeacher` (a folder,
+    parameters; packs: scores packed rows (`opd_jax.packing`; False: a packed run scores the padded rows and
+    moves the hand-over); metrics(): per-step figures for the log. Implementations: `LocalTeacher` (a folder,
     self, self_live), `Privileged` (OPSD and context distillation, around any teacher),
     `xtok_teacher.CrossTokenizer` (its own tokens) and `serving.ServedTeacher` (over HTTP)."""
 
     name: str
     vocab_size: int
     live: bool
+    packs: bool
 
     def score(self, rows: Rows, what: str, *, temperature: float, topk: int = 0) -> Scored: ...
 
@@ -57,13 +60,15 @@ class LocalTeacher:
     w: object = None  # output matrix [D_t, V] in the compute dtype: the loss applies it chunk by chunk
     rules: tuple = ()  # the teacher rules (mesh.teacher_rules) as sorted items: its parameters and activations
     live: bool = False  # path self_live: scored with the student's current parameters (given per call)
+    base: bool = False  # path base: ... with their LoRA adapters left out (`opd_jax.lora`): no copy of the weights
+    packs = True  # scores packed rows (`Rows.packed`)
 
     def score(self, rows: Rows, what: str, *, temperature: float, topk: int = 0) -> Scored:
         t = self
         if self.live:
             if rows.params is None:
                 raise OpdError(f"teacher {self.name!r} is self_live but no current parameters were given")
-            t = dataclasses.replace(self, state=rows.params)
+            t = dataclasses.replace(self, state=split(rows.params)[1] if self.base else rows.params)
         return Scored(teacher_forward(t, rows.tokens, rows.full_mask, prompt_len=rows.prompt_len,
                                       temperature=temperature, what=what, topk=topk, packed=rows.packed))
 
@@ -89,6 +94,7 @@ class Privileged:
     name = property(lambda self: self.inner.name)
     vocab_size = property(lambda self: self.inner.vocab_size)
     live = property(lambda self: self.inner.live)
+    packs = False  # its own prompt: it scores the padded rows (packed runs move its scores)
 
     def score(self, rows: Rows, what: str, *, temperature: float, topk: int = 0) -> Scored:
         if rows.examples is None:
@@ -201,7 +207,13 @@ def _load_teacher(spec, student, mesh, rules, tokenizer, roles, privileged_rows,
     if mesh is not None and roles is not None:  # mesh.roles: a teacher on devices of its own
         from opd_jax.sharding import mesh_from_config
         tmesh = mesh_from_config(roles, name)
-    if spec.is_student:
+    if spec.path == "base":  # the student's own base arrays, read each step (adapters off): nothing copied
+        if not student.cfg.lora_rank:
+            raise OpdError(f"teacher {name!r} has path: base (the student's base without its LoRA adapters), but "
+                           "the student has no adapters; set student.lora, or use path: self")
+        graphdef, state = base_graphdef(student.cfg), split(nnx.to_pure_dict(nnx.state(student)))[1]
+        model_cfg = base_config(student.cfg)
+    elif spec.is_student:
         graphdef, state = nnx.split(student)
         state = jax.tree.map(jnp.copy, state)  # own buffers: the student's are donated to each update
         if mesh is not None:
@@ -226,7 +238,7 @@ def _load_teacher(spec, student, mesh, rules, tokenizer, roles, privileged_rows,
                        "they must share a tokenizer, or set loss.cross_tokenizer bpm (or uld)")
     w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
     local = LocalTeacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())),
-                         live=spec.path == "self_live")
+                         live=spec.path in ("self_live", "base"), base=spec.path == "base")
     if cross:
         return CrossTokenizer(local, build_cross_view(spec, cfg, tokenizer, stop, vocab, context, model_cfg))
     return local

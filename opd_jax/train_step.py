@@ -22,6 +22,7 @@ from flax import nnx
 
 from opd_jax import losses as L
 from opd_jax.layout import row_groups
+from opd_jax.lora import join, split
 from opd_jax.losses.registry import estimator_for
 from opd_jax.models.transformer import activation_layout, unrolling
 
@@ -52,8 +53,11 @@ def state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
     scalars replicated."""
     from opd_jax import sharding as shd
 
+    from opd_jax.lora import trainable
+
     repl = shd.replicated(mesh)
-    return TrainState(param_sh, shd.opt_state_shardings(optimizer, params, param_sh, mesh), repl, repl, repl, repl)
+    opt_sh = shd.opt_state_shardings(optimizer, trainable(params), trainable(param_sh), mesh)  # LoRA: adapters' only
+    return TrainState(param_sh, opt_sh, repl, repl, repl, repl)
 
 
 def new_state(params, opt_state, key, horizon=None) -> TrainState:
@@ -177,25 +181,27 @@ def _take_rows(x, idx: list[int]):
     return runs[0] if len(runs) == 1 else jnp.concatenate(runs)
 
 
-def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
+def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, frozen=None):
     """((loss, metrics), grads) of one batch part.
 
     Hidden-state estimators (`teacher_w` = {name: [D_t, V]}, b.teacher = {name: hidden}): the rows
     of each teacher (`spec.groups`) go through their own forward/backward against that teacher's
     output matrix, and grads = sum_g w_g grad L_g with w_g the group's share of the normaliser
     (per-row metrics put back in row order). Each group, or the whole batch, may be cut into
-    micro-batches (`micro_value_and_grad`)."""
+    micro-batches (`micro_value_and_grad`). frozen: parameters held fixed (LoRA's base, `opd_jax.lora`):
+    the gradient is taken with respect to `params` alone."""
     if teacher_w is None:
-        return micro_value_and_grad(graphdef, params, b, spec)
+        return micro_value_and_grad(graphdef, params, b, spec, frozen=frozen)
     groups = spec.groups(b.tokens.shape[0])
     if len(groups) == 1:
         (name,) = groups
         return micro_value_and_grad(graphdef, params, b._replace(teacher=b.teacher[name]), spec, teacher_w[name],
-                                    cross=name in spec.cross)
+                                    cross=name in spec.cross, frozen=frozen)
     outs, counts = [], []
     for name, idx in groups.items():
         sub = b.rows(lambda x, idx=idx: _take_rows(x, idx))._replace(teacher=b.teacher[name])
-        outs.append(micro_value_and_grad(graphdef, params, sub, spec, teacher_w[name], cross=name in spec.cross))
+        outs.append(micro_value_and_grad(graphdef, params, sub, spec, teacher_w[name], cross=name in spec.cross,
+                                         frozen=frozen))
         counts.append(_normaliser(sub.scored_mask, _normalize(spec.lc, sub)))
     w = _shares(jnp.stack(counts))
     order = np.argsort(np.concatenate([idx for idx in groups.values()]))
@@ -211,7 +217,7 @@ def part_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None):
     return (loss, metrics), grads
 
 
-def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cross: bool = False):
+def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cross: bool = False, frozen=None):
     """((loss, metrics), grads) of one batch against one teacher, in micro-batches of `spec.micro` rows.
 
     With micro-batches, a `lax.scan` runs forward + backward per micro-batch and accumulates
@@ -223,22 +229,22 @@ def micro_value_and_grad(graphdef, params, b, spec: StepSpec, teacher_w=None, cr
 
     def loss_of(p, bb):
         with activation_layout(layout):
-            return policy_loss(nnx.merge(graphdef, p), bb, spec.lc, spec.prompt_len, spec.group_size,
+            return policy_loss(nnx.merge(graphdef, join(p, frozen)), bb, spec.lc, spec.prompt_len, spec.group_size,
                                spec.temperature, layout, bb.teacher, teacher_w, spec.is_cap, spec.handover, cross)
 
     rows, micro = b.tokens.shape[0], spec.micro
     if not micro or micro >= rows:
         return jax.value_and_grad(loss_of, has_aux=True)(params, b)
     n = rows // micro
-    seq_tokens = b.seq_tokens  # a packed part's per-sequence counts: every micro-batch reads all of them
-    mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b._replace(seq_tokens=None))
+    per_seq = {f: getattr(b, f) for f in b.per_sequence}  # a packed part's [n] arrays: every micro-batch reads all
+    mbs = jax.tree.map(lambda x: x.reshape((n, micro) + x.shape[1:]), b._replace(**dict.fromkeys(per_seq)))
     if layout is not None:  # [n, micro, ...]: each micro-batch's rows over the batch axes
         mbs = jax.tree.map(lambda x: layout(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
     w = _shares(_normaliser(mbs.scored_mask, _normalize(spec.lc, b)))
 
     def body(acc, xs):
         bb, wi = xs
-        (loss, m), g = jax.value_and_grad(loss_of, has_aux=True)(params, bb._replace(seq_tokens=seq_tokens))
+        (loss, m), g = jax.value_and_grad(loss_of, has_aux=True)(params, bb._replace(**per_seq))
         acc = jax.tree.map(lambda a, x: a + wi * x.astype(jnp.float32), acc, g)
         return acc, (loss, m)
 
@@ -256,10 +262,13 @@ def update(graphdef, optimizer, spec: StepSpec, state: TrainState, batch: dict, 
     parameters' global norm after / before) and "skipped": a non-finite loss, gradient or update, or
     an update that multiplies the parameters' norm by more than `spec.max_update_ratio`, is skipped on
     device (no host round-trip): parameters and optimizer state stay as they were. step and
-    data_position advance either way (the batch was consumed)."""
+    data_position advance either way (the batch was consumed). With LoRA adapters (`opd_jax.lora`) all of
+    this is of the adapters: the base passes through unchanged."""
     TRACES["update"] += 1
-    lc, params = spec.lc, state.params
-    parts = {k: part_value_and_grad(graphdef, params, batch[k], spec, teacher_w) for k in ("on", "off") if k in batch}
+    lc = spec.lc
+    params, frozen = split(state.params)  # LoRA: only the adapters are differentiated, optimised and guarded
+    parts = {k: part_value_and_grad(graphdef, params, batch[k], spec, teacher_w, frozen) for k in ("on", "off")
+             if k in batch}
     if len(parts) == 2:
         loss, metrics = L.gkd_loss(parts["on"][0], parts["off"][0], lc.lam)
         grads = jax.tree.map(lambda a, b: lc.lam * a + (1.0 - lc.lam) * b, parts["on"][1], parts["off"][1])
@@ -277,7 +286,7 @@ def update(graphdef, optimizer, spec: StepSpec, state: TrainState, batch: dict, 
         ok = ok & (new_norm <= spec.max_update_ratio * old_norm)
     keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
-    return TrainState(jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_opt_state, state.opt_state),
+    return TrainState(join(jax.tree.map(keep, new_params, params), frozen), jax.tree.map(keep, new_opt_state, state.opt_state),
                       state.step + 1, state.rng, state.data_position + 1, state.horizon), metrics
 
 

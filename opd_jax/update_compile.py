@@ -21,6 +21,7 @@ from opd_jax.models import ModelConfig
 from opd_jax.models.transformer import Transformer, unrolled_layers
 from opd_jax.train_step import TrainState, compile_update
 from opd_jax.batch import Part
+from opd_jax.lora import base_config, trainable, with_lora
 from opd_jax.packing import packed_rows
 from opd_jax.horizon import initial_state
 from opd_jax.xtok_teacher import xtok_names
@@ -28,8 +29,14 @@ from opd_jax.xtok_teacher import xtok_names
 
 def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
     """The ModelConfig of a student/teacher spec from its config.json (weights are not read)."""
-    if getattr(spec, "path", None) in ("self", "self_live"):  # TeacherSpec.is_student (spec may be None)
-        return student_cfg
+    if getattr(spec, "path", None) in ("self", "self_live", "base"):  # TeacherSpec.is_student (spec may be None)
+        return student_cfg if spec.path != "base" else base_config(student_cfg)
+    if hasattr(spec, "lora"):  # the student (ModelSpec): its adapters are parameters too
+        return with_lora(_model_config(spec), spec.lora)
+    return _model_config(spec)
+
+
+def _model_config(spec) -> ModelConfig:
     if spec.path:
         cfg_file = Path(spec.path) / "config.json"
         if not cfg_file.exists():
@@ -111,7 +118,8 @@ def abstract_batch(cfg, rl: RowLayout, tcfgs: dict, shapes: dict) -> dict:
             R, L = shapes[part]
             t = sds((R, L - 1), jnp.float32)
             out[part] = Part(sds((R, L), jnp.int32), sds((R, 1), jnp.int32), sds((R, L - 1), jnp.int32),
-                             teacher_outputs(cfg, rl, R, L - 1, tcfgs), t if on else None, None,
+                             teacher_outputs(cfg, rl, R, L - 1, tcfgs), t if on else None,
+                             sds((b,), jnp.float32) if on else None,
                              t if cfg.loss.normalize == "sequence" else None, sds((R, L), jnp.int32),
                              sds((R, L - 1), jnp.int32), sds((b,), jnp.float32))
             continue
@@ -132,7 +140,7 @@ def compile_update_for(cfg, spec, graphdef, optimizer, state_sh, params, rl: Row
     tcfgs = teacher_configs(cfg, scfg, rl)
     batch_shapes = batch_shapes or full_batch_shapes(cfg, rl, mesh, spec.micro)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, shapes), jax.ShapeDtypeStruct((), jnp.int32),
+    abstract_state = TrainState(shapes, jax.eval_shape(optimizer.init, trainable(shapes)), jax.ShapeDtypeStruct((), jnp.int32),
                                 jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
                                 jax.ShapeDtypeStruct((), jnp.int32),  # params, opt_state, step, rng, data position
                                 jax.ShapeDtypeStruct(initial_state(cfg.data).shape, jnp.float32))  # horizon state

@@ -96,6 +96,7 @@ class CrossTokenizer:
     name = property(lambda self: self.inner.name)
     vocab_size = property(lambda self: self.inner.vocab_size)
     live = property(lambda self: self.inner.live)
+    packs = False  # its own tokens: it scores the padded rows (packed runs move its scores: `Rollouts._scatter`)
 
     def score(self, rows, what: str, *, temperature: float, topk: int = 0):
         import jax.numpy as jnp

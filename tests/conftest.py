@@ -130,6 +130,36 @@ def run_steps(run, n: int, state=None):
     return state, logger.last
 
 
+def one_sgd_step(cfg):
+    """Build `cfg`'s run and train its first step -> (run, the parameters' change, the step's log record, the
+    step's batch as it trained). With optim sgd and lr 1 the change is minus the gradient."""
+    import jax
+
+    from opd_jax.run import build_run
+
+    run = build_run(cfg)
+    before, batch = host(run.init.params), run.rollouts.collect(0, run.init)
+    state, rec = run_steps(run, 1)
+    return run, jax.tree.map(lambda a, b: a - b, host(state.params), before), rec, batch
+
+
+def assert_same_step(padded, packed):
+    """Two one-step runs, (log record, parameter change, batch) each, took the same step: losses, divergence,
+    token counts and teacher figures to 1e-5, the SGD change to 1e-4; the second one's parts are packed."""
+    import jax
+    import numpy as np
+    import pytest
+
+    (rec0, pad, b0), (rec1, step, b1) = padded, packed
+    keys = [k for k in rec0 if k.startswith(("loss", "on_policy/divergence", "on_policy/tokens", "teacher/"))]
+    for k in keys + ["rollout/eos_rate", "rollout/horizon"]:
+        assert rec1[k] == pytest.approx(rec0[k], rel=1e-5, abs=1e-6), k  # a baselined loss is ~0 +- rounding
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(pad))
+    assert scale > 1e-4  # the step moved the parameters
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), step, pad)
+    assert all(p.packed for p in b1.arrays.values()) and not any(p.packed for p in b0.arrays.values())
+
+
 def host(tree):
     import jax
     import numpy as np

@@ -5,6 +5,7 @@ the synchronous loop exactly."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from opd_jax.config import load_config
@@ -220,3 +221,24 @@ def test_one_step_stale_training_reaches_the_synchronous_divergence(tmp_path):
         assert div[-1] < 0.8 * div[0]  # it learns
         out[k] = np.mean(div[-4:])
     assert abs(out[1] - out[0]) <= 0.05 * out[0], out
+
+
+def test_a_packed_asynchronous_run_equals_the_padded_one_drops_included(tmp_path, monkeypatch):
+    """k = 1 with data.pack_tokens: the sampler's log-probs (importance weights) move with their tokens and
+    a dropped sequence is left out of the rows. With the sampler rigged to lag one version too many from
+    step 2 (every sequence dropped there), the packed run logs the padded run's losses, importance weights
+    and drops, and ends at its parameters."""
+    monkeypatch.setattr(Pipeline, "sampler_version", lambda self, b: max(self.start, b - self.k - (b >= 3)))
+    out = {}
+    for name, extra in (("pad", {}), ("pack", {"data.pack_tokens": 64})):
+        run = build_run(_cfg(tmp_path, name, **{"train.max_staleness": 1, "train.steps": 4, **extra}))
+        state, rec = _steps(run, 4)
+        out[name] = host(state.params), rec
+    (p0, r0), (p1, r1) = out["pad"], out["pack"]
+    assert all(p.packed for b in r1.batches for p in b.arrays.values())
+    rows = r0.batches[0].arrays["on"].mask.shape[0]
+    assert [r["rollout/dropped"] for r in r1.records] == [r["rollout/dropped"] for r in r0.records] == [0, 0, 0, rows]
+    for a, b in zip(r0.records, r1.records):
+        for k in ("loss", "on_policy/tokens", "on_policy/is_weight", "on_policy/is_clip_fraction"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p0)

@@ -17,7 +17,7 @@ from opd_jax.models.transformer import segment_positions, with_runtime
 from opd_jax.packing import first_fit_decreasing, gather_tokens, pack_part, packed_part, plan_packing
 from opd_jax.train_step import policy_loss
 
-from conftest import tiny_model
+from conftest import assert_same_step, tiny_model
 
 
 def _optimum(lengths, budget):
@@ -118,16 +118,27 @@ def _teacher_outputs(teacher, part, P, packed):
     return teacher.completion_hidden(part.tokens, jnp.concatenate([part.prompt_mask, part.mask], 1), P)
 
 
-@pytest.mark.parametrize("estimator,normalize", [("full", "token"), ("full", "sequence"), ("topk", "token"),
-                                                 ("topk", "sequence"), ("sampled", "token"), ("sampled", "sequence")])
-def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize):
+SUMS = [("sampled", "token", {"level": "sequence"}), ("sampled", "sequence", {"level": "sequence", "baseline": "loo"}),
+        ("sampled", "token", {"baseline": "loo"}), ("sampled", "token", {"rl_alpha": 0.5}),
+        ("sampled", "sequence", {"rl_alpha": 0.3, "level": "sequence"}), ("sampled", "token", {"rl_mode": "replace"})]
+
+
+@pytest.mark.parametrize("estimator,normalize,extra", [
+    ("full", "token", {}), ("full", "sequence", {}), ("topk", "token", {}), ("topk", "sequence", {}),
+    ("sampled", "token", {}), ("sampled", "sequence", {})] + SUMS)
+def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize, extra):
+    """Every estimator, and the sums that run along a sequence (sequence level's reward-to-go, the
+    leave-one-out baseline, RL's group advantages gathered per sequence), on packed rows = on padded rows."""
     student, teacher = tiny_model(5, scale=2.0), tiny_model(6, scale=2.0)
     tokens, pmask, mask = _padded(seed=2, n=6)
     P = pmask.shape[1]
-    lc = LossConfig(estimator_type=estimator, normalize=normalize, kind="forward_kl", topk=4)
-    slp = np.random.RandomState(0).normal(-2.0, 0.5, mask.shape).astype(np.float32) * mask
-    padded = Part(*(jnp.asarray(x) for x in (tokens, pmask, mask)), sampler_logprobs=jnp.asarray(slp))
-    host = Part(tokens, pmask, mask, sampler_logprobs=slp)
+    lc = LossConfig(estimator_type=estimator, normalize=normalize, kind="forward_kl", topk=4, **extra)
+    rng = np.random.RandomState(0)
+    slp = rng.normal(-2.0, 0.5, mask.shape).astype(np.float32) * mask
+    rewards = rng.rand(6).astype(np.float32)  # per sequence; groups of 2 (RL advantages)
+    padded = Part(*(jnp.asarray(x) for x in (tokens, pmask, mask)), sampler_logprobs=jnp.asarray(slp),
+                  rewards=jnp.asarray(rewards))
+    host = Part(tokens, pmask, mask, sampler_logprobs=slp, rewards=rewards)
     pp, fraction, where = packed_part(host, 16, normalize=normalize)
     packed = jax.tree.map(jnp.asarray, pp)
     assert fraction > (pmask.sum() + mask.sum()) / tokens.size
@@ -144,7 +155,7 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize):
             t_out, tw = _teacher_outputs(teacher, part, P, is_packed), w_t
 
         def loss(p):
-            return policy_loss(nnx.merge(graphdef, p), part, lc, P, 1, 1.0, teacher=t_out, teacher_w=tw)
+            return policy_loss(nnx.merge(graphdef, p), part, lc, P, 2, 1.0, teacher=t_out, teacher_w=tw)
         return jax.value_and_grad(loss, has_aux=True)(params)
 
     (l0, m0), g0 = run(padded, False)
@@ -152,7 +163,7 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize):
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7), g1, g0)
     np.testing.assert_allclose(np.asarray(m1["row_divergence"]), np.asarray(m0["row_divergence"]), rtol=1e-5, atol=1e-6)
-    assert float(m1["tokens"]) == float(m0["tokens"]) == mask.sum()
+    assert float(m1["tokens"]) == float(m0.get("tokens", mask.sum())) == mask.sum()  # RL's padded metrics omit it
     # the per-token student log-probs come back to their padded places
     back = gather_tokens(where, np.asarray(packed.mask))
     np.testing.assert_array_equal(back, mask)
@@ -160,43 +171,67 @@ def test_packed_loss_and_gradient_equal_the_padded_ones(estimator, normalize):
 
 # ------------------------------------------------------------------------------------------ in a run
 
-def _one_step(tmp_path, name, extra):
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny random teacher served over HTTP (opd_jax.teacher_server) -> its url."""
+    from opd_jax.teacher_server import serve
+
+    server = serve(tiny_model(11), 0)
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _teachers(tmp_path, kind, url=None) -> dict:
+    """The teachers of a step test: a random one; it and the student's snapshot by domain; a privileged one
+    (OPSD: the answer in its prompt) and the snapshot; a served one."""
+    from conftest import random_teacher
+
+    teacher = random_teacher(tmp_path / "teacher")
+    path = teacher["teachers"].split("path: ")[1].rstrip("}]")
+    if kind == "two":
+        return {"teachers": f"[{{name: t, path: {path}}}, {{name: snap, path: self}}]",
+                "routing": "{addition: t, reverse: snap, sort: t}"}
+    if kind == "privileged":
+        return {"teachers": f"[{{name: t, path: {path}, privileged: answer, privileged_template: 'answer {{answer}}. "
+                            "{prompt}'}, {name: snap, path: self}]", "routing": "{addition: t, reverse: snap, sort: t}"}
+    if kind == "served":
+        return {"teachers": f"[{{name: t, url: '{url}', retries: 1, timeout: 20}}]",
+                "routing": "{addition: t, reverse: t, sort: t}"}
+    return teacher
+
+
+def _one_step(tmp_path, name, extra, teachers):
     from opd_jax.config import load_config
-    from opd_jax.run import build_run
 
-    from conftest import host, random_teacher, run_steps, tiny_overrides
+    from conftest import one_sgd_step, tiny_overrides
 
-    teacher = random_teacher(tmp_path / f"{name}_t")
-    if extra.pop("two_teachers", False):  # the random teacher and the student's snapshot, by domain
-        path = teacher["teachers"].split("path: ")[1].rstrip("}]")
-        teacher = {"teachers": f"[{{name: t, path: {path}}}, {{name: snap, path: self}}]",
-                   "routing": "{addition: t, reverse: snap, sort: t}"}
     over = tiny_overrides(tmp_path / name, **{"train.steps": 1, "optim.name": "sgd", "optim.lr": 1.0,
-                                              **teacher, **extra})
-    run = build_run(load_config(None, over))
-    before, batch = host(run.init.params), run.rollouts.collect(0, run.init)  # the step's batch, as it trains
-    state, rec = run_steps(run, 1)
-    return run, jax.tree.map(lambda a, b: a - b, host(state.params), before), rec, batch  # -lr x the gradient
+                                              **teachers, **extra})
+    return one_sgd_step(load_config(None, over))
 
 
-@pytest.mark.parametrize("extra", [{}, {"loss.estimator_type": "sampled", "loss.normalize": "sequence"},
-                                   {"loss.lam": 0.5, "loss.estimator_type": "topk"},
-                                   {"two_teachers": True, "train.micro_batch": 2}],
-                         ids=["full", "sampled-sequence", "gkd-topk", "two-teachers-micro"])
-def test_a_packed_training_step_equals_the_padded_one(tmp_path, extra):
-    """The same sampled rows (sampling does not depend on packing), scored by the teacher on packed rows and
-    trained on them: the logged loss and divergence and the SGD step (the gradient) equal the padded run's."""
-    pad_run, pad, rec0, b0 = _one_step(tmp_path, "padded", dict(extra))
+SAMPLED = {"loss.estimator_type": "sampled"}
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("random", {}), ("random", {**SAMPLED, "loss.normalize": "sequence"}),
+    ("random", {"loss.lam": 0.5, "loss.estimator_type": "topk"}), ("two", {"train.micro_batch": 2}),
+    ("random", {**SAMPLED, "loss.level": "sequence", "loss.baseline": "loo", "loss.normalize": "sequence"}),
+    ("random", {**SAMPLED, "loss.rl_alpha": 0.5, "train.micro_batch": 2}),
+    ("privileged", {"train.micro_batch": 2}), ("served", {"loss.estimator_type": "topk", "loss.topk": 4})],
+    ids=["full", "sampled-sequence", "gkd-topk", "two-teachers-micro", "sequence-level-loo", "rl-micro",
+         "privileged-micro", "served-topk"])
+def test_a_packed_training_step_equals_the_padded_one(tmp_path, request, kind, extra):
+    """The same sampled rows (sampling does not depend on packing), scored by the teachers (local ones on the
+    packed rows; privileged and served ones on the padded rows, their scores moved to the packed positions)
+    and trained on packed rows: the logged loss and divergence and the SGD step (the gradient) equal the
+    padded run's."""
+    teachers = _teachers(tmp_path, kind, request.getfixturevalue("served") if kind == "served" else None)
+    pad_run, pad, rec0, b0 = _one_step(tmp_path, "padded", extra, teachers)
     d = pad_run.cfg.data
     L = 2 * (d.max_prompt_len + d.max_new_tokens)
-    run, packed, rec1, b1 = _one_step(tmp_path, "packed", {**extra, "data.pack_tokens": L})
-    keys = [k for k in rec0 if k.startswith(("loss", "on_policy/divergence", "on_policy/tokens", "teacher/"))]
-    for k in keys + ["rollout/eos_rate", "rollout/horizon"]:
-        assert rec1[k] == pytest.approx(rec0[k], rel=1e-5, abs=1e-7), k
-    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(pad))
-    assert scale > 1e-4  # the step moved the parameters
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), packed, pad)
-    assert all(p.packed for p in b1.arrays.values()) and not any(p.packed for p in b0.arrays.values())
+    run, packed, rec1, b1 = _one_step(tmp_path, "packed", {**extra, "data.pack_tokens": L}, teachers)
+    assert_same_step((rec0, pad, b0), (rec1, packed, b1))
     on0, on1 = b0.arrays["on"], b1.arrays["on"]
     real = int(np.asarray(on0.prompt_mask).sum() + np.asarray(on0.mask).sum())
     assert rec0["update/real_token_fraction"] == pytest.approx(real / on0.tokens.size)  # counted by hand
@@ -206,22 +241,14 @@ def test_a_packed_training_step_equals_the_padded_one(tmp_path, extra):
     assert on1.tokens.shape[1] == L and on1.tokens.shape[0] % (blocks * run.rollouts.pack_unit[0]) == 0
 
 
-@pytest.mark.parametrize("extra, message", [
-    ({"data.pack_tokens": 10}, "data.pack_tokens 10 is shorter than the longest sequence"),
-    ({"loss.rl_alpha": 0.5, "loss.estimator_type": "sampled"}, "does not support RL terms"),
-    ({"loss.estimator_type": "sampled", "loss.level": "sequence"}, "does not support loss.level sequence"),
-    ({"loss.estimator_type": "sampled", "loss.baseline": "loo"}, "does not support loss.baseline loo"),
-    ({"teachers": "[{name: s, url: 'http://127.0.0.1:9'}]", "routing": "{addition: s, reverse: s, sort: s}",
-      "loss.estimator_type": "sampled"}, "does not support teacher 's'"),
-])
-def test_what_packing_does_not_handle_yet_is_refused_in_one_line(tmp_path, extra, message):
+def test_a_budget_below_the_longest_sequence_is_refused_in_one_line(tmp_path):
     from opd_jax.checks import check
     from opd_jax.config import load_config
 
     from conftest import tiny_overrides
 
-    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"data.pack_tokens": 64, **extra}))
-    with pytest.raises(OpdError, match=message) as err:
+    cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"data.pack_tokens": 10}))
+    with pytest.raises(OpdError, match="data.pack_tokens 10 is shorter than the longest sequence") as err:
         check(cfg)
     assert "\n" not in str(err.value)
 

@@ -211,6 +211,27 @@ def test_a_bpe_teacher_matches_a_reference_built_from_direct_forwards(folders):
         np.testing.assert_allclose(lp[r].sum(), lq[np.arange(len(t_row)), t_row].sum(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("normalize", ["token", "sequence"])
+def test_a_packed_cross_tokenizer_step_equals_the_padded_one(folders, tmp_path, normalize):
+    """data.pack_tokens with a BPE teacher: it scores the padded rows in its own tokens, and its hidden states
+    and the positions it covers move to the packed rows. The step (loss, divergence, the SGD change) equals
+    the padded run's, with the covered positions a strict subset of the completion's."""
+    from conftest import assert_same_step, one_sgd_step
+
+    _, _, bpe = folders
+    kw = {"loss.cross_tokenizer": "bpm", "loss.kind": "forward_kl", "loss.normalize": normalize, "train.steps": 1,
+          "optim.name": "sgd", "optim.lr": 1.0}
+    run, pad, rec0, b0 = one_sgd_step(_cfg(tmp_path / "pad", bpe, **kw))
+    d = run.cfg.data
+    _, packed, rec1, b1 = one_sgd_step(_cfg(tmp_path / "packed", bpe, **kw,
+                                            **{"data.pack_tokens": 2 * (d.max_prompt_len + d.max_new_tokens)}))
+    on = b0.arrays["on"]
+    keep, mask = np.asarray(on.loss_mask), np.asarray(on.mask)
+    assert 0 < keep.sum() < mask.sum()  # the teacher covers some positions, not all
+    assert_same_step((rec0, pad, b0), (rec1, packed, b1))
+    assert np.asarray(b1.arrays["on"].mask).sum() == keep.sum()  # the packed mask is the coverage
+
+
 def test_bad_cross_tokenizer_input_is_refused_in_one_line(folders, tmp_path):
     tmp, same, bpe = folders
     bare = _model(tmp_path / "bare", 96, 3)  # a model folder without a tokenizer

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from opd_jax.errors import OpdError
 from opd_jax.losses.masking import clean, masked_mean
-from opd_jax.losses.sampled import importance_weights, opd_weights, truncated_ratio
+from opd_jax.losses.sampled import importance_weights, opd_weights, per_target, truncated_ratio
 
 
 def gkd_loss(on_policy, off_policy, lam: float):
@@ -55,13 +55,14 @@ def group_advantages(rewards, group_size: int, *, scale: bool = True, eps: float
 def rl_opd_surrogate(student_logprobs, teacher_logprobs, rewards, mask, *, group_size: int, alpha: float = 0.5,
                      mode: str = "mix", kind: str = "reverse_kl", estimator: str = "opd_plus", beta=0.5,
                      div_alpha=0.5, sampler_logprobs=None, clip_eps: float = 0.2, normalize: str = "token",
-                     is_cap: float = 0.0):
+                     is_cap: float = 0.0, seqs=None):
     """Policy gradient on a verifiable reward plus (or replaced by) the OPD term -> (loss, metrics).
 
     student_logprobs, teacher_logprobs, mask [B, T]; rewards [B]. alpha is the weight of the OPD
     term in mode "mix" (alpha = 0: pure GRPO, alpha = 1: pure OPD in PPO form); mode "replace" uses
     the OPD advantage alone (the MOPD form). kind/estimator/beta/div_alpha choose the divergence.
     Metrics: reward, divergence, advantage, clip_fraction, and logprob_mismatch with sampler log-probs.
+    seqs: a packed part's (seq_index, n) (`sampled.segment_sums`); rewards are then per sequence [n].
     """
     if mode not in ("mix", "replace"):
         raise OpdError(f"mode must be 'mix' or 'replace', got {mode!r}")
@@ -71,12 +72,13 @@ def rl_opd_surrogate(student_logprobs, teacher_logprobs, rewards, mask, *, group
         w = f_r = jnp.zeros_like(student_logprobs, dtype=jnp.float32)
     else:
         w, f_r = opd_weights(student_logprobs, teacher_logprobs, mask, kind, estimator=estimator, beta=beta,
-                             alpha=div_alpha)
+                             alpha=div_alpha, seqs=seqs)
     a_opd = -w
     if mode == "replace":
         adv = a_opd
     else:
-        a_rl = group_advantages(rewards, group_size)[:, None]
+        a_rl = group_advantages(rewards, group_size)
+        a_rl = a_rl[:, None] if seqs is None else per_target(a_rl, seqs)
         adv = (1.0 - alpha) * a_rl + alpha * a_opd
     adv = jax.lax.stop_gradient(adv)
     slp = clean(student_logprobs, mask)

@@ -102,11 +102,16 @@ def _student_logprobs(h, w, b, lc, temperature):
                                   seq_chunk=lc.seq_chunk)
 
 
+def _seqs(b):
+    """A packed part's (seq_index, sequences) for the sums that run along a sequence; None when padded."""
+    return (b.seq_index, b.seq_tokens.shape[0]) if b.packed else None
+
+
 def _sampled(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0, handover="", cross=False):
     slp = _student_logprobs(h, w, b, lc, temperature)
     loss, m = sampled_surrogate(slp, teacher, b.mask, estimator=lc.estimator, level=lc.level,
                                 baseline=lc.baseline, sampler_logprobs=b.sampler_logprobs,
-                                clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap, **_div(lc))
+                                clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap, seqs=_seqs(b), **_div(lc))
     m["token_logprob"] = jax.lax.stop_gradient(slp)
     return loss, m
 
@@ -116,7 +121,7 @@ def _rl(h, w, b, teacher, teacher_w, lc, *, group_size, temperature, is_cap=0.0,
     loss, m = rl_opd_surrogate(slp, teacher, b.rewards, b.mask, group_size=group_size, alpha=lc.rl_alpha,
                                mode=lc.rl_mode, kind=lc.kind, estimator=lc.estimator, beta=lc.beta,
                                div_alpha=lc.alpha_div, sampler_logprobs=b.sampler_logprobs,
-                               clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap)
+                               clip_eps=lc.clip_eps, normalize=lc.normalize, is_cap=is_cap, seqs=_seqs(b))
     m["token_logprob"] = jax.lax.stop_gradient(slp)
     return loss, m
 

@@ -42,10 +42,28 @@ ESTIMATORS = ("stop_grad", "opd_plus")
 LEVELS = ("token", "sequence")
 
 
-def reward_to_go(x, mask, *, include_current=True):
-    """sum_{s >= t} m_s x_s (or s > t) along the last axis; [B, T] -> [B, T]."""
+def segment_sums(x, seqs):
+    """Per-sequence sums of a packed part's per-target x [R, T]: seqs = (seq_index [R, T], n) -> [n]
+    (`opd_jax.packing`: seq_index names each target's sequence, n on non-targets)."""
+    seq_index, n = seqs
+    return jax.ops.segment_sum(jnp.ravel(x), jnp.ravel(seq_index), n + 1)[:n]
+
+
+def per_target(v, seqs):
+    """A per-sequence value v [n] at each target of its sequence [R, T] (0 on non-targets)."""
+    return jnp.append(v, jnp.zeros((1,), v.dtype))[seqs[0]]
+
+
+def reward_to_go(x, mask, *, include_current=True, seqs=None):
+    """sum_{s >= t} m_s x_s (or s > t) along the last axis; [B, T] -> [B, T]. seqs (packed rows,
+    `segment_sums`): the sum stops at the end of t's sequence: the row's suffix sum less what follows
+    the sequence's last target."""
     x = clean(x, mask)
     suffix = jnp.flip(jnp.cumsum(jnp.flip(x, -1), -1), -1)
+    if seqs is not None:
+        idx = seqs[0]
+        last = (idx != jnp.pad(idx[:, 1:], ((0, 0), (0, 1)), constant_values=-1)) & (idx < seqs[1])
+        suffix = suffix - per_target(segment_sums((suffix - x) * last, seqs), seqs)
     return suffix if include_current else suffix - x
 
 
@@ -62,6 +80,16 @@ def loo_baseline(w, mask):
     row_sum, row_n = jnp.sum(wm, -1, keepdims=True), jnp.sum(m, -1, keepdims=True)
     others = jnp.sum(m) - row_n
     return jnp.where(others > 0, (jnp.sum(wm) - row_sum) / jnp.maximum(others, 1.0), 0.0)
+
+
+def segment_loo_baseline(w, mask, seqs):
+    """`loo_baseline` of packed rows: for each target, the mean weight over the real tokens of every other
+    sequence in the part (mask may hold weights: a token counts where it is > 0). [R, T] -> [R, T]."""
+    m = (mask > 0).astype(jnp.float32)
+    wm = clean(w, mask) * m
+    seq_sum, seq_n = per_target(segment_sums(wm, seqs), seqs), per_target(segment_sums(m, seqs), seqs)
+    others = jnp.sum(m) - seq_n
+    return jnp.where(others > 0, (jnp.sum(wm) - seq_sum) / jnp.maximum(others, 1.0), 0.0)
 
 
 def importance_weights(student_logprobs, sampler_logprobs, mask, cap: float):
@@ -84,10 +112,11 @@ def truncated_ratio(student_logprobs, sampler_logprobs, cap: float):
 
 
 def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="opd_plus", level="token",
-                beta=0.5, alpha=0.5, baseline="none"):
+                beta=0.5, alpha=0.5, baseline="none", seqs=None):
     """Per-token weights w_t [B, T] (no gradient) and the per-token divergence samples f(r_t).
 
     baseline="loo" subtracts the leave-one-sequence-out mean of w (`loo_baseline`) for lower variance.
+    seqs: packed rows (`segment_sums`): the sums that run along a sequence stop at its end.
     """
     if estimator not in ESTIMATORS:
         raise OpdError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -98,9 +127,9 @@ def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="op
     f_r = clean(fd.f(lr), mask)
     own = f_r if estimator == "stop_grad" else clean(fd.g(lr), mask)
     if level == "sequence":
-        own = own + reward_to_go(f_r, mask, include_current=False)
+        own = own + reward_to_go(f_r, mask, include_current=False, seqs=seqs)
     if baseline == "loo":
-        own = clean(own - loo_baseline(own, mask), mask)
+        own = clean(own - (loo_baseline(own, mask) if seqs is None else segment_loo_baseline(own, mask, seqs)), mask)
     elif baseline != "none":
         raise OpdError(f"baseline must be 'none' or 'loo', got {baseline!r}")
     return jax.lax.stop_gradient(own), f_r
@@ -108,7 +137,7 @@ def opd_weights(student_logprobs, teacher_logprobs, mask, kind, *, estimator="op
 
 def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl", *, estimator="opd_plus",
                       level="token", beta=0.5, alpha=0.5, sampler_logprobs=None, clip_eps=0.2,
-                      normalize="token", baseline="none", is_cap=0.0):
+                      normalize="token", baseline="none", is_cap=0.0, seqs=None):
     """The sampled-token OPD surrogate -> (loss, metrics).
 
     student_logprobs [B, T]: log pi_theta(y_t | c_t) of the sampled tokens, differentiable (the
@@ -119,10 +148,10 @@ def sampled_surrogate(student_logprobs, teacher_logprobs, mask, kind="reverse_kl
     Metrics: divergence (mean f(r), a sample estimate of D_f per token), mean_weight, tokens, and
     with sampler log-probs: logprob_mismatch (mean |log pi_theta - log pi_sampler|),
     sampler_kl (mean of log pi_sampler - log pi_theta, an estimate of KL(sampler || trainer)),
-    clip_fraction.
+    clip_fraction. seqs: a packed part's (seq_index, n) (`segment_sums`).
     """
     w, f_r = opd_weights(student_logprobs, teacher_logprobs, mask, kind, estimator=estimator, level=level,
-                         beta=beta, alpha=alpha, baseline=baseline)
+                         beta=beta, alpha=alpha, baseline=baseline, seqs=seqs)
     slp = clean(student_logprobs, mask)
     metrics = {"divergence": masked_mean(f_r, mask), "per_token_divergence": f_r, "mean_weight": masked_mean(w, mask),
                "tokens": jnp.sum(mask.astype(jnp.float32))}

@@ -50,6 +50,11 @@ class ModelConfig:
     attention: str = "auto"
     attention_block: int = 512
     remat: str = "none"
+    # LoRA adapters on the layers (opd_jax.lora; never written to config.json): rank (0: none), alpha, and
+    # the base weights they adapt (wq, wk, wv, wo, w_gate, w_up, w_down)
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple = ()
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

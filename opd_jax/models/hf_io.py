@@ -185,6 +185,9 @@ def save_model(model: Transformer, path, *, max_shard_bytes: int = 2 * 1024**3) 
     this (parameters are gathered), and only process 0 writes.
     """
     cfg: ModelConfig = model.cfg
+    if cfg.lora_rank:
+        raise OpdError("this model carries LoRA adapters, which a Hugging Face folder of the base would drop; export "
+                       "them as a PEFT folder (opd-jax export --lora) or merged into the weights (--merge)")
     out = Path(path)
     write = jax.process_index() == 0
     if write:

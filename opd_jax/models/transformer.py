@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,30 @@ def layer_param_specs(c: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
     return specs
 
 
+def lora_param_specs(c: ModelConfig) -> dict[str, tuple[tuple, tuple, str]]:
+    """The LoRA adapters of `c.lora_targets` (`opd_jax.lora`), as `layer_param_specs`: A [L, in..., r] and
+    B [L, r, out...] with the base weight's logical axes on its in / out dims, the rank axis unsharded
+    (wo's input is its first two dims [H, Dh]; every other target's is its first)."""
+    base, out, r = layer_param_specs(c), {}, c.lora_rank
+    for name in c.lora_targets:
+        shape, axes, _ = base[name]
+        k = 3 if name == "wo" else 2  # the layers axis and the input dims
+        out[name + "_lora_a"] = (shape[:k] + (r,), axes[:k] + (None,), "lora_a")
+        out[name + "_lora_b"] = ((shape[0], r) + shape[k:], (axes[0], None) + axes[k:], "lora_b")
+    return out
+
+
+def layer_names(c: ModelConfig) -> list[str]:
+    """Every stacked layer weight: the base's (`layer_param_specs`) and its LoRA adapters."""
+    return list(layer_param_specs(c)) + list(lora_param_specs(c))
+
+
 def _param(shape, axes, kind, dtype, rngs: nnx.Rngs, std=0.02):
+    if kind == "lora_a":  # LoRA adapters (nnx.LoRAParam): A normal with std 1 / sqrt(fan_in), B zeros
+        value = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(math.prod(shape[1:-1]))
+        return nnx.LoRAParam(value.astype(dtype), logical_axes=axes)
+    if kind == "lora_b":
+        return nnx.LoRAParam(jnp.zeros(shape, dtype), logical_axes=axes)
     if kind == "ones":
         value = jnp.ones(shape, dtype)
     elif kind == "zeros":
@@ -61,6 +85,14 @@ class Layers(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         for name, (shape, axes, kind) in layer_param_specs(cfg).items():
             setattr(self, name, _param(shape, axes, kind, jnp.dtype(cfg.param_dtype), rngs))
+        add_lora(self, cfg, rngs)
+
+
+def add_lora(layers: Layers, cfg: ModelConfig, rngs: nnx.Rngs):
+    """`cfg`'s LoRA adapters on `layers` (nnx.LoRAParam; A normal with std 1 / sqrt(fan_in), B zeros, so
+    the adapted model starts as its base), in param_dtype."""
+    for name, (shape, axes, kind) in lora_param_specs(cfg).items():
+        setattr(layers, name, _param(shape, axes, kind, jnp.dtype(cfg.param_dtype), rngs))
 
 
 class Transformer(nnx.Module):
@@ -123,7 +155,7 @@ class Transformer(nnx.Module):
         taken once outside a decode loop, a step then reads them in place instead of slicing (and,
         on XLA:CPU, copying) the stacked weights every layer of every step. Pass to `run(layers=)`."""
         dt = jnp.dtype(self.cfg.dtype)
-        stacked = {name: getattr(self.layers, name)[...] for name in layer_param_specs(self.cfg)}
+        stacked = {name: getattr(self.layers, name)[...] for name in layer_names(self.cfg)}
         return tuple({name: w[i].astype(dt) for name, w in stacked.items()} for i in range(self.cfg.num_layers))
 
     def run(self, input_ids, positions, q_slots, key_valid, cache=None, write_index=0, layers=None, segments=None):
@@ -142,13 +174,18 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         inv_freq = L.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
         stacked = None if layers is not None else {
-            name: getattr(self.layers, name)[...].astype(dt) for name in layer_param_specs(cfg)}
+            name: getattr(self.layers, name)[...].astype(dt) for name in layer_names(cfg)}
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(dt)
 
         layout = _LAYOUT.get()
         # a decode step (one new token per row) over a cache: attention reads only the filled slots;
         # attention="naive" keeps the reference path over every slot
         decoding = cache is not None and input_ids.shape[1] == 1 and cfg.attention != "naive"
+
+        scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+
+        def lora(name, x, p):  # (alpha / r) (x A) B where `name` has adapters, else 0 (opd_jax.lora)
+            return L.lora_delta(x, p, name, scale) if cfg.lora_rank else 0.0
 
         def body(i, carry, p=None):
             h, cache = carry
@@ -157,9 +194,9 @@ class Transformer(nnx.Module):
             if p is None:
                 p = {name: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for name, w in stacked.items()}
             x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-            q = jnp.einsum("btd,dhe->bthe", x, p["wq"])
-            k = jnp.einsum("btd,dhe->bthe", x, p["wk"])
-            v = jnp.einsum("btd,dhe->bthe", x, p["wv"])
+            q = jnp.einsum("btd,dhe->bthe", x, p["wq"]) + lora("wq", x, p)
+            k = jnp.einsum("btd,dhe->bthe", x, p["wk"]) + lora("wk", x, p)
+            v = jnp.einsum("btd,dhe->bthe", x, p["wv"]) + lora("wv", x, p)
             if cfg.qkv_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             if cfg.qk_norm:
@@ -187,9 +224,13 @@ class Transformer(nnx.Module):
                     v = from_cache(jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False), dt)
                 o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block,
                               cached=cache is not None, layout=layout, segments=segments)
-            h = h + jnp.einsum("bthe,hed->btd", o, p["wo"])
+            h = h + jnp.einsum("bthe,hed->btd", o, p["wo"]) + lora("wo", o, p)
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
-            h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
+            if cfg.lora_rank:  # SwiGLU with the adapters' terms on gate, up and down
+                m = jax.nn.silu(x @ p["w_gate"] + lora("w_gate", x, p)) * (x @ p["w_up"] + lora("w_up", x, p))
+                h = h + m @ p["w_down"] + lora("w_down", m, p)
+            else:
+                h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
             return h, cache
 
         if cache is None and cfg.remat != "none":  # under differentiation: recompute the layer body
