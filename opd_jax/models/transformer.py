@@ -184,8 +184,9 @@ class Transformer(nnx.Module):
 
         scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
 
-        def lora(name, x, p):  # (alpha / r) (x A) B where `name` has adapters, else 0 (opd_jax.lora)
-            return L.lora_delta(x, p, name, scale) if cfg.lora_rank else 0.0
+        def proj(name, spec, x, p):  # x W, plus (alpha / r) (x A) B where `name` has adapters (opd_jax.lora)
+            y = jnp.einsum(spec, x, p[name])
+            return y + L.lora_delta(x, p, name, scale) if name + "_lora_a" in p else y
 
         def body(i, carry, p=None):
             h, cache = carry
@@ -194,9 +195,9 @@ class Transformer(nnx.Module):
             if p is None:
                 p = {name: jax.lax.dynamic_index_in_dim(w, i, keepdims=False) for name, w in stacked.items()}
             x = L.rms_norm(h, p["attn_norm"], cfg.rms_norm_eps)
-            q = jnp.einsum("btd,dhe->bthe", x, p["wq"]) + lora("wq", x, p)
-            k = jnp.einsum("btd,dhe->bthe", x, p["wk"]) + lora("wk", x, p)
-            v = jnp.einsum("btd,dhe->bthe", x, p["wv"]) + lora("wv", x, p)
+            q = proj("wq", "btd,dhe->bthe", x, p)
+            k = proj("wk", "btd,dhe->bthe", x, p)
+            v = proj("wv", "btd,dhe->bthe", x, p)
             if cfg.qkv_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             if cfg.qk_norm:
@@ -224,11 +225,11 @@ class Transformer(nnx.Module):
                     v = from_cache(jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False), dt)
                 o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block,
                               cached=cache is not None, layout=layout, segments=segments)
-            h = h + jnp.einsum("bthe,hed->btd", o, p["wo"]) + lora("wo", o, p)
+            h = h + proj("wo", "bthe,hed->btd", o, p)
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             if cfg.lora_rank:  # SwiGLU with the adapters' terms on gate, up and down
-                m = jax.nn.silu(x @ p["w_gate"] + lora("w_gate", x, p)) * (x @ p["w_up"] + lora("w_up", x, p))
-                h = h + m @ p["w_down"] + lora("w_down", m, p)
+                m = jax.nn.silu(proj("w_gate", "btd,df->btf", x, p)) * proj("w_up", "btd,df->btf", x, p)
+                h = h + proj("w_down", "btf,fd->btd", m, p)
             else:
                 h = h + L.swiglu(x, p["w_gate"], p["w_up"], p["w_down"])
             return h, cache
