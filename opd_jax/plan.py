@@ -97,6 +97,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     that long-tailed completion mix needs (`packing.expected_rows`), not for the most rows a step can need."""
     compile = compile or bool(roofline)
     from opd_jax.optim import make_optimizer
+    from opd_jax.lora import trainable
 
     n_devices = n_devices or (mesh.devices.size if mesh is not None else jax.device_count())
     n_total = n_devices  # mesh.roles: the learner's share of them
@@ -107,8 +108,9 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     scfg = model_config(cfg.student).replace(attention=cfg.student.attention, remat=cfg.train.remat)
     shapes, axes = abstract_params(scfg)
     p_dev, n_params = tree_bytes(shapes, axes, mesh, rules)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps, shapes)
-    o_dev, o_total = optimizer_bytes(optimizer, shapes, axes, mesh, rules)
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps, trainable(shapes))  # LoRA: the adapters alone
+    o_dev, o_total = optimizer_bytes(optimizer, trainable(shapes), trainable(axes), mesh, rules)
+    n_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable(shapes)))
 
     rl = RowLayout.from_config(cfg, domains)
     if needs_teachers(cfg.loss):  # the trainer's routing errors, before any compile
@@ -117,8 +119,9 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     teachers, t_dev = {}, 0.0
     tcfgs = teacher_configs(cfg, scfg, rl)
     own = {n for n in tcfgs if n in cfg.mesh.roles}  # teachers on devices of their own (role_plan)
+    shared = {t.name for t in cfg.teachers if t.path in ("self_live", "base")}  # read the student's own arrays
     for name, tcfg in tcfgs.items():
-        if name in own:
+        if name in own or name in shared:
             continue
         tb, tn = tree_bytes(*abstract_params(tcfg), mesh, trules)
         teachers[name] = {"params": tn, "bytes_per_device": tb}
@@ -137,7 +140,8 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     hand = p_dev + o_dev + t_dev + cache_dev + tout_dev
     out = Plan(devices=n_devices, mesh=mesh.shape, rows_per_step=rows, sequence=seq, micro_batch=cfg.train.micro_batch,
                student_weight_bytes=sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)),
-               student_params=n_params, student_bytes_per_device=p_dev, optimizer_bytes_per_device=o_dev,
+               student_params=n_params, trainable_params=n_trainable, student_bytes_per_device=p_dev,
+               optimizer_bytes_per_device=o_dev,
                optimizer_bytes_total=o_total, teachers=teachers, teacher_bytes_per_device=t_dev,
                kv_cache_bytes_per_device=cache_dev, teacher_output_bytes_per_device=tout_dev,
                hand_total_bytes_per_device=hand, total_bytes_per_device=hand)

@@ -26,6 +26,7 @@ class Plan:
     micro_batch: object  # rows per micro-batch (0: all)
     student_weight_bytes: float  # all of the student's weights (one whole copy)
     student_params: int
+    trainable_params: int  # what the gradient and optimizer state cover: the LoRA adapters, else student_params
     student_bytes_per_device: float
     optimizer_bytes_per_device: float
     optimizer_bytes_total: float
@@ -78,7 +79,9 @@ def format_plan(p: Plan) -> str:
     lines = [f"mesh {p.mesh} on {p.devices} devices; {p.rows_per_step} rows x {p.sequence} tokens per step "
              f"({micro} rows per micro-batch)",
              f"  student parameters   {gib(p.student_bytes_per_device)}  ({p.student_params / 1e9:.3f} B params)",
-             f"  optimizer state      {gib(p.optimizer_bytes_per_device)}"]
+             f"  optimizer state      {gib(p.optimizer_bytes_per_device)}"
+             + (f"  (LoRA adapters: {p.trainable_params / 1e6:.1f} M trainable params)"
+                if p.trainable_params != p.student_params else "")]
     for name, t in p.teachers.items():
         lines.append(f"  teacher {name:<12} {gib(t['bytes_per_device'])}  ({t['params'] / 1e9:.3f} B params)")
     lines += [f"  KV cache (slots)     {gib(p.slot_kv_bytes)}",

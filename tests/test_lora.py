@@ -66,10 +66,12 @@ def _run(tmp_path, name, teachers=None, **extra):
     return build_run(load_config(None, tiny_overrides(tmp_path / name, **over))), student
 
 
-def test_only_the_adapters_train_and_the_base_is_bit_equal(tmp_path):
-    """Three AdamW steps: every base weight is bit-equal to the folder's, every adapter moved, and the
-    optimizer state holds the adapters' moments only."""
-    run, folder = _run(tmp_path, "r")
+@pytest.mark.parametrize("extra", [{}, {"train.max_staleness": 1}], ids=["sync", "async"])
+def test_only_the_adapters_train_and_the_base_is_bit_equal(tmp_path, extra):
+    """Three AdamW steps (synchronous, and one step stale: the sampler runs base + adapters of the version
+    before): every base weight is bit-equal to the folder's, every adapter moved, and the optimizer state
+    holds the adapters' moments only."""
+    run, folder = _run(tmp_path, "r", **extra)
     before = host(run.init.params)
     state, rec = run_steps(run, 3)
     after = host(state.params)
@@ -165,3 +167,28 @@ def test_bad_lora_settings_are_refused_in_one_line(tmp_path, extra, message):
     with pytest.raises(OpdError, match=message) as err:
         check(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_a_packed_lora_run_resumes_to_the_uninterrupted_one(tmp_path):
+    """student.lora with data.pack_tokens: a run stopped after 2 of 4 steps and resumed ends at the
+    uninterrupted run's parameters bit for bit (k = 0: asynchronous runs do not resume bit for bit,
+    docs/training.md), and its base is the folder's."""
+    from opd_jax.export import restore_run_params
+    from opd_jax.train import train
+
+    student = char_tokenizer_dir(tiny_model(5, folder=tmp_path / "student"))
+    over = {"student.path": str(student), "student.init": "{}", "student.lora": LORA, **random_teacher(tmp_path),
+            "train.steps": 4, "train.checkpoint_every": 1, "data.pack_tokens": 64,
+            "optim.lr": 0.05}
+    cfgs = {name: load_config(None, tiny_overrides(tmp_path / name, **over)) for name in ("straight", "resumed")}
+    train(cfgs["straight"])
+    train(cfgs["resumed"], stop_after=2)
+    train(cfgs["resumed"], resume=True)
+    (_, a, sa), (_, b, sb) = (restore_run_params(tmp_path / n) for n in ("straight", "resumed"))
+    assert sa == sb == 4
+    jax.tree.map(np.testing.assert_array_equal, b, a)
+    plain = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(student))))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.split(b)[1]), plain)
+    start = lora.split(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(
+        lora.add_adapters(load_model(student), 4, 8.0, tuple(lora.TARGETS.values()), seed=0)))))[0]
+    assert np.abs(b["layers"]["wq_lora_b"] - start["layers"]["wq_lora_b"]).max() > 0  # the adapters trained
