@@ -36,7 +36,13 @@ def check(cfg: Config) -> Config:
     check_xtok(cfg)
     check_horizon(cfg)
     check_packing(cfg)
-    check_lora(cfg.student.lora)
+    if check_lora(cfg.student.lora):
+        oc = cfg.optim
+        what = ("optim.mask (a mask names base coordinates; with LoRA only the adapters train)" if oc.mask else
+                "the EffOPD guard / line search (its rollback acts on every parameter)"
+                if oc.effopd_guard or oc.effopd_line_search else None)
+        if what:
+            raise OpdError(f"student.lora does not support {what}; drop one of them")
     for t in cfg.teachers:
         check_privileged(t)
         if t.path == "base" and not check_lora(cfg.student.lora):

@@ -190,7 +190,7 @@ def rigged_model(table: dict[int, int], vocab=64, margin=10.0):
 
 def run_readme_block(heading: str, config: str, folder, doc: str = "README.md"):
     """Run the first bash block under `heading` of `doc` (README.md or a file in docs/) as written, in
-    `folder` holding configs/`config`, with one CPU device as a user's shell has -> the finished
+    `folder` holding configs/`config` (a name, or several), with one CPU device as a user's shell has -> the finished
     subprocess (its return code checked)."""
     import re
     import shutil
@@ -202,7 +202,8 @@ def run_readme_block(heading: str, config: str, folder, doc: str = "README.md"):
     readme = (root / doc).read_text()
     block = re.search(r"```bash\n(.*?)```", readme[readme.index(heading):], re.S).group(1)
     (folder / "configs").mkdir()
-    shutil.copy(root / "configs" / config, folder / "configs")
+    for name in [config] if isinstance(config, str) else config:
+        shutil.copy(root / "configs" / name, folder / "configs")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": os.environ["OPD_TEST_XLA_FLAGS"]}
     res = subprocess.run(["bash", "-e", "-c", block], cwd=folder, env=env, capture_output=True, text=True, timeout=900)

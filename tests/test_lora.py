@@ -66,10 +66,11 @@ def _run(tmp_path, name, teachers=None, **extra):
     return build_run(load_config(None, tiny_overrides(tmp_path / name, **over))), student
 
 
-@pytest.mark.parametrize("extra", [{}, {"train.max_staleness": 1}], ids=["sync", "async"])
+@pytest.mark.parametrize("extra", [{}, {"train.max_staleness": 1}, {"optim.effopd_window": 2}],
+                         ids=["sync", "async", "effopd"])
 def test_only_the_adapters_train_and_the_base_is_bit_equal(tmp_path, extra):
-    """Three AdamW steps (synchronous, and one step stale: the sampler runs base + adapters of the version
-    before): every base weight is bit-equal to the folder's, every adapter moved, and the optimizer state
+    """Three AdamW steps (synchronous; one step stale: the sampler runs base + adapters of the version
+    before; EffOPD extrapolating the adapters every 2 steps): every base weight is bit-equal to the folder's, every adapter moved, and the optimizer state
     holds the adapters' moments only."""
     run, folder = _run(tmp_path, "r", **extra)
     before = host(run.init.params)
@@ -85,7 +86,8 @@ def test_only_the_adapters_train_and_the_base_is_bit_equal(tmp_path, extra):
         assert np.abs(v - start_adapters["layers"][k]).max() > 0, k
     moments = [x for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 1]
     shapes = sorted(tuple(x.shape) for x in jax.tree.leaves(adapters))
-    assert sorted(tuple(x.shape) for x in moments) == sorted(shapes * 2)  # Adam's mu and nu of the adapters
+    k = len(moments) // len(shapes)  # Adam's mu and nu (and EffOPD's window directions) of the adapters alone
+    assert k >= 2 and sorted(tuple(x.shape) for x in moments) == sorted(shapes * k)
     assert np.isfinite(rec["loss"]) and rec["grad_norm"] > 0
 
 
@@ -157,6 +159,9 @@ def test_export_lora_and_merge_round_trip(tmp_path, capsys):
     ({"student.lora": "{rank: 4, alpha: -1}"}, "alpha must be a positive number"),
     ({"teachers": "[{name: b, path: base}]", "routing": "{addition: b, reverse: b, sort: b}"},
      "has path: base .* but student.lora is not set"),
+    ({"student.lora": "{rank: 4}", "optim.mask": "m.safetensors"}, "student.lora does not support optim.mask"),
+    ({"student.lora": "{rank: 4}", "optim.effopd_window": 2, "optim.effopd_guard": "true"},
+     "student.lora does not support the EffOPD guard"),
     ({"student.lora": "{rank: 4}", "teachers": "[{name: b, path: base}]", "routing": "{addition: b, reverse: b, sort: b}",
       "train.max_staleness": 1}, "is base .* cannot be used with train.max_staleness"),
 ])
@@ -192,3 +197,39 @@ def test_a_packed_lora_run_resumes_to_the_uninterrupted_one(tmp_path):
     start = lora.split(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(
         lora.add_adapters(load_model(student), 4, 8.0, tuple(lora.TARGETS.values()), seed=0)))))[0]
     assert np.abs(b["layers"]["wq_lora_b"] - start["layers"]["wq_lora_b"]).max() > 0  # the adapters trained
+
+
+def test_the_docs_lora_example_runs_as_written(tmp_path):
+    """docs/training.md's "LoRA adapters" block, as written: a LoRA run against a teacher, a base-teacher
+    context-distillation run (the base with an instruction the student does not see: a divergence above 0
+    at step 0, where the adapters are still zero), and both exports."""
+    from conftest import run_readme_block
+
+    run_readme_block("## LoRA adapters", ("lora_example.yaml", "lora_self_context.yaml"), tmp_path,
+                     doc="docs/training.md")
+    first = json.loads((tmp_path / "runs/lora_self/metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["on_policy/divergence"] > 1e-4
+    peft = tmp_path / "runs/lora_opd/peft"
+    assert json.loads((peft / "adapter_config.json").read_text())["r"] == 8
+    assert len(load_file(peft / "adapter_model.safetensors")) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
+    assert (tmp_path / "runs/lora_opd/merged/model.safetensors").exists()
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    blocks = [re.search(r"```bash\n(.*?)```", (root / doc).read_text().split(heading)[1], re.S).group(1)
+              for doc, heading in (("README.md", "## LoRA"), ("docs/training.md", "## LoRA adapters"))]
+    assert blocks[0] == blocks[1]  # the README shows the block run here
+
+
+def test_a_bfloat16_base_keeps_float32_adapters_and_trains(tmp_path):
+    """student.dtype bfloat16: the base stays bfloat16 (and bit-equal), the adapters and AdamW's moments are
+    float32, and two steps move the adapters."""
+    run, _ = _run(tmp_path, "bf16", **{"student.dtype": "bfloat16"})
+    before = host(run.init.params)
+    state, rec = run_steps(run, 2)
+    adapters, base = lora.split(host(state.params))
+    assert {x.dtype for x in jax.tree.leaves(base)} == {np.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(adapters)} == {np.dtype(np.float32)}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 1} == {np.dtype(np.float32)}
+    jax.tree.map(np.testing.assert_array_equal, base, lora.split(before)[1])
+    assert np.abs(adapters["layers"]["w_up_lora_b"]).max() > 0 and np.isfinite(rec["loss"])

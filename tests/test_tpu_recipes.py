@@ -16,7 +16,8 @@ from opd_jax.plan import GiB, Plan, plan
 
 ROOT = Path(__file__).parent.parent
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
-PUBLISHED = {"Qwen3-1.7B": 1_720_574_976, "Qwen3-4B": 4_022_468_096}  # Qwen3's totals (embeddings tied)
+PUBLISHED = {"Qwen3-1.7B": 1_720_574_976, "Qwen3-4B": 4_022_468_096,  # Qwen3's totals (embeddings tied)
+             "Qwen3-8B": 8_190_735_360}
 
 # the compiled plan of a recipe on as many fake CPU devices as its mesh names (tests run with 8)
 PLAN = """
@@ -65,7 +66,11 @@ def test_recipes_fit_their_chips_with_activations(tmp_path, recipe):
     assert run.returncode == 0, run.stderr[-2000:]
     p = Plan(**json.loads(run.stdout.strip().splitlines()[-1]))
     student = re.search(r"student: \{path: /mnt/shared/models/([\w.\-]+)", recipe.read_text()).group(1)
-    assert p.student_params == PUBLISHED[student]
+    adapters = p.trainable_params if p.trainable_params != p.student_params else 0  # LoRA: the adapters train
+    assert p.student_params - adapters == PUBLISHED[student]
+    if "lora:" in recipe.read_text():  # rank r on q, k, v, o, gate, up, down: r x (in + out) per layer, by hand
+        r, d, q, kv, f, layers = 64, 4096, 32 * 128, 8 * 128, 12288, 36
+        assert adapters == r * layers * ((d + q) * 2 + (d + kv) * 2 + 3 * (d + f))
     # the 8B teachers (exact) and the 32B one (Qwen3-32B's card: 32.8B; 31.2B without the embeddings)
     assert all(t["params"] == 8_190_735_360 for t in p.teachers.values())
     for name, r in (p.roles or {}).items():

@@ -65,11 +65,11 @@ def layer_names(c: ModelConfig) -> list[str]:
 
 
 def _param(shape, axes, kind, dtype, rngs: nnx.Rngs, std=0.02):
-    if kind == "lora_a":  # LoRA adapters (nnx.LoRAParam): A normal with std 1 / sqrt(fan_in), B zeros
+    if kind == "lora_a":  # LoRA adapters (nnx.LoRAParam, float32 whatever the base's dtype): A normal with
         value = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(math.prod(shape[1:-1]))
-        return nnx.LoRAParam(value.astype(dtype), logical_axes=axes)
+        return nnx.LoRAParam(value, logical_axes=axes)  # std 1 / sqrt(fan_in), B zeros
     if kind == "lora_b":
-        return nnx.LoRAParam(jnp.zeros(shape, dtype), logical_axes=axes)
+        return nnx.LoRAParam(jnp.zeros(shape, jnp.float32), logical_axes=axes)
     if kind == "ones":
         value = jnp.ones(shape, dtype)
     elif kind == "zeros":
@@ -90,7 +90,8 @@ class Layers(nnx.Module):
 
 def add_lora(layers: Layers, cfg: ModelConfig, rngs: nnx.Rngs):
     """`cfg`'s LoRA adapters on `layers` (nnx.LoRAParam; A normal with std 1 / sqrt(fan_in), B zeros, so
-    the adapted model starts as its base), in param_dtype."""
+    the adapted model starts as its base), in float32: a bfloat16 base (student.dtype) keeps float32
+    adapters and optimizer state; the forward computes in the compute dtype."""
     for name, (shape, axes, kind) in lora_param_specs(cfg).items():
         setattr(layers, name, _param(shape, axes, kind, jnp.dtype(cfg.param_dtype), rngs))
 
