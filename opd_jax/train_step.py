@@ -22,7 +22,7 @@ from flax import nnx
 
 from opd_jax import losses as L
 from opd_jax.layout import row_groups
-from opd_jax.lora import join, split
+from opd_jax.lora import join, split, trainable
 from opd_jax.losses.registry import estimator_for
 from opd_jax.models.transformer import activation_layout, unrolling
 
@@ -52,8 +52,6 @@ def state_shardings(optimizer, params, param_sh, mesh) -> TrainState:
     """The TrainState's shardings: params as `param_sh`, optimizer state like its parameters, the
     scalars replicated."""
     from opd_jax import sharding as shd
-
-    from opd_jax.lora import trainable
 
     repl = shd.replicated(mesh)
     opt_sh = shd.opt_state_shardings(optimizer, trainable(params), trainable(param_sh), mesh)  # LoRA: adapters' only

@@ -8,7 +8,7 @@ the student's own samples (both sides start from the same base: their first loss
 (parameters, optimizer state, batch, output matrix) and its temporaries (activations, gradients).
 Time is the update alone, best of --repeats after a warm-up, on one CPU device: run it alone.
 
-    JAX_PLATFORMS=cpu python scripts/bench_lora.py --rank 16
+    JAX_PLATFORMS=cpu python scripts/bench_lora.py --rank 16 --bf16
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from opd_jax.run import build_run
 GiB = 2**30
 
 
-def measure(args, lora: str, out: Path, teacher: Path) -> dict:
+def measure(args, lora: str, out: Path, teacher: Path, dtype: str = "float32") -> dict:
     shape = {"vocab_size": args.vocab, "hidden_size": args.width, "intermediate_size": args.mlp,
              "num_layers": args.layers, "num_heads": args.heads, "num_kv_heads": args.kv_heads,
              "head_dim": args.width // args.heads, "tie_word_embeddings": True}
-    over = [f"student.init={json.dumps(shape)}", f"student.lora={lora}", f"teachers=[{{name: t, path: {teacher}}}]",
+    over = [f"student.init={json.dumps(shape)}", f"student.lora={lora}", f"student.dtype={dtype}", f"teachers=[{{name: t, path: {teacher}}}]",
             "routing={addition: t, reverse: t, sort: t}", f"data.per_domain={args.per_domain}",
             "data.group_size=1", f"data.max_new_tokens={args.new}", "data.max_prompt_len=32",
             "loss.estimator_type=full", "loss.kind=forward_kl", "optim.name=adamw", "optim.lr=1e-4",
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--per-domain", type=int, default=4, help="prompts per domain (3 domains): rows per step")
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bf16", action="store_true", help="also a LoRA update on a bfloat16 base (memory; CPU bf16 time is not TPU's)")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp())
     teacher = save_model(init_model(ModelConfig(
@@ -76,10 +77,13 @@ def main():
         seed=1), out / "teacher")
     res = {"full": measure(args, "{}", out / "full", teacher),
            "lora": measure(args, f"{{rank: {args.rank}, alpha: {2 * args.rank}}}", out / "lora", teacher)}
+    if args.bf16:  # the base held (and computed) in bfloat16, the adapters and their state in float32
+        res["lora, bfloat16 base"] = measure(args, f"{{rank: {args.rank}, alpha: {2 * args.rank}}}", out / "bf16",
+                                             teacher, "bfloat16")
     print(f"model {args.layers} x {args.width}, vocabulary {args.vocab}; {3 * args.per_domain} rows x (32 + {args.new}) "
           f"tokens; {jax.device_count()} {jax.devices()[0].platform} device(s)")
     for name, r in res.items():
-        print(f"{name:>4}: {r['trainable'] / 1e6:8.2f} M trainable of {r['params'] / 1e6:.2f} M; arguments "
+        print(f"{name}: {r['trainable'] / 1e6:8.2f} M trainable of {r['params'] / 1e6:.2f} M; arguments "
               f"{r['arguments'] / GiB:.3f} GiB, temporaries {r['temporaries'] / GiB:.3f} GiB; update {r['ms']:.1f} ms; "
               f"first loss {r['loss']:.6f}")
     f, lo = res["full"], res["lora"]

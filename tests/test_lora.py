@@ -233,3 +233,14 @@ def test_a_bfloat16_base_keeps_float32_adapters_and_trains(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 1} == {np.dtype(np.float32)}
     jax.tree.map(np.testing.assert_array_equal, base, lora.split(before)[1])
     assert np.abs(adapters["layers"]["w_up_lora_b"]).max() > 0 and np.isfinite(rec["loss"])
+
+
+def test_a_lora_run_with_its_sampler_and_teacher_on_their_own_devices_trains_like_colocated(tmp_path):
+    """mesh.roles: the sampler receives base + adapters on devices 4-7 (the teacher there too): after two
+    steps the losses and parameters equal the co-located LoRA run's."""
+    ref, _ = _run(tmp_path, "a", **{"mesh.roles": "{learner: 0-3}"})
+    run, _ = _run(tmp_path, "b", **{"mesh.roles": "{learner: 0-3, t: 4-7, sampler: 4-7}"})
+    (s0, r0), (s1, r1) = run_steps(ref, 2), run_steps(run, 2)
+    np.testing.assert_allclose(r1["loss"], r0["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), host(s1.params), host(s0.params))
+    assert np.abs(host(s1.params)["layers"]["wq_lora_b"]).max() > 0
