@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--pack-tokens", type=int, default=0, help="opd_jax data.pack_tokens (0: padded rows)")
     ap.add_argument("--log-every", type=int, default=10, help="opd_jax train.log_every (log steps wait for each phase)")
     ap.add_argument("--model", default=None, help="a Hugging Face folder used as both student and teacher")
     ap.add_argument("--student", default=None, help="a Hugging Face folder (the student)")
@@ -96,7 +97,8 @@ def main():
           f"data.per_domain={per_domain}", "data.group_size=1", f"data.max_new_tokens={args.new}",
           "loss.estimator_type=full", "loss.kind=forward_kl", f"train.steps={total + 1}", "train.progress=false",
           "train.eval_every=100000", "train.checkpoint_every=100000", f"train.out_dir={work / 'opd_run'}",
-          "optim.lr=1e-4", "optim.clip_norm=1.0", f"train.log_every={args.log_every}"]
+          "optim.lr=1e-4", "optim.clip_norm=1.0", f"train.log_every={args.log_every}",
+          f"data.pack_tokens={args.pack_tokens}"]
     run = build_run(load_config(None, ov))
     logger = Logger(run)
     state = train_loop(run, run.init, [SkipCounter(run.cfg.train.max_skipped)], start=0, end=args.warmup)
