@@ -150,6 +150,14 @@ def test_export_lora_and_merge_round_trip(tmp_path, capsys):
             a, b = ad[f"base_model.model.{stem}.lora_A.weight"], ad[f"base_model.model.{stem}.lora_B.weight"]
             want = w0[f"{stem}.weight"] + cfg["lora_alpha"] / cfg["r"] * b @ a
             np.testing.assert_allclose(w1[f"{stem}.weight"], want, atol=1e-6)
+    # `opd-jax analyze` sees the merged update: of rank 4 (the adapters' rank) in every adapted matrix
+    assert main(["analyze", "--before", str(folder), "--after", str(out), "--out", str(tmp_path / "an")]) == 0
+    matrices = json.loads((tmp_path / "an" / "analysis.json").read_text())["matrices"]
+    adapted = [m for m in matrices if m["name"] in lora.PEFT_MODULES]
+    assert len(adapted) == 14
+    for m in adapted:
+        sv = np.asarray(m["singular_values"])
+        assert sv[3] > 1e-3 * sv[0] and (sv[4:] < 1e-5 * sv[0]).all(), m["name"]
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -24,16 +24,24 @@ def load_params(path: str | Path):
     if (path / "config.json").exists():
         return nnx.to_pure_dict(nnx.state(load_model(path)))
     if path.parent.name == "checkpoints" and path.name.isdigit():
-        return restore_run_params(path.parent.parent, int(path.name))[1]
-    return restore_run_params(path)[1]
+        return _merged(*restore_run_params(path.parent.parent, int(path.name))[:2])
+    return _merged(*restore_run_params(path)[:2])
+
+
+def _merged(graphdef, params):
+    """A run's parameters as the plain model they compute: LoRA adapters folded into their base weights
+    (`lora.merged_params`), so an update is analysed as the change of W it makes."""
+    from opd_jax.lora import merged_params
+
+    return merged_params(params, nnx.merge(graphdef, params).cfg)
 
 
 def run_series(run_dir: str | Path):
-    """Every checkpoint of a run, oldest first: [(step, params)]."""
+    """Every checkpoint of a run, oldest first: [(step, params)] (LoRA adapters merged)."""
     from opd_jax.export import restore_run_params
 
     steps = sorted(int(p.name) for p in (Path(run_dir) / "checkpoints").iterdir() if p.name.isdigit())
-    return [(s, restore_run_params(run_dir, s)[1]) for s in steps]
+    return [(s, _merged(*restore_run_params(run_dir, s)[:2])) for s in steps]
 
 
 def check_same_shapes(p0, p1, before, after):
