@@ -61,8 +61,8 @@ def check_lora(spec: dict) -> tuple[int, float, tuple[str, ...]] | None:
 def add_adapters(model, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0):
     """Put adapters on a built `model` in place (A normal with std 1 / sqrt(fan_in), B zeros: step 0 is the
     base; float32 whatever the base's dtype) and record them in its config (lora_rank, lora_alpha,
-    lora_targets) -> the model. A model built
-    from a config that has them (`transformer.Layers`) gets the same adapters."""
+    lora_targets) -> the model. A model built from a config that has them (`transformer.Layers`) gets
+    the same adapters."""
     from opd_jax.models.transformer import add_lora
 
     model.cfg = model.cfg.replace(lora_rank=rank, lora_alpha=alpha, lora_targets=tuple(targets))
