@@ -31,7 +31,7 @@ def _ids(seed=0, shape=(2, 9)):
     return np.random.RandomState(seed).randint(3, 60, shape)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama", "qwen2"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])  # q/k norm; q/k/v bias (Llama has neither)
 def test_peft_loads_our_adapters_and_gives_our_logits(tmp_path, family):
     """Adapters with random A and B (B is zero at init) on every projection, written under PEFT's names:
     transformers + PEFT's PeftModel give the logits of opd_jax's adapted forward (and not the base's)."""
@@ -66,11 +66,11 @@ def _run(tmp_path, name, teachers=None, **extra):
     return build_run(load_config(None, tiny_overrides(tmp_path / name, **over))), student
 
 
-@pytest.mark.parametrize("extra", [{}, {"train.max_staleness": 1}, {"optim.effopd_window": 2}],
-                         ids=["sync", "async", "effopd"])
+@pytest.mark.parametrize("extra", [{"optim.effopd_window": 2}, {"train.max_staleness": 1}],
+                         ids=["sync-effopd", "async"])
 def test_only_the_adapters_train_and_the_base_is_bit_equal(tmp_path, extra):
-    """Three AdamW steps (synchronous; one step stale: the sampler runs base + adapters of the version
-    before; EffOPD extrapolating the adapters every 2 steps): every base weight is bit-equal to the folder's, every adapter moved, and the optimizer state
+    """Three AdamW steps (synchronous with EffOPD extrapolating the adapters every 2 steps; one step
+    stale: the sampler runs base + adapters of the version before): every base weight is bit-equal to the folder's, every adapter moved, and the optimizer state
     holds the adapters' moments only."""
     run, folder = _run(tmp_path, "r", **extra)
     before = host(run.init.params)
@@ -183,7 +183,7 @@ def test_bad_lora_settings_are_refused_in_one_line(tmp_path, extra, message):
 
 
 def test_a_packed_lora_run_resumes_to_the_uninterrupted_one(tmp_path):
-    """student.lora with data.pack_tokens: a run stopped after 2 of 4 steps and resumed ends at the
+    """student.lora with data.pack_tokens: a run stopped after 2 of 3 steps and resumed ends at the
     uninterrupted run's parameters bit for bit (k = 0: asynchronous runs do not resume bit for bit,
     docs/training.md), and its base is the folder's."""
     from opd_jax.export import restore_run_params
@@ -191,14 +191,14 @@ def test_a_packed_lora_run_resumes_to_the_uninterrupted_one(tmp_path):
 
     student = char_tokenizer_dir(tiny_model(5, folder=tmp_path / "student"))
     over = {"student.path": str(student), "student.init": "{}", "student.lora": LORA, **random_teacher(tmp_path),
-            "train.steps": 4, "train.checkpoint_every": 1, "data.pack_tokens": 64,
+            "train.steps": 3, "train.checkpoint_every": 1, "data.pack_tokens": 64,
             "optim.lr": 0.05}
     cfgs = {name: load_config(None, tiny_overrides(tmp_path / name, **over)) for name in ("straight", "resumed")}
     train(cfgs["straight"])
     train(cfgs["resumed"], stop_after=2)
     train(cfgs["resumed"], resume=True)
     (_, a, sa), (_, b, sb) = (restore_run_params(tmp_path / n) for n in ("straight", "resumed"))
-    assert sa == sb == 4
+    assert sa == sb == 3
     jax.tree.map(np.testing.assert_array_equal, b, a)
     plain = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(student))))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.split(b)[1]), plain)
@@ -210,7 +210,7 @@ def test_a_packed_lora_run_resumes_to_the_uninterrupted_one(tmp_path):
 def test_the_docs_lora_example_runs_as_written(tmp_path):
     """docs/training.md's "LoRA adapters" block, as written: a LoRA run against a teacher, a base-teacher
     context-distillation run (the base with an instruction the student does not see: a divergence above 0
-    at step 0, where the adapters are still zero), and both exports."""
+    at step 0, where the adapters are still zero), and the PEFT export."""
     from conftest import run_readme_block
 
     run_readme_block("## LoRA adapters", ("lora_example.yaml", "lora_self_context.yaml"), tmp_path,
@@ -220,7 +220,6 @@ def test_the_docs_lora_example_runs_as_written(tmp_path):
     peft = tmp_path / "runs/lora_opd/peft"
     assert json.loads((peft / "adapter_config.json").read_text())["r"] == 8
     assert len(load_file(peft / "adapter_model.safetensors")) == 2 * 7 * 2  # A and B, 7 projections, 2 layers
-    assert (tmp_path / "runs/lora_opd/merged/model.safetensors").exists()
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
