@@ -48,7 +48,7 @@ def check(cfg: Config) -> Config:
         if t.path == "base" and not check_lora(cfg.student.lora):
             raise OpdError(f"teacher {t.name!r} has path: base (the student's base without its LoRA adapters), but "
                            "student.lora is not set; set it, or use path: self")
-        if t.path in ("self_live", "base"):  # the teacher is the learner's current weights
+        if t.reads_learner:  # the teacher is the learner's current weights
             why = ("train.max_staleness >= 1 (the sampler's weights are older than the learner's)"
                    if cfg.train.max_staleness else "a device set of its own in mesh.roles" if t.name in cfg.mesh.roles
                    else "the EffOPD guard / line search (it scores candidate weights against a fixed teacher)"

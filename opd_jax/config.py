@@ -61,6 +61,10 @@ class TeacherSpec:
     def is_student(self) -> bool:  # path self, self_live or base: the student's own weights
         return self.path in ("self", "self_live", "base")
 
+    @property
+    def reads_learner(self) -> bool:  # path self_live or base: the learner's current arrays, read each step
+        return self.path in ("self_live", "base")
+
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -16,7 +16,8 @@ Only the adapters train. In the parameters' pure dict, `split` separates them fr
 out of every step bit for bit as it went in.
 
 PEFT's layout (`opd-jax export --lora`): per layer and module, lora_A.weight [r, in] = A^T and
-lora_B.weight [out, r] = B^T (in / out flattened over heads), scaling lora_alpha / r. The forward's adapter term is `models.layers.lora_delta`.
+lora_B.weight [out, r] = B^T (in / out flattened over heads), scaling lora_alpha / r. The forward's
+adapter term is `models.layers.lora_delta`.
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def plan(cfg, *, n_devices: int | None = None, compile: bool = False, flops: boo
     teachers, t_dev = {}, 0.0
     tcfgs = teacher_configs(cfg, scfg, rl)
     own = {n for n in tcfgs if n in cfg.mesh.roles}  # teachers on devices of their own (role_plan)
-    shared = {t.name for t in cfg.teachers if t.path in ("self_live", "base")}  # read the student's own arrays
+    shared = {t.name for t in cfg.teachers if t.reads_learner}  # no bytes of their own
     for name, tcfg in tcfgs.items():
         if name in own or name in shared:
             continue

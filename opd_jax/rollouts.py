@@ -216,17 +216,16 @@ class Rollouts:
         reads its own tokens or prompt, or scores over HTTP (`Teacher.packs` False), scores the padded rows
         and its hand-over moves to the packed positions."""
         pack = bool(self.data.pack_tokens)
+        if not self.teachers:  # nothing scores: zeros of the mask's shape (pure reward RL)
+            part, _, metrics = self._pack(part, name) if pack else (part, None, {})
+            return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), metrics
         if pack and all(t.packs for t in self.teachers.values()):
             part, _, metrics = self._pack(part, name)
-            if not self.teachers:
-                return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), metrics
             rows = Rows(part.tokens, part.segments, 1, examples, params, self._global, packed=True)
             scored = timer.mark("teacher", score_batch(self.teachers, self.rows.groups(part.tokens.shape[0]), rows,
                                                        what=self.handover, temperature=self.data.temperature,
                                                        topk=self.loss.topk))
             return part._replace(teacher=scored.out), metrics
-        if not self.teachers:
-            return part._replace(teacher=self._global(np.zeros(part.mask.shape, np.float32))), {}
         scored = timer.mark("teacher", self.score(part.tokens, part.prompt_mask, part.mask, examples=examples,
                                                   params=params))
         if self.cross:

@@ -67,7 +67,8 @@ class LocalTeacher:
         t = self
         if self.live:
             if rows.params is None:
-                raise OpdError(f"teacher {self.name!r} is self_live but no current parameters were given")
+                raise OpdError(f"teacher {self.name!r} is {'base' if self.base else 'self_live'} (the student's "
+                               "current weights) but no current parameters were given")
             t = dataclasses.replace(self, state=split(rows.params)[1] if self.base else rows.params)
         return Scored(teacher_forward(t, rows.tokens, rows.full_mask, prompt_len=rows.prompt_len,
                                       temperature=temperature, what=what, topk=topk, packed=rows.packed))
@@ -238,7 +239,7 @@ def _load_teacher(spec, student, mesh, rules, tokenizer, roles, privileged_rows,
                        "they must share a tokenizer, or set loss.cross_tokenizer bpm (or uld)")
     w = jax.lax.stop_gradient(nnx.merge(graphdef, state).output_matrix())  # placed like the weight it reads
     local = LocalTeacher(name, graphdef, state, vocab, tmesh, w, tuple(sorted((rules or {}).items())),
-                         live=spec.path in ("self_live", "base"), base=spec.path == "base")
+                         live=spec.reads_learner, base=spec.path == "base")
     if cross:
         return CrossTokenizer(local, build_cross_view(spec, cfg, tokenizer, stop, vocab, context, model_cfg))
     return local

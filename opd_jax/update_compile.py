@@ -29,7 +29,7 @@ from opd_jax.xtok_teacher import xtok_names
 
 def model_config(spec, student_cfg: ModelConfig | None = None) -> ModelConfig:
     """The ModelConfig of a student/teacher spec from its config.json (weights are not read)."""
-    if getattr(spec, "path", None) in ("self", "self_live", "base"):  # TeacherSpec.is_student (spec may be None)
+    if getattr(spec, "is_student", False):  # a TeacherSpec reading the student's weights (spec may be None)
         return student_cfg if spec.path != "base" else base_config(student_cfg)
     if hasattr(spec, "lora"):  # the student (ModelSpec): its adapters are parameters too
         return with_lora(_model_config(spec), spec.lora)

@@ -58,13 +58,9 @@ def swiglu(x, w_gate, w_up, w_down):
     return (g * (x @ w_up)) @ w_down
 
 
-
 def lora_delta(x, p: dict, name: str, scale: float):
     """A LoRA adapter's term (alpha / r) (x A) B for projection `name` (`opd_jax.lora`): x [..., in...],
-    p one layer's weights with A = p[name + "_lora_a"] [in..., r] and B = p[name + "_lora_b"] [r, out...];
-    0 where `name` has no adapter."""
-    a = p.get(name + "_lora_a")
-    if a is None:
-        return 0.0
+    p one layer's weights with A = p[name + "_lora_a"] [in..., r] and B = p[name + "_lora_b"] [r, out...]."""
+    a = p[name + "_lora_a"]
     xa = jnp.tensordot(x, a, axes=a.ndim - 1)
     return scale * jnp.tensordot(xa, p[name + "_lora_b"], axes=1)
