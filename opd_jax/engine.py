@@ -22,7 +22,7 @@ token. A static batch is the engine with one slot per row (every row waits for t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ class Engine:
     spec: EngineSpec
     mesh: object = None
     rules: dict | None = None
+    _shardings: dict = field(default_factory=dict, compare=False, repr=False)  # parameter tree -> rollout shardings
 
     def __post_init__(self):
         self.spec.check(self.model_cfg.max_position_embeddings)
@@ -66,13 +67,21 @@ class Engine:
         """The rows sharding of host array `a` on the rollout mesh (None without a mesh)."""
         return None if self.mesh is None else shd.rows_sharding(a.shape[0], a.ndim, self.mesh, self.rules)
 
+    def key_data(self, key):
+        """A PRNG key's data [2] where the rollout programs run (replicated on the rollout mesh), moved
+        device to device: no wait for whatever computed the key."""
+        data = jax.random.key_data(key)
+        return data if self.mesh is None else jax.device_put(data, shd.replicated(self.mesh))
+
     def place(self, params):
         """The student's parameters (a pure dict, any layout) in the rollout layout: one reshard per
-        rollout, freed when the caller drops it."""
+        rollout, freed when the caller drops it. The shardings are worked out once per parameter tree."""
         if self.mesh is None:
             return params
-        model = nnx.merge(self.graphdef, params)
-        return jax.device_put(params, shd.param_shardings(model, self.mesh, self.rules))  # one cached transfer
+        tree = jax.tree_util.tree_structure(params)
+        if tree not in self._shardings:
+            self._shardings[tree] = shd.param_shardings(nnx.merge(self.graphdef, params), self.mesh, self.rules)
+        return jax.device_put(params, self._shardings[tree])  # one transfer; none where already placed
 
     def run(self, params, ids, pmask, key, *, group: int = 1, caps=None) -> tuple[Rollout, EngineStats]:
         """Sample `group` sequences per prompt. ids / pmask [n, P] host or device (left-padded); key: a
@@ -93,14 +102,11 @@ class Engine:
         if spec.slots == n_seq:  # a slot per sequence: nothing to refill, the whole rollout is one program
             caps = length_caps(caps, n_seq, spec.max_new_tokens)
             st, params, rows = self.static(), self.place(params), self.rows
-            bases = sequence_keys(key, np.arange(n_seq))
             tokens, lp, mask, steps = whole_rollout(
-                self.graphdef, params, self.put(ids, rows(ids)), self.put(pmask, rows(pmask)),
-                self.put(bases, rows(bases)), self.put(caps, rows(caps)), spec=spec, group=group, **st)
-            gen, steps = dist.to_host(mask).sum(1), int(dist.to_host(steps))
-            stats = EngineStats(spec.slots, decode_steps=steps, generated=int(gen.sum()), dispatches=1,
-                                prefill_rows=ids.shape[0], handed_back=[int(q) for q in np.argsort(gen, kind="stable")])
-            return Rollout(tokens, lp, mask, jnp.int32(steps)), stats
+                self.graphdef, params, self.put(ids, rows(ids)), self.put(pmask, rows(pmask)), self.key_data(key),
+                self.put(caps, rows(caps)), spec=spec, group=group, **st)
+            # nothing here waits for the rollout: the statistics are read from the device when first asked for
+            return Rollout(tokens, lp, mask, steps), PendingStats(spec.slots, ids.shape[0], mask, steps)
         stream = Stream(self, group)  # fewer slots than sequences: slots refilled as sequences end
         stream.set_params(params, 0)
         stream.add(0, ids, pmask, key, caps=caps)
@@ -110,6 +116,24 @@ class Engine:
         stats = stream.stats
         stats.handed_back = [q for _, q in stats.handed_back]
         return roll, stats
+
+
+class PendingStats:
+    """The `EngineStats` of a one-program rollout, read from the device when first asked for (a step
+    that logs nothing never waits for its rollout to end): mask [R, N] the generated tokens, steps the
+    decode steps run. Sequences hand back in the order they ended (fewest tokens first, then by id)."""
+
+    def __init__(self, slots: int, prefill_rows: int, mask, steps):
+        self._args, self._stats = (slots, prefill_rows, mask, steps), None
+
+    def __getattr__(self, name):
+        if self._stats is None:
+            slots, prefill_rows, mask, steps = self._args
+            gen = dist.to_host(mask).sum(1)
+            self._stats = EngineStats(slots, decode_steps=int(dist.to_host(steps)), generated=int(gen.sum()),
+                                      dispatches=1, prefill_rows=prefill_rows,
+                                      handed_back=[int(q) for q in np.argsort(gen, kind="stable")])
+        return getattr(self._stats, name)
 
 
 def trace_count() -> int:

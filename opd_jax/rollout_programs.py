@@ -7,8 +7,8 @@
         take[s]) receives prompt src[s]'s KV and logits and starts sequence seq[s] with length cap cap[s]
     decode(params, slots) -> (slots, steps): up to `steps_per_call` decode steps over all S slots in one
         dispatch; stops early once no slot is live
-    whole_rollout(params, ids, pmask, base, cap) -> (tokens, logprobs, mask, steps): prefill and every
-        decode step in one program, for a slot per sequence (nothing to refill)
+    whole_rollout(params, ids, pmask, key_data [2], cap) -> (tokens, logprobs, mask, steps): prefill and
+        every decode step in one program, for a slot per sequence (nothing to refill)
 
 `spec` (an `engine.EngineSpec`), `mesh` and `rules` (a sorted tuple of the rollout rules) are static.
 Slot layout: each slot's cache holds its prompt at [0, P) (left-padded) and its i-th new token at
@@ -119,6 +119,12 @@ class EngineStats:
         return self.queued_generated / max(1, self.slots * self.queued_steps)
 
 
+def base_keys(key, n: int):
+    """Key data [n, 2] of sequences 0..n-1 under `key` (a typed key), inside a program: row q is
+    fold_in(key, q), what `sequence_keys` gives on the host."""
+    return jax.vmap(lambda q: jax.random.key_data(jax.random.fold_in(key, q)))(jnp.arange(n, dtype=jnp.int32))
+
+
 def sequence_keys(key, seq) -> np.ndarray:
     """Key data [n, 2] of sequences `seq` [n] under `key`: fold_in(key, q), the base every token of
     sequence q draws from (token i: fold_in(base, i))."""
@@ -225,11 +231,11 @@ def insert(slots: Slots, store, take, src, seq, cap, base, *, spec, mesh, rules)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "group", "mesh", "rules"))
-def whole_rollout(graphdef, params, ids, pmask, base, cap, *, spec, group, mesh, rules):
+def whole_rollout(graphdef, params, ids, pmask, key_data, cap, *, spec, group, mesh, rules):
     """The whole rollout in one program when every sequence has its own slot (nothing to refill):
     prefill [n, P], copy each prompt's KV to its `group` rows, then decode all rows in lock step until
-    every one has ended (at most N steps). Row q is sequence q: base [n * group, 2] its key data, cap
-    [n * group] its length cap. Every live row is at the same step i, so the cache write, the
+    every one has ended (at most N steps). Row q is sequence q: its key data fold_in(key, q) is made
+    here from the rollout key's data key_data [2] (no host round trip), cap [n * group] its length cap. Every live row is at the same step i, so the cache write, the
     attention length and the keys each row sees are the ones the slot loop gives it: the same tokens.
     -> (tokens [n * group, P + N], logprobs [n * group, N], mask [n * group, N], steps run)."""
     TRACES["whole"] += 1
@@ -241,6 +247,7 @@ def whole_rollout(graphdef, params, ids, pmask, base, cap, *, spec, group, mesh,
     grow = lambda c: jnp.pad(rows(c), ((0, 0), (0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731  [R, L, P+N, K, Dh]
     k, v, logits, pm = put(grow(k), CACHE_AXES), put(grow(v), CACHE_AXES), rows(logits), rows(pmask)
     r = pm.shape[0]
+    base = put(base_keys(jax.random.wrap_key_data(key_data), r), ("batch", None))
     start = dict(i=jnp.int32(0), k=k, v=v, valid=jnp.concatenate([pm.astype(bool), jnp.zeros((r, n), bool)], 1),
                  live=jnp.ones((r,), bool), gen=jnp.zeros((r,), jnp.int32), logits=logits,
                  tokens=jnp.full((r, n), spec.pad_id, jnp.int32), logprobs=jnp.zeros((r, n), jnp.float32))

@@ -10,7 +10,7 @@ same way. The EffOPD probe and evaluation sample through the same object.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,7 @@ class Rollouts:
     progressive: object = None  # data.horizon_schedule=progressive: its horizon.ProgressiveHorizon (state: TrainState.horizon)
     cross: bool = False  # some teacher scores in its own tokens (loss.cross_tokenizer): parts carry a loss_mask
     pack_unit: tuple = (1, 1)  # data.pack_tokens: (row unit, batch shards), `update_compile.pack_unit`
+    _engines: dict = field(default_factory=dict, compare=False, repr=False)  # (n_seq, temperature) -> Engine
 
     # ---------------------------------------------------------------- pieces
     def _global(self, x):
@@ -83,10 +84,14 @@ class Rollouts:
 
     def engine(self, n_seq: int, temperature: float) -> Engine:
         """The rollout engine for `n_seq` sequences: data.rollout_slots slots (0 = one per sequence; at
-        most n_seq), data settings, the rollout layout."""
-        spec = EngineSpec.for_data(self.data, n_seq, temperature, stop=self.stop,
-                                   pad_id=self.prompter.tokenizer.pad_token_id or 0)
-        return Engine(self.graphdef, self.model_cfg, spec, self.sampler_mesh or self.mesh, self.rollout_rules)
+        most n_seq), data settings, the rollout layout. One engine per (n_seq, temperature), kept (it keeps
+        the weights' rollout shardings)."""
+        if (n_seq, temperature) not in self._engines:
+            spec = EngineSpec.for_data(self.data, n_seq, temperature, stop=self.stop,
+                                       pad_id=self.prompter.tokenizer.pad_token_id or 0)
+            self._engines[n_seq, temperature] = Engine(self.graphdef, self.model_cfg, spec,
+                                                       self.sampler_mesh or self.mesh, self.rollout_rules)
+        return self._engines[n_seq, temperature]
 
     def sample(self, params, ids, pmask, key, *, group: int = 1, temperature=None):
         """`group` completions of each encoded prompt ids / pmask [n, P] from `params` (data settings;

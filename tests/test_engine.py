@@ -132,7 +132,7 @@ def _decode_collectives(model, rules_name):
     # the one-program rollout (a slot per row): prefill, KV copy and every decode step
     rows = lambda *tail: shd.rows_sharding(16, 1 + len(tail), mesh, rules)  # noqa: E731
     ids = jax.ShapeDtypeStruct((16, 8), jnp.int32, sharding=rows(8))
-    whole = whole_rollout.lower(graphdef, params, ids, ids, jax.ShapeDtypeStruct((16, 2), jnp.uint32, sharding=rows(2)),
+    whole = whole_rollout.lower(graphdef, params, ids, ids, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=shd.replicated(mesh)),
                                 jax.ShapeDtypeStruct((16,), jnp.int32, sharding=rows()), spec=spec, group=1, mesh=mesh,
                                 rules=rt).compile().as_text()
     return collective_bytes(text), sum(x.nbytes for x in jax.tree.leaves(params)), text, whole
