@@ -77,7 +77,8 @@ def compile_rollout(cfg, scfg, rows: int, prompts: int, mesh, *, unroll: bool = 
         ins = insert.lower(slots, store, vec(bool), vec(jnp.int32), vec(jnp.int32), vec(jnp.int32),
                                jax.ShapeDtypeStruct(slots.base.shape, slots.base.dtype, sharding=slots.base.sharding),
                                spec=spec, **static).compile()
-        dec = decode.lower(graphdef, params, slots, spec=spec, **static).compile()
+        dec = decode.lower(graphdef, params, slots, jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), spec=spec,
+                           **static).compile()
         programs = {"prefill": pre, "insert": ins, "decode": dec}
     temps = {name: float(p.memory_analysis().temp_size_in_bytes) for name, p in programs.items()}
     return {"rollout_slots": spec.slots, "rollout_prompts": prompts,

@@ -5,8 +5,9 @@
         logits [n, V]; one row per *prompt*: its G samples share it
     insert(slots, store, take [S], src [S], seq [S], cap [S], base [S, 2]) -> slots: slot s (where
         take[s]) receives prompt src[s]'s KV and logits and starts sequence seq[s] with length cap cap[s]
-    decode(params, slots) -> (slots, steps): up to `steps_per_call` decode steps over all S slots in one
-        dispatch; stops early once no slot is live
+    decode(params, slots, limit) -> (slots, steps): up to `limit` decode steps over all S slots in one
+        dispatch (the host picks it per call, at most the sequences' remaining lengths); stops early once
+        no slot is live
     whole_rollout(params, ids, pmask, key_data [2], cap) -> (tokens, logprobs, mask, steps): prefill and
         every decode step in one program, for a slot per sequence (nothing to refill)
 
@@ -273,8 +274,9 @@ def whole_rollout(graphdef, params, ids, pmask, key_data, cap, *, spec, group, m
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "mesh", "rules"), donate_argnums=(2,))
-def decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
-    """Up to spec.steps_per_call decode steps over all slots -> (slots, steps run)."""
+def decode(graphdef, params, slots: Slots, limit, *, spec, mesh, rules):
+    """Up to `limit` (an int32 scalar, not static: one program for every limit) decode steps over all
+    slots -> (slots, steps run)."""
     TRACES["decode"] += 1
     put, layout = constrain(mesh, rules)
     model = nnx.merge(graphdef, params)
@@ -284,7 +286,7 @@ def decode(graphdef, params, slots: Slots, *, spec, mesh, rules):
 
     def cond(carry):
         i, s = carry
-        return (i < spec.steps_per_call) & jnp.any(s.live)
+        return (i < limit) & jnp.any(s.live)
 
     def body(carry):
         i, s = carry

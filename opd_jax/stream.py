@@ -62,6 +62,7 @@ class Stream:
         s, n = self.spec.slots, self.spec.max_new_tokens
         self.held = np.full((s, 2), -1)  # (batch, sequence) per slot; -1 = free
         self.seen = np.zeros(s, np.int64)  # tokens of the slot's sequence already tagged
+        self.cap = np.zeros(s, np.int64)  # the length cap of the slot's sequence
         self.logit_version = np.full(s, -1, np.int32)  # version that produced the slot's next-token logits
         self.tags = np.full((s, n), -1, np.int32)  # version of each token of the slot's sequence
         self.queue: deque = deque()  # (batch, sequence) not yet in a slot
@@ -115,19 +116,31 @@ class Stream:
                 take[slot], src[slot], seq[slot] = True, q // self.group, q
                 cap[slot], base[slot] = bat.caps[q], bat.bases[q]
                 self.held[slot] = (b, q)
-                self.seen[slot], self.tags[slot] = 0, -1
+                self.seen[slot], self.tags[slot], self.cap[slot] = 0, -1, bat.caps[q]
                 self.logit_version[slot] = bat.prefill_version
             self.slots = insert(self.slots, bat.store, put(take), put(src), put(seq), put(cap),
                                  put(base, self.engine.rows(base)), spec=spec, **self.st)
 
-    def advance(self) -> list[int]:
-        """Refill free slots from the queue, run one decode call, hand finished rows back. -> the batches
-        whose last sequence finished in this call."""
+    def _limit(self, drain: bool) -> int:
+        """Decode steps for the next call: with sequences queued, spec.steps_per_call but no further than
+        the first slot's length cap (its slot is refilled as soon as it is free); with none queued and
+        `drain`, until the last slot's cap (every sequence ends in this call); else spec.steps_per_call."""
+        busy = self.held[:, 0] >= 0
+        left = (self.cap - self.seen)[busy]
+        if self.queue:
+            return int(max(1, min(self.spec.steps_per_call, left.min())))
+        return int(left.max()) if drain else self.spec.steps_per_call
+
+    def advance(self, drain: bool = False) -> list[int]:
+        """Refill free slots from the queue, run one decode call, hand finished rows back. drain: once no
+        sequence is queued, the call runs until every slot has ended (one batch with nothing to follow:
+        `Engine.run`). -> the batches whose last sequence finished in this call."""
         self._refill()
         if not self.live:
             return []
         queued = bool(self.queue)
-        self.slots, ran = decode(self.engine.graphdef, self.params, self.slots, spec=self.spec, **self.st)
+        limit = self.engine.put(np.int32(self._limit(drain)))
+        self.slots, ran = decode(self.engine.graphdef, self.params, self.slots, limit, spec=self.spec, **self.st)
         live, gen = (dist.to_host(x) for x in (self.slots.live, self.slots.gen))
         ran = int(dist.to_host(ran))
         st, busy = self.stats, self.held[:, 0] >= 0
@@ -141,8 +154,9 @@ class Stream:
             self.tags[slot, a] = self.logit_version[slot]  # drawn from the logits the slot held on entry
             self.tags[slot, a + 1:z] = self.version
             self.logit_version[slot] = self.version
-        self.seen = np.where(busy, gen, self.seen)
+        seen_before, self.seen = self.seen, np.where(busy, gen, self.seen)
         done = np.flatnonzero(busy & ~live)
+        done = done[np.argsort((gen - seen_before)[done], kind="stable")]  # in the order they ended in this call
         finished = []
         if done.size:
             width = min(self.spec.slots, 1 << int(np.ceil(np.log2(done.size))))  # few compiled sizes

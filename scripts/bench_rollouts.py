@@ -111,7 +111,7 @@ def main(argv=None):
         spec = EngineSpec(prompt_len=args.prompt, max_new_tokens=args.cap, slots=slots, temperature=1.0,
                           stop=(), steps_per_call=args.steps_per_call, split_layers=default_split())
         engine = Engine(graphdef, cfg, spec)
-        engine.run(params, ids, mask, jax.random.key(1), group=args.group, caps=lengths)  # compiles
+        jax.block_until_ready(engine.run(params, ids, mask, jax.random.key(1), group=args.group, caps=lengths)[0])  # compiles
         t = time.perf_counter()
         roll, stats = engine.run(params, ids, mask, jax.random.key(1), group=args.group, caps=lengths)
         jax.block_until_ready(roll.tokens)

@@ -70,18 +70,19 @@ def main(argv=None):
                         jnp.full((s,), args.new, jnp.int32), jnp.asarray(sequence_keys(jax.random.key(0), np.arange(s))),
                         spec=spec, **st)
         # decode: one step per call; the cache fills as it runs (time the steps after a warm-up of 64)
+        one = jnp.int32(1)
         for _ in range(64):
-            slots, _ = decode(graphdef, params, slots, spec=spec, **st)
+            slots, _ = decode(graphdef, params, slots, one, spec=spec, **st)
         jax.block_until_ready(slots.gen)
         n = 64
         t = time.perf_counter()
         for _ in range(n):
-            slots, _ = decode(graphdef, params, slots, spec=spec, **st)
+            slots, _ = decode(graphdef, params, slots, one, spec=spec, **st)
         jax.block_until_ready(slots.gen)
         t_dec = (time.perf_counter() - t) / n
         with unrolled_layers():
             e_pre = estimate(prefill.lower(graphdef, params, ids, mask, **st).compile(), chip)
-            e_dec = estimate(decode.lower(graphdef, params, slots, spec=spec, **st).compile(), chip)
+            e_dec = estimate(decode.lower(graphdef, params, slots, one, spec=spec, **st).compile(), chip)
         for name, t_meas, e in (("prefill", t_pre, e_pre), ("decode step", t_dec, e_dec)):
             print(f"  {s:>4} slots {name:<12} measured {t_meas * 1e3:9.3f} ms, roofline {e.seconds * 1e3:9.3f} ms "
                   f"({e.bound}-bound: {e.flops / 1e9:.1f} GFLOP, {e.hbm_bytes / 1e9:.2f} GB), "

@@ -128,7 +128,8 @@ def _decode_collectives(model, rules_name):
     params = engine.place(nnx.to_pure_dict(state))
     rt = tuple(sorted(rules.items()))
     slots = empty(cfg=model.cfg, spec=spec, mesh=mesh, rules=rt)
-    text = decode.lower(graphdef, params, slots, spec=spec, mesh=mesh, rules=rt).compile().as_text()
+    limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=shd.replicated(mesh))
+    text = decode.lower(graphdef, params, slots, limit, spec=spec, mesh=mesh, rules=rt).compile().as_text()
     # the one-program rollout (a slot per row): prefill, KV copy and every decode step
     rows = lambda *tail: shd.rows_sharding(16, 1 + len(tail), mesh, rules)  # noqa: E731
     ids = jax.ShapeDtypeStruct((16, 8), jnp.int32, sharding=rows(8))
@@ -161,7 +162,7 @@ def test_refill_order_and_occupancy_match_a_hand_count():
     """A rigged model (next token = table[token]) ends each sequence at a known length: the chain from
     a prompt's last token reaches the stop id 2 after 3, 1, 2, 4, 1 tokens. Two slots, one step per
     call: by hand, rows come back in the order 1, 0, 2, 4, 3 after 7 decode steps; 11 tokens over
-    2 x 7 slot-steps."""
+    2 x 7 slot-steps. Rows that end in the same call come back in the order they ended."""
     from conftest import rigged_model
     from flax import nnx
 
@@ -174,6 +175,8 @@ def test_refill_order_and_occupancy_match_a_hand_count():
     roll, stats = Engine(graphdef, model.cfg, spec).run(params, ids, mask, jax.random.key(0))
     assert stats.handed_back == [1, 0, 2, 4, 3]
     assert (stats.decode_steps, stats.generated) == (7, 11)
+    # one step a call while sequences wait (3 calls), then nothing is queued: one call runs the last two out
+    assert stats.dispatches == 4
     assert stats.occupancy == pytest.approx(11 / 14)
     np.testing.assert_array_equal(np.asarray(roll.mask).sum(1), [3, 1, 2, 4, 1])
     np.testing.assert_array_equal(np.asarray(roll.tokens)[0, 2:], [12, 13, 2, 0, 0, 0])
@@ -185,6 +188,11 @@ def test_refill_order_and_occupancy_match_a_hand_count():
     capped, s = Engine(graphdef, model.cfg, spec).run(params, ids, mask, jax.random.key(0), caps=[2, 1, 1, 1, 1])
     np.testing.assert_array_equal(np.asarray(capped.mask).sum(1), [2, 1, 1, 1, 1])
     np.testing.assert_array_equal(np.asarray(capped.tokens)[0, 2:4], [12, 13])
+    # with 4 steps a call, a call stops at the first slot's cap so its slot refills at once: by hand,
+    # 3 one-step calls (rows 0+1, then 0+2, then 3+4) instead of 4 steps with idle slot-steps
+    _, s4 = Engine(graphdef, model.cfg, EngineSpec(**{**spec.__dict__, "steps_per_call": 4})).run(
+        params, ids, mask, jax.random.key(0), caps=[2, 1, 1, 1, 1])
+    assert (s4.decode_steps, s4.dispatches, s4.generated) == (3, 3, 6)
 
 
 def test_bad_engine_input_is_a_one_line_error(small, tmp_path):
