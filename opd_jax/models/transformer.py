@@ -226,7 +226,11 @@ class Transformer(nnx.Module):
                     v = from_cache(jax.lax.dynamic_index_in_dim(cv, i, axis=1, keepdims=False), dt)
                 o = attention(q, k, v, q_slots, key_valid, cfg.attention, cfg.attention_block,
                               cached=cache is not None, layout=layout, segments=segments)
-            h = h + proj("wo", "bthe,hed->btd", o, p)
+            if decoding and "wo_lora_a" not in p:  # heads flattened on both sides: one [B, 1, H*Dh] x [H*Dh, D]
+                # product (the einsum made XLA:CPU copy wo transposed at every decode step: 9% of SmolLM2's step)
+                h = h + o.reshape(o.shape[:2] + (-1,)) @ p["wo"].reshape(-1, p["wo"].shape[-1])
+            else:
+                h = h + proj("wo", "bthe,hed->btd", o, p)
             x = L.rms_norm(h, p["mlp_norm"], cfg.rms_norm_eps)
             if cfg.lora_rank:  # SwiGLU with the adapters' terms on gate, up and down
                 m = jax.nn.silu(proj("w_gate", "btd,df->btf", x, p)) * proj("w_up", "btd,df->btf", x, p)
