@@ -17,6 +17,11 @@ fake devices; the timing runs on one).
 
     python scripts/bench_rollouts.py --median 50 --p99 500 --cap 800 --rows 64 --slots 16 --group 4
 
+A real model instead of the random one (e.g. SmolLM2-135M-Instruct from scripts/get_smollm2.sh; prompts
+are random ids of its vocabulary; --layers/--width/--vocab are ignored):
+
+    python scripts/bench_rollouts.py --model DIR --rows 32 --slots 8 --median 30 --p99 200 --cap 256 --batches 0 --no-collectives
+
 Ends with two lines for scripts:
     occupancy: static 0.17, engine 0.93
     tokens/s: static 1234.5, engine 2890.1, ratio 2.34x
@@ -77,7 +82,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--batches", type=int, default=4, help="batches back to back for the stream (slots kept)")
+    ap.add_argument("--batches", type=int, default=4, help="batches back to back for the stream (slots kept; 0: none)")
+    ap.add_argument("--model", default=None, help="a Hugging Face folder (a real checkpoint) instead of a random model")
     ap.add_argument("--no-collectives", action="store_true", help="skip the 16-device compile of Qwen3-1.7B")
     args = ap.parse_args(argv)
     if args.rows % args.group:
@@ -91,10 +97,18 @@ def main(argv=None):
     from opd_jax.rollout_programs import default_split
     from opd_jax.models import ModelConfig, init_model
 
-    cfg = ModelConfig.for_family("qwen3", vocab_size=args.vocab, hidden_size=args.width, intermediate_size=3 * args.width,
-                                 num_layers=args.layers, num_heads=4, num_kv_heads=2, head_dim=args.width // 4,
-                                 max_position_embeddings=args.prompt + args.cap)
-    model = init_model(cfg, seed=args.seed)
+    if args.model:
+        from opd_jax import load_model
+
+        model = load_model(args.model)
+        cfg = model.cfg
+        args.layers, args.width, args.vocab = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    else:
+        cfg = ModelConfig.for_family("qwen3", vocab_size=args.vocab, hidden_size=args.width,
+                                     intermediate_size=3 * args.width, num_layers=args.layers, num_heads=4,
+                                     num_kv_heads=2, head_dim=args.width // 4,
+                                     max_position_embeddings=args.prompt + args.cap)
+        model = init_model(cfg, seed=args.seed)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     rng = np.random.default_rng(args.seed)
@@ -131,7 +145,34 @@ def main(argv=None):
     # asynchronous steady state: --batches batches (fresh lengths each) through one Stream, whose slots
     # persist, so batch b+1 fills what batch b's early finishers free (the sampler never waiting for
     # weights: the upper bound of train.max_staleness >= 1); against the engine run batch by batch
+    if args.batches:
+        stream_section(args, graphdef, cfg, params, ids, mask, results)
+
+    if not args.no_collectives:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+        run = subprocess.run([sys.executable, "-c", COLLECTIVES, "8192"], capture_output=True, text=True, env=env)
+        if run.returncode:
+            sys.exit(run.stderr[-2000:])
+        c = json.loads(run.stdout.strip().splitlines()[-1])
+        w = c["weights"]
+        print(f"decode step collectives, Qwen3-1.7B on 16 chips (fsdp 16, 256 slots, 8,192 new tokens), per chip: "
+              f"training layout {c['default'] / 1e9:.3f} GB ({c['default'] / w:.2f}x the weights' {w / 1e9:.2f} GB), "
+              f"rollout layout {c['rollout']:.0f} bytes ({c['rollout'] / w:.2e}x)")
+    s, e = results["static"], results["engine"]
+    kept = (f", stream over {args.batches} batches {results['stream']['occupancy']:.2f}" if args.batches else "")
+    print(f"occupancy: static {s['occupancy']:.2f}, engine {e['occupancy']:.2f}{kept}")
+    print(f"tokens/s: static {s['tps']:.1f}, engine {e['tps']:.1f}, ratio {e['tps'] / s['tps']:.2f}x")
+
+
+def stream_section(args, graphdef, cfg, params, ids, mask, results):
+    """--batches batches (fresh lengths each) through the engine batch by batch and through one Stream."""
+    import jax
+    import numpy as np
+
+    from opd_jax.engine import Engine, EngineSpec
+    from opd_jax.rollout_programs import default_split
     from opd_jax.stream import Stream
+
     spec = EngineSpec(prompt_len=args.prompt, max_new_tokens=args.cap, slots=args.slots, temperature=1.0, stop=(),
                       steps_per_call=args.steps_per_call, split_layers=default_split())
     draws = [draw_lengths(args.rows, args.median, args.p99, args.cap, args.seed + 1 + b) for b in range(args.batches)]
@@ -158,21 +199,6 @@ def main(argv=None):
           f"{per_batch['occupancy']:.3f}, {total / per_batch['secs']:.1f} tokens/s; stream (slots kept across "
           f"batches) {st.decode_steps} steps, occupancy {st.occupancy:.3f}, {total / results['stream']['secs']:.1f} "
           "tokens/s")
-
-    if not args.no_collectives:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-        run = subprocess.run([sys.executable, "-c", COLLECTIVES, "8192"], capture_output=True, text=True, env=env)
-        if run.returncode:
-            sys.exit(run.stderr[-2000:])
-        c = json.loads(run.stdout.strip().splitlines()[-1])
-        w = c["weights"]
-        print(f"decode step collectives, Qwen3-1.7B on 16 chips (fsdp 16, 256 slots, 8,192 new tokens), per chip: "
-              f"training layout {c['default'] / 1e9:.3f} GB ({c['default'] / w:.2f}x the weights' {w / 1e9:.2f} GB), "
-              f"rollout layout {c['rollout']:.0f} bytes ({c['rollout'] / w:.2e}x)")
-    s, e = results["static"], results["engine"]
-    print(f"occupancy: static {s['occupancy']:.2f}, engine {e['occupancy']:.2f}, stream over {args.batches} batches "
-          f"{results['stream']['occupancy']:.2f}")
-    print(f"tokens/s: static {s['tps']:.1f}, engine {e['tps']:.1f}, ratio {e['tps'] / s['tps']:.2f}x")
 
 
 if __name__ == "__main__":
