@@ -16,8 +16,8 @@ from conftest import tiny_overrides
 
 @pytest.mark.parametrize("slots", [0, 4])
 def test_rollout_figures_are_the_compiled_programs_arguments(tmp_path, slots):
-    """On one device: the decode program's arguments are the rollout weight copy and the slots, the
-    prefill's outputs are the prompt store; the slots hold at least the hand-counted KV cache
+    """On one device: the decode program's arguments are the rollout weight copy, the slots and the step
+    limit, the prefill's outputs are the prompt store; the slots hold at least the hand-counted KV cache
     (K and V, [S, L, P+N, K, Dh] float32) and grow with the slot count."""
     cfg = load_config(None, tiny_overrides(tmp_path / "r", **{"data.rollout_slots": slots}))
     scfg = ModelConfig(**cfg.student.init)
@@ -27,7 +27,8 @@ def test_rollout_figures_are_the_compiled_programs_arguments(tmp_path, slots):
     s = slots or rows
     dec, pre = ro["programs"]["decode"].memory_analysis(), ro["programs"]["prefill"].memory_analysis()
     assert ro["rollout_slots"] == s
-    assert ro["rollout_weight_bytes_per_device"] + ro["slot_bytes_per_device"] == dec.argument_size_in_bytes
+    # the decode program's arguments: the weights, the slots and the call's step limit (an int32 scalar)
+    assert ro["rollout_weight_bytes_per_device"] + ro["slot_bytes_per_device"] + 4 == dec.argument_size_in_bytes
     # XLA's output size adds the result tuple's table (8 bytes for each of the store's 4 arrays)
     assert 0 <= pre.output_size_in_bytes - ro["prompt_store_bytes_per_device"] <= 8 * 4
     assert ro["rollout_temp_bytes_per_device"] == max(p.memory_analysis().temp_size_in_bytes
