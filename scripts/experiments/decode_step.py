@@ -23,6 +23,7 @@ from pathlib import Path
 
 
 def best(fn, repeats):
+    """Milliseconds: the best of `repeats` timed calls of fn after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):

@@ -12,17 +12,7 @@
 
 from __future__ import annotations
 
-import time
-
-
-def best(fn, repeats=7):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from decode_step import best  # ms, best of `repeats` after a warm-up call
 
 
 def weights_floor():
@@ -46,7 +36,7 @@ def weights_floor():
         return jax.lax.fori_loop(0, 64, body, (x, jnp.zeros(())))[1]
 
     x = jnp.ones((4, 256))
-    sec = best(lambda: steps(x, layers, head).block_until_ready()) / 64
+    sec = best(lambda: steps(x, layers, head).block_until_ready(), 7) / 64e3
     mb = (sum(a * b for a, b in shapes) * 4 + 256 * 8192) * 4 / 1e6
     print(f"weights: {sec * 1e3:.3f} ms a decode step's products ({mb:.1f} MB, {mb / 1e3 / sec:.1f} GB/s)")
 
@@ -79,7 +69,7 @@ def torch_training():
         opt.step()
         opt.zero_grad()
 
-    print(f"torch_training: {best(step) * 1e3:.1f} ms (teacher forward, student forward and backward, AdamW; "
+    print(f"torch_training: {best(step, 7):.1f} ms (teacher forward, student forward and backward, AdamW; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
 
 
