@@ -86,7 +86,8 @@ class Engine:
     def run(self, params, ids, pmask, key, *, group: int = 1, caps=None) -> tuple[Rollout, EngineStats]:
         """Sample `group` sequences per prompt. ids / pmask [n, P] host or device (left-padded); key: a
         PRNG key; caps [n * group] per-sequence length caps (default max_new_tokens). Sequence q =
-        j * group + g is sample g of prompt j and row q of the result. -> (Rollout, EngineStats)."""
+        j * group + g is sample g of prompt j and row q of the result. -> (Rollout, EngineStats; with a slot
+        per sequence a `PendingStats`, read from the device when first asked for)."""
         spec = self.spec
         ids, pmask = dist.to_host(ids).astype(np.int32), dist.to_host(pmask).astype(np.int32)
         if ids.ndim != 2 or ids.shape != pmask.shape:
