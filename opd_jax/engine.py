@@ -73,15 +73,22 @@ class Engine:
         data = jax.random.key_data(key)
         return data if self.mesh is None else jax.device_put(data, shd.replicated(self.mesh))
 
-    def place(self, params):
-        """The student's parameters (a pure dict, any layout) in the rollout layout: one reshard per
-        rollout, freed when the caller drops it. The shardings are worked out once per parameter tree."""
+    def shardings(self, params):
+        """The rollout layout's shardings for a parameter tree like `params` (None without a mesh), worked
+        out once per tree structure."""
         if self.mesh is None:
-            return params
+            return None
         tree = jax.tree_util.tree_structure(params)
         if tree not in self._shardings:
             self._shardings[tree] = shd.param_shardings(nnx.merge(self.graphdef, params), self.mesh, self.rules)
-        return jax.device_put(params, self._shardings[tree])  # one transfer; none where already placed
+        return self._shardings[tree]
+
+    def place(self, params):
+        """The student's parameters (a pure dict, any layout) in the rollout layout: one reshard per
+        rollout, freed when the caller drops it."""
+        if self.mesh is None:
+            return params
+        return jax.device_put(params, self.shardings(params))  # one transfer; none where already placed
 
     def run(self, params, ids, pmask, key, *, group: int = 1, caps=None) -> tuple[Rollout, EngineStats]:
         """Sample `group` sequences per prompt. ids / pmask [n, P] host or device (left-padded); key: a

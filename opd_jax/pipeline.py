@@ -41,7 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from opd_jax import distributed as dist
-from opd_jax import sharding as shd
 from opd_jax.errors import OpdError
 from opd_jax.preemption import STOP, StepAbandoned
 from opd_jax.batch import Batch
@@ -68,11 +67,7 @@ class Pipeline:
         self.group = dc.group_size
         self.n_seq = self.ro.rows.rows("on")
         self.engine = self.ro.engine(self.n_seq, dc.temperature)
-        self.sampler_sh = None
-        if self.engine.mesh is not None:
-            from flax import nnx
-            self.sampler_sh = shd.param_shardings(nnx.merge(run.graphdef, state.params), self.engine.mesh,
-                                                  self.engine.rules)
+        self.sampler_sh = self.engine.shardings(state.params)  # the rollout layout (None without a mesh)
         self.key = jax.random.wrap_key_data(jnp.asarray(dist.to_host(state.rng)))  # the state is donated
         self.cv = threading.Condition()
         self.versions: dict = {}  # version -> parameters on the sampler's devices

@@ -120,18 +120,17 @@ class EngineStats:
         return self.queued_generated / max(1, self.slots * self.queued_steps)
 
 
-def base_keys(key, n: int):
-    """Key data [n, 2] of sequences 0..n-1 under `key` (a typed key), inside a program: row q is
-    fold_in(key, q), what `sequence_keys` gives on the host."""
-    return jax.vmap(lambda q: jax.random.key_data(jax.random.fold_in(key, q)))(jnp.arange(n, dtype=jnp.int32))
+def base_keys(key, seq):
+    """Key data [n, 2] of sequences `seq` [n] int32 under `key` (a typed key): fold_in(key, q), the base
+    every token of sequence q draws from (token i: fold_in(base, i)). Traceable: the one-program rollout
+    makes them inside its program."""
+    return jax.vmap(lambda q: jax.random.key_data(jax.random.fold_in(key, q)))(seq)
 
 
 def sequence_keys(key, seq) -> np.ndarray:
-    """Key data [n, 2] of sequences `seq` [n] under `key`: fold_in(key, q), the base every token of
-    sequence q draws from (token i: fold_in(base, i))."""
-    seq = jnp.asarray(np.asarray(seq, np.int32))
+    """`base_keys` on the host: key data [n, 2] of sequences `seq` [n] under `key`."""
     key = jax.random.wrap_key_data(jnp.asarray(dist.to_host(jax.random.key_data(key))))  # a host copy
-    return np.asarray(jax.random.key_data(jax.vmap(lambda q: jax.random.fold_in(key, q))(seq)))
+    return np.asarray(base_keys(key, jnp.asarray(np.asarray(seq, np.int32))))
 
 
 
@@ -236,8 +235,9 @@ def whole_rollout(graphdef, params, ids, pmask, key_data, cap, *, spec, group, m
     """The whole rollout in one program when every sequence has its own slot (nothing to refill):
     prefill [n, P], copy each prompt's KV to its `group` rows, then decode all rows in lock step until
     every one has ended (at most N steps). Row q is sequence q: its key data fold_in(key, q) is made
-    here from the rollout key's data key_data [2] (no host round trip), cap [n * group] its length cap. Every live row is at the same step i, so the cache write, the
-    attention length and the keys each row sees are the ones the slot loop gives it: the same tokens.
+    here from the rollout key's data key_data [2] (no host round trip), cap [n * group] its length cap.
+    Every live row is at the same step i, so the cache write, the attention length and the keys each row
+    sees are the ones the slot loop gives it: the same tokens.
     -> (tokens [n * group, P + N], logprobs [n * group, N], mask [n * group, N], steps run)."""
     TRACES["whole"] += 1
     put, layout = constrain(mesh, rules)
@@ -248,7 +248,7 @@ def whole_rollout(graphdef, params, ids, pmask, key_data, cap, *, spec, group, m
     grow = lambda c: jnp.pad(rows(c), ((0, 0), (0, 0), (0, n), (0, 0), (0, 0)))  # noqa: E731  [R, L, P+N, K, Dh]
     k, v, logits, pm = put(grow(k), CACHE_AXES), put(grow(v), CACHE_AXES), rows(logits), rows(pmask)
     r = pm.shape[0]
-    base = put(base_keys(jax.random.wrap_key_data(key_data), r), ("batch", None))
+    base = put(base_keys(jax.random.wrap_key_data(key_data), jnp.arange(r, dtype=jnp.int32)), ("batch", None))
     start = dict(i=jnp.int32(0), k=k, v=v, valid=jnp.concatenate([pm.astype(bool), jnp.zeros((r, n), bool)], 1),
                  live=jnp.ones((r,), bool), gen=jnp.zeros((r,), jnp.int32), logits=logits,
                  tokens=jnp.full((r, n), spec.pad_id, jnp.int32), logprobs=jnp.zeros((r, n), jnp.float32))
